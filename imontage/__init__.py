@@ -1,0 +1,1 @@
+"""imontage: distributed training of diffusion transformers for sets of images and videos."""

@@ -1,0 +1,300 @@
+"""Load a recipe: schema defaults, then the files its ``defaults:`` list composes, then the
+recipe itself, then ``key=value`` overrides, merged by OmegaConf in strict mode.
+
+Every failure is a :class:`RecipeError` that names the offending key and the file (or the
+command line) it came from, raised before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from imontage.config.schema import (
+    ATTENTION_BACKENDS,
+    DEVICES,
+    GROUPS,
+    LR_SCHEDULES,
+    OBJECTIVES,
+    PAIR_LAYOUTS,
+    POSITION_LAYOUTS,
+    PRECISIONS,
+    TEXT_ENCODERS,
+    RecipeConfig,
+    StageConfig,
+)
+
+COMMAND_LINE = "<command line>"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: an unknown key, a wrong type, a missing or invalid value."""
+
+
+def config_root(recipe_path: Path) -> Path:
+    """The folder holding the config groups: the nearest ancestor of the recipe with a ``model/``."""
+    for parent in recipe_path.resolve().parents:
+        if (parent / "model").is_dir():
+            return parent
+    raise RecipeError(f"{recipe_path}: no ancestor folder holds the config groups ({', '.join(GROUPS)})")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such file")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: report the file, keep the reason
+        raise RecipeError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping at the top level")
+    return node
+
+
+def _merge(base: DictConfig, update: Any, source: str, prefix: str = "") -> DictConfig:
+    """Merge ``update`` into ``base``; a schema violation names the key and ``source``."""
+    try:
+        merged = OmegaConf.merge(base, update)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        key = f"{prefix}.{key}" if prefix and key else (prefix or key)
+        reason = str(error).splitlines()[0]
+        raise RecipeError(f"{source}: key '{key}': {reason}") from error
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _group_file(root: Path, recipe_path: Path, group: str, choice: str) -> Path:
+    # A choice ending in .yaml is a path relative to the recipe; otherwise a name in the group.
+    if choice.endswith(".yaml"):
+        return (recipe_path.parent / choice).resolve()
+    return root / group / f"{choice}.yaml"
+
+
+def _parse_defaults(node: Any, recipe_path: Path) -> dict[str, str]:
+    choices: dict[str, str] = {}
+    if node is None:
+        return choices
+    if not isinstance(node, ListConfig):
+        raise RecipeError(f"{recipe_path}: key 'defaults': expected a list of '<group>: <name>' entries")
+    for index, entry in enumerate(node):
+        if not isinstance(entry, DictConfig) or len(entry) != 1:
+            raise RecipeError(f"{recipe_path}: key 'defaults[{index}]': expected one '<group>: <name>' entry")
+        ((group, choice),) = entry.items()
+        if group not in GROUPS:
+            raise RecipeError(
+                f"{recipe_path}: key 'defaults[{index}]': unknown config group '{group}' "
+                f"(groups: {', '.join(GROUPS)})"
+            )
+        choices[str(group)] = str(choice)
+    return choices
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``group=name`` choices (``model=dit_1b``) from ``dotted.key=value`` overrides."""
+    choices: dict[str, str] = {}
+    dotlist: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"{COMMAND_LINE}: '{item}' is not a key=value override")
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            dotlist.append(item)
+    return choices, dotlist
+
+
+def _merge_stages(cfg: DictConfig, stages: Any, source: str) -> DictConfig:
+    # Merged one by one so that an error inside a list item still names `stages[i].key`.
+    if stages is None:
+        return cfg
+    if not isinstance(stages, ListConfig):
+        raise RecipeError(f"{source}: key 'stages': expected a list of stages")
+    merged = []
+    for index, stage in enumerate(stages):
+        merged.append(_merge(OmegaConf.structured(StageConfig), stage, source, prefix=f"stages[{index}]"))
+    cfg.stages = merged
+    return cfg
+
+
+class _Layers:
+    """The layers merged so far, to tell which file (or the command line) set a key."""
+
+    def __init__(self) -> None:
+        self._layers: list[tuple[str, DictConfig]] = []
+
+    def add(self, source: str, node: Any) -> Any:
+        self._layers.append((source, OmegaConf.create(node)))
+        return node
+
+    def origin(self, key: str) -> str:
+        missing = object()
+        for source, node in reversed(self._layers):
+            if OmegaConf.select(node, key, default=missing) is not missing:
+                return source
+        return "<schema default>"
+
+
+def _stage_index(cfg: DictConfig, selector: str) -> int:
+    """``stages.<i>.key`` and ``stages.<name>.key`` both address a stage on the command line."""
+    names = [stage.name for stage in cfg.stages]
+    if selector.isdigit() and int(selector) < len(names):
+        return int(selector)
+    if selector in names:
+        return names.index(selector)
+    raise RecipeError(f"{COMMAND_LINE}: key 'stages.{selector}': no such stage (stages: {', '.join(names)})")
+
+
+def _merge_cli_stages(cfg: DictConfig, dotlist: list[str], layers: _Layers) -> DictConfig:
+    for item in dotlist:
+        key, _, value = item.partition("=")
+        _, selector, rest = (key.split(".", 2) + ["", ""])[:3]
+        if not rest:
+            raise RecipeError(f"{COMMAND_LINE}: '{item}': expected stages.<index or name>.<key>=<value>")
+        index = _stage_index(cfg, selector)
+        update = OmegaConf.from_dotlist([f"{rest}={value}"])
+        layers.add(COMMAND_LINE, {"stages": [{}] * index + [update]})
+        stage = _merge(cfg.stages[index], update, COMMAND_LINE)  # attached: the error key is already full
+        cfg.stages[index] = stage
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load, merge and validate a recipe; returns a read-only config typed by :class:`RecipeConfig`."""
+    recipe_path = Path(path)
+    body = _read_yaml(recipe_path)
+    choices = _parse_defaults(body.pop("defaults", None), recipe_path)
+    cli_choices, dotlist = _split_overrides(overrides)
+    choices.update(cli_choices)
+    layers = _Layers()
+
+    cfg = OmegaConf.structured(RecipeConfig)
+    root = config_root(recipe_path) if choices else recipe_path.parent
+    for group, choice in choices.items():
+        group_path = _group_file(root, recipe_path, group, choice)
+        update = layers.add(str(group_path), {group: _read_yaml(group_path)})
+        cfg = _merge(cfg, update, str(group_path))
+
+    stages = body.pop("stages", None)
+    cfg = _merge(cfg, layers.add(str(recipe_path), body), str(recipe_path))
+    cfg = _merge_stages(cfg, stages, str(recipe_path))
+    if stages is not None:
+        layers.add(str(recipe_path), {"stages": stages})
+
+    stage_dotlist = [item for item in dotlist if item.startswith("stages.")]
+    other_dotlist = [item for item in dotlist if not item.startswith("stages.")]
+    try:
+        cli = OmegaConf.from_dotlist(other_dotlist)
+    except Exception as error:
+        raise RecipeError(f"{COMMAND_LINE}: cannot parse overrides {other_dotlist}: {error}") from error
+    cfg = _merge(cfg, layers.add(COMMAND_LINE, cli), COMMAND_LINE)
+    cfg = _merge_cli_stages(cfg, stage_dotlist, layers)
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(
+            f"{recipe_path}: missing required value(s): {', '.join(missing)} "
+            "(set them in the recipe, in a file its defaults list names, or as key=value overrides)"
+        )
+    validate(cfg, layers.origin)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def stage_section(cfg: DictConfig, index: int, section: str, source: str = "") -> DictConfig:
+    """The top-level ``data`` or ``optim`` section with stage ``index``'s overrides applied."""
+    overrides = {key: value for key, value in cfg.stages[index][section].items() if value is not None}
+    source = source or f"stage '{cfg.stages[index].name}'"
+    return _merge(cfg[section], overrides, source, prefix=f"stages[{index}]")
+
+
+Origin = Callable[[str], str]
+
+
+def _check_choice(value: Any, allowed: Sequence[str], key: str, origin: Origin) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{origin(key)}: key '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+def _check(condition: bool, key: str, origin: Origin, reason: str) -> None:
+    if not condition:
+        raise RecipeError(f"{origin(key)}: key '{key}': {reason}")
+
+
+def validate(cfg: DictConfig, origin: Origin) -> None:
+    """Checks the schema's types cannot express: choices, ranges and cross-key constraints.
+
+    ``origin(key)`` names the file (or the command line) that set ``key``, for the message.
+    """
+    source = origin
+    model = cfg.model
+    _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
+    _check_choice(model.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", source)
+    _check_choice(model.rope.pair_layout, PAIR_LAYOUTS, "model.rope.pair_layout", source)
+    _check_choice(model.positions.layout, POSITION_LAYOUTS, "model.positions.layout", source)
+    _check_choice(cfg.parallel.device, DEVICES, "parallel.device", source)
+    _check_choice(cfg.train.precision, PRECISIONS, "train.precision", source)
+    _check_choice(cfg.optim.schedule, LR_SCHEDULES, "optim.schedule", source)
+
+    _check(len(model.patch_size) == 3, "model.patch_size", source, "expected three sizes (pt, ph, pw)")
+    _check(all(p > 0 for p in model.patch_size), "model.patch_size", source, "sizes must be positive")
+    for key in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_hidden_size", "text_dim"):
+        _check(model[key] > 0, f"model.{key}", source, "must be positive")
+    _check(
+        model.hidden_size % model.num_heads == 0,
+        "model.num_heads",
+        source,
+        f"hidden_size {model.hidden_size} is not divisible by num_heads {model.num_heads}",
+    )
+    head_dim = model.hidden_size // model.num_heads
+    _check(head_dim % 2 == 0, "model.num_heads", source, f"head dim {head_dim} must be even for RoPE")
+    bands, theta = list(model.rope.bands), list(model.rope.theta)
+    _check(len(bands) == 4, "model.rope.bands", source, "expected 4 entries, pairs per axis (s, t, h, w)")
+    _check(min(bands) >= 0, "model.rope.bands", source, "pairs per axis must be >= 0")
+    _check(
+        sum(bands) <= head_dim // 2,
+        "model.rope.bands",
+        source,
+        f"{sum(bands)} pairs in all, but head dim {head_dim} has only {head_dim // 2}",
+    )
+    _check(len(theta) == 4, "model.rope.theta", source, "expected 4 entries, one base per axis (s, t, h, w)")
+    _check(min(theta) > 1.0, "model.rope.theta", source, "each base must be > 1")
+    positions = model.positions
+    _check(positions.virtual_frames > 0, "model.positions.virtual_frames", source, "must be positive")
+    for key in ("head_window", "tail_window"):
+        _check(
+            0 < positions[key] <= positions.virtual_frames,
+            f"model.positions.{key}",
+            source,
+            f"must be in 1..virtual_frames ({positions.virtual_frames})",
+        )
+
+    _check(cfg.data.batch_size > 0, "data.batch_size", source, "must be positive")
+    _check(
+        0.0 <= cfg.flow_matching.text_dropout <= 1.0,
+        "flow_matching.text_dropout",
+        source,
+        "must be in [0, 1]",
+    )
+    _check(cfg.flow_matching.t_std > 0, "flow_matching.t_std", source, "must be positive")
+    _check(cfg.flow_matching.shift > 0, "flow_matching.shift", source, "must be positive")
+    _check(cfg.optim.lr > 0, "optim.lr", source, "must be positive")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", source, "must be >= 0")
+    _check(len(cfg.optim.betas) == 2, "optim.betas", source, "expected two values")
+    _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", source, "must be in [0, 1)")
+
+    _check(len(cfg.stages) > 0, "stages", source, "a recipe declares at least one stage")
+    names = [stage.name for stage in cfg.stages]
+    for index, stage in enumerate(cfg.stages):
+        key = f"stages[{index}]"
+        _check_choice(stage.objective, OBJECTIVES, f"{key}.objective", source)
+        _check(stage.steps > 0, f"{key}.steps", source, "must be positive")
+        _check(names.count(stage.name) == 1, f"{key}.name", source, f"stage name '{stage.name}' is repeated")
+        for section in ("data", "optim"):
+            # A wrong type in a stage override fails here, named with the file that set it.
+            stage_section(cfg, index, section, source=origin(f"{key}.{section}"))

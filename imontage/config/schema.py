@@ -1,0 +1,162 @@
+"""The recipe schema: typed dataclasses that OmegaConf merges in strict mode.
+
+Every key a recipe may set is declared here, with its type and default. Values marked
+``MISSING`` are required: a recipe (or one of the files its ``defaults:`` list composes, or a
+command-line override) must provide them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+PAIR_LAYOUTS = ("half", "interleaved")
+POSITION_LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
+TEXT_ENCODERS = ("byte", "precomputed")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+OBJECTIVES = ("flow_matching",)
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RopeConfig:
+    # Rotary pairs per axis in the order (s, t, h, w); their sum may be below head_dim / 2,
+    # and the pairs left over are not rotated.
+    bands: list[int] = field(default_factory=lambda: [0, 22, 21, 21])
+    theta: list[float] = field(default_factory=lambda: [10000.0, 10000.0, 10000.0, 10000.0])
+    pair_layout: str = "half"  # "half": (x[i], x[i + D/2]); "interleaved": (x[2i], x[2i+1])
+
+
+@dataclass
+class PositionConfig:
+    layout: str = "video3d"  # one of POSITION_LAYOUTS
+    virtual_frames: int = 32  # montage: V, the length of the virtual clip
+    head_window: int = 8  # montage: A, frames spanned by the condition images
+    tail_window: int = 8  # montage: B, frames spanned by the target images
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = MISSING
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
+    hidden_size: int = MISSING
+    depth: int = MISSING
+    num_heads: int = MISSING
+    mlp_hidden_size: int = MISSING
+    text_encoder: str = "byte"  # "byte": built-in byte tokenizer; "precomputed": embeddings given
+    text_dim: int = MISSING  # width of the text embeddings fed to the model
+    max_text_len: int = 128  # text tokens kept per text segment
+    qk_norm: bool = True
+    attention_backend: str = "auto"  # "auto": flash-attn on CUDA when installed, else SDPA
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    positions: PositionConfig = field(default_factory=PositionConfig)
+    stated_params: float = 0.0  # the size a preset is named for; 0 when it claims none
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # glob, brace range or comma-separated list of .tar files
+    batch_size: int = 8  # samples per micro-batch
+    shuffle_buffer: int = 64  # samples; 0 reads shards in order
+    seed: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    device: str = "auto"  # "auto": CUDA when available
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class FlowMatchingConfig:
+    t_mean: float = 0.0  # logit-normal: t = sigmoid(n), n ~ N(t_mean, t_std)
+    t_std: float = 1.0
+    shift: float = 1.0  # t -> shift * t / (1 + (shift - 1) * t); > 1 favours noisier t
+    text_dropout: float = 0.1  # probability of training a sample without its text (for CFG)
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0  # write a sample grid every N steps; 0 disables
+    num_samples: int = 4
+    steps: int = 20  # Euler steps of the flow ODE
+    guidance: float = 3.0  # classifier-free guidance scale; 1 disables
+    shift: float = 1.0
+    use_ema: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (and always at the end of a stage); 0: only at the end
+    keep_last: int = 0  # prune older complete checkpoints beyond this many; 0 keeps all
+
+
+@dataclass
+class TrainConfig:
+    precision: str = "fp32"  # "bf16" trains under torch.autocast
+    log_every: int = 1
+    ema_decay: float = 0.999  # 0 disables EMA
+    resume: str = "auto"  # "auto": continue from RUN_DIR/checkpoints/latest; "never"; or a path
+    stop_at_step: int = 0  # stop once this global step is done (a checkpoint is saved); 0: never
+    progress: bool = True
+    deterministic: bool = True  # torch.use_deterministic_algorithms
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _overrides_of(cls: type) -> type:
+    """A dataclass with the same field names as ``cls``, each optional and unset by default.
+
+    Stages override a few keys of the top-level sections; an unset key keeps the top-level
+    value, so the override schema must tell "not given" from "given the default".
+    """
+    fields = [(f.name, Any, field(default=None)) for f in dataclasses.fields(cls)]
+    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
+
+
+DataOverrides: Any = _overrides_of(DataConfig)
+OptimOverrides: Any = _overrides_of(OptimConfig)
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    objective: str = MISSING  # one of OBJECTIVES
+    steps: int = MISSING
+    data: Any = field(default_factory=DataOverrides)
+    optim: Any = field(default_factory=OptimOverrides)
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    run_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+# Config groups a recipe's `defaults:` list may compose, each from configs/<group>/<name>.yaml.
+GROUPS = ("model", "data", "parallel", "optim")

@@ -1,0 +1,45 @@
+"""Packaging for imontage.
+
+Installs the ``imontage`` package, the repository's top-level ``kernels/`` folder as
+``imontage.kernels`` (``kernels`` is an unrelated PyPI distribution that other libraries import
+when present, so it must not be shadowed), and ``megatron_patches``.
+"""
+
+from setuptools import find_packages, setup
+
+imontage_packages = find_packages(include=["imontage", "imontage.*"])
+kernel_packages = ["imontage.kernels" + name[len("kernels") :] for name in find_packages(include=["kernels", "kernels.*"])]
+patch_packages = find_packages(include=["megatron_patches", "megatron_patches.*"])
+
+setup(
+    name="imontage",
+    version="0.1.0",
+    description="Distributed training of diffusion transformers that generate and edit sets of images and videos",
+    python_requires=">=3.10",
+    packages=imontage_packages + kernel_packages + patch_packages,
+    package_dir={"imontage.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "triton>=3.0",
+        "webdataset>=0.2.90",
+        "omegaconf>=2.3",
+        "tensorboard>=2.14",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "pytest>=8.0",
+    ],
+    extras_require={
+        "dev": ["ruff>=0.6", "mypy>=1.10"],
+        "gpu": ["flash-attn>=2.6", "transformer-engine>=1.10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "imontage-train=imontage.train.cli:main",
+            "imontage-sample=imontage.sample.cli:main",
+        ]
+    },
+)
