@@ -41,7 +41,9 @@ def grid_coordinates(grid: tuple[int, int, int], t_offset: int = 0) -> torch.Ten
     return torch.stack([t.reshape(-1), h.reshape(-1), w.reshape(-1)], dim=1)
 
 
-def _assemble(segments: Sequence[SegmentGrid], visual: Callable[[int, SegmentGrid], torch.Tensor]) -> torch.Tensor:
+def _assemble(
+    segments: Sequence[SegmentGrid], visual: Callable[[int, SegmentGrid], torch.Tensor]
+) -> torch.Tensor:
     """Text tokens at the origin; visual segment ``i`` gets ``visual(i, seg)`` as its (t, h, w)."""
     parts = []
     for index, segment in enumerate(segments):
@@ -114,7 +116,7 @@ def shared_positions(segments: Sequence[SegmentGrid]) -> torch.Tensor:
                 f"shared layout: condition segment {index} has patch grid {seg.grid[1:]}, "
                 f"the target {target.grid[1:]}; shared positions need the same (h, w) grid"
             )
-        if not 0 <= seg.anchor or seg.anchor + seg.grid[0] > target.grid[0]:
+        if not seg.anchor >= 0 or seg.anchor + seg.grid[0] > target.grid[0]:
             raise ValueError(
                 f"shared layout: condition segment {index} spans frames {seg.anchor}.."
                 f"{seg.anchor + seg.grid[0] - 1}, outside the target's 0..{target.grid[0] - 1}"

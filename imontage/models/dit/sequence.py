@@ -120,7 +120,9 @@ def patch_grid(shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, in
     _, frames, height, width = shape
     pt, ph, pw = patch_size
     if frames % pt or height % ph or width % pw:
-        raise ValueError(f"segment of shape {tuple(shape)} does not divide into patches of {tuple(patch_size)}")
+        raise ValueError(
+            f"segment of shape {tuple(shape)} does not divide into patches of {tuple(patch_size)}"
+        )
     return frames // pt, height // ph, width // pw
 
 
@@ -198,11 +200,18 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
     tokens, is_text, text_ids, text_index, text_embeds, positions, target = [], [], [], [], [], [], []
     spans: list[SegmentSpan] = []
     cu_seqlens = [0]
-    uses_embeds = {seg.data is not None for sample in samples for seg in sample.segments if seg.kind == "text"}
+    uses_embeds = {
+        seg.data is not None for sample in samples for seg in sample.segments if seg.kind == "text"
+    }
     if len(uses_embeds) > 1:
         raise ValueError("a batch mixes text given as strings with precomputed text embeddings")
     embed_dim = next(
-        (seg.data.shape[1] for s in samples for seg in s.segments if seg.kind == "text" and seg.data is not None),
+        (
+            seg.data.shape[1]
+            for s in samples
+            for seg in s.segments
+            if seg.kind == "text" and seg.data is not None
+        ),
         0,
     )
     for sample_index, sample in enumerate(samples):
@@ -215,7 +224,9 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
             start = cu_seqlens[-1] + sum(g.num_tokens for g in grids[:-1])
             text = segment.kind == "text"
             shape = (n,) if text else tuple(segment.data.shape)  # type: ignore[union-attr]
-            spans.append(SegmentSpan(sample_index, segment_index, segment.kind, segment.role, start, n, shape))
+            spans.append(
+                SegmentSpan(sample_index, segment_index, segment.kind, segment.role, start, n, shape)
+            )
             is_text.append(torch.full((n,), text, dtype=torch.bool))
             target.append(torch.full((n,), segment.role == "target", dtype=torch.bool))
             text_index.append(torch.arange(n) if text else torch.zeros(n, dtype=torch.int64))

@@ -1,0 +1,64 @@
+"""Block-diagonal attention over a packed batch: no token attends across ``cu_seqlens``.
+
+flash-attn's varlen kernel on CUDA when it is installed (and asked for or left to ``auto``);
+otherwise PyTorch SDPA, one sequence at a time. Both compute the same softmax attention; the
+backend in use is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _announce(backend: str) -> None:
+    log.info("attention backend: %s", backend)
+
+
+def resolve_backend(requested: str, q: torch.Tensor) -> str:
+    """``flash`` or ``sdpa`` for this call; an explicit ``flash`` that cannot run is an error."""
+    flash_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    if requested == "flash" and not flash_ok:
+        raise RuntimeError(
+            "attention_backend=flash needs flash-attn installed and CUDA fp16/bf16 inputs "
+            f"(installed: {flash_attn_available()}, device: {q.device}, dtype: {q.dtype})"
+        )
+    backend = "flash" if requested in ("flash", "auto") and flash_ok else "sdpa"
+    _announce(backend)
+    return backend
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention of ``[N, H, D]`` q, k, v within each packed sequence; returns ``[N, H, D]``."""
+    if resolve_backend(backend, q) == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        # [1, H, L, D] per sequence: each sample attends only to itself.
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        outputs.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
+    return torch.cat(outputs) if outputs else torch.empty_like(q)

@@ -1,0 +1,226 @@
+"""The diffusion transformer: packed segments in, a velocity per visual token out.
+
+Single-device code: nothing here knows of process groups. ``imontage/parallel`` wraps it.
+
+Sequence of a forward pass over a :class:`PackedBatch` of N tokens:
+  visual rows: patch features ``[N, C·pt·ph·pw]`` -> Linear (a 3D patch embedding with
+  stride = kernel); text rows: byte ids (or precomputed embeddings) -> text projection;
+  per-token timestep embedding -> shared adaLN modulation ``[N, 6, d]``;
+  blocks: adaLN-zero, QK-RMSNorm, multi-axis RoPE, block-diagonal joint attention, GELU MLP;
+  final adaLN + Linear back to ``[N, C·pt·ph·pw]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from imontage.models.dit.attention import varlen_attention
+from imontage.models.dit.rope import MultiAxisRope
+from imontage.models.dit.sequence import BYTE_VOCAB, PackedBatch
+
+FREQUENCY_DIM = 256
+
+
+class ByteTextEncoder(nn.Module):
+    """The built-in text encoder: learned embeddings of UTF-8 bytes and of their index in the text.
+
+    Text tokens sit at the RoPE origin in most layouts, so word order comes from the index embedding.
+    """
+
+    def __init__(self, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.byte_embedding = nn.Embedding(BYTE_VOCAB, dim)
+        self.index_embedding = nn.Embedding(max_len, dim)
+
+    def forward(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.byte_embedding(ids) + self.index_embedding(index)  # [N, dim]
+
+
+def timestep_frequencies(
+    t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Sinusoidal features of ``t`` in [0, 1] (scaled to [0, 1000]): ``[N]`` -> ``[N, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(FREQUENCY_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_frequencies(t).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero transformer block with QK-RMSNorm, multi-axis RoPE and joint attention.
+
+    The per-token modulation ``[N, 6, d]`` comes from the model's shared projection; each block
+    adds its own learned offset, so a block costs no extra d×6d matrix.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_hidden_size: int,
+        rope: MultiAxisRope,
+        qk_norm: bool,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.backend = backend
+        self.modulation = nn.Parameter(torch.zeros(6, hidden_size))
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # output rows ordered (q|k|v, head, head_dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.rope = rope
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden_size)
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size)
+
+    def attention(
+        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, Dh] each
+        q, k = self.rope(self.q_norm(q), self.k_norm(k), positions)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
+        return self.proj(out.reshape(n, -1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (modulation + self.modulation).unbind(1)  # [N, d] each
+        x = x + gate1 * self.attention(
+            modulate(self.norm1(x), shift1, scale1), positions, cu_seqlens, max_seqlen
+        )
+        h = self.fc2(F.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate="tanh"))
+        return x + gate2 * h
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_features)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(t_emb).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over packed multi-segment samples (see the module docstring)."""
+
+    def __init__(self, cfg: object) -> None:
+        super().__init__()
+        c = cfg  # a ModelConfig (dataclass or OmegaConf node)
+        self.patch_size = tuple(int(p) for p in c.patch_size)  # type: ignore[attr-defined]
+        self.in_channels = int(c.in_channels)  # type: ignore[attr-defined]
+        hidden = int(c.hidden_size)  # type: ignore[attr-defined]
+        self.hidden_size = hidden
+        patch_dim = self.in_channels * math.prod(self.patch_size)
+        self.text_encoder_kind = str(c.text_encoder)  # type: ignore[attr-defined]
+        text_dim = int(c.text_dim)  # type: ignore[attr-defined]
+        self.gradient_checkpointing = False
+
+        self.patch_embed = nn.Linear(patch_dim, hidden)
+        self.text_encoder = (
+            ByteTextEncoder(text_dim, int(c.max_text_len))  # type: ignore[attr-defined]
+            if self.text_encoder_kind == "byte"
+            else None
+        )
+        self.text_proj = nn.Sequential(
+            nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
+        )
+        self.time_embed = TimestepEmbedder(hidden)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        rope = MultiAxisRope(c.rope.bands, c.rope.theta, str(c.rope.pair_layout))  # type: ignore[attr-defined]
+        self.blocks = nn.ModuleList(
+            DiTBlock(
+                hidden,
+                int(c.num_heads),  # type: ignore[attr-defined]
+                int(c.mlp_hidden_size),  # type: ignore[attr-defined]
+                rope,
+                bool(c.qk_norm),  # type: ignore[attr-defined]
+                str(c.attention_backend),  # type: ignore[attr-defined]
+            )
+            for _ in range(int(c.depth))  # type: ignore[attr-defined]
+        )
+        self.final = FinalLayer(hidden, patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier linears, normal embeddings; adaLN and output zeroed so every block starts as identity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for mlp_layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(mlp_layer.weight, std=0.02)
+        for zeroed in (self.time_modulation[1], self.final.modulation[1], self.final.linear):
+            nn.init.zeros_(zeroed.weight)
+            nn.init.zeros_(zeroed.bias)
+
+    def embed_text(self, batch: PackedBatch) -> torch.Tensor:
+        if batch.text_embeds is not None:
+            features = batch.text_embeds
+        elif self.text_encoder is not None:
+            features = self.text_encoder(batch.text_ids, batch.text_index)
+        else:
+            raise ValueError("text_encoder=precomputed: text segments must carry embeddings, not strings")
+        return self.text_proj(features.to(self.patch_embed.weight.dtype))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """``[N, C·pt·ph·pw]`` velocity for every token (rows of text tokens are meaningless)."""
+        x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))  # [N, d]
+        if bool(batch.is_text.any()):
+            x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
+        t_emb = self.time_embed(batch.timesteps)  # [N, d]
+        modulation = self.time_modulation(t_emb).view(-1, 6, self.hidden_size)  # [N, 6, d]
+        max_seqlen = batch.max_seqlen
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(
+                    block, x, modulation, batch.positions, batch.cu_seqlens, max_seqlen, use_reentrant=False
+                )
+            else:
+                x = block(x, modulation, batch.positions, batch.cu_seqlens, max_seqlen)
+        return self.final(x, t_emb)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_dit(cfg: object, device: torch.device | str | None = None) -> DiT:
+    """Build a DiT; ``device="meta"`` builds its shapes only (to count a 14B model's parameters)."""
+    with torch.device(device or "cpu"):
+        return DiT(cfg)

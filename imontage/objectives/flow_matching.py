@@ -1,0 +1,114 @@
+"""Rectified-flow matching, the SFT objective.
+
+For clean target tokens x0 and noise ε: x_t = (1 − t)·x0 + t·ε, and the model regresses the
+velocity ε − x0. t is drawn per sample from a logit-normal distribution, optionally shifted
+towards noisier values; condition and text tokens stay clean with t = 0. The loss is the mean
+squared error over target tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+from torch import nn
+
+from imontage.models.dit.sequence import PackedBatch
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``shift·t / (1 + (shift − 1)·t)``: the identity for shift = 1, noisier for shift > 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(
+    num: int, mean: float, std: float, shift: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``[num]`` logit-normal t in (0, 1), shifted."""
+    normal = torch.randn(num, generator=generator) * std + mean
+    return shift_timesteps(torch.sigmoid(normal), shift)
+
+
+def noise_batch(batch: PackedBatch, t: torch.Tensor, noise: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
+    """Noise the target tokens of ``batch`` at per-sample ``t`` ``[B]``; returns (noised batch, velocity target)."""
+    x0 = batch.tokens  # [N, P]
+    t_token = t.to(x0.device)[batch.sample_index()]  # [N]
+    t_token = torch.where(batch.target_mask, t_token, torch.zeros_like(t_token))
+    xt = torch.where(batch.target_mask[:, None], (1 - t_token[:, None]) * x0 + t_token[:, None] * noise, x0)
+    return batch.replace(tokens=xt, timesteps=t_token), noise - x0
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the rows ``mask`` selects (``[N, P]`` and ``[N]``)."""
+    weights = mask.to(prediction.dtype)[:, None]
+    return ((prediction.float() - target.float()).pow(2) * weights).sum() / (
+        weights.sum() * prediction.shape[1]
+    ).clamp(min=1)
+
+
+def text_keep_mask(batch: PackedBatch, drop: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: every token but the text of the samples where ``drop`` ``[B]`` is true."""
+    return ~(batch.is_text & drop.to(batch.is_text.device)[batch.sample_index()])
+
+
+def select_tokens(batch: PackedBatch, keep: torch.Tensor) -> PackedBatch:
+    """The batch restricted to the tokens ``keep`` ``[N]`` selects, with cu_seqlens and spans to match."""
+    kept_before = [0, *accumulate(keep.tolist())]  # new index of old token i
+    spans = [
+        dataclasses.replace(
+            span,
+            start=kept_before[span.start],
+            length=kept_before[span.start + span.length] - kept_before[span.start],
+        )
+        for span in batch.spans
+    ]
+    return batch.replace(
+        tokens=batch.tokens[keep],
+        is_text=batch.is_text[keep],
+        text_ids=batch.text_ids[keep],
+        text_index=batch.text_index[keep],
+        text_embeds=None if batch.text_embeds is None else batch.text_embeds[keep],
+        positions=batch.positions[keep],
+        cu_seqlens=torch.tensor([kept_before[c] for c in batch.cu_seqlens.tolist()], dtype=torch.int32).to(
+            keep.device
+        ),
+        target_mask=batch.target_mask[keep],
+        timesteps=batch.timesteps[keep],
+        spans=[span for span in spans if span.length > 0],
+    )
+
+
+@dataclass
+class FlowMatchingOutput:
+    loss: torch.Tensor
+    num_target_tokens: int
+
+
+class FlowMatching:
+    """The ``flow_matching`` objective of a stage."""
+
+    def __init__(
+        self, t_mean: float = 0.0, t_std: float = 1.0, shift: float = 1.0, text_dropout: float = 0.0
+    ):
+        self.t_mean, self.t_std, self.shift, self.text_dropout = t_mean, t_std, shift, text_dropout
+
+    @classmethod
+    def from_config(cls, cfg: object) -> FlowMatching:
+        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout)  # type: ignore[attr-defined]
+
+    def __call__(
+        self, model: nn.Module, batch: PackedBatch, generator: torch.Generator
+    ) -> FlowMatchingOutput:
+        # Every draw comes from `generator` on the CPU, so a resumed run repeats it exactly.
+        t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator)
+        noise = torch.randn(batch.tokens.shape, generator=generator).to(batch.tokens.device)
+        drop = torch.rand(batch.num_samples, generator=generator) < self.text_dropout
+        noised, velocity = noise_batch(batch, t, noise)
+        if bool(drop.any()):  # these samples train unconditionally, for classifier-free guidance
+            keep = text_keep_mask(batch, drop)
+            noised, velocity = select_tokens(noised, keep), velocity[keep]
+        prediction = model(noised)
+        loss = masked_mse(prediction, velocity, noised.target_mask)
+        return FlowMatchingOutput(loss, int(noised.target_mask.sum()))

@@ -1,0 +1,34 @@
+"""Shared fixtures: the repository root and a tiny model configuration."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from imontage.config.schema import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def tiny_model_config(**changes: object) -> DictConfig:
+    """A DiT small enough for unit tests (head dim 8: 4 rotary pairs)."""
+    cfg = OmegaConf.structured(ModelConfig)
+    values = {
+        "in_channels": 3,
+        "patch_size": [1, 4, 4],
+        "hidden_size": 32,
+        "depth": 2,
+        "num_heads": 4,
+        "mlp_hidden_size": 64,
+        "text_dim": 16,
+        "max_text_len": 32,
+        "rope": {"bands": [1, 1, 1, 1]},
+        "positions": {"layout": "montage"},
+    }
+    values.update(changes)
+    return OmegaConf.merge(cfg, values)  # type: ignore[return-value]
