@@ -8,7 +8,9 @@ when present, so it must not be shadowed), and ``megatron_patches``.
 from setuptools import find_packages, setup
 
 imontage_packages = find_packages(include=["imontage", "imontage.*"])
-kernel_packages = ["imontage.kernels" + name[len("kernels") :] for name in find_packages(include=["kernels", "kernels.*"])]
+kernel_packages = [
+    "imontage.kernels" + name[len("kernels") :] for name in find_packages(include=["kernels", "kernels.*"])
+]
 patch_packages = find_packages(include=["megatron_patches", "megatron_patches.*"])
 
 setup(
@@ -24,6 +26,7 @@ setup(
         "megatron-core>=0.12",
         "triton>=3.0",
         "webdataset>=0.2.90",
+        "braceexpand>=0.1.7",
         "omegaconf>=2.3",
         "tensorboard>=2.14",
         "safetensors>=0.4",

@@ -17,7 +17,9 @@ BASE = REPO / "configs/recipes/quickstart.yaml"
 
 def test_every_yaml_under_configs_is_covered() -> None:
     every = sorted((REPO / "configs").rglob("*.yaml"))
-    assert every == sorted(RECIPES + GROUP_FILES), "a YAML outside configs/recipes and the groups is not tested"
+    assert every == sorted(RECIPES + GROUP_FILES), (
+        "a YAML outside configs/recipes and the groups is not tested"
+    )
     assert RECIPES and GROUP_FILES
 
 

@@ -89,7 +89,9 @@ def test_precomputed_text_embeddings() -> None:
     spec = PackingSpec.from_model_config(cfg)
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(5, cfg.text_dim, generator=g)
-    sample = Sample([Segment("text", data=embeds), Segment("image", "target", torch.randn(3, 1, 8, 8, generator=g))])
+    sample = Sample(
+        [Segment("text", data=embeds), Segment("image", "target", torch.randn(3, 1, 8, 8, generator=g))]
+    )
     batch = pack_samples([sample], spec)
     assert batch.text_embeds is not None and batch.is_text.sum() == 5
     model = randomised(DiT(cfg))

@@ -44,7 +44,9 @@ def test_montage_six_inputs_five_outputs_of_different_resolutions() -> None:
     offset = 3
     for (h, w), t in zip(sizes_in + sizes_out, [0, 1, 2, 4, 5, 7] + [24, 25, 27, 29, 31], strict=True):
         block = positions[offset : offset + h * w]
-        expected = torch.cat([torch.zeros(h * w, 1, dtype=torch.int64), grid_coordinates((1, h, w), t)], dim=1)
+        expected = torch.cat(
+            [torch.zeros(h * w, 1, dtype=torch.int64), grid_coordinates((1, h, w), t)], dim=1
+        )
         assert block.tolist() == expected.tolist(), (h, w, t)
         offset += h * w
     assert offset == positions.shape[0]

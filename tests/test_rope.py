@@ -82,7 +82,9 @@ def test_rotation_matches_complex_multiplication() -> None:
         for axis, count in enumerate(bands):
             for j in range(count):
                 angle = positions[n, axis].item() * THETA[axis] ** (-j / count)
-                z = torch.complex(x[n, :, 2 * pair], x[n, :, 2 * pair + 1]) * complex(math.cos(angle), math.sin(angle))
+                z = torch.complex(x[n, :, 2 * pair], x[n, :, 2 * pair + 1]) * complex(
+                    math.cos(angle), math.sin(angle)
+                )
                 torch.testing.assert_close(out[n, :, 2 * pair], z.real)
                 torch.testing.assert_close(out[n, :, 2 * pair + 1], z.imag)
                 pair += 1

@@ -84,7 +84,7 @@ def _parse_defaults(node: Any, recipe_path: Path) -> dict[str, str]:
     for index, entry in enumerate(node):
         if not isinstance(entry, DictConfig) or len(entry) != 1:
             raise RecipeError(f"{recipe_path}: key 'defaults[{index}]': expected one '<group>: <name>' entry")
-        ((group, choice),) = entry.items()
+        ((group, choice),) = ((str(k), v) for k, v in entry.items())
         if group not in GROUPS:
             raise RecipeError(
                 f"{recipe_path}: key 'defaults[{index}]': unknown config group '{group}' "

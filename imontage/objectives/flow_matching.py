@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,8 +96,9 @@ class FlowMatching:
         self.t_mean, self.t_std, self.shift, self.text_dropout = t_mean, t_std, shift, text_dropout
 
     @classmethod
-    def from_config(cls, cfg: object) -> FlowMatching:
-        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout)  # type: ignore[attr-defined]
+    def from_config(cls, cfg: Any) -> FlowMatching:
+        """From a :class:`~imontage.config.schema.FlowMatchingConfig` (dataclass or OmegaConf node)."""
+        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout)
 
     def __call__(
         self, model: nn.Module, batch: PackedBatch, generator: torch.Generator

@@ -13,6 +13,7 @@ Sequence of a forward pass over a :class:`PackedBatch` of N tokens:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +55,11 @@ def timestep_frequencies(
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.fc1 = nn.Linear(FREQUENCY_DIM, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_frequencies(t).to(self.mlp[0].weight.dtype))
+        return self.fc2(F.silu(self.fc1(timestep_frequencies(t).to(self.fc1.weight.dtype))))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -126,51 +126,50 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, out_features: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.modulation = nn.Linear(hidden_size, 2 * hidden_size)
         self.linear = nn.Linear(hidden_size, out_features)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(t_emb).chunk(2, dim=-1)
+        shift, scale = self.modulation(F.silu(t_emb)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
     """Diffusion transformer over packed multi-segment samples (see the module docstring)."""
 
-    def __init__(self, cfg: object) -> None:
+    def __init__(self, cfg: Any) -> None:
+        """``cfg``: a :class:`~imontage.config.schema.ModelConfig`, as a dataclass or an OmegaConf node."""
         super().__init__()
-        c = cfg  # a ModelConfig (dataclass or OmegaConf node)
-        self.patch_size = tuple(int(p) for p in c.patch_size)  # type: ignore[attr-defined]
-        self.in_channels = int(c.in_channels)  # type: ignore[attr-defined]
-        hidden = int(c.hidden_size)  # type: ignore[attr-defined]
+        c = cfg
+        self.patch_size = tuple(int(p) for p in c.patch_size)
+        self.in_channels = int(c.in_channels)
+        hidden = int(c.hidden_size)
         self.hidden_size = hidden
         patch_dim = self.in_channels * math.prod(self.patch_size)
-        self.text_encoder_kind = str(c.text_encoder)  # type: ignore[attr-defined]
-        text_dim = int(c.text_dim)  # type: ignore[attr-defined]
+        self.text_encoder_kind = str(c.text_encoder)
+        text_dim = int(c.text_dim)
         self.gradient_checkpointing = False
 
         self.patch_embed = nn.Linear(patch_dim, hidden)
         self.text_encoder = (
-            ByteTextEncoder(text_dim, int(c.max_text_len))  # type: ignore[attr-defined]
-            if self.text_encoder_kind == "byte"
-            else None
+            ByteTextEncoder(text_dim, int(c.max_text_len)) if self.text_encoder_kind == "byte" else None
         )
         self.text_proj = nn.Sequential(
             nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
         )
         self.time_embed = TimestepEmbedder(hidden)
-        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-        rope = MultiAxisRope(c.rope.bands, c.rope.theta, str(c.rope.pair_layout))  # type: ignore[attr-defined]
+        self.time_modulation = nn.Linear(hidden, 6 * hidden)
+        rope = MultiAxisRope(c.rope.bands, c.rope.theta, str(c.rope.pair_layout))
         self.blocks = nn.ModuleList(
             DiTBlock(
                 hidden,
-                int(c.num_heads),  # type: ignore[attr-defined]
-                int(c.mlp_hidden_size),  # type: ignore[attr-defined]
+                int(c.num_heads),
+                int(c.mlp_hidden_size),
                 rope,
-                bool(c.qk_norm),  # type: ignore[attr-defined]
-                str(c.attention_backend),  # type: ignore[attr-defined]
+                bool(c.qk_norm),
+                str(c.attention_backend),
             )
-            for _ in range(int(c.depth))  # type: ignore[attr-defined]
+            for _ in range(int(c.depth))
         )
         self.final = FinalLayer(hidden, patch_dim)
         self.reset_parameters()
@@ -183,9 +182,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
-        for mlp_layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+        for mlp_layer in (self.time_embed.fc1, self.time_embed.fc2):
             nn.init.normal_(mlp_layer.weight, std=0.02)
-        for zeroed in (self.time_modulation[1], self.final.modulation[1], self.final.linear):
+        for zeroed in (self.time_modulation, self.final.modulation, self.final.linear):
             nn.init.zeros_(zeroed.weight)
             nn.init.zeros_(zeroed.bias)
 
@@ -204,7 +203,7 @@ class DiT(nn.Module):
         if bool(batch.is_text.any()):
             x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
         t_emb = self.time_embed(batch.timesteps)  # [N, d]
-        modulation = self.time_modulation(t_emb).view(-1, 6, self.hidden_size)  # [N, 6, d]
+        modulation = self.time_modulation(F.silu(t_emb)).view(-1, 6, self.hidden_size)  # [N, 6, d]
         max_seqlen = batch.max_seqlen
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
@@ -220,7 +219,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_dit(cfg: object, device: torch.device | str | None = None) -> DiT:
+def build_dit(cfg: Any, device: torch.device | str | None = None) -> DiT:
     """Build a DiT; ``device="meta"`` builds its shapes only (to count a 14B model's parameters)."""
     with torch.device(device or "cpu"):
         return DiT(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -164,16 +165,17 @@ class PackingSpec:
     tail_window: int = 8
 
     @classmethod
-    def from_model_config(cls, model_cfg: object) -> PackingSpec:
-        cfg = model_cfg
+    def from_model_config(cls, cfg: Any) -> PackingSpec:
+        """From a :class:`~imontage.config.schema.ModelConfig` (dataclass or OmegaConf node)."""
+        pt, ph, pw = (int(p) for p in cfg.patch_size)
         return cls(
-            in_channels=int(cfg.in_channels),  # type: ignore[attr-defined]
-            patch_size=tuple(int(p) for p in cfg.patch_size),  # type: ignore[attr-defined]
-            max_text_len=int(cfg.max_text_len),  # type: ignore[attr-defined]
-            layout=str(cfg.positions.layout),  # type: ignore[attr-defined]
-            virtual_frames=int(cfg.positions.virtual_frames),  # type: ignore[attr-defined]
-            head_window=int(cfg.positions.head_window),  # type: ignore[attr-defined]
-            tail_window=int(cfg.positions.tail_window),  # type: ignore[attr-defined]
+            in_channels=int(cfg.in_channels),
+            patch_size=(pt, ph, pw),
+            max_text_len=int(cfg.max_text_len),
+            layout=str(cfg.positions.layout),
+            virtual_frames=int(cfg.positions.virtual_frames),
+            head_window=int(cfg.positions.head_window),
+            tail_window=int(cfg.positions.tail_window),
         )
 
 

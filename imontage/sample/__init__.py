@@ -1,0 +1,1 @@
+"""Sampling: the flow-ODE sampler, PNG grids and the imontage-sample command."""

@@ -1,0 +1,111 @@
+"""The trainer: run artifacts, bit-exact resume, checkpoints without a manifest, stage chaining."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from imontage.config import load_recipe
+from imontage.data.synthetic import write_shards
+from imontage.train import checkpoint as ckpt
+from imontage.train.logger import read_metrics
+from imontage.train.trainer import train
+
+TINY = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.depth=2",
+    "model.mlp_hidden_size=64",
+    "model.text_dim=16",
+    "model.rope.bands=[0,3,3,2]",
+    "data.batch_size=3",
+    "data.shuffle_buffer=8",
+    "flow_matching.text_dropout=0.5",
+    "optim.warmup_steps=3",
+    "train.progress=false",
+    "train.ema_decay=0.9",
+    "train.sample.every=5",
+    "train.sample.num_samples=2",
+    "train.sample.steps=2",
+    "train.checkpoint.every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("synthetic")
+    write_shards(out, samples=20, per_shard=7, seed=0, progress=False)
+    return str(out / "train-*.tar")
+
+
+def run(run_dir: Path, shards: str, *overrides: str) -> Path:
+    recipe = REPO / "configs/recipes/quickstart.yaml"
+    cfg = load_recipe(recipe, [*TINY, f"data.shards={shards}", f"run_dir={run_dir}", *overrides])
+    return train(cfg)
+
+
+def final_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    path = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
+    assert path is not None
+    return ckpt.load_checkpoint(path)[0]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    losses_a = [(r["step"], r["loss"]) for r in read_metrics(a)]
+    losses_b = [(r["step"], r["loss"]) for r in read_metrics(b)]
+    assert losses_a == losses_b  # bit for bit: floats compared exactly
+    tensors_a, tensors_b = final_tensors(a), final_tensors(b)
+    for group in ("model", "ema", "optimizer"):
+        assert tensors_a[group].keys() == tensors_b[group].keys()
+        for name in tensors_a[group]:
+            assert torch.equal(tensors_a[group][name], tensors_b[group][name]), (group, name)
+
+
+def test_run_leaves_config_tensorboard_checkpoint_and_samples(tmp_path: Path, shards: str) -> None:
+    run_dir = run(tmp_path / "run", shards, "stages.sft.steps=5")
+    assert "hidden_size: 32" in (run_dir / "config.yaml").read_text()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    latest = (run_dir / "checkpoints/latest").read_text().strip()
+    assert latest == "step_000005"
+    ckpt.verify_checkpoint(run_dir / "checkpoints" / latest)
+    assert (run_dir / "samples/step_000005.png").stat().st_size > 0
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_is_bit_exact(tmp_path: Path, shards: str) -> None:
+    """20 steps straight == 10 steps, stop, resume=auto, 10 more: losses and final weights."""
+    straight = run(tmp_path / "straight", shards, "stages.sft.steps=20")
+    resumed = tmp_path / "resumed"
+    run(resumed, shards, "stages.sft.steps=20", "train.stop_at_step=10")
+    assert (resumed / "checkpoints/latest").read_text().strip() == "step_000010"
+    assert [r["step"] for r in read_metrics(resumed)][-1] == 10
+    run(resumed, shards, "stages.sft.steps=20")
+    assert_same_run(straight, resumed)
+
+
+def test_resume_never_picks_a_checkpoint_without_manifest(tmp_path: Path, shards: str) -> None:
+    straight = run(tmp_path / "straight", shards, "stages.sft.steps=12")
+    broken = tmp_path / "broken"
+    run(broken, shards, "stages.sft.steps=12", "train.checkpoint.every=6", "train.stop_at_step=12")
+    # step_000012 loses its manifest (a crash before it was written): resume must use step_000006.
+    (broken / "checkpoints/step_000012" / ckpt.MANIFEST).unlink()
+    assert ckpt.find_resume_checkpoint(broken / "checkpoints") == broken / "checkpoints/step_000006"
+    run(broken, shards, "stages.sft.steps=12", "train.checkpoint.every=6")
+    assert ckpt.is_complete(broken / "checkpoints/step_000012")
+    assert_same_run(straight, broken)
+
+
+def test_stages_run_in_order_and_resume_inside_the_second(tmp_path: Path, shards: str) -> None:
+    stages = (
+        "stages=[{name: warm, objective: flow_matching, steps: 6},"
+        " {name: main, objective: flow_matching, steps: 8, optim: {lr: 0.0005, warmup_steps: 2}}]"
+    )
+    straight = run(tmp_path / "straight", shards, stages)
+    records = read_metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, 15))
+    assert records[6]["lr"] == pytest.approx(0.0005 / 2)  # stage two restarts its warmup at its own LR
+    resumed = tmp_path / "resumed"
+    run(resumed, shards, stages, "train.stop_at_step=9")
+    run(resumed, shards, stages)
+    assert_same_run(straight, resumed)

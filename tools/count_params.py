@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Print the parameter count of model presets (built on the meta device: no memory is used).
+
+python tools/count_params.py                    # every preset in configs/model/
+python tools/count_params.py dit_14b dit_1b     # some of them
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from imontage.config.schema import ModelConfig
+from imontage.models.dit import build_dit, count_parameters
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def count_preset(name: str) -> tuple[int, float]:
+    """(parameters of the built model, the size the preset states)."""
+    path = MODEL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such model preset")
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return count_parameters(build_dit(cfg, device="meta")), float(cfg.stated_params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("presets", nargs="*", help="names under configs/model/ (default: all)")
+    names = parser.parse_args().presets or sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+    print(f"{'preset':<12} {'parameters':>16} {'stated':>10} {'off by':>8}")
+    for name in names:
+        count, stated = count_preset(name)
+        off = f"{100 * (count / stated - 1):+.2f}%" if stated else "-"
+        print(f"{name:<12} {count:>16,} {stated:>10.3g} {off:>8}")
+
+
+if __name__ == "__main__":
+    main()
