@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 RUN_DIR ?= runs/quickstart
 SYNTHETIC_DIR ?= data/synthetic
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint clean
 
 install: $(VENV)/.installed
 
