@@ -65,31 +65,27 @@ def test_unknown_key_in_a_group_file_names_key_and_file(config_tree: Path) -> No
         load_recipe(config_tree / "recipes/run.yaml")
 
 
-def test_wrong_type_in_the_recipe_names_key_and_file(config_tree: Path) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        # a wrong type at the top level, then inside a stage
+        (
+            "name: run\n",
+            "name: run\noptim:\n  lr: fast\n",
+            r"recipes/run\.yaml: key 'optim\.lr': .*could not be converted",
+        ),
+        ("steps: 3", "steps: many", r"recipes/run\.yaml: key 'stages\[0\]\.steps'"),
+        # a missing required value at the top level, then inside a stage
+        ("run_dir: runs/x\n", "", r"recipes/run\.yaml: missing required value\(s\): run_dir"),
+        (", steps: 3", "", r"recipes/run\.yaml: missing required value\(s\): stages\[0\]\.steps"),
+    ],
+    ids=["wrong-type", "wrong-type-in-stage", "missing", "missing-in-stage"],
+)
+def test_recipe_errors_name_key_and_file(config_tree: Path, old: str, new: str, message: str) -> None:
     recipe = config_tree / "recipes/run.yaml"
-    recipe.write_text(recipe.read_text() + "optim:\n  lr: fast\n")
-    with pytest.raises(RecipeError, match=r"recipes/run\.yaml: key 'optim\.lr': .*could not be converted"):
-        load_recipe(recipe)
-
-
-def test_wrong_type_inside_a_stage_names_the_stage_key(config_tree: Path) -> None:
-    recipe = config_tree / "recipes/run.yaml"
-    recipe.write_text(recipe.read_text().replace("steps: 3", "steps: many"))
-    with pytest.raises(RecipeError, match=r"recipes/run\.yaml: key 'stages\[0\]\.steps'"):
-        load_recipe(recipe)
-
-
-def test_missing_required_value_names_key_and_file(config_tree: Path) -> None:
-    recipe = config_tree / "recipes/run.yaml"
-    recipe.write_text(recipe.read_text().replace("run_dir: runs/x\n", ""))
-    with pytest.raises(RecipeError, match=r"recipes/run\.yaml: missing required value\(s\): run_dir"):
-        load_recipe(recipe)
-
-
-def test_missing_value_in_a_stage(config_tree: Path) -> None:
-    recipe = config_tree / "recipes/run.yaml"
-    recipe.write_text(recipe.read_text().replace(", steps: 3", ""))
-    with pytest.raises(RecipeError, match=r"stages\[0\]\.steps"):
+    assert old in recipe.read_text()
+    recipe.write_text(recipe.read_text().replace(old, new))
+    with pytest.raises(RecipeError, match=message):
         load_recipe(recipe)
 
 

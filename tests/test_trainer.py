@@ -109,3 +109,11 @@ def test_stages_run_in_order_and_resume_inside_the_second(tmp_path: Path, shards
     run(resumed, shards, stages, "train.stop_at_step=9")
     run(resumed, shards, stages)
     assert_same_run(straight, resumed)
+
+
+def test_bf16_autocast_trains(tmp_path: Path, shards: str) -> None:
+    run_dir = run(tmp_path / "bf16", shards, "stages.sft.steps=4", "train.precision=bf16")
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    model = final_tensors(run_dir)["model"]
+    assert all(t.dtype == torch.float32 for t in model.values())  # master weights stay fp32

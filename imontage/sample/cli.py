@@ -94,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    device = resolve_device(args.device)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, spec = load_model(checkpoint, not args.no_ema, device)
-    if args.data:
-        samples = preview_samples(OmegaConf.create({"shards": args.data}), args.num)
-    else:
-        samples = read_prompts(args.prompts, spec.in_channels)
+    try:
+        device = resolve_device(args.device)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model, spec = load_model(checkpoint, not args.no_ema, device)
+        if args.data:
+            samples = preview_samples(OmegaConf.create({"shards": args.data}), args.num)
+        else:
+            samples = read_prompts(args.prompts, spec.in_channels)
+    except (OSError, KeyError, ValueError, RuntimeError) as error:  # bad inputs: say which, no traceback
+        print(f"imontage-sample: {error}", file=sys.stderr)
+        return 2
     generator = torch.Generator().manual_seed(args.seed)
     outputs = sample_flow(model, samples, spec, args.steps, args.guidance, args.shift, generator, device)
     rows = preview_rows(samples, outputs)
