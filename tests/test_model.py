@@ -136,3 +136,20 @@ def test_preset_parameter_counts_are_within_3_percent(preset: str) -> None:
     count = count_parameters(model)
     assert abs(count / cfg.stated_params - 1) <= 0.03, (preset, count)
     assert all(isinstance(b, nn.Module) for b in model.blocks) and len(model.blocks) == cfg.depth
+
+
+def test_data_prediction_returns_the_velocity_of_its_clean_estimate() -> None:
+    """prediction=data: the network predicts x0 and forward returns (x_t − x0) / max(t, t_min)."""
+    cfg = tiny_model_config(prediction="data", min_timestep=0.05)
+    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(8)), PackingSpec.from_model_config(cfg))
+    t = torch.rand(batch.tokens.shape[0], generator=torch.Generator().manual_seed(9))
+    batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
+    model = DiT(cfg)  # a fresh model's last layer outputs 0, so x0 = 0 and the velocity is x_t / t
+    expected = batch.tokens / batch.timesteps.clamp(min=0.05)[:, None]
+    torch.testing.assert_close(model(batch), expected)
+    randomised(model)
+    raw = DiT(tiny_model_config())  # the same weights with velocity prediction give the raw x0
+    raw.load_state_dict(model.state_dict())
+    torch.testing.assert_close(
+        model(batch), (batch.tokens - raw(batch)) / batch.timesteps.clamp(min=0.05)[:, None]
+    )

@@ -23,6 +23,7 @@ from imontage.config.schema import (
     PAIR_LAYOUTS,
     POSITION_LAYOUTS,
     PRECISIONS,
+    PREDICTIONS,
     TEXT_ENCODERS,
     RecipeConfig,
     StageConfig,
@@ -235,6 +236,8 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     model = cfg.model
     _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
     _check_choice(model.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", source)
+    _check_choice(model.prediction, PREDICTIONS, "model.prediction", source)
+    _check(0.0 < model.min_timestep < 1.0, "model.min_timestep", source, "must be in (0, 1)")
     _check_choice(model.rope.pair_layout, PAIR_LAYOUTS, "model.rope.pair_layout", source)
     _check_choice(model.positions.layout, POSITION_LAYOUTS, "model.positions.layout", source)
     _check_choice(cfg.parallel.device, DEVICES, "parallel.device", source)

@@ -17,6 +17,7 @@ PAIR_LAYOUTS = ("half", "interleaved")
 POSITION_LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
 TEXT_ENCODERS = ("byte", "precomputed")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+PREDICTIONS = ("velocity", "data")
 OBJECTIVES = ("flow_matching",)
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -52,6 +53,11 @@ class ModelConfig:
     text_dim: int = MISSING  # width of the text embeddings fed to the model
     max_text_len: int = 128  # text tokens kept per text segment
     qk_norm: bool = True
+    # What the network's last layer predicts; forward() always returns the velocity ε − x0.
+    # "data" predicts clean tokens x0 and returns (x_t − x0)/t: easier for narrow models on wide
+    # pixel patches, which must otherwise reproduce the noise exactly.
+    prediction: str = "velocity"
+    min_timestep: float = 0.05  # "data": t is clamped to this in the division
     attention_backend: str = "auto"  # "auto": flash-attn on CUDA when installed, else SDPA
     rope: RopeConfig = field(default_factory=RopeConfig)
     positions: PositionConfig = field(default_factory=PositionConfig)

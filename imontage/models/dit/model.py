@@ -149,6 +149,8 @@ class DiT(nn.Module):
         self.text_encoder_kind = str(c.text_encoder)
         text_dim = int(c.text_dim)
         self.gradient_checkpointing = False
+        self.prediction = str(c.prediction)
+        self.min_timestep = float(c.min_timestep)
 
         self.patch_embed = nn.Linear(patch_dim, hidden)
         self.text_encoder = (
@@ -198,7 +200,7 @@ class DiT(nn.Module):
         return self.text_proj(features.to(self.patch_embed.weight.dtype))
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """``[N, C·pt·ph·pw]`` velocity for every token (rows of text tokens are meaningless)."""
+        """``[N, C·pt·ph·pw]`` velocity ε − x0 for every token (only target rows are meaningful)."""
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))  # [N, d]
         if bool(batch.is_text.any()):
             x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
@@ -212,7 +214,11 @@ class DiT(nn.Module):
                 )
             else:
                 x = block(x, modulation, batch.positions, batch.cu_seqlens, max_seqlen)
-        return self.final(x, t_emb)
+        out = self.final(x, t_emb)
+        if self.prediction == "data":  # out is x0: x_t = (1 − t)·x0 + t·ε gives ε − x0 = (x_t − x0) / t
+            t = batch.timesteps.clamp(min=self.min_timestep)[:, None]
+            out = (batch.tokens.to(out.dtype) - out) / t
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:
