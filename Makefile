@@ -8,10 +8,11 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 TESTS ?= tests
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 RUN_DIR ?= runs/quickstart
 SYNTHETIC_DIR ?= data/synthetic
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +32,10 @@ quickstart: $(SYNTHETIC_DIR)/.complete
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
+
+# Benchmarks print tables and write CSV under runs/bench; e.g. make bench BENCH_ARGS="--bench-size small"
+bench: $(VENV)/.installed
+	$(PY) -m pytest tests/benchmarks -m benchmark -s $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
