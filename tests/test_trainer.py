@@ -105,10 +105,12 @@ def test_stages_run_in_order_and_resume_inside_the_second(tmp_path: Path, shards
     records = read_metrics(straight)
     assert [r["step"] for r in records] == list(range(1, 15))
     assert records[6]["lr"] == pytest.approx(0.0005 / 2)  # stage two restarts its warmup at its own LR
-    resumed = tmp_path / "resumed"
-    run(resumed, shards, stages, "train.stop_at_step=9")
-    run(resumed, shards, stages)
-    assert_same_run(straight, resumed)
+    for stop in (6, 9):  # at the stage boundary, and inside the second stage
+        resumed = tmp_path / f"resumed_at_{stop}"
+        run(resumed, shards, stages, f"train.stop_at_step={stop}")
+        assert [r["step"] for r in read_metrics(resumed)][-1] == stop
+        run(resumed, shards, stages)
+        assert_same_run(straight, resumed)
 
 
 def test_bf16_autocast_tracks_fp32(tmp_path: Path, shards: str) -> None:

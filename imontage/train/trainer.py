@@ -103,8 +103,7 @@ class Trainer:
             self.logger.close()
 
     def run_stage(self, stage: Stage) -> bool:
-        """Train ``stage`` to its end; False when the run stops early (``stop_at_step``)."""
-        stop_at = self.cfg.train.stop_at_step
+        """Train ``stage`` to its end; False when the run stops early (``train.stop_at_step``)."""
         bar = tqdm(
             total=stage.last_step - stage.first_step,
             initial=self.step - stage.first_step,
@@ -113,20 +112,22 @@ class Trainer:
             dynamic_ncols=True,
         )
         with bar:
-            while self.step < stage.last_step:
+            while self.step < stage.last_step and not self.stop_requested():
                 metrics = self.train_step(next(self.loader))
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 self.after_step(metrics)
-                if stop_at and self.step >= stop_at and self.step < stage.last_step:
-                    if self.saved_step != self.step:
-                        self.save_checkpoint()
-                    log.info("stopping at step %d (train.stop_at_step)", self.step)
-                    return False
         if self.saved_step != self.step:  # the periodic save may have just written this step
             self.save_checkpoint()
+        if self.stop_requested():
+            log.info("stopping at step %d (train.stop_at_step)", self.step)
+            return False
         return True
+
+    def stop_requested(self) -> bool:
+        stop_at = self.cfg.train.stop_at_step
+        return bool(stop_at) and self.step >= stop_at
 
     def train_step(self, batch: Any) -> dict[str, float]:
         assert self.optimizer is not None and self.stage is not None
