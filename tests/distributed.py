@@ -1,0 +1,85 @@
+"""Run a function on several CPU ranks over gloo, as torchrun would, and collect what each returns."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RankError(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results: Any, done: Any
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # report every failure to the parent, which raises it
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        # Tensors in the result are shared through this process: stay alive until the parent has them.
+        done.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; their return values by rank.
+
+    ``fn`` must be importable (a module-level function). A rank that raises makes this raise
+    :class:`RankError` with its traceback; ranks that do not all report within ``timeout`` seconds
+    make it raise ``TimeoutError``, with every process killed.
+    """
+    context = mp.get_context("spawn")
+    results, done = context.Queue(), context.Event()
+    port = free_port()
+    processes = [
+        context.Process(target=_entry, args=(rank, world_size, port, fn, args, results, done), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            try:
+                rank, ok, value = results.get(timeout=max(remaining, 0.01))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world_size)) - set(outcomes))} of {fn.__name__} did not report "
+                    f"within {timeout:.0f} s"
+                ) from None
+            outcomes[rank] = (ok, value)
+            if not ok:
+                break  # the other ranks may be blocked in a collective with the one that failed
+    finally:
+        done.set()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(outcomes.items()) if not ok]
+    if failures:
+        raise RankError("\n".join(failures))
+    return [outcomes[rank][1] for rank in range(world_size)]
