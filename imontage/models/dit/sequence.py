@@ -191,7 +191,10 @@ def _segment_rows(segment: Segment, spec: PackingSpec, where: str) -> tuple[torc
     assert segment.data is not None
     if segment.data.shape[0] != spec.in_channels:
         raise ValueError(f"{where}: {segment.data.shape[0]} channels, the model takes {spec.in_channels}")
-    grid = patch_grid(segment.data.shape, spec.patch_size)
+    try:
+        grid = patch_grid(segment.data.shape, spec.patch_size)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
     rows = patchify(segment.data.float(), spec.patch_size)
     return rows, SegmentGrid(segment.kind, segment.role, grid, segment.anchor)
 
