@@ -1,0 +1,1 @@
+"""Parallelism applied to single-device models from outside: process groups, collectives, parallelize."""

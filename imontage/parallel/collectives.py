@@ -1,0 +1,159 @@
+"""imontage's own collectives, each a named autograd Function with its backward documented.
+
+Ulysses (context parallelism, CP) shards a packed sequence of N tokens into CP contiguous
+shards. Around attention, an all-to-all trades the sequence shard for a head shard: every rank
+then holds all N tokens for H/CP heads, attends over the whole packed sequence (block-diagonal
+by the global ``cu_seqlens``), and a second all-to-all trades back. Per-token work (norms, MLP,
+RoPE with each rank's own positions) runs on the sequence shard.
+
+Shapes: a sequence shard is ``[N/CP, H, D]``, a head shard ``[N, H/CP, D]``. Rank r holds
+tokens ``[r·N/CP, (r+1)·N/CP)`` and heads ``[r·H/CP, (r+1)·H/CP)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from imontage.models.dit.sequence import PackedBatch
+
+
+def _size(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group)
+
+
+def _rank(group: ProcessGroup | None) -> int:
+    return dist.get_rank(group)
+
+
+def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``[N/CP, H, D]`` sequence shard -> ``[N, H/CP, D]`` head shard (one all-to-all)."""
+    size = _size(group)
+    if size == 1:
+        return x
+    tokens, heads, dim = x.shape
+    if heads % size:
+        raise ValueError(f"{heads} heads do not split over a context-parallel group of {size}")
+    send = x.reshape(tokens, size, heads // size, dim).transpose(0, 1).contiguous()  # [CP, N/CP, H/CP, D]
+    received = torch.empty_like(send)  # received[j]: rank j's tokens, this rank's heads
+    dist.all_to_all_single(received, send, group=group)
+    return received.reshape(size * tokens, heads // size, dim)
+
+
+def heads_to_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``[N, H/CP, D]`` head shard -> ``[N/CP, H, D]`` sequence shard (the inverse all-to-all)."""
+    size = _size(group)
+    if size == 1:
+        return x
+    total, heads, dim = x.shape
+    send = x.reshape(size, total // size, heads, dim).contiguous()  # send[j]: rank j's tokens
+    received = torch.empty_like(send)  # received[j]: this rank's tokens, rank j's heads
+    dist.all_to_all_single(received, send, group=group)
+    return received.transpose(0, 1).reshape(total // size, size * heads, dim)
+
+
+def scatter_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """This rank's contiguous shard of the first dimension of ``x`` (N must divide by CP)."""
+    size = _size(group)
+    if x.shape[0] % size:
+        raise ValueError(f"{x.shape[0]} tokens do not split over {size} ranks; pad with shard_packed_batch")
+    return x.chunk(size)[_rank(group)].contiguous()
+
+
+def gather_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """The shards of every rank, concatenated along the first dimension (one all-gather)."""
+    size = _size(group)
+    if size == 1:
+        return x
+    out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class SequenceToHeads(torch.autograd.Function):
+    """Forward: sequence shard -> head shard. Backward: the gradient goes back head -> sequence."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return sequence_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return heads_to_sequence(grad, ctx.group), None
+
+
+class HeadsToSequence(torch.autograd.Function):
+    """Forward: head shard -> sequence shard. Backward: the gradient goes back sequence -> head."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return heads_to_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return sequence_to_heads(grad, ctx.group), None
+
+
+class ScatterToSequenceShards(torch.autograd.Function):
+    """Forward: keep this rank's token shard. Backward: all-gather the shards' gradients.
+
+    Used where every rank holds the same full activation (after the embeddings): each rank's
+    gradient covers only its shard, and the gather assembles the full gradient everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return gather_sequence(grad, ctx.group), None
+
+
+class GatherFromSequenceShards(torch.autograd.Function):
+    """Forward: all-gather the token shards. Backward: keep this rank's shard of the gradient.
+
+    The full output is used identically on every rank (the final layer and loss run on it), so
+    each rank's gradient for its own shard is the gradient of its slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return scatter_sequence(grad, ctx.group), None
+
+
+def pad_packed_batch(batch: PackedBatch, multiple: int) -> PackedBatch:
+    """Append padding tokens so the token count divides by ``multiple``.
+
+    The padding forms one extra sequence in ``cu_seqlens``: attention keeps it apart from every
+    sample, and it is neither text nor a target, so it never reaches the loss.
+    """
+    total = batch.tokens.shape[0]
+    pad = -total % multiple
+    if pad == 0:
+        return batch
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+
+    cu_seqlens = torch.cat([batch.cu_seqlens, batch.cu_seqlens.new_tensor([total + pad])])
+    return batch.replace(
+        tokens=padded(batch.tokens),
+        is_text=padded(batch.is_text),
+        text_ids=padded(batch.text_ids),
+        text_index=padded(batch.text_index),
+        text_embeds=None if batch.text_embeds is None else padded(batch.text_embeds),
+        positions=padded(batch.positions),
+        cu_seqlens=cu_seqlens,
+        target_mask=padded(batch.target_mask),
+        timesteps=padded(batch.timesteps),
+    )
