@@ -75,12 +75,12 @@ class SequenceToHeads(torch.autograd.Function):
     """Forward: sequence shard -> head shard. Backward: the gradient goes back head -> sequence."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         return sequence_to_heads(x, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return heads_to_sequence(grad, ctx.group), None
 
 
@@ -88,12 +88,12 @@ class HeadsToSequence(torch.autograd.Function):
     """Forward: head shard -> sequence shard. Backward: the gradient goes back sequence -> head."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         return heads_to_sequence(x, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return sequence_to_heads(grad, ctx.group), None
 
 
@@ -105,12 +105,12 @@ class ScatterToSequenceShards(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         return scatter_sequence(x, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return gather_sequence(grad, ctx.group), None
 
 
@@ -122,12 +122,12 @@ class GatherFromSequenceShards(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         return gather_sequence(x, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return scatter_sequence(grad, ctx.group), None
 
 
