@@ -1,0 +1,1 @@
+"""Running imontage on clusters: SLURM job scripts and submission."""

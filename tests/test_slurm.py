@@ -1,0 +1,133 @@
+"""SLURM job scripts: hostile values, and a real submission to the local one-node cluster."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from distributed import free_port
+
+from imontage.cluster.submit import JobSpec, SubmitError, render
+from imontage.train import checkpoint as ckpt
+
+HOSTILE_REJECTED = ["a\nb", "a;b", "$(touch {marker})", "`touch {marker}`", "a\rb", "x\x00y"]
+HOSTILE_HARMLESS = ["a && touch {marker}", "a | touch {marker}", "a' b", 'a" b', "a > {marker}", "${{HOME}}",
+                    "a b", "$HOME"]  # fmt: skip
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.mark.parametrize("value", HOSTILE_REJECTED)
+@pytest.mark.parametrize("where", ["override", "recipe", "job_name", "time", "log_dir", "env_hook"])
+def test_values_that_could_inject_are_rejected(value: str, where: str, tmp_path: Path) -> None:
+    value = value.format(marker=tmp_path / "marker")
+    spec = JobSpec(recipe="r.yaml")
+    if where == "override":
+        spec.overrides = [f"train.note={value}"]
+    else:
+        setattr(spec, where, value)
+    with pytest.raises(SubmitError):
+        render(spec)
+
+
+@pytest.mark.parametrize("value", HOSTILE_HARMLESS)
+def test_other_values_are_quoted_and_reach_the_trainer_verbatim(value: str, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    value = value.format(marker=marker)
+    argv_file = tmp_path / "argv.json"
+    fake_python = executable(
+        tmp_path / "python",
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n",
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "srun", '#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')
+    override = f"train.note={value}"
+    spec = JobSpec(
+        recipe=f"my {value}.yaml", python=str(fake_python), overrides=[override], log_dir=str(tmp_path)
+    )
+    script = tmp_path / "job.sh"
+    script.write_text(render(spec))
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_NTASKS": "1"}  # fmt: skip
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert json.loads(argv_file.read_text()) == ["-m", "imontage.train.cli", f"my {value}.yaml", override]
+    assert not marker.exists()
+
+
+def test_render_checks_numbers_and_names() -> None:
+    with pytest.raises(SubmitError, match="--nodes: 0"):
+        render(JobSpec(recipe="r.yaml", nodes=0))
+    with pytest.raises(SubmitError, match="--time: '1 day'"):
+        render(JobSpec(recipe="r.yaml", time="1 day"))
+    with pytest.raises(SubmitError, match="override: 'lr'"):
+        render(JobSpec(recipe="r.yaml", overrides=["lr"]))
+    script = render(JobSpec(recipe="r.yaml", nodes=4, gpus_per_node=8, partition="gpu", time="2-00:00:00"))
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --ntasks-per-node=8" in script
+    assert "#SBATCH --signal=USR2@90" in script and "#SBATCH --requeue" in script
+    assert "#SBATCH --partition=gpu" in script and "scontrol show hostnames" in script
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The local one-node cluster (slurm/local_cluster.sh), on free ports, stopped afterwards."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    result = subprocess.run(
+        ["bash", "slurm/local_cluster.sh", "start", str(state)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode == 3:  # the script's code for "cannot install slurm-wlm here"
+        pytest.skip(f"no local SLURM: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", "slurm/local_cluster.sh", "stop", str(state)], cwd=REPO, check=False)
+
+
+def wait_for_job(job: str, env: dict[str, str], timeout: float = 240.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        state = next((f.split("=")[1] for f in out.split() if f.startswith("JobState=")), "UNKNOWN")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    raise TimeoutError(f"job {job} did not finish within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+def test_submit_runs_a_recipe_on_the_local_cluster(slurm_cluster: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "12", "--no-progress"],
+                   cwd=REPO, check=True)  # fmt: skip
+    run_dir = tmp_path / "run"
+    submit = [
+        sys.executable, "tools/submit.py", "configs/recipes/quickstart.yaml", "--time", "10",
+        "--log-dir", str(tmp_path / "logs"), "--job-name", "imontage-test",
+        f"run_dir={run_dir}", f"data.shards={data}/train-*.tar", "stages.sft.steps=3", "data.batch_size=2",
+        "train.sample.every=0", "train.progress=false",
+    ]  # fmt: skip
+    result = subprocess.run(submit, cwd=REPO, env=slurm_cluster, capture_output=True, text=True, check=True)
+    job = result.stdout.split()[-1]
+    state = wait_for_job(job, slurm_cluster)
+    log = next((tmp_path / "logs").glob(f"imontage-test-{job}.out")).read_text()
+    assert state == "COMPLETED", log
+    assert f"job {job} restart 0: 1 tasks" in log
+    latest = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
+    assert latest is not None and latest.name == "step_000003"
