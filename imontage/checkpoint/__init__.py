@@ -1,0 +1,1 @@
+"""Checkpoint conversion: consolidate, export and import, inspect, verify (tools/convert_checkpoint.py)."""
