@@ -28,7 +28,11 @@ def _entry(
     rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results: Any, done: Any
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
     )
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

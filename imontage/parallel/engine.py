@@ -1,0 +1,96 @@
+"""The DeepSpeed ZeRO-3 engine of a recipe.
+
+ZeRO-3 shards parameters, gradients and optimiser state over the data-parallel ranks and
+gathers each module's parameters just before it runs. Its bucket and persistence settings are
+sized from the model here so that a DiT block is fetched in one prefetch and the small tensors
+(norm weights, biases, adaLN offsets) stay resident instead of being gathered one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from imontage.models.dit.model import DiT
+
+
+def block_numel(model: nn.Module) -> int:
+    """Parameters of the largest transformer block (of the whole model when it has no blocks)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        return sum(p.numel() for p in model.parameters())
+    return max(sum(p.numel() for p in block.parameters()) for block in blocks)
+
+
+def zero3_config(
+    model: nn.Module,
+    grad_clip: float,
+    precision: str = "fp32",
+    gradient_accumulation_steps: int = 1,
+) -> dict[str, Any]:
+    """DeepSpeed's configuration for ZeRO stage 3 over the data-parallel group.
+
+    One micro-batch per rank is one packed batch, so ``train_micro_batch_size_per_gpu`` is 1.
+    """
+    block = block_numel(model)
+    hidden = model.hidden_size if isinstance(model, DiT) else 0
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch AdamW on CPU; DeepSpeed's FusedAdam on GPU
+        "steps_per_print": 2**31 - 1,  # imontage logs its own metrics
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            # Fetch the next block while this one runs; reduce one block's gradients at a time.
+            "stage3_prefetch_bucket_size": block,
+            "reduce_bucket_size": block,
+            # Vectors up to a few model widths (norms, biases, the [6, d] adaLN offset) stay whole.
+            "stage3_param_persistence_threshold": max(8 * hidden, 1),
+            "stage3_max_live_parameters": 3 * block,
+            "stage3_max_reuse_distance": 3 * block,
+        },
+    }
+
+
+class MegatronMPU:
+    """megatron-core's groups in the shape DeepSpeed's ``mpu`` argument asks for.
+
+    "Model parallel" is tensor parallelism; ZeRO shards over the data-parallel group.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.state = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return int(self.state.get_tensor_model_parallel_rank())
+
+    def get_model_parallel_world_size(self) -> int:
+        return int(self.state.get_tensor_model_parallel_world_size())
+
+    def get_model_parallel_group(self) -> Any:
+        return self.state.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return int(self.state.get_data_parallel_rank())
+
+    def get_data_parallel_world_size(self) -> int:
+        return int(self.state.get_data_parallel_world_size())
+
+    def get_data_parallel_group(self) -> Any:
+        return self.state.get_data_parallel_group()
+
+
+def build_engine(model: nn.Module, optimizer: Any, config: dict[str, Any], mpu: Any | None = None) -> Any:
+    """``deepspeed.initialize`` with imontage's configuration; returns the engine."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
+    return engine

@@ -1,0 +1,84 @@
+"""ZeRO-3 over 2 data-parallel gloo ranks trains like one process on the same global batch."""
+
+import pytest
+import torch
+from conftest import tiny_model_config
+from distributed import run_ranks
+
+from imontage.models.dit import DiT, PackingSpec, Sample, Segment, pack_samples
+from imontage.objectives.flow_matching import FlowMatching
+from imontage.parallel.engine import block_numel, zero3_config
+
+STEPS, LR, CLIP = 10, 3e-3, 1.0
+
+
+def micro_batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    sizes = [(8, 8), (8, 12)] if rank == 0 else [(12, 8)]  # the ranks' batches differ in size and count
+    samples = [Sample([Segment("text", text=f"sample {step}"), Segment("image", "condition", torch.randn(3, 1, h, w, generator=g)),
+                       Segment("image", "target", torch.randn(3, 1, h, w, generator=g))]) for h, w in sizes]  # fmt: skip
+    return pack_samples(samples, PackingSpec.from_model_config(tiny_model_config()))
+
+
+def loss_of(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
+    return FlowMatching()(model, micro_batch(step, rank), torch.Generator().manual_seed(step * 7 + rank)).loss
+
+
+def fresh_model() -> DiT:
+    torch.manual_seed(0)
+    model = DiT(tiny_model_config())
+    with torch.no_grad():  # leave adaLN-zero's zeros so that every parameter trains from step 1
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    return model
+
+
+def zero3_losses(rank: int, world_size: int) -> list[float]:
+    import deepspeed
+
+    from imontage.parallel.engine import build_engine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = fresh_model()
+    config = zero3_config(model, grad_clip=CLIP)
+    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=LR), config)
+    losses = []
+    for step in range(STEPS):
+        loss = loss_of(engine, step, rank)
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+    return losses
+
+
+@pytest.mark.slow
+def test_zero3_dp2_matches_one_process() -> None:
+    ranks = run_ranks(zero3_losses, 2, timeout=300)
+    model = fresh_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    expected = []
+    for step in range(STEPS):
+        loss = (loss_of(model, step, 0) + loss_of(model, step, 1)) / 2  # DP averages the ranks' gradients
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss.item())
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == pytest.approx(expected, rel=1e-5)
+    assert expected[-1] < expected[0]  # it trained
+
+
+def test_zero3_config_is_sized_from_the_model() -> None:
+    model = DiT(tiny_model_config())
+    config = zero3_config(model, grad_clip=0.5, precision="bf16", gradient_accumulation_steps=4)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and config["bf16"]["enabled"] and config["gradient_accumulation_steps"] == 4
+    assert (
+        zero["stage3_prefetch_bucket_size"]
+        == block_numel(model)
+        == sum(p.numel() for p in model.blocks[0].parameters())
+    )
+    assert zero["stage3_param_persistence_threshold"] >= model.blocks[0].modulation.numel()
