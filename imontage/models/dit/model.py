@@ -102,7 +102,10 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, Dh] each
-        q, k = self.rope(self.q_norm(q), self.k_norm(k), positions)
+        if isinstance(self.q_norm, nn.RMSNorm) and isinstance(self.k_norm, nn.RMSNorm):
+            q, k = self.rope.normed(q, k, positions, self.q_norm, self.k_norm)  # one fused launch on GPU
+        else:
+            q, k = self.rope(self.q_norm(q), self.k_norm(k), positions)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
         return self.proj(out.reshape(n, -1))
 
