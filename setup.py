@@ -32,6 +32,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=10.0",
+        "av>=12.0",  # PyAV: mp4/webm decoding in the data pipeline
         "tqdm>=4.66",
         "pytest>=8.0",
     ],

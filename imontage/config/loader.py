@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from imontage.config.schema import (
     ATTENTION_BACKENDS,
     DEVICES,
+    FRAME_SAMPLINGS,
     GROUPS,
     LR_SCHEDULES,
     OBJECTIVES,
@@ -277,7 +278,7 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
             f"must be in 1..virtual_frames ({positions.virtual_frames})",
         )
 
-    _check(cfg.data.batch_size > 0, "data.batch_size", source, "must be positive")
+    validate_data(cfg.data, "data", model, source)
     _check(
         0.0 <= cfg.flow_matching.text_dropout <= 1.0,
         "flow_matching.text_dropout",
@@ -300,4 +301,95 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
         _check(names.count(stage.name) == 1, f"{key}.name", source, f"stage name '{stage.name}' is repeated")
         for section in ("data", "optim"):
             # A wrong type in a stage override fails here, named with the file that set it.
-            stage_section(cfg, index, section, source=origin(f"{key}.{section}"))
+            merged = stage_section(cfg, index, section, source=origin(f"{key}.{section}"))
+            if section == "data" and any(value is not None for value in stage.data.values()):
+                validate_data(merged, f"{key}.data", model, source)
+
+
+def _check_sizes(sizes: Any, divisors: Sequence[int], key: str, origin: Origin) -> None:
+    """Each entry is as many positive integers as ``divisors``, each divisible by its divisor."""
+    for entry in sizes:
+        values = list(entry) if isinstance(entry, ListConfig) else [entry]
+        _check(len(values) == len(divisors), key, origin, f"entry {values}: expected {len(divisors)} sizes")
+        _check(
+            all(v > 0 and v % d == 0 for v, d in zip(values, divisors, strict=True)),
+            key,
+            origin,
+            f"entry {values}: sizes must be positive multiples of the patch size {list(divisors)}",
+        )
+
+
+def _validate_mixture(data: DictConfig, prefix: str, origin: Origin) -> None:
+    names = [dataset.name for dataset in data.datasets]
+    for index, dataset in enumerate(data.datasets):
+        key = f"{prefix}.datasets[{index}]"
+        _check(
+            bool(dataset.name) and names.count(dataset.name) == 1,
+            f"{key}.name",
+            origin,
+            "names must be unique and non-empty",
+        )
+        _check(bool(dataset.shards), f"{key}.shards", origin, "must name shards")
+        _check(dataset.weight >= 0, f"{key}.weight", origin, "must be >= 0")
+    if data.datasets and not data.mixture:
+        _check(
+            sum(d.weight for d in data.datasets) > 0,
+            f"{prefix}.datasets",
+            origin,
+            "weights must not all be 0",
+        )
+    _check(
+        not data.mixture or bool(data.datasets), f"{prefix}.mixture", origin, "a mixture needs data.datasets"
+    )
+    steps = [point.step for point in data.mixture]
+    _check(
+        steps == sorted(set(steps)) and min(steps, default=0) >= 0,
+        f"{prefix}.mixture",
+        origin,
+        f"steps {steps} must increase from >= 0",
+    )
+    for index, point in enumerate(data.mixture):
+        key = f"{prefix}.mixture[{index}].weights"
+        unknown = sorted(set(point.weights) - set(names))
+        _check(not unknown, key, origin, f"unknown dataset(s) {unknown} (datasets: {', '.join(names)})")
+        _check(all(w >= 0 for w in point.weights.values()), key, origin, "weights must be >= 0")
+        _check(sum(point.weights.values()) > 0, key, origin, "weights must not all be 0")
+
+
+def validate_data(data: DictConfig, prefix: str, model: DictConfig, origin: Origin) -> None:
+    """The checks of a ``data`` section (``prefix`` is where it sits: ``data`` or ``stages[i].data``)."""
+    _check(
+        bool(data.shards) != bool(data.datasets),
+        f"{prefix}.shards",
+        origin,
+        "set either 'shards' (one dataset) or 'datasets' (a mixture)",
+    )
+    _validate_mixture(data, prefix, origin)
+    for name in ("batch_size", "max_tokens", "shuffle_buffer", "num_workers"):
+        _check(data[name] >= 0, f"{prefix}.{name}", origin, "must be >= 0")
+    _check(
+        data.batch_size > 0 or data.max_tokens > 0,
+        f"{prefix}.max_tokens",
+        origin,
+        "set max_tokens, batch_size or both",
+    )
+    _check(data.pack_buffer > 0, f"{prefix}.pack_buffer", origin, "must be positive")
+    _check(data.prefetch > 0, f"{prefix}.prefetch", origin, "must be positive")
+    pt, ph, pw = model.patch_size
+    _check_sizes(data.buckets.image, (ph, pw), f"{prefix}.buckets.image", origin)
+    _check_sizes(data.buckets.video, (ph, pw), f"{prefix}.buckets.video", origin)
+    _check_sizes(data.buckets.frames, (pt,), f"{prefix}.buckets.frames", origin)
+    _check_choice(data.video.sampling, FRAME_SAMPLINGS, f"{prefix}.video.sampling", origin)
+    _check(data.video.stride > 0, f"{prefix}.video.stride", origin, "must be positive")
+    _check(data.video.fps > 0, f"{prefix}.video.fps", origin, "must be positive")
+    _check(data.video.max_frames > 0, f"{prefix}.video.max_frames", origin, "must be positive")
+    bad = data.bad_data
+    _check(0.0 <= bad.skip_budget < 1.0, f"{prefix}.bad_data.skip_budget", origin, "must be in [0, 1)")
+    _check(bad.max_pixels > 0, f"{prefix}.bad_data.max_pixels", origin, "must be positive")
+    _check(bad.max_video_frames > 0, f"{prefix}.bad_data.max_video_frames", origin, "must be positive")
+    _check(
+        not data.text_embeddings or model.text_encoder == "precomputed",
+        f"{prefix}.text_embeddings",
+        origin,
+        "needs model.text_encoder=precomputed",
+    )

@@ -22,6 +22,7 @@ OBJECTIVES = ("flow_matching",)
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+FRAME_SAMPLINGS = ("stride", "fps")
 
 
 @dataclass
@@ -65,11 +66,66 @@ class ModelConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Sizes samples are trained at; each empty list keeps that dimension as stored."""
+
+    image: list[list[int]] = field(default_factory=list)  # [H, W] buckets for images
+    video: list[list[int]] = field(default_factory=list)  # [H, W] buckets for video frames
+    frames: list[int] = field(default_factory=list)  # frame counts a video may keep
+
+
+@dataclass
+class VideoSamplingConfig:
+    sampling: str = "stride"  # one of FRAME_SAMPLINGS: every `stride`-th frame, or `fps` frames a second
+    stride: int = 1
+    fps: float = 8.0
+    max_frames: int = 16  # sampled frames kept per video (the first ones)
+
+
+@dataclass
+class BadDataConfig:
+    strict: bool = False  # raise on the first bad shard or sample, naming it; else skip and count
+    # Fraction of a worker's share of an epoch that may be skipped before the run stops.
+    skip_budget: float = 0.01
+    max_pixels: int = 16_777_216  # images and video frames with more pixels are skipped
+    max_video_frames: int = 4096  # videos with more frames are skipped before decoding
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a mixture (for example the samples of one task)."""
+
+    name: str = MISSING
+    shards: str = MISSING
+    weight: float = 1.0  # relative weight when data.mixture is empty
+
+
+@dataclass
+class MixturePoint:
+    step: int = MISSING
+    weights: dict[str, float] = field(default_factory=dict)  # dataset name -> weight; unnamed ones weigh 0
+
+
+@dataclass
 class DataConfig:
-    shards: str = MISSING  # glob, brace range or comma-separated list of .tar files
-    batch_size: int = 8  # samples per micro-batch
-    shuffle_buffer: int = 64  # samples; 0 reads shards in order
+    # One dataset: globs, brace ranges, paths or `pipe:` commands, comma-separated. Or `datasets`.
+    shards: str = ""
+    datasets: list[DatasetConfig] = field(default_factory=list)  # several datasets, each batch from one
+    mixture: list[MixturePoint] = field(default_factory=list)  # weights over steps, linear between points
+    batch_size: int = 8  # samples per micro-batch at most (0: no cap); without max_tokens, exactly
+    max_tokens: int = 0  # token budget of a micro-batch; 0: batches of batch_size samples
+    pack_buffer: int = 64  # decoded samples the packer chooses from (with max_tokens)
+    shuffle_buffer: int = 64  # raw samples; 0 reads shards and samples in stored order
+    num_workers: int = 0  # DataLoader worker processes; 0 reads in the training process
+    prefetch: int = 2  # batches each worker prepares ahead
     seed: int = 0
+    # Text from each sample's `text_embedding` member rather than its string (text_encoder=precomputed).
+    text_embeddings: bool = False
+    # Folder of shard indexes by file name; "": beside each local shard. `pipe:` shards need one.
+    index_dir: str = ""
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    video: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
+    bad_data: BadDataConfig = field(default_factory=BadDataConfig)
 
 
 @dataclass

@@ -1,5 +1,13 @@
-"""Training data: WebDataset shards read, decoded and packed into batches; embedded synthetic data."""
+"""Training data: WebDataset shards streamed, decoded, bucketed and packed into batches, resumably.
 
-from imontage.data.reader import build_loader, decode_sample, expand_shards, load_image, preview_samples
+Modules, in data-flow order: ``shards`` (specs, tar reading), ``records`` (the sample json),
+``media`` and ``buckets`` and ``decode`` (bytes to trained tensors), ``index`` and ``catalog``
+(what each shard holds), ``plan`` (who reads what in an epoch), ``packing``, ``stream`` (one
+worker), ``mixture`` and ``loader`` (the main process). ``synthetic`` writes the embedded data.
+"""
+
+from imontage.data.decode import decode_sample
+from imontage.data.loader import build_loader, load_image, preview_samples
+from imontage.data.shards import expand_shards
 
 __all__ = ["build_loader", "decode_sample", "expand_shards", "load_image", "preview_samples"]

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from imontage.data.shards import tar_member_info
+
 RGB = tuple[int, int, int]
 
 TASKS = ("edit", "montage", "video")
@@ -388,22 +390,13 @@ def sample_files(index: int, seed: int, task: str) -> list[tuple[str, bytes]]:
     return [(f"{key}.{name}", files[name]) for name in sorted(files)]
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed times and owners make the archive a function of its contents only.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def write_tar(path: Path, files: Iterable[tuple[str, bytes]]) -> None:
     """Write a deterministic tar; it appears under ``path`` only once complete."""
     partial = path.with_name(path.name + ".partial")
     try:
         with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in files:
-                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                tar.addfile(tar_member_info(name, len(data)), io.BytesIO(data))
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ RNG states.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class Trainer:
         self.spec = PackingSpec.from_model_config(cfg.model)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # noise, t and text dropout
         self.stages = build_stages(cfg)
+        # Data-parallel rank and size the loaders split the data by; the parallel setup sets them.
+        self.data_rank, self.data_world_size = 0, 1
         self.step = 0
         self.saved_step = -1
         self.optimizer: torch.optim.Optimizer | None = None
@@ -113,17 +116,23 @@ class Trainer:
         )
         with bar:
             while self.step < stage.last_step and not self.stop_requested():
-                metrics = self.train_step(next(self.loader))
+                metrics = self.train_step(self.next_batch())
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 self.after_step(metrics)
         if self.saved_step != self.step:  # the periodic save may have just written this step
             self.save_checkpoint()
+        self.finish_data(stage)
         if self.stop_requested():
             log.info("stopping at step %d (train.stop_at_step)", self.step)
             return False
         return True
+
+    def next_batch(self) -> Any:
+        """The loader's next batch; a mixture draws it with the weights of the current step."""
+        self.loader.set_step(self.step)
+        return next(self.loader)
 
     def stop_requested(self) -> bool:
         stop_at = self.cfg.train.stop_at_step
@@ -160,6 +169,7 @@ class Trainer:
         train = self.cfg.train
         if self.step % train.log_every == 0:
             self.logger.scalars(self.step, metrics)
+            self.log_data_metrics()
         if train.sample.every and self.step % train.sample.every == 0:
             self.write_samples()
         if train.checkpoint.every and self.step % train.checkpoint.every == 0:
@@ -177,7 +187,9 @@ class Trainer:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        self.loader = build_loader(stage.data, self.spec)
+        self.loader = build_loader(
+            stage.data, self.spec, rank=self.data_rank, world_size=self.data_world_size
+        )
         resume = self._resume_state
         if resume is not None and resume["stage_index"] == stage.index:
             tensors, state = resume["tensors"], resume["state"]
@@ -186,6 +198,22 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
         self._resume_state = None
         log.info("stage %s: global steps %d..%d", stage.name, stage.first_step + 1, stage.last_step)
+
+    # ----------------------------------------------------------------------------------- data
+    def log_data_metrics(self) -> None:
+        """The loader's counters (skips by reason, padding, samples, bytes) as TensorBoard scalars."""
+        for name, value in self.loader.metrics().items():
+            self.logger.writer.add_scalar(f"data/{name}", value, self.step)
+
+    def finish_data(self, stage: Stage) -> None:
+        """Log the stage's data summary, add it to RUN_DIR/data_summary.json and stop the loader's workers."""
+        lines = self.loader.summary_lines()
+        log.info("data, stage %s, step %d:\n%s", stage.name, self.step, "\n".join(lines))
+        path = self.run_dir / "data_summary.json"
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        summary[stage.name] = {"step": self.step, "stats": self.loader.stats().to_dict(), "summary": lines}
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        self.loader.close()
 
     def set_learning_rate(self) -> float:
         assert self.optimizer is not None and self.stage is not None
@@ -258,7 +286,7 @@ class Trainer:
     def write_samples(self) -> Path:
         """Sample the preview conditions with the EMA weights; PNG to RUN_DIR/samples and TensorBoard."""
         sample_cfg = self.cfg.train.sample
-        samples = preview_samples(self.cfg.data, sample_cfg.num_samples)
+        samples = preview_samples(self.cfg.data, sample_cfg.num_samples, self.spec)
         generator = torch.Generator().manual_seed(self.cfg.seed)  # the same noise at every preview
         self.model.eval()
         try:

@@ -1,0 +1,372 @@
+"""From a raw sample to training samples, in three steps that can each reject it with a reason.
+
+1. :func:`inspect_sample`: parse the json and read the media headers into :class:`SampleFacts`
+   (sizes, frame counts, shapes). Depends on the bytes only, so a shard index can store it.
+2. :func:`plan_item`: apply the recipe (caps, buckets, frame sampling, patch size, layout) to the
+   facts: the shape every segment is trained at and the item's token count. No pixels decoded.
+3. :func:`decode_item`: decode the pixels into those shapes and build the :class:`Sample` (two
+   for a preference pair: the shared segments with the ``win`` ones, then with the ``lose`` ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from imontage.data import media
+from imontage.data.buckets import Size, frame_bucket, sample_frame_indices, target_size
+from imontage.data.problems import DataError
+from imontage.data.records import SampleRecord, SegmentRecord, extension, parse_record
+from imontage.data.shards import RawSample
+from imontage.models.dit.positions import SegmentGrid, sample_positions
+from imontage.models.dit.sequence import PackingSpec, Sample, Segment, patch_grid
+
+RGB_CHANNELS = 3
+Shape = tuple[int, int, int, int]  # [C, T, H, W]
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What a recipe's ``data`` section says about decoding (see DataConfig)."""
+
+    image_buckets: tuple[Size, ...] = ()  # empty: images keep their size
+    video_buckets: tuple[Size, ...] = ()  # empty: videos keep their size
+    frame_buckets: tuple[int, ...] = ()  # empty: all sampled frames, down to a multiple of pt
+    frame_sampling: str = "stride"  # "stride" or "fps"
+    frame_stride: int = 1
+    frame_rate: float = 8.0  # frames per second kept when sampling by fps
+    max_frames: int = 16  # sampled frames kept at most
+    max_pixels: int = 1 << 24  # larger images and video frames are skipped
+    max_video_frames: int = 4096  # longer videos are skipped before decoding
+    text_embeddings: bool = False  # text from the `text_embedding` member, not the `text` string
+
+    @classmethod
+    def from_config(cls, data_cfg: Any) -> DecodeOptions:
+        buckets, video, bad = data_cfg.buckets, data_cfg.video, data_cfg.bad_data
+        return cls(
+            image_buckets=tuple((int(h), int(w)) for h, w in buckets.image),
+            video_buckets=tuple((int(h), int(w)) for h, w in buckets.video),
+            frame_buckets=tuple(sorted(int(t) for t in buckets.frames)),
+            frame_sampling=str(video.sampling),
+            frame_stride=int(video.stride),
+            frame_rate=float(video.fps),
+            max_frames=int(video.max_frames),
+            max_pixels=int(bad.max_pixels),
+            max_video_frames=int(bad.max_video_frames),
+            text_embeddings=bool(data_cfg.text_embeddings),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. facts
+
+
+@dataclass(frozen=True)
+class SegmentFacts:
+    kind: str
+    role: str
+    group: str | None
+    anchor: int | None
+    channels: int
+    frames: int  # frames in the member(s); 1 for images
+    height: int
+    width: int
+    fps: float  # 0 when unknown
+
+
+@dataclass(frozen=True)
+class SampleFacts:
+    task: str
+    text_bytes: int  # UTF-8 length of the text
+    embedding_rows: int  # rows L of the precomputed text embedding; 0 without one
+    segments: tuple[SegmentFacts, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SampleFacts:
+        segments = tuple(SegmentFacts(**segment) for segment in data["segments"])
+        return cls(data["task"], data["text_bytes"], data["embedding_rows"], segments)
+
+
+def _media_error(raw: RawSample, member: str, error: media.MediaError) -> DataError:
+    reason = "unsafe_member" if error.unsafe else "undecodable"
+    return DataError.of(reason, raw.url, raw.key, f"member '{member}': {error}")
+
+
+def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int, int, float]:
+    """(channels, frames, height, width, fps) of a segment's member(s), from their headers."""
+    first = segment.members[0]
+    if segment.kind == "latent":
+        shape = media.array_shape(raw.members[first], extension(first), segment.tensor)
+        if len(shape) not in (3, 4):
+            raise media.MediaError(f"a latent is [C, T, H, W] or [C, H, W], got shape {list(shape)}")
+        channels, frames, height, width = shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
+        return channels, frames, height, width, 0.0
+    if segment.kind == "video" and not segment.is_frame_list:
+        info = media.video_info(raw.members[first])
+        return RGB_CHANNELS, info.frames, info.height, info.width, info.fps
+    sizes = {media.image_size(raw.members[name]) for name in segment.members}
+    if len(sizes) != 1:
+        raise media.MediaError(f"frames {list(segment.members)} differ in size {sorted(sizes)}")
+    height, width = sizes.pop()
+    return RGB_CHANNELS, len(segment.members), height, width, segment.fps or 0.0
+
+
+def _segment_facts(raw: RawSample, segment: SegmentRecord) -> SegmentFacts:
+    channels, frames, height, width, fps = _media_shape(raw, segment)
+    return SegmentFacts(
+        segment.kind, segment.role, segment.group, segment.anchor, channels, frames, height, width, fps
+    )
+
+
+def _embedding_rows(raw: RawSample, record: SampleRecord) -> int:
+    if record.text_embedding is None:
+        return 0
+    member = record.text_embedding
+    try:
+        shape = media.array_shape(raw.members[member], extension(member))
+        if len(shape) != 2:
+            raise media.MediaError(f"a text embedding is [L, E], got shape {list(shape)}")
+    except media.MediaError as error:
+        raise _media_error(raw, member, error) from None
+    return shape[0]
+
+
+def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
+    """The sample's record and facts, from its json and media headers; a :class:`DataError` otherwise."""
+    record = parse_record(raw)
+    segments = []
+    for segment in record.segments:
+        try:
+            segments.append(_segment_facts(raw, segment))
+        except media.MediaError as error:
+            raise _media_error(raw, segment.members[0], error) from None
+    facts = SampleFacts(
+        record.task, len(record.text.encode("utf-8")), _embedding_rows(raw, record), tuple(segments)
+    )
+    return record, facts
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. plan
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    shape: Shape  # [C, T, H, W] as trained
+    frame_indices: tuple[int, ...]  # frames to decode (videos; (0,) for images; () for latents)
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    segments: tuple[SegmentPlan, ...]
+    text_tokens: int
+    tokens: int  # all samples of the item together
+    num_samples: int  # 2 for a preference pair
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _check_limits(facts: SegmentFacts, options: DecodeOptions) -> None:
+    if facts.kind == "latent":
+        return
+    if facts.height * facts.width > options.max_pixels:
+        raise _Reject(
+            "too_many_pixels",
+            f"{facts.kind} of {facts.height}x{facts.width} pixels, over data.bad_data.max_pixels={options.max_pixels}",
+        )
+    if facts.frames > options.max_video_frames:
+        raise _Reject(
+            "too_many_frames",
+            f"video of {facts.frames} frames, over data.bad_data.max_video_frames={options.max_video_frames}",
+        )
+
+
+def _video_plan(facts: SegmentFacts, options: DecodeOptions, frames_multiple: int) -> SegmentPlan:
+    if options.frame_sampling == "fps" and facts.fps <= 0:
+        raise _Reject("unpackable", "sampling by fps needs the video's frame rate ('fps' for frame images)")
+    indices = sample_frame_indices(
+        facts.frames,
+        facts.fps,
+        options.frame_sampling,
+        options.frame_stride,
+        options.frame_rate,
+        options.max_frames,
+    )
+    count = frame_bucket(len(indices), options.frame_buckets, frames_multiple)
+    if count == 0:
+        raise _Reject(
+            "unpackable", f"video of {len(indices)} sampled frames is shorter than any frame bucket"
+        )
+    height, width = target_size(facts.height, facts.width, options.video_buckets)
+    return SegmentPlan((RGB_CHANNELS, count, height, width), tuple(indices[:count]))
+
+
+def _segment_plan(facts: SegmentFacts, options: DecodeOptions, spec: PackingSpec | None) -> SegmentPlan:
+    _check_limits(facts, options)
+    if facts.kind == "latent":
+        return SegmentPlan((facts.channels, facts.frames, facts.height, facts.width), ())
+    if facts.kind == "video":
+        return _video_plan(facts, options, spec.patch_size[0] if spec else 1)
+    height, width = target_size(facts.height, facts.width, options.image_buckets)
+    return SegmentPlan((RGB_CHANNELS, 1, height, width), (0,))
+
+
+def _text_tokens(facts: SampleFacts, options: DecodeOptions, spec: PackingSpec | None) -> int:
+    if options.text_embeddings and not facts.embedding_rows:
+        raise _Reject(
+            "unpackable", "data.text_embeddings is on, but the sample has no 'text_embedding' member"
+        )
+    rows = facts.embedding_rows if options.text_embeddings else facts.text_bytes
+    return min(rows, spec.max_text_len) if spec else rows
+
+
+def _sample_tokens(
+    facts: SampleFacts,
+    plans: Sequence[SegmentPlan],
+    group: str | None,
+    text_tokens: int,
+    spec: PackingSpec | None,
+) -> int:
+    """Tokens of one sample of the item, checked against the model; 0 without one (previews)."""
+    if spec is None:
+        return 0
+    grids = [SegmentGrid("text", "condition", (text_tokens, 1, 1))] if text_tokens else []
+    for segment, plan in zip(facts.segments, plans, strict=True):
+        if segment.group not in (None, group):
+            continue
+        if plan.shape[0] != spec.in_channels:
+            raise _Reject(
+                "unpackable",
+                f"{segment.kind} has {plan.shape[0]} channels, the model takes {spec.in_channels}",
+            )
+        try:
+            grid = patch_grid(plan.shape, spec.patch_size)
+        except ValueError as error:
+            raise _Reject("unpackable", str(error)) from None
+        grids.append(SegmentGrid(segment.kind, segment.role, grid, segment.anchor))
+    try:
+        sample_positions(spec.layout, grids, spec.virtual_frames, spec.head_window, spec.tail_window)
+    except ValueError as error:
+        raise _Reject("unpackable", f"layout {spec.layout}: {error}") from None
+    return sum(grid.num_tokens for grid in grids)
+
+
+def plan_item(
+    facts: SampleFacts, options: DecodeOptions, spec: PackingSpec | None, url: str, key: str
+) -> ItemPlan:
+    """Trained shapes and token count of a sample; a :class:`DataError` when the recipe cannot train it.
+
+    Without ``spec`` (previews) the model checks are left out and the token count is 0.
+    """
+    groups = ("win", "lose") if any(segment.group for segment in facts.segments) else (None,)
+    try:
+        plans = tuple(_segment_plan(segment, options, spec) for segment in facts.segments)
+        text_tokens = _text_tokens(facts, options, spec)
+        tokens = sum(_sample_tokens(facts, plans, group, text_tokens, spec) for group in groups)
+    except _Reject as reject:
+        raise DataError.of(reject.reason, url, key, str(reject)) from None
+    return ItemPlan(plans, text_tokens, tokens, len(groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. decode
+
+
+@dataclass
+class DecodedItem:
+    """The training samples of one raw sample (two for a preference pair: win, then lose)."""
+
+    key: str
+    url: str
+    task: str
+    samples: list[Sample]
+    tokens: int
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 -> ``[3, T, H, W]`` float32 in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def _decode_segment(raw: RawSample, segment: SegmentRecord, plan: SegmentPlan) -> torch.Tensor:
+    channels, _, height, width = plan.shape
+    first = segment.members[0]
+    try:
+        if segment.kind == "latent":
+            array = media.load_array(raw.members[first], extension(first), segment.tensor)
+            return torch.from_numpy(array).reshape(plan.shape)
+        if segment.kind == "video" and not segment.is_frame_list:
+            return _to_tensor(media.decode_video(raw.members[first], plan.frame_indices, (height, width)))
+        frames = [
+            media.decode_image(raw.members[segment.members[i]], (height, width)) for i in plan.frame_indices
+        ]
+    except media.MediaError as error:
+        raise _media_error(raw, first, error) from None
+    return _to_tensor(np.stack(frames))
+
+
+def _text_segment(raw: RawSample, record: SampleRecord, options: DecodeOptions) -> Segment | None:
+    if options.text_embeddings:
+        member = record.text_embedding
+        assert member is not None  # plan_item rejected samples without one
+        try:
+            embedding = media.load_array(raw.members[member], extension(member))
+        except media.MediaError as error:
+            raise _media_error(raw, member, error) from None
+        return Segment("text", data=torch.from_numpy(embedding))
+    return Segment("text", text=record.text) if record.text else None
+
+
+def decode_item(
+    raw: RawSample, options: DecodeOptions, spec: PackingSpec | None = None, facts: SampleFacts | None = None
+) -> DecodedItem:
+    """Decode one raw sample into its training sample(s); a :class:`DataError` names what is wrong.
+
+    ``facts`` (from a shard index) saves reading the headers again.
+    """
+    if facts is None:
+        record, facts = inspect_sample(raw)
+    else:
+        record = parse_record(raw)
+    plan = plan_item(facts, options, spec, raw.url, raw.key)
+    visual = [
+        Segment(
+            segment.kind,
+            segment.role,
+            data=_decode_segment(raw, segment, segment_plan),
+            anchor=segment.anchor,
+        )
+        for segment, segment_plan in zip(record.segments, plan.segments, strict=True)
+    ]
+    text = _text_segment(raw, record, options)
+    samples = []
+    for group in record.groups:
+        segments = [
+            seg for seg, entry in zip(visual, record.segments, strict=True) if entry.group in (None, group)
+        ]
+        key = raw.key if group is None else f"{raw.key}#{group}"
+        samples.append(Sample(([text] if text else []) + segments, key=key, task=record.task))
+    return DecodedItem(raw.key, raw.url, record.task, samples, plan.tokens)
+
+
+def decode_sample(
+    raw: RawSample, options: DecodeOptions | None = None, spec: PackingSpec | None = None
+) -> list[Sample]:
+    """The training samples of one raw sample: one, or ``[win, lose]`` for a preference pair.
+
+    Images become ``[3, 1, H, W]`` and videos ``[3, T, H, W]`` float32 RGB in [-1, 1], at their
+    bucket size; latents keep their stored shape.
+    """
+    return decode_item(raw, options or DecodeOptions(), spec).samples

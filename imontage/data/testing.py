@@ -1,0 +1,211 @@
+"""Small shard sets for tests and benchmarks: mixed images and videos, and every kind of bad data.
+
+Everything is drawn from seeded RNGs, so the same arguments give the same shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imontage.data.shards import ShardWriter, iter_tar
+
+# Sizes of the mixed set.
+IMAGE_SIZES = ((32, 32), (32, 48), (48, 32), (64, 64), (40, 56), (24, 40))
+VIDEO_SIZES = ((32, 32), (32, 48), (24, 40))
+VIDEO_FRAMES = (5, 8, 9, 12)
+IMAGE_BUCKETS = ((32, 32), (32, 48), (48, 32), (64, 64))
+VIDEO_BUCKETS = ((32, 32), (32, 48))
+FRAME_BUCKETS = (4, 8)
+
+
+def mixed_buckets(scale: int = 1) -> dict[str, list]:
+    """Buckets (as data.buckets takes them) that keep some sizes of a set written with ``scale``
+    and resize the others."""
+    return {
+        "image": [[h * scale, w * scale] for h, w in IMAGE_BUCKETS],
+        "video": [[h * scale, w * scale] for h, w in VIDEO_BUCKETS],
+        "frames": list(FRAME_BUCKETS),
+    }
+
+
+MIXED_BUCKETS = mixed_buckets()
+
+
+IMAGE_FORMATS = ("png", "jpg", "webp")
+VIDEO_FORMATS = ("mp4", "webm")
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_VIDEO_CODECS = {"mp4": "mpeg4", "webm": "libvpx"}
+
+
+def pattern(height: int, width: int, seed: int, frame: int = 0) -> np.ndarray:
+    """``[H, W, 3]`` uint8: smooth colour gradients, moving with ``frame`` (compresses like photos, not noise)."""
+    rng = np.random.default_rng(seed)
+    fy, fx, phase = rng.uniform(0.05, 0.3, 3), rng.uniform(0.05, 0.3, 3), rng.uniform(0, 6.3, 3)
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [np.sin(fy[c] * y + fx[c] * (x + 2 * frame) + phase[c]) for c in range(3)]
+    return ((np.stack(channels, axis=-1) + 1) * 127.5).astype(np.uint8)
+
+
+def image_bytes(height: int, width: int, fmt: str = "png", seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pattern(height, width, seed)).save(buffer, format=_PIL_FORMATS[fmt])
+    return buffer.getvalue()
+
+
+def video_bytes(frames: int, height: int, width: int, fmt: str = "mp4", fps: int = 8, seed: int = 0) -> bytes:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=fmt) as container:
+        stream = container.add_stream(_VIDEO_CODECS[fmt], rate=fps)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern(height, width, seed, index), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def broken_png(height: int, width: int) -> bytes:
+    """A PNG whose header reads fine but whose pixel data does not decode."""
+    data = image_bytes(height, width, "png")
+    start = data.index(b"IDAT") + 8
+    return data[:start] + bytes(64) + data[start + 64 :]
+
+
+def record(task: str, text: str, segments: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"task": task, "text": text, "segments": segments}).encode()
+
+
+def mixed_sample(index: int, seed: int = 0, scale: int = 1) -> dict[str, bytes]:
+    """An image task (1-2 conditions, one target) or a video task (a condition image, a target clip).
+
+    Sizes are those of IMAGE_SIZES and VIDEO_SIZES times ``scale``.
+    """
+    rng = random.Random(seed * 1_000_003 + index)
+    fmt = rng.choice(IMAGE_FORMATS)
+    if index % 3 != 2:
+        conditions = rng.randint(1, 2)
+        sizes = [(h * scale, w * scale) for h, w in (rng.choice(IMAGE_SIZES) for _ in range(conditions + 1))]
+        members = {
+            f"{i}.{fmt}": image_bytes(*size, fmt, seed=rng.randrange(1 << 30)) for i, size in enumerate(sizes)
+        }
+        segments = [
+            {"role": "condition" if i < conditions else "target", "kind": "image", "member": name}
+            for i, name in enumerate(members)
+        ]
+        return {**members, "json": record("image", f"image sample {index}", segments)}
+    size, frames, container = rng.choice(VIDEO_SIZES), rng.choice(VIDEO_FRAMES), rng.choice(VIDEO_FORMATS)
+    size = (size[0] * scale, size[1] * scale)
+    members = {
+        f"0.{fmt}": image_bytes(*size, fmt, seed=rng.randrange(1 << 30)),
+        f"1.{container}": video_bytes(frames, *size, container, seed=rng.randrange(1 << 30)),
+    }
+    segments = [
+        {"role": "condition", "kind": "image", "member": f"0.{fmt}"},
+        {"role": "target", "kind": "video", "member": f"1.{container}"},
+    ]
+    return {**members, "json": record("video", f"video sample {index}", segments)}
+
+
+def write_mixed_shards(
+    out: str | Path, sizes: Sequence[int], seed: int = 0, prefix: str = "mixed", scale: int = 1
+) -> list[str]:
+    """Shards of ``sizes[i]`` mixed samples each; keys are global sample numbers. Returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, index = [], 0
+    for shard, size in enumerate(sizes):
+        path = out / f"{prefix}-{shard:06d}.tar"
+        with ShardWriter(path) as writer:
+            for _ in range(size):
+                writer.add_sample(f"{index:06d}", mixed_sample(index, seed, scale))
+                index += 1
+        paths.append(str(path))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# bad data
+
+
+def _image_sample(key: str, size: tuple[int, int] = (32, 32)) -> dict[str, bytes]:
+    segments = [{"role": "target", "kind": "image", "member": "0.png"}]
+    return {
+        "0.png": image_bytes(*size, "png", seed=zlib.crc32(key.encode())),
+        "json": record("image", f"sample {key}", segments),
+    }
+
+
+def _video_sample(members: dict[str, bytes]) -> dict[str, bytes]:
+    segments = [{"role": "target", "kind": "video", "member": "0.mp4"}]
+    return {**members, "json": record("video", "a clip", segments)}
+
+
+BAD_LIMITS = {"max_pixels": 64 * 64, "max_video_frames": 12}  # the caps the bad set is planted against
+
+
+def bad_samples() -> dict[str, dict[str, bytes]]:
+    """One sample of each sample-level bad case, by the reason it is skipped for."""
+    good = _image_sample("x")
+    pickled = {
+        "0.pth": b"\x80\x04K\x01.",
+        "json": record("t", "", [{"role": "target", "kind": "latent", "member": "0.pth"}]),
+    }
+    return {
+        "bad_json": {**good, "json": b'{"segments": [{"kind": "image", "member": "0.png",'},
+        "missing_member": {"json": good["json"]},
+        "unsafe_member": pickled,
+        "undecodable_image": {**good, "0.png": broken_png(32, 32)},
+        "undecodable_video": _video_sample({"0.mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(100)}),
+        "too_many_pixels": _image_sample("big", (80, 80)),
+        "too_many_frames": _video_sample({"0.mp4": video_bytes(20, 32, 32)}),
+    }
+
+
+def _truncate_inside(path: Path, key: str) -> None:
+    """Cut the tar 100 bytes into the first member of sample ``key``."""
+    with open(path, "rb") as stream:
+        offset = next(member.offset for member in iter_tar(stream) if member.name.startswith(f"{key}."))
+    path.write_bytes(path.read_bytes()[: offset + 512 + 100])
+
+
+def write_bad_shards(out: str | Path) -> dict[str, int]:
+    """Five shards holding good samples and one of each bad case; returns the planted count per reason.
+
+    Good samples come first and last in each readable shard, so a loader reading in stored order
+    meets every bad sample before its last good one.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = bad_samples()
+    layout: list[list[tuple[str, dict[str, bytes]]]] = [
+        [("a0", _image_sample("a0")), ("a1", bad["bad_json"]), ("a2", bad["missing_member"]), ("a3", _image_sample("a3"))],
+        [("b0", _image_sample("b0")), ("b1", bad["unsafe_member"]), ("b2", bad["undecodable_image"]),
+         ("b3", bad["undecodable_video"]), ("b4", _image_sample("b4"))],
+        [("c0", _image_sample("c0")), ("c1", bad["too_many_pixels"]), ("c2", bad["too_many_frames"]),
+         ("c0", _image_sample("c0-again")), ("c3", _image_sample("c3"))],
+    ]  # fmt: skip
+    for number, samples in enumerate(layout):
+        with ShardWriter(out / f"bad-{number:06d}.tar") as writer:
+            for key, members in samples:
+                writer.add_sample(key, members)
+    with ShardWriter(out / "bad-000003.tar") as writer:  # truncated inside its third sample
+        for key in ("d0", "d1", "d2"):
+            writer.add_sample(key, _image_sample(key, (48, 48)))
+    _truncate_inside(out / "bad-000003.tar", "d2")
+    (out / "bad-000004.tar").write_bytes(b"<html>404 Not Found</html>\n" * 40)  # a failed download
+    return {
+        "bad_json": 1, "missing_member": 1, "unsafe_member": 1, "undecodable": 2, "duplicate_key": 1,
+        "too_many_pixels": 1, "too_many_frames": 1, "truncated_tar": 1, "not_a_tar": 1,
+    }  # fmt: skip
