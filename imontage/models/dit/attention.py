@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +48,19 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     backend: str = "auto",
+    bounds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Softmax attention of ``[N, H, D]`` q, k, v within each packed sequence; returns ``[N, H, D]``."""
+    """Softmax attention of ``[N, H, D]`` q, k, v within each packed sequence; returns ``[N, H, D]``.
+
+    ``bounds``: ``cu_seqlens`` as Python ints, when the caller already has them (it saves a device
+    sync per call on the SDPA path).
+    """
     if resolve_backend(backend, q) == "flash":
         from flash_attn import flash_attn_varlen_func
 
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-    bounds = cu_seqlens.tolist()
+    if bounds is None:
+        bounds = cu_seqlens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:

@@ -98,7 +98,7 @@ class DiTBlock(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden_size, hidden_size)
 
     def attention(
-        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, bounds: tuple[int, ...]
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, Dh] each
@@ -106,7 +106,8 @@ class DiTBlock(nn.Module):
             q, k = self.rope.normed(q, k, positions, self.q_norm, self.k_norm)  # one fused launch on GPU
         else:
             q, k = self.rope(self.q_norm(q), self.k_norm(k), positions)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
+        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend, bounds)
         return self.proj(out.reshape(n, -1))
 
     def forward(
@@ -115,12 +116,11 @@ class DiTBlock(nn.Module):
         modulation: torch.Tensor,
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        bounds: tuple[int, ...],
     ) -> torch.Tensor:
+        """``bounds``: ``cu_seqlens`` as Python ints, read once per forward pass rather than per block."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (modulation + self.modulation).unbind(1)  # [N, d] each
-        x = x + gate1 * self.attention(
-            modulate(self.norm1(x), shift1, scale1), positions, cu_seqlens, max_seqlen
-        )
+        x = x + gate1 * self.attention(modulate(self.norm1(x), shift1, scale1), positions, cu_seqlens, bounds)
         h = self.fc2(F.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate="tanh"))
         return x + gate2 * h
 
@@ -209,14 +209,14 @@ class DiT(nn.Module):
             x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
         t_emb = self.time_embed(batch.timesteps)  # [N, d]
         modulation = self.time_modulation(F.silu(t_emb)).view(-1, 6, self.hidden_size)  # [N, 6, d]
-        max_seqlen = batch.max_seqlen
+        bounds = tuple(batch.cu_seqlens.tolist())  # one host read for every block
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(
-                    block, x, modulation, batch.positions, batch.cu_seqlens, max_seqlen, use_reentrant=False
+                    block, x, modulation, batch.positions, batch.cu_seqlens, bounds, use_reentrant=False
                 )
             else:
-                x = block(x, modulation, batch.positions, batch.cu_seqlens, max_seqlen)
+                x = block(x, modulation, batch.positions, batch.cu_seqlens, bounds)
         out = self.final(x, t_emb)
         if self.prediction == "data":  # out is x0: x_t = (1 − t)·x0 + t·ε gives ε − x0 = (x_t − x0) / t
             t = batch.timesteps.clamp(min=self.min_timestep)[:, None]

@@ -221,12 +221,12 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
     )
     for sample_index, sample in enumerate(samples):
         grids = []
+        start = cu_seqlens[-1]  # first token of the next segment
         for segment_index, segment in enumerate(sample.segments):
             where = f"sample {sample.key or sample_index}, segment {segment_index}"
             rows, grid = _segment_rows(segment, spec, where)
             n = grid.num_tokens
             grids.append(grid)
-            start = cu_seqlens[-1] + sum(g.num_tokens for g in grids[:-1])
             text = segment.kind == "text"
             shape = (n,) if text else tuple(segment.data.shape)  # type: ignore[union-attr]
             spans.append(
@@ -242,13 +242,14 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
             if embed_dim:
                 text_embeds.append(rows.float() if text else torch.zeros(n, embed_dim))
             tokens.append(torch.zeros(n, patch_dim) if text else rows)
+            start += n
         try:
             positions.append(
                 sample_positions(spec.layout, grids, spec.virtual_frames, spec.head_window, spec.tail_window)
             )
         except ValueError as error:
             raise ValueError(f"sample {sample.key or sample_index}: {error}") from error
-        cu_seqlens.append(cu_seqlens[-1] + sum(g.num_tokens for g in grids))
+        cu_seqlens.append(start)
 
     total = cu_seqlens[-1]
     return PackedBatch(
