@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 CHECKPOINT_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -287,23 +288,32 @@ def is_complete(path: Path) -> bool:
     return True
 
 
-def _verified_manifest(path: Path) -> dict[str, Any]:
+def _manifest_of(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``, checked against the directory's step (files not read)."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     manifest = _read_manifest(path)
-    manifest_path = path / MANIFEST
     step = _step_of(path.name)
     if step is not None and step != manifest["step"]:
-        raise CheckpointError(f"{manifest_path}: written for step {manifest['step']}, not {step}")
+        raise CheckpointError(f"{path / MANIFEST}: written for step {manifest['step']}, not {step}")
+    return manifest
+
+
+def _check_record(file: Path, size: int, digest: str, record: dict[str, Any]) -> None:
+    manifest_path = file.parent / MANIFEST
+    if size != record["bytes"]:
+        raise CheckpointError(f"{file}: {size} bytes, {manifest_path} says {record['bytes']}")
+    if digest != record["sha256"]:
+        raise CheckpointError(f"{file}: sha256 differs from {manifest_path}")
+
+
+def _verified_manifest(path: Path) -> dict[str, Any]:
+    manifest = _manifest_of(path)
     for name, record in manifest["files"].items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{file}: listed in {manifest_path} but missing")
-        size = file.stat().st_size
-        if size != record["bytes"]:
-            raise CheckpointError(f"{file}: {size} bytes, {manifest_path} says {record['bytes']}")
-        if _sha256(file) != record["sha256"]:
-            raise CheckpointError(f"{file}: sha256 differs from {manifest_path}")
+            raise CheckpointError(f"{file}: listed in {path / MANIFEST} but missing")
+        _check_record(file, file.stat().st_size, _sha256(file), record)  # streamed: large shards stay on disk
     return manifest
 
 
@@ -361,16 +371,28 @@ def find_resume_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Verifies the checkpoint, then returns its tensor groups (on CPU) and its JSON state."""
-    manifest = _verified_manifest(path)
+    """Verifies the checkpoint, then returns its tensor groups (on CPU) and its JSON state.
+
+    Each file is read once: its size and sha256 are checked on the bytes that are then loaded.
+    """
+    manifest = _manifest_of(path)
     if STATE_FILE not in manifest["files"]:
         raise CheckpointError(f"{path / STATE_FILE}: not listed in {path / MANIFEST}")
+    contents = {}
+    for name, record in manifest["files"].items():
+        file = path / name
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{file}: listed in {path / MANIFEST} but missing") from None
+        _check_record(file, len(data), hashlib.sha256(data).hexdigest(), record)
+        contents[name] = data
     tensors = {
-        name.removesuffix(TENSORS_SUFFIX): load_file(path / name)
-        for name in manifest["files"]
+        name.removesuffix(TENSORS_SUFFIX): safetensors_load(data)
+        for name, data in contents.items()
         if name.endswith(TENSORS_SUFFIX)
     }
-    return tensors, json.loads((path / STATE_FILE).read_bytes())
+    return tensors, json.loads(contents[STATE_FILE])
 
 
 # ---------------------------------------------------------------------------------------------------
