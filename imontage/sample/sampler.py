@@ -36,14 +36,15 @@ def sample_flow(
     target = batch.target_mask[:, None]  # [N, 1]
     x = torch.randn(batch.tokens.shape, generator=generator).to(device)
     keep = text_keep_mask(batch, torch.ones(batch.num_samples, dtype=torch.bool))
+    unconditional = select_tokens(batch, keep) if guidance != 1.0 else None  # same layout every step
     times = sampling_timesteps(steps, shift)
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         tokens = torch.where(target, x, batch.tokens)
         timesteps = torch.where(batch.target_mask, torch.full_like(batch.timesteps, t), 0.0)
         current = batch.replace(tokens=tokens, timesteps=timesteps)
         velocity = model(current).float()  # [N, P]
-        if guidance != 1.0:
-            unconditional = model(select_tokens(current, keep)).float()
-            velocity[keep] = unconditional + guidance * (velocity[keep] - unconditional)
+        if unconditional is not None:
+            free = model(unconditional.replace(tokens=tokens[keep], timesteps=timesteps[keep])).float()
+            velocity[keep] = free + guidance * (velocity[keep] - free)
         x = x + (t_next - t) * velocity
     return unpatchify_segments(torch.where(target, x, batch.tokens).cpu(), batch, spec.patch_size)
