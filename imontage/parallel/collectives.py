@@ -6,7 +6,8 @@ then holds all N tokens for H/CP heads, attends over the whole packed sequence (
 by the global ``cu_seqlens``), and a second all-to-all trades back. Per-token work (norms, MLP,
 RoPE with each rank's own positions) runs on the sequence shard.
 
-Shapes: a sequence shard is ``[N/CP, H, D]``, a head shard ``[N, H/CP, D]``. Rank r holds
+Shapes: a sequence shard is ``[N/CP, H, D]``, a head shard ``[N, H/CP, D]`` (leading dims between
+the token and head dims ride along). Rank r holds
 tokens ``[r·N/CP, (r+1)·N/CP)`` and heads ``[r·H/CP, (r+1)·H/CP)``.
 """
 
@@ -28,29 +29,35 @@ def _rank(group: ProcessGroup | None) -> int:
 
 
 def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """``[N/CP, H, D]`` sequence shard -> ``[N, H/CP, D]`` head shard (one all-to-all)."""
+    """``[N/CP, *m, H, D]`` sequence shard -> ``[N, *m, H/CP, D]`` head shard (one all-to-all).
+
+    ``*m``: leading dimensions carried along (q, k and v stacked as ``[N/CP, 3, H, D]`` travel
+    in one exchange).
+    """
     size = _size(group)
     if size == 1:
         return x
-    tokens, heads, dim = x.shape
+    tokens, *middle, heads, dim = x.shape
     if heads % size:
         raise ValueError(f"{heads} heads do not split over a context-parallel group of {size}")
-    send = x.reshape(tokens, size, heads // size, dim).transpose(0, 1).contiguous()  # [CP, N/CP, H/CP, D]
+    # send[j]: this rank's tokens, rank j's heads: [CP, N/CP, M, H/CP, D]
+    send = x.reshape(tokens, -1, size, heads // size, dim).permute(2, 0, 1, 3, 4).contiguous()
     received = torch.empty_like(send)  # received[j]: rank j's tokens, this rank's heads
     dist.all_to_all_single(received, send, group=group)
-    return received.reshape(size * tokens, heads // size, dim)
+    return received.reshape(size * tokens, *middle, heads // size, dim)
 
 
 def heads_to_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """``[N, H/CP, D]`` head shard -> ``[N/CP, H, D]`` sequence shard (the inverse all-to-all)."""
+    """``[N, *m, H/CP, D]`` head shard -> ``[N/CP, *m, H, D]`` sequence shard (the inverse all-to-all)."""
     size = _size(group)
     if size == 1:
         return x
-    total, heads, dim = x.shape
-    send = x.reshape(size, total // size, heads, dim).contiguous()  # send[j]: rank j's tokens
+    total, *middle, heads, dim = x.shape
+    send = x.reshape(size, total // size, -1, heads, dim).contiguous()  # send[j]: rank j's tokens
     received = torch.empty_like(send)  # received[j]: this rank's tokens, rank j's heads
     dist.all_to_all_single(received, send, group=group)
-    return received.transpose(0, 1).reshape(total // size, size * heads, dim)
+    # [CP, N/CP, M, H/CP, D] -> [N/CP, M, CP, H/CP, D]: heads in rank order
+    return received.permute(1, 2, 0, 3, 4).reshape(total // size, *middle, size * heads, dim)
 
 
 def scatter_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:

@@ -66,6 +66,53 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+class CoreAttention(nn.Module):
+    """Softmax attention of ``[n, h, Dh]`` q, k, v, block-diagonal by ``cu_seqlens``.
+
+    A module of its own so that Ulysses can wrap it with its all-to-alls (``imontage.parallel``).
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        bounds: tuple[int, ...],
+    ) -> torch.Tensor:
+        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend, bounds)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+
+class TokenLayout:
+    """Where the tokens of a forward pass live: on one device, every rank holds all of them.
+
+    ``imontage.parallel`` replaces it with a layout that pads the packed sequence, gives each rank
+    its shard and gathers the output; the model calls these four methods and nothing else.
+    """
+
+    def shard_batch(self, batch: PackedBatch) -> PackedBatch:
+        """This rank's tokens; ``cu_seqlens`` stays that of the whole packed sequence."""
+        return batch
+
+    def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, modulation
+
+    def exit_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_output(self, out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Every token's output, ``[N, ·]`` for the ``N`` tokens of ``batch``."""
+        return out
+
+
 class DiTBlock(nn.Module):
     """adaLN-zero transformer block with QK-RMSNorm, multi-axis RoPE and joint attention.
 
@@ -85,7 +132,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.backend = backend
+        self.core_attention = CoreAttention(backend)
         self.modulation = nn.Parameter(torch.zeros(6, hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # output rows ordered (q|k|v, head, head_dim)
@@ -100,14 +147,14 @@ class DiTBlock(nn.Module):
     def attention(
         self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, bounds: tuple[int, ...]
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, Dh] each
+        qkv = self.qkv(x)  # [n, 3·h·Dh]: h = H on one device, H/TP under tensor parallelism
+        n = qkv.shape[0]  # under sequence parallelism qkv gathers the shards, so n may exceed x's rows
+        q, k, v = qkv.view(n, 3, -1, self.head_dim).unbind(1)  # [n, h, Dh] each
         if isinstance(self.q_norm, nn.RMSNorm) and isinstance(self.k_norm, nn.RMSNorm):
             q, k = self.rope.normed(q, k, positions, self.q_norm, self.k_norm)  # one fused launch on GPU
         else:
             q, k = self.rope(self.q_norm(q), self.k_norm(k), positions)
-        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend, bounds)
+        out = self.core_attention(q, k, v, cu_seqlens, bounds)
         return self.proj(out.reshape(n, -1))
 
     def forward(
@@ -177,6 +224,7 @@ class DiT(nn.Module):
             for _ in range(int(c.depth))
         )
         self.final = FinalLayer(hidden, patch_dim)
+        self.token_layout = TokenLayout()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -198,26 +246,37 @@ class DiT(nn.Module):
             features = batch.text_embeds
         elif self.text_encoder is not None:
             features = self.text_encoder(batch.text_ids, batch.text_index)
+        elif not bool(batch.is_text.any()):  # no text rows: zeros keep the projection in the graph
+            features = batch.tokens.new_zeros(batch.tokens.shape[0], self.text_proj[0].in_features)
         else:
             raise ValueError("text_encoder=precomputed: text segments must carry embeddings, not strings")
         return self.text_proj(features.to(self.patch_embed.weight.dtype))
 
+    def embed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token features ``[n, d]``, timestep embedding ``[n, d]`` and adaLN modulation ``[n, 6, d]``."""
+        x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))  # [n, d]
+        # Always run the text path, even with no text row: under ZeRO-3 every rank must enter the
+        # same modules, or their parameter gathers would wait for each other forever.
+        x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
+        t_emb = self.time_embed(batch.timesteps)  # [n, d]
+        modulation = self.time_modulation(F.silu(t_emb)).view(-1, 6, self.hidden_size)  # [n, 6, d]
+        return x, t_emb, modulation
+
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """``[N, C·pt·ph·pw]`` velocity ε − x0 for every token (only target rows are meaningful)."""
-        x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))  # [N, d]
-        if bool(batch.is_text.any()):
-            x = torch.where(batch.is_text[:, None], self.embed_text(batch), x)
-        t_emb = self.time_embed(batch.timesteps)  # [N, d]
-        modulation = self.time_modulation(F.silu(t_emb)).view(-1, 6, self.hidden_size)  # [N, 6, d]
-        bounds = tuple(batch.cu_seqlens.tolist())  # one host read for every block
+        layout = self.token_layout
+        local = layout.shard_batch(batch)
+        x, t_emb, modulation = self.embed(local)
+        x, modulation = layout.enter_blocks(x, modulation)
+        bounds = tuple(local.cu_seqlens.tolist())  # one host read for every block
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(
-                    block, x, modulation, batch.positions, batch.cu_seqlens, bounds, use_reentrant=False
+                    block, x, modulation, local.positions, local.cu_seqlens, bounds, use_reentrant=False
                 )
             else:
-                x = block(x, modulation, batch.positions, batch.cu_seqlens, bounds)
-        out = self.final(x, t_emb)
+                x = block(x, modulation, local.positions, local.cu_seqlens, bounds)
+        out = layout.gather_output(self.final(layout.exit_blocks(x), t_emb), batch)
         if self.prediction == "data":  # out is x0: x_t = (1 − t)·x0 + t·ε gives ε − x0 = (x_t − x0) / t
             t = batch.timesteps.clamp(min=self.min_timestep)[:, None]
             out = (batch.tokens.to(out.dtype) - out) / t
