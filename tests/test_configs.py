@@ -31,9 +31,14 @@ def test_recipe_loads_and_validates(recipe: Path) -> None:
         assert stage_section(cfg, index, "data").batch_size > 0
 
 
+# Group files written for one model: they are validated with it (the layout must split its heads).
+COMPANIONS = {"parallel/dit_14b_64gpu": ["model=dit_14b"]}
+
+
 @pytest.mark.parametrize("group_file", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_group_file_loads_and_validates(group_file: Path) -> None:
-    cfg = load_recipe(BASE, [f"{group_file.parent.name}={group_file.stem}"])
+    choice = f"{group_file.parent.name}={group_file.stem}"
+    cfg = load_recipe(BASE, [choice, *COMPANIONS.get(f"{group_file.parent.name}/{group_file.stem}", [])])
     assert OmegaConf.to_container(cfg[group_file.parent.name]) is not None
 
 
@@ -129,3 +134,15 @@ def test_no_resolver_evaluates_code(config_tree: Path) -> None:
     recipe.write_text(recipe.read_text().replace("name: run", "name: ${eval:'1+1'}"))
     with pytest.raises(Exception, match="eval"):
         OmegaConf.to_yaml(load_recipe(recipe), resolve=True)
+
+
+def test_a_layout_that_cannot_split_the_heads_names_the_key_and_file() -> None:
+    with pytest.raises(
+        RecipeError, match=r"dit_14b_64gpu.yaml: key 'parallel.tensor_parallel': model.num_heads=4"
+    ):
+        load_recipe(BASE, ["parallel=dit_14b_64gpu"])  # dit_tiny has 4 heads; TP × CP = 8
+
+
+def test_tensor_parallel_needs_the_deepspeed_engine() -> None:
+    with pytest.raises(RecipeError, match="key 'parallel.engine': is local"):
+        load_recipe(BASE, ["parallel.tensor_parallel=2"])

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from imontage.config.schema import (
     ATTENTION_BACKENDS,
     DEVICES,
+    ENGINES,
     FRAME_SAMPLINGS,
     GROUPS,
     LR_SCHEDULES,
@@ -242,7 +243,17 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     _check_choice(model.rope.pair_layout, PAIR_LAYOUTS, "model.rope.pair_layout", source)
     _check_choice(model.positions.layout, POSITION_LAYOUTS, "model.positions.layout", source)
     _check_choice(cfg.parallel.device, DEVICES, "parallel.device", source)
+    _validate_parallel(cfg.parallel, source)
+    split = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel
+    _check(
+        model.num_heads % split == 0,
+        "parallel.tensor_parallel",
+        source,
+        f"model.num_heads={model.num_heads} is not divisible by tensor_parallel × context_parallel = "
+        f"{cfg.parallel.tensor_parallel} × {cfg.parallel.context_parallel}: each rank needs whole heads",
+    )
     _check_choice(cfg.train.precision, PRECISIONS, "train.precision", source)
+    _check(cfg.train.grad_accumulation >= 1, "train.grad_accumulation", source, "must be >= 1")
     _check_choice(cfg.optim.schedule, LR_SCHEDULES, "optim.schedule", source)
 
     _check(len(model.patch_size) == 3, "model.patch_size", source, "expected three sizes (pt, ph, pw)")
@@ -317,6 +328,25 @@ def _check_sizes(sizes: Any, divisors: Sequence[int], key: str, origin: Origin) 
             origin,
             f"entry {values}: sizes must be positive multiples of the patch size {list(divisors)}",
         )
+
+
+def _validate_parallel(parallel: DictConfig, source: Origin) -> None:
+    _check_choice(parallel.engine, ENGINES, "parallel.engine", source)
+    for key in ("tensor_parallel", "context_parallel", "timeout_minutes"):
+        _check(parallel[key] >= 1, f"parallel.{key}", source, "must be >= 1")
+    _check(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", source, "must be 0, 1, 2 or 3")
+    _check(
+        not parallel.sequence_parallel or parallel.tensor_parallel > 1,
+        "parallel.sequence_parallel",
+        source,
+        "needs tensor_parallel > 1: it shards activations over the tensor-parallel group",
+    )
+    _check(
+        parallel.engine == "deepspeed" or (parallel.tensor_parallel == 1 and parallel.context_parallel == 1),
+        "parallel.engine",
+        source,
+        "is local (one process); tensor_parallel or context_parallel > 1 needs engine: deepspeed",
+    )
 
 
 def _validate_mixture(data: DictConfig, prefix: str, origin: Origin) -> None:

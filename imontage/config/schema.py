@@ -22,6 +22,7 @@ OBJECTIVES = ("flow_matching",)
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "deepspeed")
 FRAME_SAMPLINGS = ("stride", "fps")
 
 
@@ -131,7 +132,14 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     device: str = "auto"  # "auto": CUDA when available
-    activation_checkpointing: bool = False
+    # "local": one process, torch AdamW. "deepspeed": every rank of torchrun/SLURM, ZeRO over DP×CP.
+    engine: str = "local"
+    tensor_parallel: int = 1  # TP: heads and MLP split with megatron-core's parallel linears
+    context_parallel: int = 1  # CP (Ulysses): the packed sequence split, all-to-all around attention
+    sequence_parallel: bool = False  # with TP: activations between blocks' linears on N/TP token shards
+    zero_stage: int = 3  # DeepSpeed ZeRO stage over the data-parallel ranks (engine=deepspeed)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    timeout_minutes: int = 10  # collective timeout of the process groups
 
 
 @dataclass
@@ -172,7 +180,8 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    precision: str = "fp32"  # "bf16" trains under torch.autocast
+    precision: str = "fp32"  # "bf16": torch.autocast (engine local) or DeepSpeed's bf16 weights
+    grad_accumulation: int = 1  # micro-batches (packed batches) per optimiser step and rank
     log_every: int = 1
     ema_decay: float = 0.999  # 0 disables EMA
     resume: str = "auto"  # "auto": continue from RUN_DIR/checkpoints/latest; "never"; or a path

@@ -28,8 +28,9 @@ def zero3_config(
     grad_clip: float,
     precision: str = "fp32",
     gradient_accumulation_steps: int = 1,
+    stage: int = 3,
 ) -> dict[str, Any]:
-    """DeepSpeed's configuration for ZeRO stage 3 over the data-parallel group.
+    """DeepSpeed's configuration for ZeRO (stage 3 by default) over the data-parallel group.
 
     One micro-batch per rank is one packed batch, so ``train_micro_batch_size_per_gpu`` is 1.
     """
@@ -44,7 +45,7 @@ def zero3_config(
         "zero_allow_untested_optimizer": True,  # torch AdamW on CPU; DeepSpeed's FusedAdam on GPU
         "steps_per_print": 2**31 - 1,  # imontage logs its own metrics
         "zero_optimization": {
-            "stage": 3,
+            "stage": stage,
             "overlap_comm": True,
             "contiguous_gradients": True,
             # Fetch the next block while this one runs; reduce one block's gradients at a time.
@@ -61,7 +62,7 @@ def zero3_config(
 class MegatronMPU:
     """megatron-core's groups in the shape DeepSpeed's ``mpu`` argument asks for.
 
-    "Model parallel" is tensor parallelism; ZeRO shards over the data-parallel group.
+    "Model parallel" is tensor parallelism; ZeRO shards over the data- and context-parallel ranks.
     """
 
     def __init__(self) -> None:
@@ -78,14 +79,16 @@ class MegatronMPU:
     def get_model_parallel_group(self) -> Any:
         return self.state.get_tensor_model_parallel_group()
 
+    # ZeRO's "data parallel" group is DP×CP: Ulysses ranks hold shares of one batch's gradient,
+    # which the engine must reduce, and their parameters can be sharded like any DP rank's.
     def get_data_parallel_rank(self) -> int:
-        return int(self.state.get_data_parallel_rank())
+        return int(self.state.get_data_parallel_rank(with_context_parallel=True))
 
     def get_data_parallel_world_size(self) -> int:
-        return int(self.state.get_data_parallel_world_size())
+        return int(self.state.get_data_parallel_world_size(with_context_parallel=True))
 
     def get_data_parallel_group(self) -> Any:
-        return self.state.get_data_parallel_group()
+        return self.state.get_data_parallel_group(with_context_parallel=True)
 
 
 def build_engine(model: nn.Module, optimizer: Any, config: dict[str, Any], mpu: Any | None = None) -> Any:

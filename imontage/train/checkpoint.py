@@ -84,6 +84,14 @@ def _step_of(name: str) -> int | None:
 # Durable file-system primitives
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory ``path`` (``step_000500`` -> 500)."""
+    step = _step_of(path.name)
+    if step is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory name")
+    return step
+
+
 def _fsync(path: Path) -> None:
     """Flushes a file's data, or a directory's entries, to stable storage."""
     fd = os.open(path, os.O_RDONLY)
@@ -141,14 +149,39 @@ def save_checkpoint(
         for group, group_tensors in tensors.items()
     }
     state_json = json.dumps(state, indent=2).encode()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f"{STAGING_PREFIX}{name}-{os.getpid()}"
-    _remove(staging)  # left by a crashed process that had the same pid
+    staging = make_staging(root, name, os.getpid())
     try:
-        staging.mkdir()
         for file_name, group_tensors in tensor_files.items():
             _write_tensors(staging / file_name, group_tensors)
         _write_durably(staging / STATE_FILE, state_json)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish(root, staging, step, keep_last)
+
+
+def make_staging(root: Path, name: str, token: int) -> Path:
+    """A fresh, empty staging directory for checkpoint ``name``; ``token`` keeps writers' apart.
+
+    Several ranks writing one checkpoint share one staging directory: rank 0 makes it with its
+    own pid as the token and tells the others.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f"{STAGING_PREFIX}{name}-{token}"
+    _remove(staging)  # left by a crashed process that had the same token
+    staging.mkdir()
+    return staging
+
+
+def publish(root: Path, staging: Path, step: int, keep_last: int = 0) -> Path:
+    """Steps 2-5 of the protocol: manifest, rename, ``latest``, pruning. Returns the checkpoint.
+
+    Files other processes wrote into ``staging`` are fsynced here before the manifest lists them.
+    """
+    name = checkpoint_name(step)
+    try:
+        for path in staging.iterdir():
+            _fsync(path)
         _write_manifest(staging, step)
         final = _install(staging, root / name)
     except BaseException:
@@ -157,6 +190,16 @@ def save_checkpoint(
     _write_latest(root, name)
     _prune(root, written=final, keep_last=keep_last)
     return final
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, fsynced (a file of a staging directory)."""
+    _write_durably(path, json.dumps(value, indent=2).encode())
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``tensors`` as safetensors at ``path``, fsynced (a file of a staging directory)."""
+    _write_tensors(path, tensors)
 
 
 def _checked_group_name(group: str) -> str:
@@ -378,21 +421,39 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     manifest = _manifest_of(path)
     if STATE_FILE not in manifest["files"]:
         raise CheckpointError(f"{path / STATE_FILE}: not listed in {path / MANIFEST}")
-    contents = {}
-    for name, record in manifest["files"].items():
+    contents = read_files(path, list(manifest["files"]))
+    tensors = {
+        name.removesuffix(TENSORS_SUFFIX): value
+        for name, value in contents.items()
+        if name.endswith(TENSORS_SUFFIX)
+    }
+    return tensors, contents[STATE_FILE]
+
+
+def read_files(path: Path, names: list[str]) -> dict[str, Any]:
+    """The named files of checkpoint ``path``, each checked against the manifest on the bytes read.
+
+    ``.safetensors`` files come back as tensor dicts, ``.json`` files parsed, anything else as bytes.
+    """
+    manifest = _manifest_of(path)
+    contents: dict[str, Any] = {}
+    for name in names:
         file = path / name
+        record = manifest["files"].get(name)
+        if record is None:
+            raise CheckpointError(f"{file}: not listed in {path / MANIFEST}")
         try:
             data = file.read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"{file}: listed in {path / MANIFEST} but missing") from None
         _check_record(file, len(data), hashlib.sha256(data).hexdigest(), record)
-        contents[name] = data
-    tensors = {
-        name.removesuffix(TENSORS_SUFFIX): safetensors_load(data)
-        for name, data in contents.items()
-        if name.endswith(TENSORS_SUFFIX)
-    }
-    return tensors, json.loads(contents[STATE_FILE])
+        if name.endswith(TENSORS_SUFFIX):
+            contents[name] = safetensors_load(data)
+        elif name.endswith(".json"):
+            contents[name] = json.loads(data)
+        else:
+            contents[name] = data
+    return contents
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Exponential moving average of a model's parameters, kept in float32."""
+"""Exponential moving average of a model's parameters, kept in float32.
+
+Under ZeRO-3 each rank averages only the part of every parameter it stores (its partition, or
+the whole tensor for the small parameters ZeRO keeps resident), so the EMA is sharded like the
+optimiser state and costs no communication.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,38 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+
+def _zero3_persistent(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_tensor") and bool(getattr(param, "ds_persist", False))
+
+
+def held_tensor(param: nn.Parameter) -> torch.Tensor:
+    """What this rank averages of ``param``: ZeRO-3's partition (``ds_tensor``), or all of it.
+
+    ZeRO-3 keeps small "persistent" parameters whole on every rank and refreshes them after each
+    step; the forward pass reads their ``param.data``, so that is what they hold.
+    """
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None or _zero3_persistent(param):
+        return param.data
+    return partition
+
+
+def _initial_value(param: nn.Parameter) -> torch.Tensor:
+    """``held_tensor(param)`` before training, as float32.
+
+    Right after ``deepspeed.initialize`` ZeRO-3's persistent parameters are not gathered yet
+    (they are at the first forward pass); their whole value is assembled from the partitions.
+    """
+    if _zero3_persistent(param) and param.data.numel() != param.ds_numel:
+        group = param.ds_process_group
+        parts = [torch.empty_like(param.ds_tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, param.ds_tensor.contiguous(), group=group)
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).float()
+    return held_tensor(param).detach().float().clone()
 
 
 class EMA:
@@ -16,14 +52,14 @@ class EMA:
         self.decay = decay
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
-        self.shadow = {name: params[name].detach().float().clone() for name in self.names}
+        self.shadow = {name: _initial_value(params[name]) for name in self.names}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         shadows = [self.shadow[name] for name in self.names]
         torch._foreach_lerp_(
-            shadows, [params[name].detach().float() for name in self.names], 1.0 - self.decay
+            shadows, [held_tensor(params[name]).float() for name in self.names], 1.0 - self.decay
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -40,13 +76,14 @@ class EMA:
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily load the EMA weights into ``model`` (for sampling); restored exactly on exit."""
         params = dict(model.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self.names}
+        held = {name: held_tensor(params[name]) for name in self.names}
+        saved = {name: tensor.clone() for name, tensor in held.items()}
         try:
             with torch.no_grad():
                 for name in self.names:
-                    params[name].copy_(self.shadow[name])
+                    held[name].copy_(self.shadow[name])
             yield model
         finally:
             with torch.no_grad():
                 for name in self.names:
-                    params[name].copy_(saved[name])
+                    held[name].copy_(saved[name])

@@ -20,11 +20,13 @@ class RunLogger:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
 
-    def scalars(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
+    def scalars(self, step: int, values: dict[str, Any], prefix: str = "train", jsonl: bool = True) -> None:
+        """TensorBoard ``prefix/name`` scalars; with ``jsonl``, one metrics.jsonl line as well."""
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        if jsonl:
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """``image``: ``[H, W, 3]`` uint8."""
@@ -37,6 +39,24 @@ class RunLogger:
     def close(self) -> None:
         self.writer.close()
         self.metrics.close()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: they compute the same numbers, rank 0 writes them."""
+
+    writer = None
+
+    def scalars(self, step: int, values: dict[str, Any], prefix: str = "train", jsonl: bool = True) -> None:
+        """Rank 0 writes the scalars."""
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Rank 0 writes the images."""
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+    def close(self) -> None:
+        """Nothing open."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

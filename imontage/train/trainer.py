@@ -1,13 +1,19 @@
 """The training loop: a recipe's stages, run in order by one Trainer with small methods.
 
-Single device in this module. A stage owns its objective, data loader, optimiser and LR
-schedule; the model and its EMA carry over from stage to stage. Checkpoints hold everything a
-resume needs to continue bit for bit: weights, EMA, optimiser, step, stage, loader position and
-RNG states.
+A stage owns its objective, data loader, optimiser hyperparameters and LR schedule; the model,
+its optimiser state only within a stage, and its EMA carry over. Where the weights live (one
+process, or DeepSpeed ZeRO with TP/SP/Ulysses over many ranks) is the backend's business
+(:mod:`imontage.train.backends`). Checkpoints hold everything a resume needs to continue bit for
+bit: weights, EMA, optimiser, step, stage, loader position and RNG states of every rank.
+
+Every rank runs this loop. Ranks of one tensor/context-parallel group read the same batches and
+draw the same noise; data-parallel ranks read their own. Rank 0 alone writes logs, samples and
+the run directory's files other than checkpoint shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -27,11 +33,13 @@ from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
 from imontage.train import checkpoint as ckpt
-from imontage.train.ema import EMA
-from imontage.train.logger import RunLogger
+from imontage.train.backends import build_backend
+from imontage.train.logger import NullLogger, RunLogger
 from imontage.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
+
+NOISE_SEED_STRIDE = 1_000_003  # data-parallel rank r draws noise from seed + r × stride
 
 
 @dataclass
@@ -70,26 +78,26 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.device = resolve_device(cfg.parallel.device)
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
-        self.model = build_dit(cfg.model).to(self.device)
-        self.model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.backend = build_backend(build_dit(cfg.model), cfg, resolve_device(cfg.parallel.device))
+        self.device = self.backend.device
+        self.model = self.backend.model  # what objectives and samplers call
+        self.is_main = self.backend.rank == 0
         self.spec = PackingSpec.from_model_config(cfg.model)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # noise, t and text dropout
+        # Noise, t and text dropout: the same within a TP/CP group, different across DP ranks.
+        self.generator = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_STRIDE * self.backend.data_rank)
         self.stages = build_stages(cfg)
-        # Data-parallel rank and size the loaders split the data by; the parallel setup sets them.
-        self.data_rank, self.data_world_size = 0, 1
         self.step = 0
         self.saved_step = -1
-        self.optimizer: torch.optim.Optimizer | None = None
         self.loader: Any = None
         self.stage: Stage | None = None
-        self._resume_state: dict[str, Any] | None = None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-        self.logger = RunLogger(self.run_dir)
+        self._resumed: dict[str, Any] | None = None
+        self.logger: RunLogger | NullLogger = NullLogger()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+            self.logger = RunLogger(self.run_dir)
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> None:
@@ -104,6 +112,7 @@ class Trainer:
                     return
         finally:
             self.logger.close()
+            self.backend.close()
 
     def run_stage(self, stage: Stage) -> bool:
         """Train ``stage`` to its end; False when the run stops early (``train.stop_at_step``)."""
@@ -111,12 +120,12 @@ class Trainer:
             total=stage.last_step - stage.first_step,
             initial=self.step - stage.first_step,
             desc=f"stage {stage.name}",
-            disable=not self.cfg.train.progress,
+            disable=not (self.cfg.train.progress and self.is_main),
             dynamic_ncols=True,
         )
         with bar:
             while self.step < stage.last_step and not self.stop_requested():
-                metrics = self.train_step(self.next_batch())
+                metrics = self.train_step()
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -138,31 +147,32 @@ class Trainer:
         stop_at = self.cfg.train.stop_at_step
         return bool(stop_at) and self.step >= stop_at
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        assert self.optimizer is not None and self.stage is not None
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step over ``train.grad_accumulation`` micro-batches; metrics over all DP ranks."""
+        assert self.stage is not None
         started = time.perf_counter()
         lr = self.set_learning_rate()
-        batch = batch.to(self.device)
-        with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
-        ):
-            output = self.stage.objective(self.model, batch, self.generator)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(f"step {self.step + 1}: loss is {output.loss.item()}")
-        output.loss.backward()
-        grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        accumulation = self.cfg.train.grad_accumulation
+        loss, tokens, target_tokens = 0.0, 0, 0
+        for _ in range(accumulation):
+            batch = self.next_batch().to(self.device)
+            with self.backend.autocast():
+                output = self.stage.objective(self.model, batch, self.generator)
+            if not torch.isfinite(output.loss):
+                raise FloatingPointError(f"step {self.step + 1}: loss is {output.loss.item()}")
+            self.backend.backward(output.loss, accumulation)
+            loss += output.loss.item() / accumulation
+            tokens += batch.tokens.shape[0]
+            target_tokens += int(output.num_target_tokens)
+        grad_norm = self.backend.step()
         elapsed = time.perf_counter() - started
         return {
-            "loss": output.loss.item(),
+            "loss": self.backend.mean_over_data(loss),
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time": elapsed,
-            "tokens_per_s": batch.tokens.shape[0] / elapsed,
-            "target_tokens": float(output.num_target_tokens),
+            "tokens_per_s": self.backend.sum_over_data(tokens) / elapsed,
+            "target_tokens": self.backend.sum_over_data(target_tokens),
         }
 
     def after_step(self, metrics: dict[str, float]) -> None:
@@ -177,36 +187,35 @@ class Trainer:
 
     # --------------------------------------------------------------------------- stage setup
     def start_stage(self, stage: Stage) -> None:
-        """Fresh optimiser and loader for ``stage``; then the resumed state, if it belongs here."""
+        """The stage's optimiser settings (fresh moments) and loader; or the resumed ones, if they belong here."""
         self.stage = stage
-        optim = stage.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
+        resumed = (
+            self._resumed
+            if self._resumed is not None and self._resumed["stage_index"] == stage.index
+            else None
         )
+        self.backend.begin_stage(stage.optim, fresh=resumed is None)
         self.loader = build_loader(
-            stage.data, self.spec, rank=self.data_rank, world_size=self.data_world_size
+            stage.data, self.spec, rank=self.backend.data_rank, world_size=self.backend.data_world_size
         )
-        resume = self._resume_state
-        if resume is not None and resume["stage_index"] == stage.index:
-            tensors, state = resume["tensors"], resume["state"]
-            optimizer_state = ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
-            self.optimizer.load_state_dict(optimizer_state)
-            self.loader.load_state_dict(state["loader"])
-        self._resume_state = None
+        if resumed is not None:
+            self.loader.load_state_dict(resumed["loader"])
+        self._resumed = None
         log.info("stage %s: global steps %d..%d", stage.name, stage.first_step + 1, stage.last_step)
 
     # ----------------------------------------------------------------------------------- data
     def log_data_metrics(self) -> None:
         """The loader's counters (skips by reason, padding, samples, bytes) as TensorBoard scalars."""
-        for name, value in self.loader.metrics().items():
-            self.logger.writer.add_scalar(f"data/{name}", value, self.step)
+        self.logger.scalars(self.step, self.loader.metrics(), prefix="data", jsonl=False)
 
     def finish_data(self, stage: Stage) -> None:
-        """Log the stage's data summary, add it to RUN_DIR/data_summary.json and stop the loader's workers."""
+        """Log the stage's data summary, add it to RUN_DIR/data_summary.json and stop the loader's workers.
+
+        The summary is rank 0's loader's (its share of the data).
+        """
+        if not self.is_main:
+            self.loader.close()
+            return
         lines = self.loader.summary_lines()
         log.info("data, stage %s, step %d:\n%s", stage.name, self.step, "\n".join(lines))
         path = self.run_dir / "data_summary.json"
@@ -216,7 +225,7 @@ class Trainer:
         self.loader.close()
 
     def set_learning_rate(self) -> float:
-        assert self.optimizer is not None and self.stage is not None
+        assert self.stage is not None
         optim = self.stage.optim
         lr = learning_rate(
             self.step - self.stage.first_step,
@@ -226,39 +235,23 @@ class Trainer:
             optim.schedule,
             optim.min_lr_ratio,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.backend.set_learning_rate(lr)
         return lr
-
-    def clip_gradients(self) -> float:
-        limit = self.stage.optim.grad_clip if self.stage is not None else 0.0
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit if limit > 0 else float("inf"))
-        return float(norm)
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        assert self.optimizer is not None and self.stage is not None
-        optimizer_tensors, optimizer_meta = ckpt.optimizer_state_to_tensors(self.optimizer.state_dict())
+        assert self.stage is not None
         rng_tensors, rng_meta = ckpt.rng_state_to_tensors()
         rng_tensors["trainer_generator"] = self.generator.get_state()
-        tensors = {
-            "model": {name: t.detach() for name, t in self.model.state_dict().items()},
-            "optimizer": optimizer_tensors,
-            "rng": rng_tensors,
-        }
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        state = {
+        shared = {
             "step": self.step,
             "stage_index": self.stage.index,
             "stage_name": self.stage.name,
-            "loader": self.loader.state_dict(),
-            "optimizer": optimizer_meta,
-            "rng": rng_meta,
             "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
         }
-        path = ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, tensors, state, self.cfg.train.checkpoint.keep_last
+        own = {"loader": self.loader.state_dict(), "rng": rng_meta}
+        path = self.backend.save(
+            self.checkpoint_dir, self.step, shared, own, rng_tensors, self.cfg.train.checkpoint.keep_last
         )
         self.saved_step = self.step
         self.logger.flush()
@@ -269,18 +262,15 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "never":
             return
-        path = ckpt.find_resume_checkpoint(self.checkpoint_dir) if mode == "auto" else Path(mode)
+        path = self.backend.find_resume(self.checkpoint_dir) if mode == "auto" else Path(mode)
         if path is None:
             return
-        tensors, state = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(tensors["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(tensors["ema"])
-        ckpt.restore_rng_state(tensors["rng"], state["rng"])
-        self.generator.set_state(tensors["rng"]["trainer_generator"])
-        self.step = int(state["step"])
-        self._resume_state = {"tensors": tensors, "state": state, "stage_index": int(state["stage_index"])}
-        log.info("resumed from %s at step %d (stage %s)", path, self.step, state["stage_name"])
+        shared, own, rng_tensors = self.backend.load(path)
+        ckpt.restore_rng_state(rng_tensors, own["rng"])
+        self.generator.set_state(rng_tensors["trainer_generator"])
+        self.step = int(shared["step"])
+        self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"]}
+        log.info("resumed from %s at step %d (stage %s)", path, self.step, shared["stage_name"])
 
     # -------------------------------------------------------------------------------- samples
     def write_samples(self) -> Path:
@@ -288,17 +278,16 @@ class Trainer:
         sample_cfg = self.cfg.train.sample
         samples = preview_samples(self.cfg.data, sample_cfg.num_samples, self.spec)
         generator = torch.Generator().manual_seed(self.cfg.seed)  # the same noise at every preview
-        self.model.eval()
+        self.model.eval()  # every rank samples: the parallel model's collectives need them all
         try:
-            if self.ema is not None and sample_cfg.use_ema:
-                with self.ema.applied_to(self.model):
-                    outputs = self.sample(samples, generator)
-            else:
+            with self.backend.ema_weights() if sample_cfg.use_ema else contextlib.nullcontext():
                 outputs = self.sample(samples, generator)
         finally:
             self.model.train()
-        image = make_grid(preview_rows(samples, outputs))
         path = self.run_dir / "samples" / f"{ckpt.checkpoint_name(self.step)}.png"
+        if not self.is_main:
+            return path
+        image = make_grid(preview_rows(samples, outputs))
         save_png(image, path)
         self.logger.image(self.step, "samples", image)
         return path

@@ -1,0 +1,339 @@
+"""How a Trainer's steps reach the weights: one local process, or DeepSpeed over many ranks.
+
+Both backends offer the same few operations (backward, optimiser step, stage hyperparameters,
+EMA for sampling, checkpoint save and load), so the Trainer has one loop:
+
+- :class:`LocalBackend`: the model on one device, torch AdamW, ``clip_grad_norm_``; a checkpoint
+  is one set of safetensors groups (``model``, ``optimizer``, ``ema``, ``rng``) and ``state.json``.
+- :class:`DeepSpeedBackend`: process groups from torchrun/SLURM through megatron-core,
+  :func:`~imontage.parallel.parallelize.parallelize_dit` (TP, SP, Ulysses, activation
+  checkpointing), then DeepSpeed ZeRO over the DP×CP ranks. A checkpoint directory holds
+  DeepSpeed's own engine files (module and ZeRO shards), ``rank_XXXXX.safetensors`` and
+  ``rank_XXXXX.json`` (RNG, data-loader position and EMA partition of each rank) and
+  ``state.json``, under one manifest written by rank 0 once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+from imontage.train import checkpoint as ckpt
+from imontage.train.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+def _adamw_hyperparameters(optim: DictConfig) -> dict[str, Any]:
+    return {"betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+
+
+def _configure_stage(optimizer: torch.optim.Optimizer, optim: DictConfig, fresh: bool) -> None:
+    """A stage's AdamW hyperparameters; ``fresh``: forget the moments, as a new optimiser would."""
+    for group in optimizer.param_groups:
+        group.update(_adamw_hyperparameters(optim))
+    if fresh:
+        optimizer.state.clear()  # AdamW creates its state lazily at the next step
+
+
+class LocalBackend:
+    """One process on one device (``parallel.engine: local``)."""
+
+    rank = 0
+    world_size = 1
+    data_rank = 0
+    data_world_size = 1
+
+    def __init__(self, model: nn.Module, cfg: DictConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.grad_clip = 0.0
+
+    def begin_stage(self, optim: DictConfig, fresh: bool) -> None:
+        _configure_stage(self.optimizer, optim, fresh)
+        self.grad_clip = optim.grad_clip
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
+        )
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        (loss / accumulation).backward()
+
+    def step(self) -> float:
+        """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
+        limit = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return norm
+
+    def mean_over_data(self, value: float) -> float:
+        return value
+
+    def sum_over_data(self, value: float) -> float:
+        return value
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        return self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext()
+
+    def save(
+        self,
+        root: Path,
+        step: int,
+        shared: dict[str, Any],
+        own: dict[str, Any],
+        own_tensors: dict[str, torch.Tensor],
+        keep_last: int,
+    ) -> Path:
+        """One checkpoint directory of safetensors groups and ``state.json`` (no pickle)."""
+        optimizer_tensors, optimizer_meta = ckpt.optimizer_state_to_tensors(self.optimizer.state_dict())
+        tensors = {
+            "model": {name: t.detach() for name, t in self.model.state_dict().items()},
+            "optimizer": optimizer_tensors,
+            "rng": own_tensors,
+        }
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        state = {**shared, **own, "optimizer": optimizer_meta}
+        return ckpt.save_checkpoint(root, step, tensors, state, keep_last)
+
+    def find_resume(self, root: Path) -> Path | None:
+        return ckpt.find_resume_checkpoint(root)
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        """Restores weights, optimiser and EMA; returns (shared state, own state, own tensors)."""
+        tensors, state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(
+            ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
+        )
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors["ema"])
+        return state, state, tensors["rng"]
+
+    def barrier(self) -> None:
+        """Nothing to wait for with one process."""
+
+    def close(self) -> None:
+        """Nothing to release with one process."""
+
+
+def _rank_file(rank: int, suffix: str) -> str:
+    return f"rank_{rank:05d}{suffix}"
+
+
+def build_optimizer(model: nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW on CPU; DeepSpeed's fused Adam (AdamW mode) on CUDA."""
+    if device.type != "cuda":
+        return torch.optim.AdamW(model.parameters(), lr=optim.lr, **_adamw_hyperparameters(optim))
+    from deepspeed.ops.adam import FusedAdam
+
+    try:
+        return FusedAdam(model.parameters(), lr=optim.lr, adam_w_mode=True, **_adamw_hyperparameters(optim))
+    except Exception as error:  # its CUDA extension is compiled on first use
+        raise RuntimeError(
+            f"DeepSpeed's FusedAdam could not be built on this machine ({error}); "
+            "install DeepSpeed with DS_BUILD_FUSED_ADAM=1 or fix the CUDA toolchain"
+        ) from error
+
+
+class DeepSpeedBackend:
+    """Every rank of a torchrun or SLURM job (``parallel.engine: deepspeed``)."""
+
+    def __init__(self, model: nn.Module, cfg: DictConfig, device: torch.device) -> None:
+        from megatron.core import parallel_state
+
+        from imontage.parallel.engine import MegatronMPU, build_engine, zero3_config
+        from imontage.parallel.parallelize import parallelize_dit
+        from imontage.parallel.state import ParallelLayout, init_process_groups, launch_env
+
+        parallel = cfg.parallel
+        env = launch_env()
+        self.layout = ParallelLayout.for_world(
+            env.world_size, parallel.tensor_parallel, parallel.context_parallel, cfg.model.num_heads
+        )
+        if device.type == "cuda":
+            device = torch.device("cuda", env.local_rank)
+        init_process_groups(self.layout, device, env, timeout=timedelta(minutes=parallel.timeout_minutes))
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world_size = env.rank, env.world_size
+        self.data_rank = parallel_state.get_data_parallel_rank()
+        self.data_world_size = parallel_state.get_data_parallel_world_size()
+        self.data_group = parallel_state.get_data_parallel_group()
+        parallelize_dit(
+            model.to(device),
+            parallel.tensor_parallel,
+            parallel.context_parallel,
+            parallel.sequence_parallel,
+            parallel.activation_checkpointing,
+        )
+        config = zero3_config(
+            model,
+            cfg.optim.grad_clip,
+            cfg.train.precision,
+            cfg.train.grad_accumulation,
+            stage=parallel.zero_stage,
+        )
+        self.engine = build_engine(model, build_optimizer(model, cfg.optim, device), config, MegatronMPU())
+        self.model = self.engine
+        self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ranks_per_data_rank = self.layout.context  # CP shares of one batch's gradient (see backward)
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimiser DeepSpeed drives (over ZeRO's fp32 partitions)."""
+        optimizer = self.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def begin_stage(self, optim: DictConfig, fresh: bool) -> None:
+        _configure_stage(self.inner_optimizer, optim, fresh)
+        self.engine.optimizer.clip_grad = optim.grad_clip  # read by ZeRO at every step
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.inner_optimizer.param_groups:
+            group["lr"] = lr
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed holds bf16 weights itself under train.precision=bf16
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        """The engine averages gradients over DP×CP ranks; the CP ranks' shares must add up, hence × CP.
+
+        DeepSpeed divides by the accumulation count itself; between boundaries ``step`` only counts.
+        """
+        self.engine.backward(loss * self.ranks_per_data_rank)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self) -> float:
+        self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _reduce_over_data(self, value: float, average: bool) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, group=self.data_group)
+        return float(tensor.item()) / (self.data_world_size if average else 1)
+
+    def mean_over_data(self, value: float) -> float:
+        return self._reduce_over_data(value, average=True)
+
+    def sum_over_data(self, value: float) -> float:
+        return self._reduce_over_data(value, average=False)
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        return self.ema.applied_to(self.engine.module) if self.ema is not None else contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def _agree(self, value: int) -> int:
+        """Rank 0's ``value``, on every rank."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(
+        self,
+        root: Path,
+        step: int,
+        shared: dict[str, Any],
+        own: dict[str, Any],
+        own_tensors: dict[str, torch.Tensor],
+        keep_last: int,
+    ) -> Path:
+        """Every rank writes its files into one staging directory; rank 0 publishes it."""
+        name = ckpt.checkpoint_name(step)
+        token = self._agree(os.getpid())
+        staging = root / f"{ckpt.STAGING_PREFIX}{name}-{token}"
+        if self.rank == 0:
+            ckpt.make_staging(root, name, token)
+        self.barrier()
+        # DeepSpeed writes its module and ZeRO shards into <root>/<tag>: the staging directory.
+        self.engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+        tensors = dict(own_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{key}": value for key, value in self.ema.state_dict().items()})
+        ckpt.write_tensors(staging / _rank_file(self.rank, ckpt.TENSORS_SUFFIX), tensors)
+        ckpt.write_json(staging / _rank_file(self.rank, ".json"), own)
+        self.barrier()
+        if self.rank == 0:
+            layout = {"tensor_parallel": self.layout.tensor, "context_parallel": self.layout.context,
+                      "data_parallel": self.layout.data, "zero_stage": self.cfg.parallel.zero_stage}  # fmt: skip
+            ckpt.write_json(
+                staging / ckpt.STATE_FILE, {**shared, "layout": layout, "world_size": self.world_size}
+            )
+            ckpt.publish(root, staging, step, keep_last)
+        self.barrier()
+        return root / name
+
+    def find_resume(self, root: Path) -> Path | None:
+        """Rank 0 chooses (verifying every file against the manifest); the others follow."""
+        chosen = ckpt.find_resume_checkpoint(root) if self.rank == 0 else None
+        step = self._agree(-1 if chosen is None else ckpt.checkpoint_step(chosen))
+        return None if step < 0 else root / ckpt.checkpoint_name(step)
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        files = ckpt.read_files(
+            path,
+            [ckpt.STATE_FILE, _rank_file(self.rank, ".json"), _rank_file(self.rank, ckpt.TENSORS_SUFFIX)],
+        )
+        shared = files[ckpt.STATE_FILE]
+        saved = shared.get("layout", {})
+        now = {"tensor_parallel": self.layout.tensor, "context_parallel": self.layout.context,
+               "data_parallel": self.layout.data, "zero_stage": self.cfg.parallel.zero_stage}  # fmt: skip
+        if saved != now:
+            raise ckpt.CheckpointError(
+                f"{path}: saved under layout {saved}, this run is {now}; convert it with "
+                "tools/convert_checkpoint.py (consolidate, then reshard) to resume under another layout"
+            )
+        self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        tensors = files[_rank_file(self.rank, ckpt.TENSORS_SUFFIX)]
+        if self.ema is not None:
+            self.ema.load_state_dict(
+                {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+            )
+        own_tensors = {k: v for k, v in tensors.items() if not k.startswith("ema.")}
+        return shared, files[_rank_file(self.rank, ".json")], own_tensors
+
+    def close(self) -> None:
+        self.barrier()
+
+
+def build_backend(model: nn.Module, cfg: DictConfig, device: torch.device) -> LocalBackend | DeepSpeedBackend:
+    """The backend ``parallel.engine`` names."""
+    if cfg.parallel.engine == "deepspeed":
+        return DeepSpeedBackend(model, cfg, device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise RuntimeError(
+            f"parallel.engine=local runs one process, but this job has WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+            "use a configs/parallel layout with engine: deepspeed"
+        )
+    return LocalBackend(model, cfg, device)
