@@ -65,21 +65,31 @@ def test_dp2_zero3_resumes_with_identical_losses(tmp_path: Path) -> None:
     }
 
 
-@pytest.fixture(scope="module")
-def one_process_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+_ONE_PROCESS: dict[int, list[float]] = {}
+
+
+def one_process_losses(tmp_path: Path, accumulation: int) -> list[float]:
     """The same recipe on one process (engine local): the reference of every DP=1 layout."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    return train_run(0, 1, overrides(run_dir, "single", 6))
+    if accumulation not in _ONE_PROCESS:
+        run_dir = tmp_path / f"single-{accumulation}"
+        _ONE_PROCESS[accumulation] = train_run(
+            0, 1, overrides(run_dir, "single", 6, f"train.grad_accumulation={accumulation}")
+        )
+    return _ONE_PROCESS[accumulation]
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "ulysses2"])
+@pytest.mark.parametrize(("layout", "accumulation"), [("tp2", 1), ("tp2_sp", 1), ("ulysses2", 1), ("tp2", 2)])
 def test_parallel_layout_trains_under_zero3_like_one_process(
-    tmp_path: Path, layout: str, one_process_losses: list[float]
+    tmp_path: Path, layout: str, accumulation: int
 ) -> None:
-    """TP=2 or CP=2 leaves DP=1: both ranks read the one process's batches and draw its noise."""
+    """TP=2 or CP=2 leaves DP=1: both ranks read the one process's batches and draw its noise.
+
+    With 2 micro-batches per step, DeepSpeed's gradient accumulation must equal the local one.
+    """
     run_dir = tmp_path / layout
-    losses = run_ranks(train_run, 2, overrides(run_dir, layout, 6, "train.sample.every=6"), timeout=300)[0]
-    assert losses == pytest.approx(one_process_losses, rel=1e-4)
+    extra = ("train.sample.every=6", f"train.grad_accumulation={accumulation}")
+    losses = run_ranks(train_run, 2, overrides(run_dir, layout, 6, *extra), timeout=300)[0]
+    assert losses == pytest.approx(one_process_losses(tmp_path, accumulation), rel=1e-4)
     assert (run_dir / "samples/step_000006.png").exists()  # sampled with the EMA weights on both ranks
     ckpt.verify_checkpoint(run_dir / "checkpoints/step_000006")
 
