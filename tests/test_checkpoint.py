@@ -26,6 +26,7 @@ from imontage.train.checkpoint import (
     load_checkpoint,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
+    read_files,
     restore_generator_state,
     restore_rng_state,
     rng_state_to_tensors,
@@ -234,8 +235,62 @@ def test_flipped_byte_inside_tensor_data_is_caught(tmp_path: Path) -> None:
     path = save(tmp_path, 1)
     damaged = path / "ema.safetensors"
     flip_byte(damaged, offset=len(damaged.read_bytes()) // 2)
-    with pytest.raises(CheckpointError, match=re.escape(str(damaged))):
+    message = re.escape(str(damaged)) + ": sha256 differs from " + re.escape(str(path / MANIFEST))
+    with pytest.raises(CheckpointError, match=message):
         verify_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):  # load checks the bytes it parses
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        read_files(path, ["state.json", "ema.safetensors"])
+    assert read_files(path, ["state.json"]) == {"state.json": {"step": 1}}  # other files still read
+
+
+def save_ranks(root: Path, step: int, world_size: int = 2) -> Path:
+    """A checkpoint written as the multi-rank backend writes it: a file per rank in one staging dir."""
+    staging = ckpt.make_staging(root, checkpoint_name(step), token=4242)
+    for rank in range(world_size):
+        ckpt.write_tensors(staging / f"rank_{rank:05d}.safetensors", tensor_groups(step + rank)["model"])
+        ckpt.write_json(staging / f"rank_{rank:05d}.json", {"rank": rank})
+    ckpt.write_json(staging / ckpt.STATE_FILE, {"step": step, "world_size": world_size})
+    return ckpt.publish(root, staging, step)
+
+
+def test_a_flipped_byte_in_one_rank_shard_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> None:
+    save_ranks(tmp_path, 10)
+    newest = save_ranks(tmp_path, 20)
+    assert set(json.loads((newest / MANIFEST).read_text())["files"]) == {
+        "rank_00000.safetensors",
+        "rank_00001.safetensors",
+        "rank_00000.json",
+        "rank_00001.json",
+        "state.json",
+    }
+    damaged = newest / "rank_00001.safetensors"
+    flip_byte(damaged, offset=len(damaged.read_bytes()) // 2)
+    with pytest.raises(CheckpointError, match=re.escape(str(damaged)) + ": sha256 differs"):
+        read_files(newest, ["state.json", "rank_00001.json", damaged.name])
+    read_files(newest, ["state.json", "rank_00000.json", "rank_00000.safetensors"])  # rank 0's files are fine
+    with pytest.warns(
+        CheckpointWarning, match=r"resuming from .*step_000010; skipped: " + re.escape(str(damaged))
+    ):
+        assert find_resume_checkpoint(tmp_path) == tmp_path / "step_000010"
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path: Path) -> None:
+    path = save(tmp_path, 1)
+    (path / "extra.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(str(path / "extra.json")) + ": not listed in"):
+        read_files(path, ["extra.json"])
+
+
+def test_a_damaged_manifest_falls_back_with_a_warning_naming_it(tmp_path: Path) -> None:
+    save(tmp_path, 10)
+    newest = save(tmp_path, 20)
+    flip_byte(newest / MANIFEST, offset=0)
+    with pytest.warns(CheckpointWarning, match=re.escape(str(newest / MANIFEST)) + ": unreadable"):
+        assert find_resume_checkpoint(tmp_path) == tmp_path / "step_000010"
+    with pytest.raises(CheckpointError, match=re.escape(str(newest / MANIFEST))):
+        load_checkpoint(newest)
 
 
 def test_renamed_checkpoint_fails_verification(tmp_path: Path) -> None:

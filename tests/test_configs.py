@@ -146,3 +146,24 @@ def test_a_layout_that_cannot_split_the_heads_names_the_key_and_file() -> None:
 def test_tensor_parallel_needs_the_deepspeed_engine() -> None:
     with pytest.raises(RecipeError, match="key 'parallel.engine': is local"):
         load_recipe(BASE, ["parallel.tensor_parallel=2"])
+
+
+def test_bad_nonfinite_mode_names_the_key_and_file(config_tree: Path) -> None:
+    recipe = config_tree / "recipes/run.yaml"
+    recipe.write_text(recipe.read_text() + "train:\n  faults:\n    nonfinite: ignore\n")
+    with pytest.raises(RecipeError, match=r"recipes/run\.yaml: key 'train\.faults\.nonfinite': 'ignore'"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.faults.stop_signals=[SIGKILL]", r"key 'train\.faults\.stop_signals': 'SIGKILL'"),
+        ("train.faults.spike_factor=0.5", r"key 'train\.faults\.spike_factor': must be > 1"),
+        ("train.faults.timeout_s=0", r"key 'train\.faults\.timeout_s': must be positive"),
+    ],
+)
+def test_fault_settings_are_checked(override: str, message: str) -> None:
+    assert load_recipe(BASE).train.faults.nonfinite == "skip"
+    with pytest.raises(RecipeError, match=r"<command line>: " + message):
+        load_recipe(BASE, [override])

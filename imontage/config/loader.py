@@ -7,6 +7,7 @@ command line) it came from, raised before anything starts.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from imontage.config.schema import (
     FRAME_SAMPLINGS,
     GROUPS,
     LR_SCHEDULES,
+    NONFINITE_MODES,
     OBJECTIVES,
     PAIR_LAYOUTS,
     POSITION_LAYOUTS,
@@ -302,6 +304,7 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", source, "must be >= 0")
     _check(len(cfg.optim.betas) == 2, "optim.betas", source, "expected two values")
     _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", source, "must be in [0, 1)")
+    _validate_faults(cfg.train.faults, source)
 
     _check(len(cfg.stages) > 0, "stages", source, "a recipe declares at least one stage")
     names = [stage.name for stage in cfg.stages]
@@ -315,6 +318,31 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
             merged = stage_section(cfg, index, section, source=origin(f"{key}.{section}"))
             if section == "data" and any(value is not None for value in stage.data.values()):
                 validate_data(merged, f"{key}.data", model, source)
+
+
+# Signals a Python handler can catch; SIGKILL and SIGSTOP cannot be.
+_CATCHABLE_SIGNALS = tuple(sorted(set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}))
+
+
+def _validate_faults(faults: DictConfig, source: Origin) -> None:
+    _check_choice(faults.nonfinite, NONFINITE_MODES, "train.faults.nonfinite", source)
+    _check(faults.max_consecutive_skips >= 0, "train.faults.max_consecutive_skips", source, "must be >= 0")
+    _check(
+        faults.spike_factor == 0 or faults.spike_factor > 1,
+        "train.faults.spike_factor",
+        source,
+        "must be > 1 (or 0, which turns spike detection off)",
+    )
+    _check(faults.spike_window >= 1, "train.faults.spike_window", source, "must be >= 1")
+    for key in ("timeout_first_step_s", "timeout_s"):
+        _check(faults[key] > 0, f"train.faults.{key}", source, "must be positive")
+    for name in faults.stop_signals:
+        _check(
+            name in _CATCHABLE_SIGNALS,
+            "train.faults.stop_signals",
+            source,
+            f"'{name}' is not a signal a handler can catch (for example SIGUSR2, SIGTERM)",
+        )
 
 
 def _check_sizes(sizes: Any, divisors: Sequence[int], key: str, origin: Origin) -> None:

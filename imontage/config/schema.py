@@ -24,6 +24,7 @@ LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "deepspeed")
 FRAME_SAMPLINGS = ("stride", "fps")
+NONFINITE_MODES = ("skip", "fail")
 
 
 @dataclass
@@ -179,6 +180,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    """How a run meets faults: numerical ones, preemption signals, stuck collectives.
+
+    The requeue limit is not here: it belongs to the job (``tools/submit.py --max-requeues``, read
+    from ``IMONTAGE_MAX_REQUEUES``), since a requeued job runs the same recipe again.
+    """
+
+    # A non-finite loss or gradient norm on any rank: "skip" the optimiser step everywhere, or "fail".
+    nonfinite: str = "skip"  # one of NONFINITE_MODES
+    max_consecutive_skips: int = 10  # "skip": bad steps in a row that are skipped; one more stops the run
+    spike_factor: float = 3.0  # a loss above this × the max of the last spike_window is a spike; 0: off
+    spike_window: int = 100  # finite losses the spike detector remembers (it reports once it holds them all)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])  # checkpoint, then stop
+    timeout_first_step_s: float = 1800.0  # collective timeout until the first step is done (start-up)
+    timeout_s: float = 600.0  # collective timeout after the first step: a lost rank fails the job this fast
+
+
+@dataclass
 class TrainConfig:
     precision: str = "fp32"  # "bf16": torch.autocast (engine local) or DeepSpeed's bf16 weights
     grad_accumulation: int = 1  # micro-batches (packed batches) per optimiser step and rank
@@ -190,6 +209,7 @@ class TrainConfig:
     deterministic: bool = True  # torch.use_deterministic_algorithms
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 def _overrides_of(cls: type) -> type:
