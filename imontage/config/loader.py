@@ -360,7 +360,7 @@ def _check_sizes(sizes: Any, divisors: Sequence[int], key: str, origin: Origin) 
 
 def _validate_parallel(parallel: DictConfig, source: Origin) -> None:
     _check_choice(parallel.engine, ENGINES, "parallel.engine", source)
-    for key in ("tensor_parallel", "context_parallel", "timeout_minutes"):
+    for key in ("tensor_parallel", "context_parallel"):
         _check(parallel[key] >= 1, f"parallel.{key}", source, "must be >= 1")
     _check(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", source, "must be 0, 1, 2 or 3")
     _check(

@@ -140,7 +140,6 @@ class ParallelConfig:
     sequence_parallel: bool = False  # with TP: activations between blocks' linears on N/TP token shards
     zero_stage: int = 3  # DeepSpeed ZeRO stage over the data-parallel ranks (engine=deepspeed)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
-    timeout_minutes: int = 10  # collective timeout of the process groups
 
 
 @dataclass

@@ -78,15 +78,23 @@ class LocalBackend:
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
 
-    def step(self) -> float:
-        """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
+    def gradient_norm(self) -> float:
+        """Clip the gradients; their global norm before clipping (what the fault guard checks)."""
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        self._norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        return self._norm
+
+    def apply_step(self) -> float:
+        """Optimiser step, zeroed gradients, EMA update; returns the gradient norm."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        return norm
+        return self._norm
+
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients: weights, optimiser state and EMA stay as they were."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def mean_over_data(self, value: float) -> float:
         return value
@@ -175,7 +183,9 @@ class DeepSpeedBackend:
         )
         if device.type == "cuda":
             device = torch.device("cuda", env.local_rank)
-        init_process_groups(self.layout, device, env, timeout=timedelta(minutes=parallel.timeout_minutes))
+        # Start-up (rendezvous, first gathers, compilation) may be slow; the trainer shortens it later.
+        timeout = timedelta(seconds=cfg.train.faults.timeout_first_step_s)
+        init_process_groups(self.layout, device, env, timeout=timeout)
         self.cfg = cfg
         self.device = device
         self.rank, self.world_size = env.rank, env.world_size
@@ -227,12 +237,32 @@ class DeepSpeedBackend:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self) -> float:
+    def gradient_norm(self) -> float:
+        """0 when every rank's gradients are finite, inf otherwise (a collective over the ZeRO group).
+
+        DeepSpeed computes the norm and clips inside ``engine.step()``, and under bf16 it steps over
+        NaNs; ZeRO's overflow check on the reduced gradient partitions answers before the step.
+        """
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "has_overflow"):
+            overflow = bool(optimizer.has_overflow(partition_gradients=True))
+        else:  # ZeRO stage 0: the module's own gradients, already all-reduced
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+        return float("inf") if overflow else 0.0
+
+    def apply_step(self) -> float:
+        """The engine's step (clipping included), then the EMA; returns the engine's gradient norm."""
         self.engine.step()
         if self.ema is not None:
             self.ema.update(self.engine.module)
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without stepping; the engine's step count advances as on a step."""
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        self.engine.micro_steps += 1  # what engine.step() would count: keeps accumulation boundaries aligned
 
     def _reduce_over_data(self, value: float, average: bool) -> float:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)

@@ -23,9 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"imontage-train: {error}", file=sys.stderr)
         return 2
-    from imontage.train.trainer import train  # imported after validation: a bad recipe fails fast
+    # Imported after validation: a bad recipe fails fast.
+    from imontage.train.resilience import ExitCode, NumericalFault
+    from imontage.train.trainer import RunStopped, train
 
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except RunStopped as stop:
+        print(f"imontage-train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except NumericalFault as fault:
+        print(f"imontage-train: {fault}", file=sys.stderr)
+        return int(ExitCode.NUMERICAL_FAULT)
     print(f"run directory: {run_dir}")
     return 0
 

@@ -35,11 +35,28 @@ from imontage.sample.sampler import sample_flow
 from imontage.train import checkpoint as ckpt
 from imontage.train.backends import build_backend
 from imontage.train.logger import NullLogger, RunLogger
+from imontage.train.resilience import (
+    LossSpikeDetector,
+    NonFiniteGuard,
+    StopSignals,
+    agree_to_stop,
+    max_requeues,
+    requeue_job,
+    set_collective_timeout,
+)
 from imontage.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
 
 NOISE_SEED_STRIDE = 1_000_003  # data-parallel rank r draws noise from seed + r × stride
+
+
+class RunStopped(Exception):
+    """The run stopped early on a signal with its checkpoint saved; ``exit_code`` says what follows."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -93,6 +110,13 @@ class Trainer:
         self.loader: Any = None
         self.stage: Stage | None = None
         self._resumed: dict[str, Any] | None = None
+        faults = cfg.train.faults
+        max_requeues()  # a bad IMONTAGE_MAX_REQUEUES fails now, not at the preemption
+        self.guard = NonFiniteGuard.from_config(faults)
+        self.spikes = LossSpikeDetector.from_config(faults)
+        self.signals = StopSignals(list(faults.stop_signals))
+        self.preempted = False  # every rank agreed to stop on a signal
+        self.timeout_lowered = False
         self.logger: RunLogger | NullLogger = NullLogger()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,18 +125,34 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> None:
-        """Run (or continue) every stage; returns early once ``train.stop_at_step`` is reached."""
+        """Run (or continue) every stage; returns early once ``train.stop_at_step`` is reached.
+
+        On a stop signal (``train.faults.stop_signals``) every rank finishes its step, saves, and
+        :class:`RunStopped` is raised after the SLURM job has been requeued (where it can be).
+        """
         self.maybe_resume()
         try:
-            for stage in self.stages:
-                if self.step >= stage.last_step:
-                    continue
-                self.start_stage(stage)
-                if not self.run_stage(stage):
-                    return
+            with self.signals:
+                for stage in self.stages:
+                    if self.step >= stage.last_step:
+                        continue
+                    self.start_stage(stage)
+                    if not self.run_stage(stage):
+                        break
+            if self.preempted:
+                self.requeue()
         finally:
             self.logger.close()
             self.backend.close()
+
+    def requeue(self) -> None:
+        """After the stop checkpoint: requeue the SLURM job (rank 0) and raise :class:`RunStopped`."""
+        received = self.signals.received
+        result = requeue_job(self.backend.rank)
+        where = f"{received.name} received here" if received is not None else "a stop signal on another rank"
+        message = f"stopped after step {self.step} ({where}); {result.detail}"
+        log.warning(message)
+        raise RunStopped(message, int(result.exit_code))
 
     def run_stage(self, stage: Stage) -> bool:
         """Train ``stage`` to its end; False when the run stops early (``train.stop_at_step``)."""
@@ -130,13 +170,23 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 self.after_step(metrics)
+                self.after_first_step()
+                self.preempted = agree_to_stop(self.signals.requested, self.device)
         if self.saved_step != self.step:  # the periodic save may have just written this step
             self.save_checkpoint()
         self.finish_data(stage)
         if self.stop_requested():
-            log.info("stopping at step %d (train.stop_at_step)", self.step)
+            log.info(
+                "stopping at step %d (%s)", self.step, "signal" if self.preempted else "train.stop_at_step"
+            )
             return False
         return True
+
+    def after_first_step(self) -> None:
+        """Start-up is over: a collective that now waits long means a lost rank, so fail faster."""
+        if not self.timeout_lowered:
+            set_collective_timeout(self.cfg.train.faults.timeout_s)
+            self.timeout_lowered = True
 
     def next_batch(self) -> Any:
         """The loader's next batch; a mixture draws it with the weights of the current step."""
@@ -145,7 +195,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         stop_at = self.cfg.train.stop_at_step
-        return bool(stop_at) and self.step >= stop_at
+        return self.preempted or (bool(stop_at) and self.step >= stop_at)
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``train.grad_accumulation`` micro-batches; metrics over all DP ranks."""
@@ -158,13 +208,18 @@ class Trainer:
             batch = self.next_batch().to(self.device)
             with self.backend.autocast():
                 output = self.stage.objective(self.model, batch, self.generator)
-            if not torch.isfinite(output.loss):
-                raise FloatingPointError(f"step {self.step + 1}: loss is {output.loss.item()}")
-            self.backend.backward(output.loss, accumulation)
+            self.backend.backward(output.loss, accumulation)  # every rank, even with a NaN: ZeRO reduces
             loss += output.loss.item() / accumulation
             tokens += batch.tokens.shape[0]
             target_tokens += int(output.num_target_tokens)
-        grad_norm = self.backend.step()
+        # Decided on every rank before the optimiser step: skip the step, or raise in "fail" mode.
+        check = self.guard.check(self.step + 1, loss, self.backend.gradient_norm())
+        if check.skip:
+            self.backend.discard_gradients()
+            log.warning(check.detail)
+            grad_norm = float("nan")
+        else:
+            grad_norm = self.backend.apply_step()
         elapsed = time.perf_counter() - started
         return {
             "loss": self.backend.mean_over_data(loss),
@@ -173,10 +228,16 @@ class Trainer:
             "step_time": elapsed,
             "tokens_per_s": self.backend.sum_over_data(tokens) / elapsed,
             "target_tokens": self.backend.sum_over_data(target_tokens),
+            "skipped_steps": float(self.guard.skipped_total),
+            "loss_spikes": float(self.spikes.spikes_total),
         }
 
     def after_step(self, metrics: dict[str, float]) -> None:
         train = self.cfg.train
+        spike = self.spikes.observe(self.step, metrics["loss"])
+        if spike is not None:
+            log.warning(spike)
+            metrics["loss_spikes"] = float(self.spikes.spikes_total)
         if self.step % train.log_every == 0:
             self.logger.scalars(self.step, metrics)
             self.log_data_metrics()
@@ -248,6 +309,7 @@ class Trainer:
             "stage_index": self.stage.index,
             "stage_name": self.stage.name,
             "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
+            "faults": {"nonfinite": self.guard.state_dict(), "spikes": self.spikes.state_dict()},
         }
         own = {"loader": self.loader.state_dict(), "rng": rng_meta}
         path = self.backend.save(
@@ -269,6 +331,9 @@ class Trainer:
         ckpt.restore_rng_state(rng_tensors, own["rng"])
         self.generator.set_state(rng_tensors["trainer_generator"])
         self.step = int(shared["step"])
+        if "faults" in shared:
+            self.guard.load_state_dict(shared["faults"]["nonfinite"])
+            self.spikes.load_state_dict(shared["faults"]["spikes"])
         self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"]}
         log.info("resumed from %s at step %d (stage %s)", path, self.step, shared["stage_name"])
 
