@@ -8,7 +8,13 @@ import pytest
 import torch
 from distributed import run_ranks
 
-from imontage.parallel.state import LaunchEnv, ParallelLayout, init_process_groups, launch_env
+from imontage.parallel.state import (
+    LaunchEnv,
+    ParallelLayout,
+    export_launch_env,
+    init_process_groups,
+    launch_env,
+)
 
 
 def test_torchrun_environment() -> None:
@@ -28,6 +34,14 @@ def test_slurm_environment_takes_the_first_host_from_scontrol(
     environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "gpu[07-08]",
                "SLURM_JOB_ID": "123456"}  # fmt: skip
     assert launch_env(environ) == LaunchEnv(5, 16, 5, "gpu07", 20000 + 123456 % 20000, "slurm")
+
+
+def test_slurm_launch_is_exported_as_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed refuses to start without LOCAL_RANK, which srun does not set."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    export_launch_env(LaunchEnv(5, 16, 1, "gpu07", 23456, "slurm"))
+    assert launch_env() == LaunchEnv(5, 16, 1, "gpu07", 23456, "torchrun")
 
 
 def test_single_process_and_bad_values() -> None:

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
-from distributed import free_port
+from distributed import free_port, run_ranks
 
 from imontage.cluster.submit import JobSpec, SubmitError, render
+from imontage.config import load_recipe
 from imontage.train import checkpoint as ckpt
+from imontage.train.logger import read_metrics
 
 HOSTILE_REJECTED = ["a\nb", "a;b", "$(touch {marker})", "`touch {marker}`", "a\rb", "x\x00y"]
 HOSTILE_HARMLESS = ["a && touch {marker}", "a | touch {marker}", "a' b", 'a" b', "a > {marker}", "${{HOME}}",
@@ -131,3 +134,85 @@ def test_submit_runs_a_recipe_on_the_local_cluster(slurm_cluster: dict[str, str]
     assert f"job {job} restart 0: 1 tasks" in log
     latest = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
     assert latest is not None and latest.name == "step_000003"
+
+
+def job_field(job: str, env: dict[str, str], name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
+
+
+def wait_for_step(run_dir: Path, step: int, job: str, env: dict[str, str], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(read_metrics(run_dir)) >= step:
+            return
+        if job_field(job, env, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            raise AssertionError(f"job {job} ended before step {step}")
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} did not reach step {step} within {timeout:.0f} s")
+
+
+def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> None:
+    """SLURM holds a requeued job (Reason=BeginTime) for minutes; the test makes it eligible now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_field(job, env, "Restarts") == "1" and job_field(job, env, "JobState") == "PENDING":
+            if job_field(job, env, "Reason") == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} was not requeued within {timeout:.0f} s")
+
+
+def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The live weights of a ZeRO-3 checkpoint, consolidated by DeepSpeed's own zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def uninterrupted(rank: int, world_size: int, overrides: list[str]) -> list[float]:
+    from imontage.train.trainer import train
+
+    run_dir = train(load_recipe(REPO / "configs/recipes/quickstart.yaml", overrides))
+    return [r["loss"] for r in read_metrics(run_dir)] if rank == 0 else []
+
+
+@pytest.mark.slow
+def test_usr2_preemption_saves_requeues_and_resumes_exactly(
+    slurm_cluster: dict[str, str], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "48", "--no-progress"],
+                   cwd=REPO, check=True)  # fmt: skip
+    steps = 24
+    common = [f"data.shards={data}/train-*.tar", f"stages.sft.steps={steps}", "data.max_tokens=768",
+              "parallel=zero3_dp2", "parallel.device=cpu", "train.sample.every=0", "train.progress=false",
+              "train.checkpoint.every=0"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    submit = [sys.executable, "tools/submit.py", "configs/recipes/quickstart.yaml", "--time", "10",
+              "--gpus-per-node", "2", "--log-dir", str(tmp_path / "logs"), "--job-name", "imontage-preempt",
+              f"run_dir={run_dir}", *common]  # fmt: skip
+    result = subprocess.run(submit, cwd=REPO, env=slurm_cluster, capture_output=True, text=True, check=True)
+    job = result.stdout.split()[-1]
+    wait_for_step(run_dir, 6, job, slurm_cluster)
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_cluster, check=True)
+    release_requeued(job, slurm_cluster)
+    state = wait_for_job(job, slurm_cluster, timeout=480)
+    log = next((tmp_path / "logs").glob(f"imontage-preempt-{job}.out")).read_text()
+    assert state == "COMPLETED", log
+    assert f"job {job} restart 0: 2 tasks" in log and f"job {job} restart 1: 2 tasks" in log, log
+    assert "SIGUSR2 received here" in log and "requeued" in log.lower(), log
+    assert job_field(job, slurm_cluster, "Restarts") == "1"
+
+    reference_dir = tmp_path / "reference"
+    expected = run_ranks(uninterrupted, 2, [f"run_dir={reference_dir}", *common], timeout=300)[0]
+    assert [r["loss"] for r in read_metrics(run_dir)] == expected  # the losses after the resume too
+    final = ckpt.checkpoint_name(steps)
+    weights, reference = (
+        fp32_weights(run_dir / "checkpoints" / final),
+        fp32_weights(reference_dir / "checkpoints" / final),
+    )
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(weights[name], value), name

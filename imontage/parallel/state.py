@@ -107,6 +107,17 @@ class ParallelLayout:
         return cls(tensor, context, world_size // (tensor * context))
 
 
+def export_launch_env(env: LaunchEnv) -> None:
+    """torchrun's variables for what SLURM described: DeepSpeed (and others) read ``LOCAL_RANK`` & co."""
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+
+
 def init_process_groups(
     layout: ParallelLayout, device: torch.device, env: LaunchEnv, timeout: timedelta = timedelta(minutes=10)
 ) -> None:
@@ -115,6 +126,7 @@ def init_process_groups(
 
     if layout.tensor * layout.context * layout.data != env.world_size:
         raise ValueError(f"layout {layout} does not cover the {env.world_size} ranks of the job")
+    export_launch_env(env)
     if device.type == "cpu":
         import megatron_patches
 
