@@ -122,3 +122,24 @@ def test_bf16_autocast_tracks_fp32(tmp_path: Path, shards: str) -> None:
     assert bf16 == pytest.approx(fp32, rel=0.05)  # ...and tracks the fp32 run
     model = final_tensors(runs["bf16"])["model"]
     assert all(t.dtype == torch.float32 for t in model.values())  # master weights stay fp32
+
+
+TWO_STAGES = "stages=[{name: sft, objective: flow_matching, steps: 4}, {name: tune, objective: flow_matching, steps: 3, optim: {lr: 0.0005}}]"
+
+
+def test_stages_run_one_at_a_time_equal_the_chained_run(tmp_path: Path, shards: str) -> None:
+    chained = run(tmp_path / "chained", shards, TWO_STAGES)
+    one_by_one = tmp_path / "one_by_one"
+    run(one_by_one, shards, TWO_STAGES, "stage=sft")
+    assert [r["step"] for r in read_metrics(one_by_one)] == [1, 2, 3, 4]
+    run(one_by_one, shards, TWO_STAGES, "stage=tune")  # starts from the sft stage's final checkpoint
+    assert_same_run(chained, one_by_one)
+
+
+def test_a_later_stage_alone_needs_the_previous_stages_checkpoint(tmp_path: Path, shards: str) -> None:
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"step_000004, which is missing or incomplete: run stage=sft first"
+    ):
+        run(tmp_path / "fresh", shards, TWO_STAGES, "stage=tune")
+    with pytest.raises(Exception, match=r"key 'train.only_stage': no stage 'dpo' \(stages: sft, tune\)"):
+        run(tmp_path / "fresh", shards, TWO_STAGES, "stage=dpo")

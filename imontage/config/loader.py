@@ -109,6 +109,8 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
             raise RecipeError(f"{COMMAND_LINE}: '{item}' is not a key=value override")
         if key in GROUPS:
             choices[key] = value
+        elif key == "stage":  # shorthand: run one stage of the recipe
+            dotlist.append(f"train.only_stage={value}")
         else:
             dotlist.append(item)
     return choices, dotlist
@@ -318,6 +320,13 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
             merged = stage_section(cfg, index, section, source=origin(f"{key}.{section}"))
             if section == "data" and any(value is not None for value in stage.data.values()):
                 validate_data(merged, f"{key}.data", model, source)
+    only = cfg.train.only_stage
+    _check(
+        not only or only in names,
+        "train.only_stage",
+        source,
+        f"no stage '{only}' (stages: {', '.join(names)})",
+    )
 
 
 # Signals a Python handler can catch; SIGKILL and SIGSTOP cannot be.

@@ -204,6 +204,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     resume: str = "auto"  # "auto": continue from RUN_DIR/checkpoints/latest; "never"; or a path
     stop_at_step: int = 0  # stop once this global step is done (a checkpoint is saved); 0: never
+    # Run this stage only (command line: stage=NAME), from the previous stage's final checkpoint.
+    only_stage: str = ""
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

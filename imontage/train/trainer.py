@@ -133,7 +133,7 @@ class Trainer:
         self.maybe_resume()
         try:
             with self.signals:
-                for stage in self.stages:
+                for stage in self.selected_stages():
                     if self.step >= stage.last_step:
                         continue
                     self.start_stage(stage)
@@ -144,6 +144,11 @@ class Trainer:
         finally:
             self.logger.close()
             self.backend.close()
+
+    def selected_stages(self) -> list[Stage]:
+        """Every stage, or only ``train.only_stage`` (``stage=NAME`` on the command line)."""
+        only = self.cfg.train.only_stage
+        return [stage for stage in self.stages if not only or stage.name == only]
 
     def requeue(self) -> None:
         """After the stop checkpoint: requeue the SLURM job (rank 0) and raise :class:`RunStopped`."""
@@ -322,9 +327,16 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        path = self.backend.find_resume(self.checkpoint_dir) if mode == "auto" else Path(mode)
+        path = None
+        if mode != "never":
+            path = self.backend.find_resume(self.checkpoint_dir) if mode == "auto" else Path(mode)
+        only = self.selected_stages()[0] if self.cfg.train.only_stage else None
+        if (
+            only is not None
+            and only.first_step > 0
+            and (path is None or ckpt.checkpoint_step(path) < only.first_step)
+        ):
+            path = self.stage_entry_checkpoint(only)
         if path is None:
             return
         shared, own, rng_tensors = self.backend.load(path)
@@ -336,6 +348,17 @@ class Trainer:
             self.spikes.load_state_dict(shared["faults"]["spikes"])
         self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"]}
         log.info("resumed from %s at step %d (stage %s)", path, self.step, shared["stage_name"])
+
+    def stage_entry_checkpoint(self, stage: Stage) -> Path:
+        """The previous stage's final checkpoint, where ``stage=NAME`` starts (every stage saves at its end)."""
+        path = self.checkpoint_dir / ckpt.checkpoint_name(stage.first_step)
+        if not ckpt.is_complete(path):
+            previous = self.stages[stage.index - 1].name
+            raise ckpt.CheckpointError(
+                f"stage={stage.name} starts from {path}, which is missing or incomplete: "
+                f"run stage={previous} first (or the whole recipe)"
+            )
+        return path
 
     # -------------------------------------------------------------------------------- samples
     def write_samples(self) -> Path:
