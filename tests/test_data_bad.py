@@ -95,6 +95,34 @@ def test_strict_mode_raises_through_a_worker_process(tmp_path: Path) -> None:
     loader.close()
 
 
+def test_a_sample_that_fails_to_decode_leaves_its_batch_to_the_others(tmp_path: Path) -> None:
+    """Packing chooses from token counts, so a broken sample is found when its batch is made: it is
+    skipped and the packer chooses again from what it holds; a resume after that batch goes on alike."""
+    samples = bad_samples()
+    good = samples["too_many_pixels"]  # an 80x80 PNG, fine without the cap: 400 + 10 text tokens
+    with ShardWriter(tmp_path / "late-000000.tar") as writer:
+        for key in ("g0", "g1", "broken", "g2", "g3", "g4", "g5"):  # broken: 64 + 8 tokens
+            writer.add_sample(key, samples["undecodable_image"] if key == "broken" else good)
+    cfg = DataConfig(
+        shards=str(tmp_path / "late-*.tar"), max_tokens=900, batch_size=0, pack_buffer=3, shuffle_buffer=0
+    )
+    cfg.bad_data.skip_budget = 0.2  # one of the seven may fail
+    loader = build_loader(cfg, SPEC)  # nothing wrong is known before decoding
+    assert isinstance(loader, StreamLoader) and loader.batches_in_epoch(0) == 2
+    keys = [[key for _, key in (next(loader), loader.last)[1].keys] for _ in range(2)]  # type: ignore[union-attr]
+    # [g0 g1 broken] is chosen first and broken fails; [g0 g1] is made once g2 fills the buffer again
+    assert keys == [["g0", "g1"], ["g2", "g3"]]
+    assert loader.stats().skipped_by_reason() == {"undecodable": 1}
+
+    first = build_loader(cfg, SPEC)
+    next(first)
+    resumed = build_loader(cfg, SPEC)
+    resumed.load_state_dict(first.state_dict())
+    next(resumed)
+    assert resumed.last is not None and [key for _, key in resumed.last.keys] == ["g2", "g3"]
+    assert resumed.stats().skipped_by_reason() == {"undecodable": 1}
+
+
 def test_exceeding_the_skip_budget_stops_the_run(bad_set: tuple[str, dict[str, int]]) -> None:
     shards, _ = bad_set
     loader = build_loader(config(shards, skip_budget=(SAMPLE_PROBLEMS - 1) / INDEXED), SPEC)

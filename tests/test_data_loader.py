@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from imontage.config.schema import BucketConfig, DataConfig
-from imontage.data import build_loader
+from imontage.data import build_loader, stream
 from imontage.data.catalog import Catalog, PackingLimits
-from imontage.data.decode import DecodeOptions
+from imontage.data.decode import DecodedItem, DecodeOptions, decode_item
 from imontage.data.loader import StreamLoader
 from imontage.data.plan import Sharding, allowed_skips, guaranteed_batches, plan_epoch
-from imontage.data.shards import expand_shards
+from imontage.data.shards import RawSample, expand_shards
 from imontage.data.testing import MIXED_BUCKETS, write_mixed_shards
 from imontage.models.dit.sequence import PackedBatch, PackingSpec
 
@@ -190,6 +190,37 @@ def test_resume_in_process_restores_buffers_mid_shard(shards: str) -> None:
     resumed.load_state_dict(state)
     assert_same(take(resumed, 9), uninterrupted[5:])  # type: ignore[arg-type]
     assert resumed.stats().samples_read >= interrupted.stats().samples_read
+
+
+def test_only_the_samples_of_batches_made_are_decoded(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing goes by the catalog's token counts: each sample is decoded once, when its batch is
+    made; those still buffered when an epoch's count is met are dropped undecoded, and a restore
+    decodes none of the samples it puts back into the buffers."""
+    decoded: list[tuple[str, str]] = []
+
+    def counted(raw: RawSample, *args: object, **kwargs: object) -> DecodedItem:
+        decoded.append((raw.url, raw.key))
+        return decode_item(raw, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stream, "decode_item", counted)
+    cfg = config(shards, num_workers=0, shuffle_buffer=16, pack_buffer=12)
+    loader = build_loader(cfg, SPEC)
+    assert isinstance(loader, StreamLoader)
+    batches = loader.batches_in_epoch(0) + 1  # into the second epoch: the first one's leftovers are counted
+    emitted = [key for keys, _ in take(loader, batches) for key in keys]
+    assert decoded == emitted
+    assert loader.stats().samples_dropped > 0  # there were buffered samples left over
+
+    interrupted = build_loader(cfg, SPEC)
+    assert isinstance(interrupted, StreamLoader)
+    take(interrupted, 5)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert state["workers"][0]["packing"]
+    resumed = build_loader(cfg, SPEC)
+    resumed.load_state_dict(state)
+    decoded.clear()
+    emitted = [key for keys, _ in take(resumed, 4) for key in keys]
+    assert decoded == emitted
 
 
 def test_resume_rejects_a_state_of_another_setup(shards: str) -> None:

@@ -8,23 +8,22 @@ import pytest
 
 from imontage.config.schema import BucketConfig, DataConfig
 from imontage.data import build_loader
-from imontage.data.decode import DecodedItem
 from imontage.data.loader import StreamLoader
 from imontage.data.packing import TokenPacker
 from imontage.data.testing import MIXED_BUCKETS, write_mixed_shards
-from imontage.models.dit.sequence import PackingSpec, Sample
+from imontage.models.dit.sequence import PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")
 
 
-def item(tokens: int, samples: int = 1) -> DecodedItem:
-    return DecodedItem(f"k{tokens}", "s.tar", "t", [Sample([]) for _ in range(samples)], tokens)
+def item(tokens: int, samples: int = 1) -> tuple[int, int]:
+    return tokens, samples
 
 
-def packer_with(max_tokens: int, max_samples: int, *items: DecodedItem) -> TokenPacker:
-    packer = TokenPacker(max_tokens, max_samples, buffer_size=len(items))
-    for position, entry in enumerate(items):
-        packer.add(position, entry)
+def packer_with(max_tokens: int, max_samples: int, *items: tuple[int, int]) -> TokenPacker[str]:
+    packer: TokenPacker[str] = TokenPacker(max_tokens, max_samples, buffer_size=len(items))
+    for position, (tokens, samples) in enumerate(items):
+        packer.add(position, tokens, samples, f"item {position}")
     return packer
 
 
@@ -41,11 +40,11 @@ def test_sample_cap_and_pairs() -> None:
     assert [entry.position for entry in capped.pop_batch()] == [0, 1]
     pairs = packer_with(0, 3, item(100, samples=2), item(100, samples=2), item(100))
     assert [entry.position for entry in pairs.pop_batch()] == [0, 2]  # a pair does not fit the third slot
-    without_budget = TokenPacker(0, 4, buffer_size=64)
+    without_budget: TokenPacker[str] = TokenPacker(0, 4, buffer_size=64)
     for position in range(3):
-        without_budget.add(position, item(10))
+        without_budget.add(position, 10, 1, f"item {position}")
     assert not without_budget.ready()  # waits for a full batch of 4 samples
-    without_budget.add(3, item(10))
+    without_budget.add(3, 10, 1, "item 3")
     assert without_budget.ready()
 
 

@@ -116,7 +116,7 @@ class DataConfig:
     mixture: list[MixturePoint] = field(default_factory=list)  # weights over steps, linear between points
     batch_size: int = 8  # samples per micro-batch at most (0: no cap); without max_tokens, exactly
     max_tokens: int = 0  # token budget of a micro-batch; 0: batches of batch_size samples
-    pack_buffer: int = 64  # decoded samples the packer chooses from (with max_tokens)
+    pack_buffer: int = 64  # samples the packer chooses from, decoded once picked (with max_tokens)
     shuffle_buffer: int = 64  # raw samples; 0 reads shards and samples in stored order
     num_workers: int = 0  # DataLoader worker processes; 0 reads in the training process
     prefetch: int = 2  # batches each worker prepares ahead

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 
 Size = tuple[int, int]  # (height, width)
@@ -43,6 +44,13 @@ def fit_image(image: Image.Image, size: Size) -> Image.Image:
     crop_w, crop_h = width / scale, height / scale  # the source box that maps onto the bucket
     left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
     return image.resize((width, height), RESAMPLE, box=(left, top, left + crop_w, top + crop_h))
+
+
+def fit_pixels(pixels: np.ndarray, size: Size) -> np.ndarray:
+    """:func:`fit_image` for ``[H, W, 3]`` uint8 pixels; pixels already of ``size`` come back as they are."""
+    if pixels.shape[:2] == tuple(size):
+        return pixels
+    return np.asarray(fit_image(Image.fromarray(pixels), size))
 
 
 def sample_frame_indices(

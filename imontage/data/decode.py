@@ -264,17 +264,25 @@ def _sample_tokens(
 
 
 def plan_item(
-    facts: SampleFacts, options: DecodeOptions, spec: PackingSpec | None, url: str, key: str
+    facts: SampleFacts,
+    options: DecodeOptions,
+    spec: PackingSpec | None,
+    url: str,
+    key: str,
+    tokens: int | None = None,
 ) -> ItemPlan:
     """Trained shapes and token count of a sample; a :class:`DataError` when the recipe cannot train it.
 
-    Without ``spec`` (previews) the model checks are left out and the token count is 0.
+    Without ``spec`` (previews) the model checks are left out and the token count is 0. Given
+    ``tokens`` (what a :class:`~imontage.data.catalog.Catalog` worked out from the same facts),
+    the model checks, which build every position, are not made again.
     """
     groups = ("win", "lose") if any(segment.group for segment in facts.segments) else (None,)
     try:
         plans = tuple(_segment_plan(segment, options, spec) for segment in facts.segments)
         text_tokens = _text_tokens(facts, options, spec)
-        tokens = sum(_sample_tokens(facts, plans, group, text_tokens, spec) for group in groups)
+        if tokens is None:
+            tokens = sum(_sample_tokens(facts, plans, group, text_tokens, spec) for group in groups)
     except _Reject as reject:
         raise DataError.of(reject.reason, url, key, str(reject)) from None
     return ItemPlan(plans, text_tokens, tokens, len(groups))
@@ -296,8 +304,11 @@ class DecodedItem:
 
 
 def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """``[T, H, W, 3]`` uint8 -> ``[3, T, H, W]`` float32 in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    """``[T, H, W, 3]`` uint8 -> ``[3, T, H, W]`` float32 in [-1, 1], contiguous."""
+    # Transposed while still bytes: patchifying then reads whole rows, several times faster
+    # for clips than gathering from a float tensor that keeps the THWC strides.
+    planar = np.ascontiguousarray(pixels.transpose(3, 0, 1, 2))
+    return torch.from_numpy(planar).float().div_(127.5).sub_(1.0)
 
 
 def _decode_segment(raw: RawSample, segment: SegmentRecord, plan: SegmentPlan) -> torch.Tensor:
@@ -330,17 +341,22 @@ def _text_segment(raw: RawSample, record: SampleRecord, options: DecodeOptions) 
 
 
 def decode_item(
-    raw: RawSample, options: DecodeOptions, spec: PackingSpec | None = None, facts: SampleFacts | None = None
+    raw: RawSample,
+    options: DecodeOptions,
+    spec: PackingSpec | None = None,
+    facts: SampleFacts | None = None,
+    tokens: int | None = None,
 ) -> DecodedItem:
     """Decode one raw sample into its training sample(s); a :class:`DataError` names what is wrong.
 
-    ``facts`` (from a shard index) saves reading the headers again.
+    ``facts`` (from a shard index) saves reading the headers again, and ``tokens`` (the sample's
+    count in a catalog) checking them against the model again (see :func:`plan_item`).
     """
     if facts is None:
         record, facts = inspect_sample(raw)
     else:
         record = parse_record(raw)
-    plan = plan_item(facts, options, spec, raw.url, raw.key)
+    plan = plan_item(facts, options, spec, raw.url, raw.key, tokens)
     visual = [
         Segment(
             segment.kind,

@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from imontage.data.buckets import Size, fit_image
+from imontage.data.buckets import Size, fit_image, fit_pixels
 
 # Pixel caps are ours (data.bad_data.max_pixels), checked on the header before decoding; Pillow's
 # own decompression-bomb guard would stop larger images with a less useful error.
@@ -51,7 +51,8 @@ def decode_image(data: bytes, size: Size) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free when the bucket is that much smaller.
             image.draft("RGB", (size[1], size[0]))
-            return np.asarray(fit_image(image.convert("RGB"), size))
+            rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB one
+            return np.asarray(fit_image(rgb, size))
     except Exception as error:
         raise MediaError(f"cannot decode image ({error})") from error
 
@@ -88,14 +89,25 @@ def video_info(data: bytes) -> VideoInfo:
 def decode_video(data: bytes, indices: Sequence[int], size: Size) -> np.ndarray:
     """``[T, H, W, 3]`` uint8 RGB: the frames at ``indices`` (ascending), each fitted to ``size``."""
     import av
+    from av.video.reformatter import VideoReformatter
 
     wanted = {index: position for position, index in enumerate(indices)}
     frames: list[np.ndarray | None] = [None] * len(indices)
+    # One thread each for decoding and colour conversion: DataLoader workers already fill the
+    # cores. PyAV >= 17 converts with a thread pool by default, set up again for every frame:
+    # that cost several times the conversion itself on short clips.
+    to_rgb = VideoReformatter()
+    one_thread = {"threads": 1} if int(av.__version__.split(".", 1)[0]) >= 17 else {}
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            for index, frame in enumerate(container.decode(video=0)):
+            if not container.streams.video:
+                raise MediaError("cannot decode video (no video stream)")
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
-                    frames[wanted[index]] = np.asarray(fit_image(frame.to_image(), size))
+                    pixels = to_rgb.reformat(frame, format="rgb24", **one_thread).to_ndarray()  # [H, W, 3]
+                    frames[wanted[index]] = fit_pixels(pixels, size)
                 if index >= indices[-1]:
                     break
     except (av.FFmpegError, ValueError) as error:

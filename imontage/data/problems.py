@@ -66,7 +66,7 @@ class DataStats:
 
     samples_read: int = 0  # raw samples read from shards, bad ones included
     samples_emitted: int = 0  # samples put into batches (a preference pair counts two)
-    samples_dropped: int = 0  # good samples left over when a worker's epoch quota of batches was met
+    samples_dropped: int = 0  # trainable samples left over, undecoded, when a worker met its epoch quota
     batches: int = 0
     tokens: int = 0  # tokens in emitted batches
     token_budget: int = 0  # batches x max_tokens (0 without a token budget)

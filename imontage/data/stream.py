@@ -1,9 +1,11 @@
 """One worker's endless stream of packed batches, and the state that resumes it exactly.
 
 Per epoch a worker reads its slice of the epoch plan (shard pieces, seeking to a piece's first
-sample in a local shard), passes the raw samples through a seeded shuffle buffer, decodes them
-and packs them, and stops once it has made the plan's number of batches. Every batch carries
-the worker's state as of just after it was made:
+sample in a local shard), passes the raw samples through a seeded shuffle buffer and packs them
+by the token counts the catalog knows, and stops once it has made the plan's number of batches.
+Only the samples of a batch it makes are decoded, when it makes it: the samples still buffered
+when the epoch's count is met are dropped undecoded. Every batch carries the worker's state as
+of just after it was made:
 
 - ``epoch``, ``batches`` made in it, ``skips`` in it (for the skip budget);
 - ``cursor``: the next position of the slice to read (the shard cursor and offset, through the plan);
@@ -12,7 +14,7 @@ the worker's state as of just after it was made:
 - ``stats``: the worker's counters.
 
 Buffers are saved as positions, not bytes: restoring reads the slice again from the oldest held
-position up to the cursor, keeps the held samples (decoding those the packer held) and goes on.
+position up to the cursor, keeps the held samples and goes on.
 That window is about a shuffle buffer long, so a restore costs seconds, not an epoch.
 """
 
@@ -190,9 +192,11 @@ class WorkerStream:
         sharding = settings.sharding
         rng = seeded_rng(sharding.seed, sharding.stream, self.epoch, SHUFFLE_STREAM, self.slice_index)
         self.shuffle = ShuffleBuffer(settings.shuffle_buffer, rng)
-        self.packer = TokenPacker(
+        self.packer: TokenPacker[SliceSample] = TokenPacker(
             settings.limits.max_tokens, settings.limits.max_samples, settings.pack_buffer
         )
+        # Items of a batch that a failed decode of another item left unmade: kept for the next.
+        self.decoded: dict[int, DecodedItem] = {}  # slice position -> its decoded item
 
     @property
     def epoch_done(self) -> bool:
@@ -251,7 +255,9 @@ class WorkerStream:
         while not self.epoch_done and (shuffled := self.shuffle.pop()) is not None:
             yield from self._pack(shuffled)
         while not self.epoch_done and len(self.packer):
-            yield self._emit()
+            batch = self._emit()
+            if batch is not None:
+                yield batch
         if not self.epoch_done:
             raise DataExhausted(
                 f"rank {self.rank} worker {self.worker}, epoch {self.epoch}: its share of "
@@ -259,33 +265,57 @@ class WorkerStream:
                 f"{self.plan.batches_per_worker} batches the plan counted on; skipped: {self.stats.skipped_by_reason()}"
             )
 
+    def _hold(self, sample: SliceSample) -> None:
+        shard = self.catalog.shards[sample.shard]
+        tokens, samples = shard.tokens[sample.shard_position], shard.samples[sample.shard_position]
+        self.packer.add(sample.position, int(tokens), int(samples), sample)
+
     def _pack(self, sample: SliceSample) -> Iterator[WorkerBatch]:
-        item = self._decode(sample)
-        if item is None:
-            return
-        self.packer.add(sample.position, item)
+        self._hold(sample)
         while not self.epoch_done and self.packer.ready():
-            yield self._emit()
+            batch = self._emit()
+            if batch is not None:
+                yield batch
 
     def _decode(self, sample: SliceSample) -> DecodedItem | None:
-        facts = self.catalog.shards[sample.shard].index.entries[sample.shard_position].facts
+        shard = self.catalog.shards[sample.shard]
+        facts = shard.index.entries[sample.shard_position].facts
+        tokens = int(shard.tokens[sample.shard_position])
         try:
-            return decode_item(sample.raw, self.options, self.spec, facts)
+            return decode_item(sample.raw, self.options, self.spec, facts, tokens)
         except DataError as error:
             self._skip(error)
             return None
 
-    def _emit(self) -> WorkerBatch:
-        entries = self.packer.pop_batch()
-        samples = [sample for entry in entries for sample in entry.item.samples]
+    def _emit(self) -> WorkerBatch | None:
+        """The packer's next batch, decoding its items now; None when one of them fails to decode.
+
+        A failed item is skipped and leaves the buffer; the others stay, and the packer chooses
+        again from what it then holds.
+        """
+        chosen = self.packer.select()
+        failed = []
+        for index in chosen:
+            entry = self.packer.buffer[index]
+            if entry.position not in self.decoded:
+                item = self._decode(entry.item)
+                if item is None:
+                    failed.append(index)
+                else:
+                    self.decoded[entry.position] = item
+        if failed:
+            self.packer.take(failed)
+            return None
+        items = [self.decoded.pop(entry.position) for entry in self.packer.take(chosen)]
+        samples = [sample for item in items for sample in item.samples]
         batch = pack_samples(samples, self.spec)
         self.batches += 1
         self.stats.batches += 1
         self.stats.samples_emitted += len(samples)
         self.stats.tokens += batch.tokens.shape[0]
         self.stats.token_budget += self.settings.limits.max_tokens
-        keys = [(entry.item.url, entry.item.key) for entry in entries]
-        tasks = [entry.item.task for entry in entries]
+        keys = [(item.url, item.key) for item in items]
+        tasks = [item.task for item in items]
         return WorkerBatch(batch, self.worker, self.epoch, keys, tasks, self.state())
 
     def _finish_epoch(self) -> None:
@@ -336,11 +366,6 @@ class WorkerStream:
         self.shuffle.held = [found[position] for position in shuffled]
         self.shuffle.rng.bit_generator.state = state["shuffle_rng"]
         for position in packed:
-            item = self._decode(found[position])
-            if item is None:
-                raise RuntimeError(
-                    f"cannot restore the loader: sample at position {position} no longer decodes"
-                )
-            self.packer.add(position, item)
+            self._hold(found[position])
         self.cursor, self.batches, self.skips = cursor, int(state["batches"]), int(state["skips"])
         return samples

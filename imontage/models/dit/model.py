@@ -247,7 +247,8 @@ class DiT(nn.Module):
         elif self.text_encoder is not None:
             features = self.text_encoder(batch.text_ids, batch.text_index)
         elif not bool(batch.is_text.any()):  # no text rows: zeros keep the projection in the graph
-            features = batch.tokens.new_zeros(batch.tokens.shape[0], self.text_proj[0].in_features)
+            text_dim = int(self.text_proj[0].in_features)  # type: ignore[arg-type]
+            features = batch.tokens.new_zeros(batch.tokens.shape[0], text_dim)
         else:
             raise ValueError("text_encoder=precomputed: text segments must carry embeddings, not strings")
         return self.text_proj(features.to(self.patch_embed.weight.dtype))
