@@ -9,7 +9,7 @@ squared error over target tokens only.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
@@ -85,6 +85,28 @@ def select_tokens(batch: PackedBatch, keep: torch.Tensor) -> PackedBatch:
 class FlowMatchingOutput:
     loss: torch.Tensor
     num_target_tokens: int
+    # task -> (sum of squared errors, target values): per-task losses for the log, no gradient
+    task_errors: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+
+def task_errors(
+    prediction: torch.Tensor, target: torch.Tensor, batch: PackedBatch
+) -> dict[str, tuple[float, int]]:
+    """Squared error and value count of the target tokens of each task of ``batch``."""
+    if not batch.tasks:
+        return {}
+    squared = (prediction.detach().float() - target.float()).pow(2).sum(dim=1)  # [N]
+    mask = batch.target_mask
+    sample = batch.sample_index()[mask]
+    per_sample = torch.zeros(batch.num_samples, dtype=torch.float64, device=squared.device)
+    per_sample.index_add_(0, sample, squared[mask].double())
+    counts = torch.bincount(sample, minlength=batch.num_samples) * prediction.shape[1]
+    totals: dict[str, tuple[float, int]] = {}
+    for task, error, count in zip(batch.tasks, per_sample.tolist(), counts.tolist(), strict=True):
+        name = task or "untitled"
+        previous = totals.get(name, (0.0, 0))
+        totals[name] = (previous[0] + error, previous[1] + int(count))
+    return totals
 
 
 class FlowMatching:
@@ -113,4 +135,6 @@ class FlowMatching:
             noised, velocity = select_tokens(noised, keep), velocity[keep]
         prediction = model(noised)
         loss = masked_mse(prediction, velocity, noised.target_mask)
-        return FlowMatchingOutput(loss, int(noised.target_mask.sum()))
+        return FlowMatchingOutput(
+            loss, int(noised.target_mask.sum()), task_errors(prediction, velocity, noised)
+        )

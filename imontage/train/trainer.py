@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,8 @@ class Trainer:
         lr = self.set_learning_rate()
         accumulation = self.cfg.train.grad_accumulation
         loss, tokens, target_tokens = 0.0, 0, 0
+        tasks: Counter[str] = Counter()
+        errors: dict[str, list[float]] = {}  # task -> [squared error, values]
         for _ in range(accumulation):
             batch = self.next_batch().to(self.device)
             with self.backend.autocast():
@@ -217,6 +220,11 @@ class Trainer:
             loss += output.loss.item() / accumulation
             tokens += batch.tokens.shape[0]
             target_tokens += int(output.num_target_tokens)
+            tasks.update(task or "untitled" for task in batch.tasks)
+            for task, (error, count) in output.task_errors.items():
+                errors.setdefault(task, [0.0, 0.0])
+                errors[task][0] += error
+                errors[task][1] += count
         # Decided on every rank before the optimiser step: skip the step, or raise in "fail" mode.
         check = self.guard.check(self.step + 1, loss, self.backend.gradient_norm())
         if check.skip:
@@ -235,6 +243,9 @@ class Trainer:
             "target_tokens": self.backend.sum_over_data(target_tokens),
             "skipped_steps": float(self.guard.skipped_total),
             "loss_spikes": float(self.spikes.spikes_total),
+            # This rank's batches (rank 0's are logged): samples and loss of each task.
+            **{f"task_samples/{task}": float(n) for task, n in sorted(tasks.items())},
+            **{f"task_loss/{task}": e / max(c, 1.0) for task, (e, c) in sorted(errors.items())},
         }
 
     def after_step(self, metrics: dict[str, float]) -> None:

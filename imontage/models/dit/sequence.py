@@ -90,6 +90,7 @@ class PackedBatch:
     target_mask: torch.Tensor  # [N] bool: tokens of target segments (the loss mask)
     timesteps: torch.Tensor  # [N] float32: 0 for clean tokens (text, conditions)
     spans: list[SegmentSpan] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # [B] each sample's task ("" when unnamed)
 
     @property
     def num_samples(self) -> int:
@@ -263,6 +264,7 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
         target_mask=torch.cat(target) if target else torch.zeros(0, dtype=torch.bool),
         timesteps=torch.zeros(total),
         spans=spans,
+        tasks=[sample.task for sample in samples],
     )
 
 
