@@ -39,7 +39,7 @@ def test_slurm_environment_takes_the_first_host_from_scontrol(
 def test_slurm_launch_is_exported_as_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSpeed refuses to start without LOCAL_RANK, which srun does not set."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "stale")  # recorded, so the test's own values are undone afterwards
     export_launch_env(LaunchEnv(5, 16, 1, "gpu07", 23456, "slurm"))
     assert launch_env() == LaunchEnv(5, 16, 1, "gpu07", 23456, "torchrun")
 
