@@ -32,3 +32,21 @@ def tiny_model_config(**changes: object) -> DictConfig:
     }
     values.update(changes)
     return OmegaConf.merge(cfg, values)  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A shard spec over 256 samples of the embedded synthetic data, written once per session.
+
+    Tests must not read ``data/synthetic`` (made by ``make quickstart``): a fresh clone has none.
+    """
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run(
+        [sys.executable, "tools/make_synthetic.py", "--out", str(out), "--samples", "256", "--no-progress"],
+        cwd=REPO,
+        check=True,
+    )
+    return f"{out}/train-*.tar"

@@ -18,9 +18,9 @@ RECIPE = REPO / "configs/recipes/quickstart.yaml"
 NAN_STEP = 5
 
 
-def overrides(run_dir: Path, *extra: str) -> list[str]:
+def overrides(run_dir: Path, shards: str, *extra: str) -> list[str]:
     return [
-        "parallel=zero3_dp2", "parallel.device=cpu", f"run_dir={run_dir}", "stages.sft.steps=7",
+        "parallel=zero3_dp2", f"data.shards={shards}", "parallel.device=cpu", f"run_dir={run_dir}", "stages.sft.steps=7",
         "train.progress=false", "train.checkpoint.every=0", "train.sample.every=0", "data.max_tokens=768", *extra,
     ]  # fmt: skip
 
@@ -34,10 +34,10 @@ def snapshot(trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-def nan_on_rank_1(rank: int, world_size: int, run_dir: str, mode: str) -> dict:
+def nan_on_rank_1(rank: int, world_size: int, run_dir: str, shards: str, mode: str) -> dict:
     from imontage.train.trainer import Trainer
 
-    trainer = Trainer(load_recipe(RECIPE, overrides(Path(run_dir), f"train.faults.nonfinite={mode}")))
+    trainer = Trainer(load_recipe(RECIPE, overrides(Path(run_dir), shards, f"train.faults.nonfinite={mode}")))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     after_step = trainer.after_step
 
@@ -67,8 +67,8 @@ def nan_on_rank_1(rank: int, world_size: int, run_dir: str, mode: str) -> dict:
     return {"snapshots": snapshots, "skipped": trainer.guard.skipped_total}
 
 
-def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
-    ranks = run_ranks(nan_on_rank_1, 2, str(tmp_path / "skip"), "skip", timeout=300)
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, synthetic_shards: str) -> None:
+    ranks = run_ranks(nan_on_rank_1, 2, str(tmp_path / "skip"), synthetic_shards, "skip", timeout=300)
     for rank, result in enumerate(ranks):
         before, at, after = (result["snapshots"][s] for s in (NAN_STEP - 1, NAN_STEP, NAN_STEP + 1))
         for name, value in before.items():
@@ -80,8 +80,8 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
     assert metrics[-1]["loss"] == metrics[-1]["loss"]  # finite again after the skip
 
 
-def test_fail_mode_stops_every_rank_before_the_optimiser_step(tmp_path: Path) -> None:
-    ranks = run_ranks(nan_on_rank_1, 2, str(tmp_path / "fail"), "fail", timeout=300)
+def test_fail_mode_stops_every_rank_before_the_optimiser_step(tmp_path: Path, synthetic_shards: str) -> None:
+    ranks = run_ranks(nan_on_rank_1, 2, str(tmp_path / "fail"), synthetic_shards, "fail", timeout=300)
     for rank, result in enumerate(ranks):
         assert "NumericalFault" in result["error"] and f"step {NAN_STEP}" in result["error"], result["error"]
         assert max(result["snapshots"]) == NAN_STEP - 1
@@ -89,10 +89,10 @@ def test_fail_mode_stops_every_rank_before_the_optimiser_step(tmp_path: Path) ->
             assert torch.equal(result["latest"][name], value), f"rank {rank}: {name} changed"
 
 
-def signal_at_step_3(rank: int, world_size: int, run_dir: str) -> dict:
+def signal_at_step_3(rank: int, world_size: int, run_dir: str, shards: str) -> dict:
     from imontage.train.trainer import RunStopped, Trainer
 
-    trainer = Trainer(load_recipe(RECIPE, overrides(Path(run_dir))))
+    trainer = Trainer(load_recipe(RECIPE, overrides(Path(run_dir), shards)))
     after_step = trainer.after_step
 
     def signalled(metrics: dict[str, float]) -> None:
@@ -108,12 +108,14 @@ def signal_at_step_3(rank: int, world_size: int, run_dir: str) -> dict:
     return {"step": trainer.step, "exit_code": 0}
 
 
-def test_a_stop_signal_on_one_rank_stops_every_rank_after_a_checkpoint(tmp_path: Path) -> None:
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_a_checkpoint(
+    tmp_path: Path, synthetic_shards: str
+) -> None:
     from imontage.train import checkpoint as ckpt
     from imontage.train.resilience import ExitCode
 
     run_dir = tmp_path / "run"
-    ranks = run_ranks(signal_at_step_3, 2, str(run_dir), timeout=300)
+    ranks = run_ranks(signal_at_step_3, 2, str(run_dir), synthetic_shards, timeout=300)
     assert [r["step"] for r in ranks] == [3, 3]
     assert {r["exit_code"] for r in ranks} == {int(ExitCode.STOPPED)}  # not under SLURM: nothing to requeue
     assert "SIGUSR2 received here" in ranks[1]["message"]
