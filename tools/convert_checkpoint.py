@@ -2,6 +2,7 @@
 """Convert, inspect and verify imontage checkpoints.
 
 python tools/convert_checkpoint.py consolidate RUN_DIR/checkpoints/step_000800 model.safetensors [--weights live] [--dtype bf16]
+python tools/convert_checkpoint.py reshard RUN_DIR/checkpoints/step_000800 NEW_RUN_DIR/checkpoints [--tensor-parallel 1 --data-parallel 2]
 python tools/convert_checkpoint.py export model.safetensors out_folder [--max-shard-size 5GB]
 python tools/convert_checkpoint.py import out_folder model.safetensors
 python tools/convert_checkpoint.py inspect PATH [--recipe configs/recipes/x.yaml] [--tensors]
@@ -35,6 +36,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     info = convert.inspect(args.path)
     print(f"{args.path}: {info['kind']}, step {info['step']}, {info['parameters']:,} parameters in "
           f"{len(info['tensors'])} tensors")  # fmt: skip
+    if info.get("layout"):
+        print("layout: " + " ".join(f"{key}={value}" for key, value in info["layout"].items()))
     if args.tensors:
         for name, shape, dtype in info["tensors"]:
             print(f"  {name:<60} {dtype:<5} {list(shape)}")
@@ -49,11 +52,26 @@ def run_inspect(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert, inspect and verify imontage checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("consolidate", help="training checkpoint -> one safetensors file")
+    p = commands.add_parser(
+        "consolidate",
+        help="training checkpoint (single-device or DeepSpeed ZeRO-3, any layout) -> one safetensors file",
+    )
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--weights", choices=("ema", "live"), default="ema")
     p.add_argument("--dtype", choices=tuple(convert.DTYPES), default=None, help="cast floating tensors")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every input file")
+    p = commands.add_parser(
+        "reshard",
+        help="DeepSpeed checkpoint -> layout-free training checkpoint (weights, AdamW state, EMA, RNG, "
+        "loader) that any layout with the same data-parallel size resumes from",
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out_root", type=Path, help="the new run's checkpoints folder (RUN_DIR/checkpoints)")
+    p.add_argument("--tensor-parallel", type=int, default=None, help="target layout, checked")
+    p.add_argument("--context-parallel", type=int, default=None, help="target layout, checked")
+    p.add_argument("--data-parallel", type=int, default=None, help="target layout, checked")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every input file")
     p = commands.add_parser("export", help="consolidated file -> diffusers-style folder")
     p.add_argument("consolidated", type=Path)
     p.add_argument("out", type=Path)
@@ -70,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "consolidate":
-            print(f"wrote {convert.consolidate(args.checkpoint, args.out, args.weights, args.dtype)}")
+            out = convert.consolidate(args.checkpoint, args.out, args.weights, args.dtype, not args.no_verify)
+            print(f"wrote {out}")
+        elif args.command == "reshard":
+            out = convert.reshard(
+                args.checkpoint, args.out_root, args.tensor_parallel, args.context_parallel,
+                args.data_parallel, not args.no_verify,
+            )  # fmt: skip
+            print(f"wrote {out}")
         elif args.command == "export":
             print(f"wrote {convert.export_diffusers(args.consolidated, args.out, args.max_shard_size)}")
         elif args.command == "import":
@@ -78,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             run_inspect(args)
         else:
-            ckpt.verify_checkpoint(args.checkpoint)
-            print(f"{args.checkpoint}: every file matches its sha256 in {ckpt.MANIFEST}")
+            print(f"{args.checkpoint}: {convert.verify(args.checkpoint)}")
     except (convert.ConversionError, ckpt.CheckpointError, RecipeError, OSError) as error:
         print(f"convert_checkpoint.py {args.command}: {error}", file=sys.stderr)
         return 2

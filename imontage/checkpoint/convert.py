@@ -1,7 +1,10 @@
 """Checkpoint conversions: training checkpoint -> one safetensors file -> diffusers-style folder, and back.
 
 Formats:
-- a training checkpoint: ``RUN_DIR/checkpoints/step_N/`` (see imontage/train/checkpoint.py);
+- a training checkpoint: ``RUN_DIR/checkpoints/step_N/`` (see imontage/train/checkpoint.py), either
+  single-device (``model``/``optimizer``/``ema``/``rng`` safetensors groups, also what
+  :func:`reshard` writes) or DeepSpeed ZeRO-3 (engine shards of any TP/CP/DP layout, read by
+  :mod:`imontage.checkpoint.zero3`);
 - a consolidated file: one safetensors of the single-device model's tensors, with the model
   config, step and weight kind (``ema`` or ``live``) in its metadata;
 - a diffusers-style folder: ``config.json`` and ``diffusion_pytorch_model.safetensors``, or
@@ -14,6 +17,8 @@ config implies; errors name the tensor and the file. Nothing is loaded with pick
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from imontage.checkpoint import zero3
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
 from imontage.config.schema import ModelConfig
 from imontage.models.dit import build_dit
@@ -143,11 +149,20 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ consolidate
-def consolidate(checkpoint: Path, out: Path, weights: str = "ema", dtype: str | None = None) -> Path:
-    """A single-device training checkpoint -> one consolidated safetensors file (EMA or live weights)."""
+def consolidate(
+    checkpoint: Path, out: Path, weights: str = "ema", dtype: str | None = None, verify: bool = True
+) -> Path:
+    """A training checkpoint (single-device or DeepSpeed ZeRO-3) -> one consolidated safetensors file.
+
+    ``weights``: ``ema`` or ``live`` (the fp32 master weights under DeepSpeed); ``dtype``: cast
+    floating tensors (``fp32``/``bf16``); ``verify``: check every file against the sha256 manifest first.
+    """
     if weights not in ("ema", "live"):
         raise ConversionError(f"weights must be 'ema' or 'live', not '{weights}'")
-    ckpt.verify_checkpoint(checkpoint)
+    if verify:
+        ckpt.verify_checkpoint(checkpoint)
+    if zero3.is_zero3_checkpoint(checkpoint):
+        return _consolidate_zero3(checkpoint, out, weights, dtype)
     state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
     cfg = model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
     shapes = expected_shapes(cfg)
@@ -158,13 +173,230 @@ def consolidate(checkpoint: Path, out: Path, weights: str = "ema", dtype: str | 
             raise ConversionError(f"{ema_file}: no such file (this run kept no EMA; use weights=live)")
         sources.update(_file_sources(ema_file))  # EMA covers the parameters; buffers stay the model's
     _check_layout(sources, shapes, str(checkpoint))
-    metadata = {
+    return _write(
+        out, sources, DTYPES[dtype] if dtype else None, _consolidated_metadata(cfg, state["step"], weights)
+    )
+
+
+def _consolidated_metadata(cfg: Any, step: int, weights: str, **extra: str) -> dict[str, str]:
+    return {
         "format": FORMAT,
         "model_config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
-        "step": str(state["step"]),
+        "step": str(step),
         "weights": weights,
+        **extra,
     }
-    return _write(out, sources, DTYPES[dtype] if dtype else None, metadata)
+
+
+def open_zero3(checkpoint: Path) -> tuple[zero3.Zero3Checkpoint, Any]:
+    """A validated ZeRO-3 checkpoint reader and its model config."""
+    state_file = checkpoint / ckpt.STATE_FILE
+    if not state_file.is_file():
+        raise ConversionError(f"{state_file}: no such file")
+    state = json.loads(state_file.read_text())
+    cfg = model_config(state.get("model_config", {}), str(state_file))
+    try:
+        return zero3.Zero3Checkpoint(checkpoint, expected_shapes(cfg)), cfg
+    except zero3.Zero3Error as error:
+        raise ConversionError(str(error)) from error
+
+
+def zero3_tensors(
+    reader: zero3.Zero3Checkpoint, kind: str, dtype: torch.dtype = torch.float32, desc: str = ""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, single-device tensor) for every tensor of the model, one at a time, with a progress bar.
+
+    The tensors are assembled in one buffer of the largest one's size: each is valid until the
+    next is asked for (copy it to keep it).
+    """
+    buffer = torch.empty(max(math.prod(shape) for shape in reader.expected.values()), dtype=dtype)
+    try:
+        for name in tqdm(
+            reader.names(), desc=desc or f"{kind} of {reader.path.name}", unit="tensor", leave=False
+        ):
+            yield name, reader.tensor(name, kind, dtype, into=buffer)
+    except zero3.Zero3Error as error:
+        raise ConversionError(str(error)) from error
+    finally:
+        reader.release()
+
+
+def _consolidate_zero3(checkpoint: Path, out: Path, weights: str, dtype: str | None) -> Path:
+    reader, cfg = open_zero3(checkpoint)
+    out_dtype = DTYPES[dtype] if dtype else torch.float32
+    layout = {name: (shape, out_dtype) for name, shape in reader.expected.items()}
+    metadata = _consolidated_metadata(
+        cfg, reader.step, weights, source_layout=json.dumps(reader.layout.as_dict())
+    )
+    kind = "ema" if weights == "ema" else "fp32"
+    _stream(
+        out, layout, zero3_tensors(reader, kind, out_dtype, desc=f"consolidating {checkpoint.name}"), metadata
+    )
+    return out
+
+
+def _stream(
+    out: Path,
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str],
+) -> Path:
+    """Write ``tensors`` (in ``layout`` order) to one safetensors file, holding one at a time."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with StreamingSafetensorsWriter(out, layout, metadata) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+            del tensor
+    return out
+
+
+# ---------------------------------------------------------------------------------------- reshard
+def reshard(
+    checkpoint: Path,
+    out_root: Path,
+    tensor_parallel: int | None = None,
+    context_parallel: int | None = None,
+    data_parallel: int | None = None,
+    verify: bool = True,
+) -> Path:
+    """A DeepSpeed ZeRO-3 checkpoint -> a layout-free training checkpoint under ``out_root``.
+
+    The checkpoint written (``out_root/step_N``, ``latest`` pointed at it) has the single-device
+    format :class:`~imontage.train.backends.LocalBackend` writes: the fp32 master weights
+    (``model``), AdamW's moments and step per parameter (``optimizer``), the EMA (``ema``), and the
+    RNG and data-loader states of every data-parallel rank (``rng`` and ``state.json``'s
+    ``data_ranks``). Any layout with the same number of data-parallel ranks resumes from it: the
+    local engine directly (one data rank), DeepSpeed by cutting each rank's TP slice and ZeRO
+    partition as it loads (``DeepSpeedBackend.load``). The target layout, when given, is checked
+    here (heads and MLP width divisible; the same number of data-parallel ranks).
+    """
+    if verify:
+        ckpt.verify_checkpoint(checkpoint)
+    if not zero3.is_zero3_checkpoint(checkpoint):
+        raise ConversionError(
+            f"{checkpoint}: not a DeepSpeed checkpoint (its {ckpt.STATE_FILE} has no 'layout'); "
+            "a single-device checkpoint already resumes under any layout with one data-parallel rank"
+        )
+    reader, cfg = open_zero3(checkpoint)
+    source = reader.layout
+    _check_target_layout(checkpoint, cfg, source, tensor_parallel, context_parallel, data_parallel)
+    names = reader.parameter_names()
+    index = {name: i for i, name in enumerate(names)}
+    step = reader.step
+    staging = ckpt.make_staging(out_root, ckpt.checkpoint_name(step), os.getpid())
+    try:
+        model_layout = {name: (shape, torch.float32) for name, shape in reader.expected.items()}
+        _stream(
+            staging / "model.safetensors", model_layout, zero3_tensors(reader, "fp32", desc="weights"), {}
+        )
+        has_ema = (checkpoint / zero3.rank_tensors_name(0)).is_file() and _has_ema(checkpoint)
+        if has_ema:
+            ema_layout = {name: (reader.expected[name], torch.float32) for name in names}
+            ema = ((n, t) for n, t in zero3_tensors(reader, "ema", desc="EMA") if n in index)
+            _stream(staging / "ema.safetensors", ema_layout, ema, {})
+        optimizer_meta = _write_optimizer(reader, names, staging / "optimizer.safetensors")
+        data_ranks, rng = _data_rank_states(checkpoint, source)
+        ckpt.write_tensors(staging / "rng.safetensors", rng)
+        shared = {k: v for k, v in reader.state.items() if k not in ("layout", "world_size")}
+        state = {
+            **shared,
+            **data_ranks[0],  # what the local engine (one data rank) restores
+            "data_ranks": data_ranks,
+            "optimizer": optimizer_meta,
+            "resharded_from": {"checkpoint": str(checkpoint), "layout": source.as_dict()},
+        }
+        ckpt.write_json(staging / ckpt.STATE_FILE, state)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ckpt.publish(out_root, staging, step)
+
+
+def _has_ema(checkpoint: Path) -> bool:
+    with _open(checkpoint / zero3.rank_tensors_name(0)) as handle:
+        return any(key.startswith("ema.") for key in handle.keys())  # noqa: SIM118
+
+
+def _check_target_layout(
+    checkpoint: Path,
+    cfg: Any,
+    source: zero3.Layout,
+    tensor: int | None,
+    context: int | None,
+    data: int | None,
+) -> None:
+    tensor, context = tensor or 1, context or 1
+    if cfg.num_heads % (tensor * context):
+        raise ConversionError(
+            f"{checkpoint}: model.num_heads={cfg.num_heads} does not split over tensor_parallel × "
+            f"context_parallel = {tensor} × {context}"
+        )
+    if cfg.mlp_hidden_size % tensor:
+        raise ConversionError(
+            f"{checkpoint}: model.mlp_hidden_size={cfg.mlp_hidden_size} does not split over tensor_parallel={tensor}"
+        )
+    if data is not None and data != source.data:
+        raise ConversionError(
+            f"{checkpoint}: saved with data_parallel={source.data}; its data-loader and RNG states belong "
+            f"to {source.data} data-parallel rank(s), so it resumes only with data_parallel={source.data}, "
+            f"not {data} (the weights and optimizer state themselves convert to any layout)"
+        )
+
+
+def _write_optimizer(reader: zero3.Zero3Checkpoint, names: list[str], out: Path) -> dict[str, Any]:
+    """AdamW's state per parameter, as ``LocalBackend`` saves it (``checkpoint.optimizer_state_to_tensors``)."""
+    step = reader.optimizer_steps()
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    states = []
+    for i, name in enumerate(names):
+        layout[f"state/{i}/step"] = ((), torch.float32)
+        layout[f"state/{i}/exp_avg"] = (reader.expected[name], torch.float32)
+        layout[f"state/{i}/exp_avg_sq"] = (reader.expected[name], torch.float32)
+        states.append(
+            [i, {key: {"__tensor__": f"state/{i}/{key}"} for key in ("step", "exp_avg", "exp_avg_sq")}]
+        )
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        moments = {kind: zero3_tensors(reader, kind, desc=kind) for kind in ("exp_avg", "exp_avg_sq")}
+        for i, name in enumerate(names):
+            yield f"state/{i}/step", step
+            for kind, source in moments.items():
+                got, tensor = next(source)
+                while got != name:  # buffers have no optimizer state
+                    got, tensor = next(source)
+                yield f"state/{i}/{kind}", tensor
+
+    _stream(out, layout, tensors(), {})
+    group = {**reader.optimizer_hyperparameters(), "params": list(range(len(names)))}
+    if isinstance(group.get("betas"), list | tuple):
+        group["betas"] = {"__tuple__": list(group["betas"])}
+    return {"state": states, "param_groups": [group]}
+
+
+def _data_rank_states(
+    checkpoint: Path, layout: zero3.Layout
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Loader and RNG state of each data-parallel rank (kept by its TP rank 0, CP rank 0).
+
+    RNG tensors of data rank 0 keep their names (what the local engine restores); those of rank
+    ``d`` are also stored as ``data_rank_{d}/<name>``.
+    """
+    states, tensors = [], {}
+    for data_rank in range(layout.data):
+        rank = layout.global_rank(0, data_rank * layout.context)
+        own = json.loads((checkpoint / zero3.rank_state_name(rank)).read_text())
+        states.append({"loader": own["loader"], "rng": own["rng"]})
+        file = checkpoint / zero3.rank_tensors_name(rank)
+        with _open(file) as handle:
+            for key in handle.keys():  # noqa: SIM118
+                if not key.startswith("ema."):
+                    value = handle.get_tensor(key)
+                    tensors[f"data_rank_{data_rank}/{key}"] = value
+                    if data_rank == 0:
+                        tensors[key] = value.clone()
+    return states, tensors
 
 
 def read_consolidated(path: Path) -> tuple[Any, dict[str, str]]:
@@ -264,7 +496,22 @@ def import_diffusers(folder: Path, out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------- inspect
 def inspect(path: Path) -> dict[str, Any]:
-    """What a checkpoint holds: kind, step, config, tensors (name, shape, dtype) and parameter count."""
+    """What a checkpoint holds: kind, step, config, tensors (name, shape, dtype) and parameter count.
+
+    For a DeepSpeed checkpoint the tensors are those of the single-device model it consolidates
+    to, and ``layout`` is its parallel layout.
+    """
+    if zero3.is_zero3_checkpoint(path):
+        reader, cfg = open_zero3(path)
+        tensors = [(name, shape, "F32") for name, shape in reader.expected.items()]
+        return {
+            "kind": "DeepSpeed ZeRO-3 checkpoint",
+            "step": reader.step,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "tensors": tensors,
+            "parameters": sum(int(torch.Size(shape).numel()) for _, shape, _ in tensors),
+            "layout": reader.layout.as_dict(),
+        }
     if (path / ckpt.MANIFEST).is_file():
         state = json.loads((path / ckpt.STATE_FILE).read_text())
         kind, config, step = "training checkpoint", state["model_config"], state["step"]
@@ -289,7 +536,17 @@ def inspect(path: Path) -> dict[str, Any]:
             piece = handle.get_slice(source.key)
             tensors.append((name, tuple(piece.get_shape()), piece.get_dtype()))
     parameters = sum(int(torch.Size(shape).numel()) for _, shape, _ in tensors)
-    return {"kind": kind, "step": step, "config": config, "tensors": tensors, "parameters": parameters}
+    return {"kind": kind, "step": step, "config": config, "tensors": tensors, "parameters": parameters,
+            "layout": None}  # fmt: skip
+
+
+def verify(path: Path) -> str:
+    """Every file against the sha256 manifest; a DeepSpeed checkpoint's shards also against its config."""
+    ckpt.verify_checkpoint(path)
+    if zero3.is_zero3_checkpoint(path):
+        reader, _ = open_zero3(path)  # every shard present, every parameter's shape as the config implies
+        return f"every file matches its sha256 in {ckpt.MANIFEST}; shards complete for layout {reader.layout.as_dict()}"
+    return f"every file matches its sha256 in {ckpt.MANIFEST}"
 
 
 def config_diff(config: Mapping[str, Any], other: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -81,8 +81,10 @@ class StreamingSafetensorsWriter:
                 f"{self.path}: tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, declared {tuple(shape)} {dtype}"
             )
         data = tensor.detach().to("cpu").contiguous()
-        # Bytes as stored in memory (little endian on every platform torch supports).
-        self.file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # Bytes as stored in memory (little endian on every platform torch supports), written from
+        # the tensor's own buffer: no copy, so a conversion holds one tensor, not two.
+        if data.numel():
+            self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)
         self.next += 1
 
     def close(self) -> None:

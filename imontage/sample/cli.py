@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from imontage.checkpoint import convert, zero3
 from imontage.data import load_image, preview_samples
 from imontage.models.dit import DiT, Sample, Segment, build_dit
 from imontage.models.dit.sequence import PackingSpec
@@ -42,6 +43,15 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[DiT, PackingSpec]:
+    """The single-device DiT of a checkpoint; a DeepSpeed one is consolidated in memory, tensor by tensor."""
+    if zero3.is_zero3_checkpoint(checkpoint):
+        reader, model_cfg = convert.open_zero3(checkpoint)
+        model = build_dit(model_cfg)
+        weights = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in convert.zero3_tensors(reader, "ema" if use_ema else "fp32"):
+                weights[name].copy_(tensor)
+        return model.to(device).eval(), PackingSpec.from_model_config(model_cfg)
     tensors, state = ckpt.load_checkpoint(checkpoint)
     model_cfg = OmegaConf.create(state["model_config"])
     model = build_dit(model_cfg)

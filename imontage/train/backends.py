@@ -132,6 +132,11 @@ class LocalBackend:
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
         """Restores weights, optimiser and EMA; returns (shared state, own state, own tensors)."""
         tensors, state = ckpt.load_checkpoint(path)
+        if len(state.get("data_ranks", [])) > 1:  # written by convert_checkpoint.py reshard
+            raise ckpt.CheckpointError(
+                f"{path}: holds the data-loader and RNG states of {len(state['data_ranks'])} data-parallel "
+                "ranks; one process would continue only the first one's data: resume it with that many"
+            )
         self.model.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(
             ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
@@ -276,7 +281,11 @@ class DeepSpeedBackend:
         return self._reduce_over_data(value, average=False)
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
-        return self.ema.applied_to(self.engine.module) if self.ema is not None else contextlib.nullcontext()
+        """The EMA in the engine's module; under ZeRO-3 through its partitions (``EMA.applied_to``)."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        release = self.engine.empty_partition_cache if self.cfg.parallel.zero_stage == 3 else None
+        return self.ema.applied_to(self.engine.module, release=release)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -329,18 +338,20 @@ class DeepSpeedBackend:
         return None if step < 0 else root / ckpt.checkpoint_name(step)
 
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        """Resume from a checkpoint of this layout, or from a layout-free (single-device) one."""
+        shared = ckpt.read_files(path, [ckpt.STATE_FILE])[ckpt.STATE_FILE]
+        if "layout" not in shared:
+            return self.load_single_device(path, shared)
         files = ckpt.read_files(
-            path,
-            [ckpt.STATE_FILE, _rank_file(self.rank, ".json"), _rank_file(self.rank, ckpt.TENSORS_SUFFIX)],
+            path, [_rank_file(self.rank, ".json"), _rank_file(self.rank, ckpt.TENSORS_SUFFIX)]
         )
-        shared = files[ckpt.STATE_FILE]
         saved = shared.get("layout", {})
         now = {"tensor_parallel": self.layout.tensor, "context_parallel": self.layout.context,
                "data_parallel": self.layout.data, "zero_stage": self.cfg.parallel.zero_stage}  # fmt: skip
         if saved != now:
             raise ckpt.CheckpointError(
                 f"{path}: saved under layout {saved}, this run is {now}; convert it with "
-                "tools/convert_checkpoint.py (consolidate, then reshard) to resume under another layout"
+                f"`tools/convert_checkpoint.py reshard {path} NEW_RUN_DIR/checkpoints` to resume under another layout"
             )
         self.engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -352,6 +363,117 @@ class DeepSpeedBackend:
             )
         own_tensors = {k: v for k, v in tensors.items() if not k.startswith("ema.")}
         return shared, files[_rank_file(self.rank, ".json")], own_tensors
+
+    def load_single_device(
+        self, path: Path, state: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        """Resume from a layout-free checkpoint (LocalBackend's, or ``convert_checkpoint.py reshard``'s).
+
+        Every rank reads the single-device tensors one at a time and keeps its share: the TP slice
+        (:func:`~imontage.parallel.parallelize.tensor_split`), then its ZeRO-3 partition, for the
+        fp32 master weights, AdamW's moments and the EMA; AdamW's step count is restored too. The
+        module's own (bit16) partitions and ZeRO's resident parameters are then refreshed from
+        the fp32 masters as ``engine.load_checkpoint`` does. Data-loader and RNG states are those
+        of this rank's data-parallel rank, so the number of data-parallel ranks must match.
+        """
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+        from megatron.core import parallel_state
+        from safetensors import safe_open
+
+        from imontage.checkpoint.zero3 import tensor_parallel_shard, zero_partition
+
+        if self.cfg.parallel.zero_stage != 3:
+            raise ckpt.CheckpointError(
+                f"{path}: a single-device checkpoint loads into ZeRO-3 runs only (this run: "
+                f"zero_stage={self.cfg.parallel.zero_stage})"
+            )
+        data_ranks = state.get("data_ranks") or [{"loader": state["loader"], "rng": state["rng"]}]
+        if len(data_ranks) != self.data_world_size:
+            raise ckpt.CheckpointError(
+                f"{path}: holds the data-loader and RNG states of {len(data_ranks)} data-parallel rank(s), "
+                f"this run has {self.data_world_size}; resume it with a layout of "
+                f"data_parallel={len(data_ranks)} (world size = {len(data_ranks)} × TP × CP)"
+            )
+        ok = 1
+        if self.rank == 0:  # every file against the manifest, once; the others wait for the verdict
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as error:
+                ok, problem = 0, str(error)
+        if not self._agree(ok):
+            raise ckpt.CheckpointError(problem if self.rank == 0 else f"{path}: rank 0 found it corrupt")
+        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
+        tensor_size = self.layout.tensor
+        zero = self.engine.optimizer
+        zero_rank, zero_size = (
+            dist.get_rank(zero.dp_process_group),
+            dist.get_world_size(zero.dp_process_group),
+        )
+        # LocalBackend's AdamW numbers the parameters in the single-device model's order.
+        from imontage.models.dit import build_dit
+
+        order = {
+            name: i for i, (name, _) in enumerate(build_dit(self.cfg.model, device="meta").named_parameters())
+        }
+        moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
+
+        def share(name: str, full: torch.Tensor, whole: bool = False) -> torch.Tensor:
+            """This rank's TP slice of ``full``, then its ZeRO-3 partition unless ``whole``."""
+            local = tensor_parallel_shard(name, full, tensor_rank, tensor_size)
+            return local if whole else zero_partition(local, zero_rank, zero_size)
+
+        zero.checkpoint_event_prologue()  # every parameter partitioned, as before engine.load_checkpoint
+        for flat in zero.fp32_partitioned_groups_flat:  # AdamW creates its state lazily: make room for it
+            for key in ("exp_avg", "exp_avg_sq"):
+                zero.optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+        with (
+            safe_open(str(path / "model.safetensors"), "pt") as weights,
+            safe_open(str(path / "optimizer.safetensors"), "pt") as optimizer,
+        ):
+            for name, param in self.engine.module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if name not in order or order[name] not in moments:
+                    raise ckpt.CheckpointError(
+                        f"{path / 'optimizer.safetensors'}: no AdamW state for '{name}'"
+                    )
+                safe_set_local_fp32_param(param, share(name, weights.get_tensor(name)))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    tensor_key = moments[order[name]][key]["__tensor__"]
+                    safe_set_local_optimizer_state(param, share(name, optimizer.get_tensor(tensor_key)), key)
+            step = optimizer.get_tensor(next(iter(moments.values()))["step"]["__tensor__"])
+        for flat in zero.fp32_partitioned_groups_flat:  # torch AdamW counts steps per parameter
+            zero.optimizer.state[flat]["step"] = step.clone()
+        for group in zero.optimizer.param_groups:  # DeepSpeed's FusedAdam per group
+            if "step" in group:
+                group["step"] = int(step)
+        for sub_group in range(len(zero.fp16_groups)):  # bit16 partitions from the fp32 masters
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        zero.checkpoint_event_epilogue()  # resident (persistent) parameters gathered whole again
+        self.engine.global_steps = int(state["step"])
+        if self.ema is not None:
+            if not (path / "ema.safetensors").is_file():
+                raise ckpt.CheckpointError(f"{path / 'ema.safetensors'}: missing, and this run keeps an EMA")
+            with safe_open(str(path / "ema.safetensors"), "pt") as ema:
+                # The EMA holds what the rank holds: the ZeRO partition, or the whole (persistent) tensor.
+                shadows = {}
+                for name, shadow in self.ema.shadow.items():
+                    local = share(name, ema.get_tensor(name), whole=True)
+                    shadows[name] = (
+                        local if shadow.shape == local.shape else zero_partition(local, zero_rank, zero_size)
+                    )
+                self.ema.load_state_dict(shadows)
+        own = data_ranks[self.data_rank]
+        prefix = f"data_rank_{self.data_rank}/"
+        with safe_open(str(path / "rng.safetensors"), "pt") as rng:
+            keys = list(rng.keys())
+            mine = [k for k in keys if k.startswith(prefix)] if "data_ranks" in state else []
+            own_tensors = (
+                {k.removeprefix(prefix): rng.get_tensor(k) for k in mine}
+                if mine
+                else {k: rng.get_tensor(k) for k in keys if not k.startswith("data_rank_")}
+            )
+        return state, own, own_tensors
 
     def close(self) -> None:
         self.barrier()

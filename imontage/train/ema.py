@@ -8,7 +8,8 @@ optimiser state and costs no communication.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,13 @@ def held_tensor(param: nn.Parameter) -> torch.Tensor:
     if partition is None or _zero3_persistent(param):
         return param.data
     return partition
+
+
+def _partition_of(param: Any, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of ``whole`` (a value of ``param``): flat, the last zero-padded."""
+    size = param.ds_tensor.numel()
+    flat = whole.reshape(-1)[dist.get_rank(param.ds_process_group) * size :][:size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
 
 
 def _initial_value(param: nn.Parameter) -> torch.Tensor:
@@ -73,17 +81,37 @@ class EMA:
             self.shadow[name].copy_(state[name])
 
     @contextlib.contextmanager
-    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily load the EMA weights into ``model`` (for sampling); restored exactly on exit."""
+    def applied_to(self, model: nn.Module, release: Callable[[], None] | None = None) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into ``model`` (for sampling); restored exactly on exit.
+
+        Under ZeRO-3 pass ``release`` (the engine's ``empty_partition_cache``): ZeRO-3 keeps some
+        parameters gathered between forward passes (prefetched, within its reuse distance, or
+        persistent), and a gathered copy does not see what is written into the partition. So every
+        parameter is released, the EMA written into its partition (``ds_tensor``; a persistent
+        parameter's whole EMA is cut to this rank's partition), and every parameter released again
+        on exit: the forward passes inside gather the EMA, those after it the live weights.
+        """
         params = dict(model.named_parameters())
-        held = {name: held_tensor(params[name]) for name in self.names}
+        if release is None:
+            held = {name: held_tensor(params[name]) for name in self.names}
+            values = self.shadow
+        else:
+            release()
+            zero3_params: dict[str, Any] = params  # DeepSpeed's attributes (ds_tensor, ...)
+            held = {name: zero3_params[name].ds_tensor for name in self.names}
+            values = {
+                name: _partition_of(params[name], shadow) if _zero3_persistent(params[name]) else shadow
+                for name, shadow in self.shadow.items()
+            }
         saved = {name: tensor.clone() for name, tensor in held.items()}
         try:
             with torch.no_grad():
                 for name in self.names:
-                    held[name].copy_(self.shadow[name])
+                    held[name].copy_(values[name])
             yield model
         finally:
+            if release is not None:
+                release()
             with torch.no_grad():
                 for name in self.names:
                     held[name].copy_(saved[name])
