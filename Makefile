@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 RUN_DIR ?= runs/quickstart
 SYNTHETIC_DIR ?= data/synthetic
+QUICKSTART_RANKS ?= 2
+TRAIN_ARGS ?=
 
 .PHONY: install quickstart test lint bench clean
 
@@ -27,8 +29,11 @@ $(SYNTHETIC_DIR)/.complete: $(VENV)/.installed
 	$(PY) tools/make_synthetic.py --out $(SYNTHETIC_DIR)
 	touch $@
 
+# Two ranks on the CPU, data parallel under DeepSpeed ZeRO-3 (gloo); extra recipe overrides in TRAIN_ARGS.
 quickstart: $(SYNTHETIC_DIR)/.complete
-	$(VENV)/bin/imontage-train configs/recipes/quickstart.yaml run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar'
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(QUICKSTART_RANKS) --no-python \
+		$(VENV)/bin/imontage-train configs/recipes/quickstart.yaml parallel=zero3_dp2 parallel.device=cpu \
+		run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar' $(TRAIN_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
