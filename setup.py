@@ -44,6 +44,7 @@ setup(
         "console_scripts": [
             "imontage-train=imontage.train.cli:main",
             "imontage-sample=imontage.sample.cli:main",
+            "imontage-imagic=imontage.imagic.cli:main",
         ]
     },
 )

@@ -37,6 +37,14 @@ def data_overrides(name: str, root: Path) -> list[str]:
     if name == "imontage_cocktailmix":
         datasets = ", ".join(f"{{name: {t}, shards: '{root / t}/train-*.tar'}}" for t in TASKS)
         return [f"data.datasets=[{datasets}]"]
+    if name == "imagic":  # trains the base model; tests/test_imagic.py runs the `imagic:` section
+        return [f"data.shards={root}/all/train-*.tar"]
+    if name == "dreamontage":  # SFT on every task, DPO on preference pairs (written here, once)
+        pairs = root / "edit_pair"
+        if not pairs.exists():
+            subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(pairs), "--tasks", "edit_pair",
+                            "--samples", "12", "--no-progress"], cwd=REPO, check=True)  # fmt: skip
+        return [f"data.shards={root}/all/train-*.tar", f"stages.dpo.data.shards={pairs}/train-*.tar"]
     raise AssertionError(f"configs/recipes/{name}.yaml: tell tests/test_recipes_run.py where its data is")
 
 

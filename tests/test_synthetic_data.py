@@ -30,6 +30,7 @@ from imontage.data.synthetic import (
     render,
     sample_rng,
     write_shards,
+    wrong_edit,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +153,61 @@ def test_instruction_determines_the_edited_image() -> None:
         assert not np.array_equal(condition, target)
         ops_seen.add(example.instruction.split()[0])
     assert ops_seen == set(EDIT_OPS)
+
+
+def test_edit_pair_prefers_the_instructed_edit_to_a_wrong_one_of_the_same_kind() -> None:
+    """Winner: the edit the instruction asks for; loser: that kind of edit done wrong, or none at all."""
+    ops_seen, unchanged = set(), 0
+    for index in range(60):
+        record, members = make_sample(index, seed=5, task="edit_pair")
+        rng = sample_rng(5, index)
+        example = edit_example(rng)
+        wrong = wrong_edit(rng, example)
+        assert record["text"] == example.instruction
+        assert [(s["role"], s["member"], s.get("group")) for s in record["segments"]] == [
+            ("condition", "0.png", None),
+            ("target", "1.png", "win"),
+            ("target", "2.png", "lose"),
+        ]
+        condition, win, lose = (png_pixels(members[f"{i}.png"]) for i in range(3))
+        assert np.array_equal(condition, render(example.before, EDIT_CANVAS, example.background))
+        right = apply_instruction(example.instruction, example.before)
+        assert np.array_equal(win, render(right, EDIT_CANVAS, example.background)), example.instruction
+        assert np.array_equal(lose, render(wrong, EDIT_CANVAS, example.background))
+        assert not np.array_equal(win, lose)
+        op = example.instruction.split()[0]
+        ops_seen.add(op)
+        if wrong == example.before:  # no wrong edit of this kind fits the scene: the instruction ignored
+            unchanged += 1
+            continue
+        changed = {shape for shape in wrong if shape not in example.before}  # shapes the wrong edit made
+        gone = [shape for shape in example.before if shape not in wrong]
+        if op == "add":  # the named shape, in another quadrant
+            assert len(wrong) == len(example.before) + 1 and not gone
+            [added] = changed
+            assert (added.colour, added.kind) == (right[-1].colour, right[-1].kind) and added != right[-1]
+        elif op == "remove":  # another shape removed
+            assert len(gone) == 1 and not changed and gone[0] in right
+        else:  # recolour (another colour) or move (another direction): the named shape, changed otherwise
+            [index_changed] = [
+                i for i, (a, b) in enumerate(zip(example.before, right, strict=True)) if a != b
+            ]
+            assert len(gone) == 1 and gone[0] == example.before[index_changed]
+            [made] = changed
+            assert made.kind == right[index_changed].kind and made != right[index_changed]
+            if op == "recolour":
+                assert (made.x, made.y) == (gone[0].x, gone[0].y) and made.colour != gone[0].colour
+            else:
+                assert made.colour == gone[0].colour and (made.x, made.y) != (gone[0].x, gone[0].y)
+    assert ops_seen == set(EDIT_OPS)
+    assert unchanged < 20  # the fallback is the exception
+
+
+def test_pair_shards_count_preference_pairs(tmp_path: Path) -> None:
+    summary = write_shards(
+        tmp_path, samples=6, per_shard=4, seed=0, tasks=["edit", "edit_pair"], progress=False
+    )
+    assert summary["tasks"] == {"edit": 3, "edit_pair": 3} and summary["pairs"] == 3
 
 
 @pytest.mark.parametrize("seed", range(8))

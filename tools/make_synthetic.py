@@ -1,6 +1,7 @@
-"""Write the embedded synthetic data set (coloured shapes; edit, montage and video tasks) as shards.
+"""Write the embedded synthetic data set (coloured shapes: edit, montage, video, edit_pair) as shards.
 
     python tools/make_synthetic.py --out data/synthetic [--samples 1600] [--per-shard 400]
+    python tools/make_synthetic.py --out data/synthetic_pairs --tasks edit_pair   (DPO preference pairs)
 
 The same arguments always give byte-identical shards; see ``imontage.data.synthetic``.
 """
@@ -10,15 +11,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from imontage.data.synthetic import TASKS, format_summary, write_shards
+from imontage.data.synthetic import ALL_TASKS, TASKS, format_summary, write_shards
 
 
 def task_list(value: str) -> list[str]:
     tasks = [task.strip() for task in value.split(",") if task.strip()]
-    unknown = [task for task in tasks if task not in TASKS]
+    unknown = [task for task in tasks if task not in ALL_TASKS]
     if unknown or not tasks:
         raise argparse.ArgumentTypeError(
-            f"tasks are a comma-separated list of {', '.join(TASKS)}, got '{value}'"
+            f"tasks are a comma-separated list of {', '.join(ALL_TASKS)}, got '{value}'"
         )
     return tasks
 
@@ -31,7 +32,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1600)
     parser.add_argument("--per-shard", type=int, default=400, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", type=task_list, default=list(TASKS), help="round-robin by sample index")
+    parser.add_argument(
+        "--tasks",
+        type=task_list,
+        default=list(TASKS),
+        help=f"round-robin by sample index, from {', '.join(ALL_TASKS)} (edit_pair: DPO preference pairs)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

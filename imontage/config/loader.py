@@ -32,6 +32,7 @@ from imontage.config.schema import (
     RecipeConfig,
     StageConfig,
 )
+from imontage.imagic.config import check_imagic
 
 COMMAND_LINE = "<command line>"
 
@@ -302,6 +303,8 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     )
     _check(cfg.flow_matching.t_std > 0, "flow_matching.t_std", source, "must be positive")
     _check(cfg.flow_matching.shift > 0, "flow_matching.shift", source, "must be positive")
+    _check(cfg.dpo.beta > 0, "dpo.beta", source, "must be positive")
+    check_imagic(cfg.imagic, source, error=RecipeError)
     _check(cfg.optim.lr > 0, "optim.lr", source, "must be positive")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", source, "must be >= 0")
     _check(len(cfg.optim.betas) == 2, "optim.betas", source, "expected two values")
@@ -320,12 +323,42 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
             merged = stage_section(cfg, index, section, source=origin(f"{key}.{section}"))
             if section == "data" and any(value is not None for value in stage.data.values()):
                 validate_data(merged, f"{key}.data", model, source)
+        if stage.objective == "flow_dpo":
+            _validate_dpo_stage(cfg, index, source)
     only = cfg.train.only_stage
     _check(
         not only or only in names,
         "train.only_stage",
         source,
         f"no stage '{only}' (stages: {', '.join(names)})",
+    )
+
+
+def _validate_dpo_stage(cfg: DictConfig, index: int, source: Origin) -> None:
+    """A flow_dpo stage's reference is the policy at its start: the previous stage's final checkpoint.
+
+    A resume inside the stage rebuilds the reference from that checkpoint, so pruning must not
+    reach it while the stage can still be resumed: through its periodic saves plus one stop save.
+    """
+    key = f"stages[{index}].objective"
+    _check(
+        index > 0,
+        key,
+        source,
+        "flow_dpo fine-tunes a trained policy against a frozen copy of it: put it after a stage "
+        "that trains the model (e.g. flow_matching)",
+    )
+    keep, every = cfg.train.checkpoint.keep_last, cfg.train.checkpoint.every
+    first = sum(stage.steps for stage in cfg.stages[:index])
+    last = first + cfg.stages[index].steps
+    saves = len(range(first + every - first % every, last, every)) if every > 0 else 0  # inside the stage
+    _check(
+        keep == 0 or keep > saves + 1,
+        "train.checkpoint.keep_last",
+        source,
+        f"{keep} would prune step_{first:06d}, the entry checkpoint of flow_dpo stage "
+        f"'{cfg.stages[index].name}', which a resume inside the stage rebuilds its reference from; "
+        f"the stage saves {saves} checkpoint(s) before its end: use 0 or at least {saves + 2}",
     )
 
 

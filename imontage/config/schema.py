@@ -13,12 +13,14 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from imontage.imagic.config import ImagicConfig
+
 PAIR_LAYOUTS = ("half", "interleaved")
 POSITION_LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
 TEXT_ENCODERS = ("byte", "precomputed")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 PREDICTIONS = ("velocity", "data")
-OBJECTIVES = ("flow_matching",)
+OBJECTIVES = ("flow_matching", "flow_dpo")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -163,6 +165,15 @@ class FlowMatchingConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Stages with ``objective: flow_dpo`` (t is drawn as ``flow_matching`` says; no text dropout)."""
+
+    # Scales error differences into logits: thousands for latent ε/velocity MSE (Diffusion-DPO's
+    # scripts use 2500-5000 on SD latents); see docs/recipes.md.
+    beta: float = 2500.0
+
+
+@dataclass
 class SampleConfig:
     every: int = 0  # write a sample grid every N steps; 0 disables
     num_samples: int = 4
@@ -246,6 +257,9 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    # imontage-imagic's settings (imontage/imagic/config.py); the trainer does not read them.
+    imagic: ImagicConfig = field(default_factory=ImagicConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[StageConfig] = field(default_factory=list)
 

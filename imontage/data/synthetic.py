@@ -10,6 +10,12 @@ Three tasks, each small enough to train on a laptop CPU and exact enough to chec
 - ``video``: the first 24x32 frame of one moving shape is the condition image; the next 4
   frames are one target video segment.
 
+One preference task, for flow DPO (not in the default mix; ``--tasks edit_pair``):
+
+- ``edit_pair``: an edit whose target is a pair sharing the scene and instruction: the correct
+  edit (``group: win``) and a wrong one (``group: lose``): the wrong colour, direction, quadrant
+  or shape, or the scene left unchanged where no other edit of that kind fits.
+
 Sample ``i`` is drawn from its own RNG seeded from ``(seed, i)``, so it is the same whatever
 the shard size. Shards are byte-identical for the same arguments: tar headers carry no times
 or owners, and PNG encoding has no metadata.
@@ -39,6 +45,8 @@ from imontage.data.shards import tar_member_info
 RGB = tuple[int, int, int]
 
 TASKS = ("edit", "montage", "video")
+PAIR_TASKS = ("edit_pair",)  # preference pairs: written only when asked for
+ALL_TASKS = (*TASKS, *PAIR_TASKS)
 SHAPE_KINDS = ("circle", "square", "triangle")
 COLOURS: dict[str, RGB] = {
     "red": (220, 40, 40),
@@ -252,6 +260,50 @@ def edit_example(rng: random.Random, op: str | None = None) -> EditExample:
     raise RuntimeError(f"no feasible '{op}' edit found in {_MAX_DRAWS} scenes")
 
 
+def _wrong_recolour(rng: random.Random, before: tuple[Shape, ...], index: int, right: Shape) -> Shape | None:
+    taken = {(other.colour, other.kind) for other in before}
+    colours = [c for c in COLOURS if c != right.colour and (c, right.kind) not in taken]
+    return dataclasses.replace(right, colour=rng.choice(colours)) if colours else None
+
+
+def _wrong_move(rng: random.Random, before: tuple[Shape, ...], index: int, right: Shape) -> Shape | None:
+    others = before[:index] + before[index + 1 :]
+    moves = [
+        before[index].shifted(dx * MOVE_STEP, dy * MOVE_STEP) for dx, dy in DIRECTIONS.values()
+    ]  # the right move is among them
+    moves = [
+        m for m in moves if m != right and m.inside(EDIT_CANVAS) and not any(m.overlaps(o) for o in others)
+    ]
+    return rng.choice(moves) if moves else None
+
+
+def wrong_edit(rng: random.Random, example: EditExample) -> tuple[Shape, ...]:
+    """A wrong result of ``example``'s instruction: the same kind of edit done wrong, or no edit at all.
+
+    Recolour: another colour; move: another direction; add: another free quadrant; remove: another
+    shape. Where no such alternative fits, the scene unchanged (the instruction ignored).
+    """
+    before, after = example.before, example.after
+    if len(after) > len(before):  # add: the new shape elsewhere
+        added = after[-1]
+        slots = [dataclasses.replace(added, x=x, y=y) for x, y in QUADRANTS.values()]
+        free = [s for s in slots if s != added and not any(s.overlaps(other) for other in before)]
+        return (*before, rng.choice(free)) if free else before
+    if len(after) < len(before):  # remove: another shape removed
+        kept = set(after)
+        others = [i for i, shape in enumerate(before) if shape in kept]
+        if not others:
+            return before
+        index = rng.choice(others)
+        return before[:index] + before[index + 1 :]
+    [index] = [i for i, (old, new) in enumerate(zip(before, after, strict=True)) if old != new]
+    right = after[index]
+    wrong = (_wrong_recolour if right.colour != before[index].colour else _wrong_move)(
+        rng, before, index, right
+    )
+    return before if wrong is None else _replace_at(before, index, wrong)
+
+
 # ---------------------------------------------------------------------------------------------
 # motion (montage and video)
 
@@ -340,6 +392,19 @@ def _edit_sample(rng: random.Random) -> tuple[str, list[dict[str, Any]], Members
     )
 
 
+def _edit_pair_sample(rng: random.Random) -> tuple[str, list[dict[str, Any]], Members]:
+    """The scene as condition; targets: the right edit (``win``) and a wrong one (``lose``)."""
+    example = edit_example(rng)
+    scenes = (example.before, example.after, wrong_edit(rng, example))
+    frames = [render(shapes, EDIT_CANVAS, example.background) for shapes in scenes]
+    segments = [
+        _image("condition", "0.png"),
+        {**_image("target", "1.png"), "group": "win"},
+        {**_image("target", "2.png"), "group": "lose"},
+    ]
+    return example.instruction, segments, _png_members(frames)
+
+
 def _montage_sample(rng: random.Random) -> tuple[str, list[dict[str, Any]], Members]:
     num_conditions, num_targets = rng.randint(2, 3), rng.randint(1, 2)
     example = motion_example(
@@ -362,13 +427,18 @@ def _video_sample(rng: random.Random) -> tuple[str, list[dict[str, Any]], Member
     return example.caption, [_image("condition", "0.png"), video], _png_members(render_frames(example))
 
 
-_SAMPLE_BUILDERS = {"edit": _edit_sample, "montage": _montage_sample, "video": _video_sample}
+_SAMPLE_BUILDERS = {
+    "edit": _edit_sample,
+    "montage": _montage_sample,
+    "video": _video_sample,
+    "edit_pair": _edit_pair_sample,
+}
 
 
 def make_sample(index: int, seed: int, task: str) -> tuple[dict[str, Any], Members]:
     """Sample ``index`` of ``task``: its json record and its image members by name."""
     if task not in _SAMPLE_BUILDERS:
-        raise ValueError(f"unknown task '{task}' (tasks: {', '.join(TASKS)})")
+        raise ValueError(f"unknown task '{task}' (tasks: {', '.join(ALL_TASKS)})")
     text, segments, members = _SAMPLE_BUILDERS[task](sample_rng(seed, index))
     return {"task": task, "text": text, "segments": segments}, members
 
@@ -419,9 +489,11 @@ def write_shards(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``samples`` samples into ``train-NNNNNN.tar`` shards and ``summary.json``; return the summary."""
-    unknown = [task for task in tasks if task not in TASKS]
+    unknown = [task for task in tasks if task not in ALL_TASKS]
     if unknown or not tasks:
-        raise ValueError(f"tasks must be a non-empty list drawn from {', '.join(TASKS)}, got {list(tasks)}")
+        raise ValueError(
+            f"tasks must be a non-empty list drawn from {', '.join(ALL_TASKS)}, got {list(tasks)}"
+        )
     if samples < 0 or per_shard < 1:
         raise ValueError(f"need samples >= 0 and per_shard >= 1, got {samples} and {per_shard}")
     out = Path(out_dir)
@@ -441,6 +513,7 @@ def write_shards(
         "shards": len(starts),
         "bytes": shard_bytes,
         "tasks": {task: counts[task] for task in tasks},
+        "pairs": sum(counts[task] for task in PAIR_TASKS),  # preference pairs (win + lose targets)
         "seed": seed,
         "per_shard": per_shard,
     }
@@ -460,7 +533,8 @@ def _shard_files(
 
 def format_summary(summary: dict[str, Any]) -> str:
     per_task = ", ".join(f"{task} {count}" for task, count in summary["tasks"].items())
+    pairs = f"; {summary['pairs']} preference pairs" if summary.get("pairs") else ""
     return (
         f"wrote {summary['samples']} samples in {summary['shards']} shards "
-        f"({summary['bytes']:,} bytes); per task: {per_task}"
+        f"({summary['bytes']:,} bytes); per task: {per_task}{pairs}"
     )

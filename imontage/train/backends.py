@@ -16,6 +16,7 @@ EMA for sampling, checkpoint save and load), so the Trainer has one loop:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from datetime import timedelta
@@ -144,6 +145,12 @@ class LocalBackend:
         if self.ema is not None:
             self.ema.load_state_dict(tensors["ema"])
         return state, state, tensors["rng"]
+
+    def frozen_reference(self) -> nn.Module:
+        """A frozen copy of the current weights (flow DPO's reference): no gradient, eval mode."""
+        reference = copy.deepcopy(self.model).eval()
+        reference.requires_grad_(False)
+        return reference
 
     def barrier(self) -> None:
         """Nothing to wait for with one process."""
@@ -286,6 +293,44 @@ class DeepSpeedBackend:
             return contextlib.nullcontext()
         release = self.engine.empty_partition_cache if self.cfg.parallel.zero_stage == 3 else None
         return self.ema.applied_to(self.engine.module, release=release)
+
+    def frozen_reference(self) -> nn.Module:
+        """A frozen copy of the current weights (flow DPO's reference), laid out and sharded like the policy.
+
+        A fresh DiT gets the same TP/SP/Ulysses layout; the policy's ZeRO-3 partitions are gathered
+        one parameter at a time (within the ZeRO group, so each rank gets its own TP shard, the
+        shape the fresh layer already has) and copied in. Under ZeRO-3 DeepSpeed then partitions
+        it again with no optimiser (its ZeRO-Offload path: parameters only, no gradients, no
+        optimiser state); under ZeRO 0-2 the weights are whole on every rank anyway and the copy
+        stays a plain module.
+        """
+        import deepspeed
+
+        from imontage.models.dit import build_dit
+        from imontage.parallel.engine import MegatronMPU, zero3_config
+        from imontage.parallel.parallelize import parallelize_dit
+
+        parallel, policy = self.cfg.parallel, self.engine.module
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            reference = build_dit(self.cfg.model).to(self.device)  # its initial weights are overwritten
+        parallelize_dit(
+            reference, parallel.tensor_parallel, parallel.context_parallel, parallel.sequence_parallel
+        )
+        sources = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                with deepspeed.zero.GatheredParameters([sources[name]]):
+                    param.copy_(sources[name].to(param.dtype))
+            for name, buffer in reference.named_buffers():
+                buffer.copy_(policy.get_buffer(name))
+        reference.requires_grad_(False)  # after parallelize_dit, which hooks some parameters' gradients
+        if parallel.zero_stage == 3:
+            config = zero3_config(reference, 0.0, self.cfg.train.precision, 1, stage=3)
+            reference, *_ = deepspeed.initialize(model=reference, config=config, mpu=MegatronMPU())
+        elif self.cfg.train.precision == "bf16":
+            reference.to(torch.bfloat16)  # the dtype DeepSpeed gives the policy's module
+        reference.eval()  # not chained: DeepSpeedEngine.eval() returns None
+        return reference
 
     def barrier(self) -> None:
         dist.barrier()

@@ -30,6 +30,7 @@ from imontage.config.loader import stage_section
 from imontage.data import build_loader, preview_samples
 from imontage.models.dit import build_dit
 from imontage.models.dit.sequence import PackingSpec
+from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
@@ -70,7 +71,7 @@ class Stage:
     last_step: int  # global step count when it is done
     data: DictConfig
     optim: DictConfig
-    objective: FlowMatching
+    objective: FlowMatching | FlowDPO
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -84,7 +85,11 @@ def resolve_device(requested: str) -> torch.device:
 def build_stages(cfg: DictConfig) -> list[Stage]:
     stages, first = [], 0
     for index, stage in enumerate(cfg.stages):
-        objective = FlowMatching.from_config(cfg.flow_matching)
+        objective: FlowMatching | FlowDPO = (
+            FlowDPO.from_config(cfg.dpo, cfg.flow_matching)
+            if stage.objective == "flow_dpo"
+            else FlowMatching.from_config(cfg.flow_matching)
+        )
         data, optim = stage_section(cfg, index, "data"), stage_section(cfg, index, "optim")
         stages.append(Stage(index, stage.name, first, first + stage.steps, data, optim, objective))
         first += stage.steps
@@ -181,6 +186,8 @@ class Trainer:
         if self.saved_step != self.step:  # the periodic save may have just written this step
             self.save_checkpoint()
         self.finish_data(stage)
+        if isinstance(stage.objective, FlowDPO):
+            stage.objective.reference = None  # its weights are not needed past the stage
         if self.stop_requested():
             log.info(
                 "stopping at step %d (%s)", self.step, "signal" if self.preempted else "train.stop_at_step"
@@ -212,6 +219,7 @@ class Trainer:
         loss, tokens, target_tokens = 0.0, 0, 0
         tasks: Counter[str] = Counter()
         errors: dict[str, list[float]] = {}  # task -> [squared error, values]
+        scalars: Counter[str] = Counter()  # the objective's own numbers (DPO: reward margin, accuracy)
         for _ in range(accumulation):
             batch = self.next_batch().to(self.device)
             with self.backend.autocast():
@@ -221,6 +229,7 @@ class Trainer:
             tokens += batch.tokens.shape[0]
             target_tokens += int(output.num_target_tokens)
             tasks.update(task or "untitled" for task in batch.tasks)
+            scalars.update({name: v / accumulation for name, v in getattr(output, "scalars", {}).items()})
             for task, (error, count) in output.task_errors.items():
                 errors.setdefault(task, [0.0, 0.0])
                 errors[task][0] += error
@@ -243,6 +252,7 @@ class Trainer:
             "target_tokens": self.backend.sum_over_data(target_tokens),
             "skipped_steps": float(self.guard.skipped_total),
             "loss_spikes": float(self.spikes.spikes_total),
+            **{name: self.backend.mean_over_data(value) for name, value in sorted(scalars.items())},
             # This rank's batches (rank 0's are logged): samples and loss of each task.
             **{f"task_samples/{task}": float(n) for task, n in sorted(tasks.items())},
             **{f"task_loss/{task}": e / max(c, 1.0) for task, (e, c) in sorted(errors.items())},
@@ -271,6 +281,8 @@ class Trainer:
             if self._resumed is not None and self._resumed["stage_index"] == stage.index
             else None
         )
+        if isinstance(stage.objective, FlowDPO):
+            self.attach_reference(stage.objective, stage, None if resumed is None else resumed["path"])
         self.backend.begin_stage(stage.optim, fresh=resumed is None)
         self.loader = build_loader(
             stage.data, self.spec, rank=self.backend.data_rank, world_size=self.backend.data_world_size
@@ -279,6 +291,28 @@ class Trainer:
             self.loader.load_state_dict(resumed["loader"])
         self._resumed = None
         log.info("stage %s: global steps %d..%d", stage.name, stage.first_step + 1, stage.last_step)
+
+    def attach_reference(self, objective: FlowDPO, stage: Stage, resumed_from: Path | None) -> None:
+        """DPO's frozen reference: the policy's weights when ``stage`` starts (the previous stage's final ones).
+
+        Resumed inside the stage (from ``resumed_from``), those weights are the stage's entry
+        checkpoint, beside ``resumed_from``: it is loaded for the copy, then ``resumed_from`` again.
+        """
+        if resumed_from is None:
+            objective.reference = self.backend.frozen_reference()
+            return
+        entry = resumed_from.parent / ckpt.checkpoint_name(stage.first_step)
+        if not ckpt.is_complete(entry):
+            raise ckpt.CheckpointError(
+                f"stage {stage.name} (flow_dpo) resumes at step {self.step} from {resumed_from}, but its "
+                f"reference is the policy at step {stage.first_step}, and {entry} is missing or incomplete "
+                "(a flow_dpo stage that comes first has no such checkpoint; train.checkpoint.keep_last may "
+                "have pruned it)"
+            )
+        log.info("stage %s: reference from %s", stage.name, entry)
+        self.backend.load(entry)
+        objective.reference = self.backend.frozen_reference()
+        self.backend.load(resumed_from)
 
     # ----------------------------------------------------------------------------------- data
     def log_data_metrics(self) -> None:
@@ -357,7 +391,7 @@ class Trainer:
         if "faults" in shared:
             self.guard.load_state_dict(shared["faults"]["nonfinite"])
             self.spikes.load_state_dict(shared["faults"]["spikes"])
-        self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"]}
+        self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"], "path": path}
         log.info("resumed from %s at step %d (stage %s)", path, self.step, shared["stage_name"])
 
     def stage_entry_checkpoint(self, stage: Stage) -> Path:
