@@ -4,6 +4,12 @@ Conditions come from shards (``--data``, ground truth shown beside the samples) 
 JSONL prompt file (``--prompts``), one object per line:
 ``{"text": "...", "conditions": ["a.png", ...], "targets": [[H, W], [T, H, W], ...]}``
 with image paths relative to the file. Targets of a prompt file have no ground truth.
+
+``--sar FRAMES`` generates one video of FRAMES frames, longer than the model's window, segment by
+segment (DreaMontage SAR, :mod:`imontage.sample.sar`): windows of ``--window`` frames, each
+conditioned on the last ``--context`` frames of the one before and on the ``--keyframe IDX=PATH``
+images (``IDX=A.png,B.png``: a clip from frame IDX on) that fall in it. The grid has one row per
+segment: its keyframes, then the frames it generated.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from imontage.models.dit import DiT, Sample, Segment, build_dit
 from imontage.models.dit.sequence import PackingSpec
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
+from imontage.sample.sar import Keyframe, iter_sar, plan_video
 from imontage.train import checkpoint as ckpt
 from imontage.train.trainer import preview_rows, resolve_device
 
@@ -85,6 +92,73 @@ def read_prompts(path: Path, channels: int) -> list[Sample]:
     return samples
 
 
+def parse_keyframe(value: str) -> Keyframe:
+    """``IDX=PATH``: an image at frame IDX; ``IDX=A.png,B.png,...``: a clip of frames from IDX on."""
+    index, sep, paths = value.partition("=")
+    if not sep or not index.strip().isdigit() or not paths:
+        raise ValueError(f"--keyframe '{value}': expected IDX=PATH or IDX=PATH,PATH,... (IDX a frame >= 0)")
+    frames = [load_image(Path(path)) for path in paths.split(",")]  # [3, 1, H, W] each
+    sizes = {tuple(frame.shape[2:]) for frame in frames}
+    if len(sizes) != 1:
+        raise ValueError(f"--keyframe '{value}': the clip's frames differ in size {sorted(sizes)}")
+    return Keyframe(int(index), torch.cat(frames, dim=1))
+
+
+def sar_inputs(args: argparse.Namespace, spec: PackingSpec) -> tuple[list[Keyframe], tuple[int, int, int]]:
+    """The keyframes of ``--keyframe`` and the video's (C, H, W), checked against the segment plan."""
+    keyframes = [parse_keyframe(value) for value in args.keyframe]
+    sizes = {tuple(k.data.shape[2:]) for k in keyframes}
+    if args.size:
+        try:
+            height, width = (int(n) for n in args.size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size '{args.size}': expected HxW, e.g. 24x32") from None
+        sizes.add((height, width))
+    if not sizes:
+        raise ValueError("--sar: no frame size: pass --size HxW or a --keyframe")
+    if len(sizes) > 1:
+        raise ValueError(f"--sar: the keyframes and --size give different frame sizes {sorted(sizes)}")
+    if args.window is None:
+        raise ValueError("--sar needs --window (frames the model generates at once)")
+    height, width = sizes.pop()
+    size = (spec.in_channels, height, width)
+    plan_video(spec, args.sar, size, args.window, args.context, keyframes)  # bad arguments fail here
+    return keyframes, size
+
+
+def sar_rows(
+    args: argparse.Namespace,
+    model: DiT,
+    spec: PackingSpec,
+    keyframes: list[Keyframe],
+    size: tuple[int, int, int],
+    device: torch.device,
+) -> list[list[list[torch.Tensor]]]:
+    """Generate the ``--sar`` video; grid rows, one per segment: [its keyframes, its new frames]."""
+    generator = torch.Generator().manual_seed(args.seed)
+    segments = iter_sar(
+        model,
+        spec,
+        args.sar,
+        size,
+        args.window,
+        args.context,
+        keyframes,
+        args.text,
+        args.steps,
+        args.guidance,
+        args.shift,
+        generator,
+        device,
+    )
+    rows = []
+    for segment, frames in segments:
+        given = [keyframes[piece.keyframe].data[:, piece.first : piece.last] for piece in segment.keyframes]
+        rows.append([given, [frames]])
+        log.info("SAR segment %d: frames %d..%d", segment.index, segment.new_start, segment.end - 1)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imontage-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -93,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="shards to take conditions (and ground truth) from")
     source.add_argument("--prompts", type=Path, help="JSONL prompt file (see the module docstring)")
+    source.add_argument("--sar", type=int, metavar="FRAMES", help="one long video, segment by segment")
     parser.add_argument("--num", type=int, default=8, help="samples to take from --data")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--steps", type=int, default=30)
@@ -101,20 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sar = parser.add_argument_group("--sar", "segment-wise auto-regressive video (a `shared` layout model)")
+    sar.add_argument("--window", type=int, help="frames per segment (the model's window)")
+    sar.add_argument("--context", type=int, default=1, help="frames a segment takes from the one before")
+    sar.add_argument("--keyframe", action="append", default=[], metavar="IDX=PATH[,PATH...]")
+    sar.add_argument("--text", help="the video's caption")
+    sar.add_argument("--size", metavar="HxW", help="frame size, when no keyframe gives it")
     args = parser.parse_args(argv)
+    sar_only = [name for name in ("window", "keyframe", "text", "size") if getattr(args, name)]
+    if sar_only and args.sar is None:
+        parser.error(f"--sar options without --sar: --{', --'.join(sar_only)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
         device = resolve_device(args.device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, spec = load_model(checkpoint, not args.no_ema, device)
-        if args.data:
+        if args.sar is not None:
+            keyframes, size = sar_inputs(args, spec)
+        elif args.data:
             samples = preview_samples(OmegaConf.create({"shards": args.data}), args.num)
         else:
             samples = read_prompts(args.prompts, spec.in_channels)
     except (OSError, KeyError, ValueError, RuntimeError) as error:  # bad inputs: say which, no traceback
         print(f"imontage-sample: {error}", file=sys.stderr)
         return 2
+    if args.sar is not None:
+        save_png(make_grid(sar_rows(args, model, spec, keyframes, size, device)), args.out)
+        print(f"wrote {args.out} ({args.sar} frames, {len(keyframes)} keyframes, from {checkpoint})")
+        return 0
     generator = torch.Generator().manual_seed(args.seed)
     outputs = sample_flow(model, samples, spec, args.steps, args.guidance, args.shift, generator, device)
     rows = preview_rows(samples, outputs)
