@@ -419,6 +419,30 @@ def load_consolidated(path: Path, device: str = "cpu") -> tuple[torch.nn.Module,
     return model, cfg
 
 
+def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, single-device tensor) of every parameter of the model ``cfg`` describes, one at a time.
+
+    ``path`` is a safetensors file with single-device names (what ``consolidate`` and ``import``
+    write), or a training checkpoint directory: DeepSpeed's (read partition by partition) or a
+    single-device one (its ``model.safetensors``). Names and shapes are checked against ``cfg``
+    before any tensor is read; live weights, not the EMA. Each tensor is the caller's to keep.
+    """
+    shapes = expected_shapes(cfg)
+    if path.is_dir() and zero3.is_zero3_checkpoint(path):
+        try:
+            reader = zero3.Zero3Checkpoint(path, shapes)
+        except zero3.Zero3Error as error:
+            raise ConversionError(str(error)) from error
+        for name, tensor in zero3_tensors(reader, "fp32", desc=f"weights of {path.name}"):
+            yield name, tensor.clone()
+        return
+    file = path / f"model{ckpt.TENSORS_SUFFIX}" if path.is_dir() else path  # the "model" tensor group
+    sources = _file_sources(file)
+    _check_layout(sources, shapes, str(file))
+    for name, source in sources.items():
+        yield name, _read(source)
+
+
 # ------------------------------------------------------------------------------- export / import
 def export_diffusers(consolidated: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """A consolidated file -> a diffusers-style folder (sharded with an index above ``max_shard_bytes``)."""

@@ -325,6 +325,12 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
                 validate_data(merged, f"{key}.data", model, source)
         if stage.objective == "flow_dpo":
             _validate_dpo_stage(cfg, index, source)
+        _check(
+            not stage.init_from or Path(stage.init_from).exists(),
+            f"{key}.init_from",
+            source,
+            f"no such file or directory: {stage.init_from}",
+        )
     only = cfg.train.only_stage
     _check(
         not only or only in names,
@@ -342,12 +348,14 @@ def _validate_dpo_stage(cfg: DictConfig, index: int, source: Origin) -> None:
     """
     key = f"stages[{index}].objective"
     _check(
-        index > 0,
+        index > 0 or bool(cfg.stages[index].init_from),
         key,
         source,
         "flow_dpo fine-tunes a trained policy against a frozen copy of it: put it after a stage "
-        "that trains the model (e.g. flow_matching)",
+        "that trains the model (e.g. flow_matching), or give it init_from",
     )
+    if cfg.stages[index].init_from:
+        return  # a resume inside the stage rebuilds the reference from init_from
     keep, every = cfg.train.checkpoint.keep_last, cfg.train.checkpoint.every
     first = sum(stage.steps for stage in cfg.stages[:index])
     last = first + cfg.stages[index].steps

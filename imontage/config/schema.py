@@ -245,6 +245,9 @@ class StageConfig:
     steps: int = MISSING
     data: Any = field(default_factory=DataOverrides)
     optim: Any = field(default_factory=OptimOverrides)
+    # Weights the stage starts from instead of the previous stage's: a consolidated safetensors
+    # file (tools/convert_checkpoint.py consolidate) or a training checkpoint directory; "" = none.
+    init_from: str = ""
 
 
 @dataclass

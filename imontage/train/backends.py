@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,20 @@ class LocalBackend:
         if self.ema is not None:
             self.ema.load_state_dict(tensors["ema"])
         return state, state, tensors["rng"]
+
+    def init_weights(self, path: Path) -> None:
+        """A stage's ``init_from``: the weights of ``path`` (any format ``convert.model_weights`` reads).
+
+        The optimiser's moments start afresh with the stage; the EMA restarts from these weights.
+        """
+        from imontage.checkpoint.convert import model_weights
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in model_weights(path, self.cfg.model):
+                params[name].copy_(tensor)
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.cfg.train.ema_decay)
 
     def frozen_reference(self) -> nn.Module:
         """A frozen copy of the current weights (flow DPO's reference): no gradient, eval mode."""
@@ -294,6 +309,51 @@ class DeepSpeedBackend:
         release = self.engine.empty_partition_cache if self.cfg.parallel.zero_stage == 3 else None
         return self.ema.applied_to(self.engine.module, release=release)
 
+    def init_weights(self, path: Path) -> None:
+        """A stage's ``init_from``: the weights of ``path`` (any format ``convert.model_weights`` reads).
+
+        Every rank reads the single-device tensors one at a time and keeps its TP slice, then its
+        ZeRO-3 partition, as fp32 master weights; the module's bit16 partitions and ZeRO's resident
+        parameters are refreshed from them as in :meth:`load_single_device`. The optimiser's
+        moments start afresh with the stage; the EMA restarts from these weights.
+        """
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        from imontage.checkpoint.convert import model_weights
+
+        if self.cfg.parallel.zero_stage != 3:
+            raise ckpt.CheckpointError(
+                f"{path}: init_from loads into ZeRO-3 runs only (this run: zero_stage={self.cfg.parallel.zero_stage})"
+            )
+        share = self._weight_share()
+        params = dict(self.engine.module.named_parameters())
+        zero = self.engine.optimizer
+        zero.checkpoint_event_prologue()
+        for name, tensor in model_weights(path, self.cfg.model):
+            safe_set_local_fp32_param(params[name], share(name, tensor))
+        for sub_group in range(len(zero.fp16_groups)):
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        zero.checkpoint_event_epilogue()
+        if self.ema is not None:
+            self.ema = EMA(self.engine.module, self.cfg.train.ema_decay)
+
+    def _weight_share(self) -> Callable[..., torch.Tensor]:
+        """``share(name, full, whole=False)``: this rank's TP slice of a single-device tensor, then
+        its ZeRO-3 partition unless ``whole``."""
+        from megatron.core import parallel_state
+
+        from imontage.checkpoint.zero3 import tensor_parallel_shard, zero_partition
+
+        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
+        group = self.engine.optimizer.dp_process_group
+        zero_rank, zero_size = dist.get_rank(group), dist.get_world_size(group)
+
+        def share(name: str, full: torch.Tensor, whole: bool = False) -> torch.Tensor:
+            local = tensor_parallel_shard(name, full, tensor_rank, self.layout.tensor)
+            return local if whole else zero_partition(local, zero_rank, zero_size)
+
+        return share
+
     def frozen_reference(self) -> nn.Module:
         """A frozen copy of the current weights (flow DPO's reference), laid out and sharded like the policy.
 
@@ -422,10 +482,9 @@ class DeepSpeedBackend:
         of this rank's data-parallel rank, so the number of data-parallel ranks must match.
         """
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-        from megatron.core import parallel_state
         from safetensors import safe_open
 
-        from imontage.checkpoint.zero3 import tensor_parallel_shard, zero_partition
+        from imontage.checkpoint.zero3 import zero_partition
 
         if self.cfg.parallel.zero_stage != 3:
             raise ckpt.CheckpointError(
@@ -447,13 +506,12 @@ class DeepSpeedBackend:
                 ok, problem = 0, str(error)
         if not self._agree(ok):
             raise ckpt.CheckpointError(problem if self.rank == 0 else f"{path}: rank 0 found it corrupt")
-        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
-        tensor_size = self.layout.tensor
         zero = self.engine.optimizer
         zero_rank, zero_size = (
             dist.get_rank(zero.dp_process_group),
             dist.get_world_size(zero.dp_process_group),
         )
+        share = self._weight_share()
         # LocalBackend's AdamW numbers the parameters in the single-device model's order.
         from imontage.models.dit import build_dit
 
@@ -461,11 +519,6 @@ class DeepSpeedBackend:
             name: i for i, (name, _) in enumerate(build_dit(self.cfg.model, device="meta").named_parameters())
         }
         moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
-
-        def share(name: str, full: torch.Tensor, whole: bool = False) -> torch.Tensor:
-            """This rank's TP slice of ``full``, then its ZeRO-3 partition unless ``whole``."""
-            local = tensor_parallel_shard(name, full, tensor_rank, tensor_size)
-            return local if whole else zero_partition(local, zero_rank, zero_size)
 
         zero.checkpoint_event_prologue()  # every parameter partitioned, as before engine.load_checkpoint
         for flat in zero.fp32_partitioned_groups_flat:  # AdamW creates its state lazily: make room for it

@@ -72,6 +72,7 @@ class Stage:
     data: DictConfig
     optim: DictConfig
     objective: FlowMatching | FlowDPO
+    init_from: str = ""  # weights the stage starts from instead of the previous stage's
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -91,7 +92,9 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
             else FlowMatching.from_config(cfg.flow_matching)
         )
         data, optim = stage_section(cfg, index, "data"), stage_section(cfg, index, "optim")
-        stages.append(Stage(index, stage.name, first, first + stage.steps, data, optim, objective))
+        stages.append(
+            Stage(index, stage.name, first, first + stage.steps, data, optim, objective, stage.init_from)
+        )
         first += stage.steps
     return stages
 
@@ -281,6 +284,9 @@ class Trainer:
             if self._resumed is not None and self._resumed["stage_index"] == stage.index
             else None
         )
+        if resumed is None and stage.init_from:
+            log.info("stage %s: weights from %s (init_from)", stage.name, stage.init_from)
+            self.backend.init_weights(Path(stage.init_from))
         if isinstance(stage.objective, FlowDPO):
             self.attach_reference(stage.objective, stage, None if resumed is None else resumed["path"])
         self.backend.begin_stage(stage.optim, fresh=resumed is None)
@@ -300,6 +306,12 @@ class Trainer:
         """
         if resumed_from is None:
             objective.reference = self.backend.frozen_reference()
+            return
+        if stage.init_from:  # the stage started from these weights, not the previous stage's
+            log.info("stage %s: reference from %s (init_from)", stage.name, stage.init_from)
+            self.backend.init_weights(Path(stage.init_from))
+            objective.reference = self.backend.frozen_reference()
+            self.backend.load(resumed_from)
             return
         entry = resumed_from.parent / ckpt.checkpoint_name(stage.first_step)
         if not ckpt.is_complete(entry):
@@ -381,6 +393,9 @@ class Trainer:
             and only.first_step > 0
             and (path is None or ckpt.checkpoint_step(path) < only.first_step)
         ):
+            if only.init_from:  # the stage starts from its own weights, at its first global step
+                self.step = only.first_step
+                return
             path = self.stage_entry_checkpoint(only)
         if path is None:
             return
