@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from imontage.config import RecipeError, load_recipe
 
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="e.g. optim.lr=1e-4 model=dit_1b stages.sft.steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # torch 2.13 renamed all_gather_into_tensor/reduce_scatter_tensor and warns at every call; DeepSpeed's
+    # ZeRO-3 (and our collectives, which keep the names older torch has) call them every step: a
+    # 2-rank quickstart printed 14,000 lines of it. Only that warning is silenced.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     try:
         cfg = load_recipe(args.recipe, args.overrides)
     except RecipeError as error:
