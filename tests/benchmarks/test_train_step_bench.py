@@ -5,7 +5,8 @@
 
 ``full`` (the default on CUDA): ``dit_1b`` in bf16 autocast with fp32 weights and fused AdamW,
 packed batches of about 16k and 32k tokens (4-frame 64×64 latent clips with 64 text tokens each).
-``small`` (the default on CPU): ``dit_tiny`` in fp32 at about 512 and 1024 tokens — it checks the
+``small`` (the default on CPU): ``dit_tiny`` in fp32 at 768 and 1,536 tokens (the cases keep the names
+``16k``/``32k`` for ``--bench-shapes``) — it checks the
 harness, its figures are not a statement about any GPU.
 
 A step is forward, backward and optimiser step, as the Trainer runs it (flow-matching loss).
