@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -22,7 +23,7 @@ from imontage.parallel.plan import ModelShape, communication_plan, format_plan
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def load_group(group: str, name: str, schema: type) -> object:
+def load_group(group: str, name: str, schema: type) -> Any:
     path = Path(name) if name.endswith(".yaml") else CONFIGS / group / f"{name}.yaml"
     if not path.is_file():
         raise SystemExit(f"plan.py: {path}: no such {group} config")

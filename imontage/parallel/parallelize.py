@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -162,7 +162,7 @@ class ColumnParallelProjection(_Column):  # type: ignore[misc, valid-type]
     Under SP the input is this rank's ``n/TP`` rows and the layer all-gathers them first.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = super().forward(x.unsqueeze(1))
         return out.squeeze(1)
 
@@ -174,7 +174,7 @@ class RowParallelProjection(_Row):  # type: ignore[misc, valid-type]
     whole bias is added.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = super().forward(x.unsqueeze(1))
         return out.squeeze(1)
 
@@ -274,22 +274,30 @@ def _sum_gradient_over(group: ProcessGroup) -> Any:
 def partial_gradient_parameters(block: DiTBlock, sequence_parallel: bool) -> list[nn.Parameter]:
     """Parameters whole on every TP rank whose gradient on one rank covers only part of the work."""
     params = [
-        m.weight for m in (block.q_norm, block.k_norm) if isinstance(getattr(m, "weight", None), nn.Parameter)
+        cast(nn.Parameter, m.weight)
+        for m in (block.q_norm, block.k_norm)
+        if isinstance(getattr(m, "weight", None), nn.Parameter)
     ]
     if sequence_parallel:
-        params += [block.modulation, block.proj.bias, block.fc2.bias]
+        params += [block.modulation, cast(nn.Parameter, block.proj.bias), cast(nn.Parameter, block.fc2.bias)]
     return params
+
+
+def dit_blocks(model: DiT) -> list[DiTBlock]:
+    """``model.blocks`` with their type (a ModuleList hands out plain Modules)."""
+    return cast("list[DiTBlock]", list(model.blocks))
 
 
 def check_layout(model: DiT, tensor: int, context: int) -> None:
     """Errors for a model that cannot be split over ``tensor`` × ``context`` ranks, naming the sizes."""
-    heads = model.blocks[0].num_heads if len(model.blocks) else 0
+    blocks = dit_blocks(model)
+    heads = blocks[0].num_heads if blocks else 0
     if heads % (tensor * context):
         raise ValueError(
             f"model.num_heads={heads} is not divisible by tensor_parallel × context_parallel = "
             f"{tensor} × {context}: each rank needs whole heads"
         )
-    mlp = model.blocks[0].fc1.out_features if len(model.blocks) else 0
+    mlp = blocks[0].fc1.out_features if blocks else 0
     if mlp % tensor:
         raise ValueError(f"model.mlp_hidden_size={mlp} is not divisible by tensor_parallel={tensor}")
 
@@ -327,16 +335,19 @@ def parallelize_dit(
     context_group = parallel_state.get_context_parallel_group() if context_parallel > 1 else None
     if tensor_parallel > 1:
         config = _megatron_config(model, tensor_parallel, sequence_parallel)
-        for block in model.blocks:
-            block.qkv = _column_parallel(block.qkv, TENSOR_PARALLEL_SPLITS["qkv.weight"], config)
-            block.proj = _row_parallel(block.proj, TENSOR_PARALLEL_SPLITS["proj.weight"], config)
-            block.fc1 = _column_parallel(block.fc1, TENSOR_PARALLEL_SPLITS["fc1.weight"], config)
-            block.fc2 = _row_parallel(block.fc2, TENSOR_PARALLEL_SPLITS["fc2.weight"], config)
-            for param in partial_gradient_parameters(block, sequence_parallel):
+        assert tensor_group is not None
+        for typed in dit_blocks(model):
+            block: nn.Module = typed  # its projections become megatron-core layers
+            block.qkv = _column_parallel(typed.qkv, TENSOR_PARALLEL_SPLITS["qkv.weight"], config)
+            block.proj = _row_parallel(typed.proj, TENSOR_PARALLEL_SPLITS["proj.weight"], config)
+            block.fc1 = _column_parallel(typed.fc1, TENSOR_PARALLEL_SPLITS["fc1.weight"], config)
+            block.fc2 = _row_parallel(typed.fc2, TENSOR_PARALLEL_SPLITS["fc2.weight"], config)
+            for param in partial_gradient_parameters(typed, sequence_parallel):
                 param.register_hook(_sum_gradient_over(tensor_group))
     if context_group is not None:
-        for block in model.blocks:
-            block.core_attention = UlyssesAttention(block.core_attention, context_group)
+        for typed in dit_blocks(model):
+            attention_owner: nn.Module = typed  # its core attention becomes the Ulysses one
+            attention_owner.core_attention = UlyssesAttention(typed.core_attention, context_group)
     if tensor_parallel > 1 or context_parallel > 1:
         model.token_layout = ShardedTokens(tensor_group, sequence_parallel, context_group)
     model.gradient_checkpointing = activation_checkpointing

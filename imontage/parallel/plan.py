@@ -181,7 +181,7 @@ def count_collectives() -> Iterator[CollectiveCount]:
     duration of the ``with`` block only, and restores them on exit.
     """
     count = CollectiveCount()
-    originals = {
+    originals: dict[str, Any] = {
         "all_reduce": dist.all_reduce,
         "all_gather_into_tensor": dist.all_gather_into_tensor,
         "reduce_scatter_tensor": dist.reduce_scatter_tensor,

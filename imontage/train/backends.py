@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from torch import nn
 
 from imontage.train import checkpoint as ckpt
 from imontage.train.ema import EMA
+
+if TYPE_CHECKING:
+    from imontage.models.dit import DiT
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +223,7 @@ class DeepSpeedBackend:
         self.data_world_size = parallel_state.get_data_parallel_world_size()
         self.data_group = parallel_state.get_data_parallel_group()
         parallelize_dit(
-            model.to(device),
+            cast("DiT", model.to(device)),
             parallel.tensor_parallel,
             parallel.context_parallel,
             parallel.sequence_parallel,

@@ -45,11 +45,12 @@ def _initial_value(param: nn.Parameter) -> torch.Tensor:
     Right after ``deepspeed.initialize`` ZeRO-3's persistent parameters are not gathered yet
     (they are at the first forward pass); their whole value is assembled from the partitions.
     """
-    if _zero3_persistent(param) and param.data.numel() != param.ds_numel:
-        group = param.ds_process_group
-        parts = [torch.empty_like(param.ds_tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, param.ds_tensor.contiguous(), group=group)
-        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).float()
+    zero: Any = param  # DeepSpeed's ds_* attributes
+    if _zero3_persistent(param) and param.data.numel() != zero.ds_numel:
+        group = zero.ds_process_group
+        parts = [torch.empty_like(zero.ds_tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, zero.ds_tensor.contiguous(), group=group)
+        return torch.cat(parts)[: zero.ds_numel].view(zero.ds_shape).float()
     return held_tensor(param).detach().float().clone()
 
 
