@@ -19,7 +19,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -330,15 +330,25 @@ class DeepSpeedBackend:
             )
         share = self._weight_share()
         params = dict(self.engine.module.named_parameters())
+        with self._rewriting_master_weights():
+            for name, tensor in model_weights(path, self.cfg.model):
+                safe_set_local_fp32_param(params[name], share(name, tensor))
+        if self.ema is not None:
+            self.ema = EMA(self.engine.module, self.cfg.train.ema_decay)
+
+    @contextlib.contextmanager
+    def _rewriting_master_weights(self) -> Iterator[None]:
+        """ZeRO-3's fp32 master partitions open for writing, as ``engine.load_checkpoint`` has them.
+
+        On entry every parameter is partitioned; on exit the module's bit16 partitions are refreshed
+        from the fp32 masters and the resident (persistent) parameters gathered whole again.
+        """
         zero = self.engine.optimizer
         zero.checkpoint_event_prologue()
-        for name, tensor in model_weights(path, self.cfg.model):
-            safe_set_local_fp32_param(params[name], share(name, tensor))
+        yield
         for sub_group in range(len(zero.fp16_groups)):
             zero._reassign_or_swap_out_partitioned_parameters(sub_group)
         zero.checkpoint_event_epilogue()
-        if self.ema is not None:
-            self.ema = EMA(self.engine.module, self.cfg.train.ema_decay)
 
     def _weight_share(self) -> Callable[..., torch.Tensor]:
         """``share(name, full, whole=False)``: this rank's TP slice of a single-device tensor, then
@@ -523,34 +533,33 @@ class DeepSpeedBackend:
         }
         moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
 
-        zero.checkpoint_event_prologue()  # every parameter partitioned, as before engine.load_checkpoint
-        for flat in zero.fp32_partitioned_groups_flat:  # AdamW creates its state lazily: make room for it
-            for key in ("exp_avg", "exp_avg_sq"):
-                zero.optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
-        with (
-            safe_open(str(path / "model.safetensors"), "pt") as weights,
-            safe_open(str(path / "optimizer.safetensors"), "pt") as optimizer,
-        ):
-            for name, param in self.engine.module.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if name not in order or order[name] not in moments:
-                    raise ckpt.CheckpointError(
-                        f"{path / 'optimizer.safetensors'}: no AdamW state for '{name}'"
-                    )
-                safe_set_local_fp32_param(param, share(name, weights.get_tensor(name)))
+        with self._rewriting_master_weights():
+            for flat in zero.fp32_partitioned_groups_flat:  # AdamW creates its state lazily: make room for it
                 for key in ("exp_avg", "exp_avg_sq"):
-                    tensor_key = moments[order[name]][key]["__tensor__"]
-                    safe_set_local_optimizer_state(param, share(name, optimizer.get_tensor(tensor_key)), key)
-            step = optimizer.get_tensor(next(iter(moments.values()))["step"]["__tensor__"])
-        for flat in zero.fp32_partitioned_groups_flat:  # torch AdamW counts steps per parameter
-            zero.optimizer.state[flat]["step"] = step.clone()
-        for group in zero.optimizer.param_groups:  # DeepSpeed's FusedAdam per group
-            if "step" in group:
-                group["step"] = int(step)
-        for sub_group in range(len(zero.fp16_groups)):  # bit16 partitions from the fp32 masters
-            zero._reassign_or_swap_out_partitioned_parameters(sub_group)
-        zero.checkpoint_event_epilogue()  # resident (persistent) parameters gathered whole again
+                    zero.optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+            with (
+                safe_open(str(path / "model.safetensors"), "pt") as weights,
+                safe_open(str(path / "optimizer.safetensors"), "pt") as optimizer,
+            ):
+                for name, param in self.engine.module.named_parameters():
+                    if not param.requires_grad:
+                        continue
+                    if name not in order or order[name] not in moments:
+                        raise ckpt.CheckpointError(
+                            f"{path / 'optimizer.safetensors'}: no AdamW state for '{name}'"
+                        )
+                    safe_set_local_fp32_param(param, share(name, weights.get_tensor(name)))
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        tensor_key = moments[order[name]][key]["__tensor__"]
+                        safe_set_local_optimizer_state(
+                            param, share(name, optimizer.get_tensor(tensor_key)), key
+                        )
+                step = optimizer.get_tensor(next(iter(moments.values()))["step"]["__tensor__"])
+            for flat in zero.fp32_partitioned_groups_flat:  # torch AdamW counts steps per parameter
+                zero.optimizer.state[flat]["step"] = step.clone()
+            for group in zero.optimizer.param_groups:  # DeepSpeed's FusedAdam per group
+                if "step" in group:
+                    group["step"] = int(step)
         self.engine.global_steps = int(state["step"])
         if self.ema is not None:
             if not (path / "ema.safetensors").is_file():
