@@ -35,6 +35,10 @@ setup(
         "av>=12.0",  # PyAV: mp4/webm decoding in the data pipeline
         "tqdm>=4.66",
         "pytest>=8.0",
+        # Pretrained families: model classes to import from and export to, VAEs and text
+        # encoders for offline latent encoding. Both are pure Python.
+        "diffusers>=0.35",
+        "transformers>=4.50",
     ],
     extras_require={
         "dev": ["ruff>=0.6", "mypy>=1.10"],

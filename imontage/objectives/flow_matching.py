@@ -66,17 +66,10 @@ def select_tokens(batch: PackedBatch, keep: torch.Tensor) -> PackedBatch:
         for span in batch.spans
     ]
     return batch.replace(
-        tokens=batch.tokens[keep],
-        is_text=batch.is_text[keep],
-        text_ids=batch.text_ids[keep],
-        text_index=batch.text_index[keep],
-        text_embeds=None if batch.text_embeds is None else batch.text_embeds[keep],
-        positions=batch.positions[keep],
+        **batch.map_tokens(lambda rows: rows[keep]),
         cu_seqlens=torch.tensor([kept_before[c] for c in batch.cu_seqlens.tolist()], dtype=torch.int32).to(
             keep.device
         ),
-        target_mask=batch.target_mask[keep],
-        timesteps=batch.timesteps[keep],
         spans=[span for span in spans if span.length > 0],
     )
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from imontage.models.dit.sequence import PackedBatch
+from imontage.models.dit.sequence import SAMPLE_FIELDS, PackedBatch
 
 
 def _size(group: ProcessGroup | None) -> int:
@@ -149,18 +149,18 @@ def pad_packed_batch(batch: PackedBatch, multiple: int) -> PackedBatch:
     if pad == 0:
         return batch
 
-    def padded(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
-
     cu_seqlens = torch.cat([batch.cu_seqlens, batch.cu_seqlens.new_tensor([total + pad])])
+    # The padding sequence is one more sample: per-sample fields get a zero row for it.
+    per_sample = {
+        name: padded_rows(getattr(batch, name), 1)
+        for name in SAMPLE_FIELDS
+        if getattr(batch, name) is not None
+    }
     return batch.replace(
-        tokens=padded(batch.tokens),
-        is_text=padded(batch.is_text),
-        text_ids=padded(batch.text_ids),
-        text_index=padded(batch.text_index),
-        text_embeds=None if batch.text_embeds is None else padded(batch.text_embeds),
-        positions=padded(batch.positions),
-        cu_seqlens=cu_seqlens,
-        target_mask=padded(batch.target_mask),
-        timesteps=padded(batch.timesteps),
+        **batch.map_tokens(lambda rows: padded_rows(rows, pad)), **per_sample, cu_seqlens=cu_seqlens
     )
+
+
+def padded_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """``tensor`` with ``count`` zero rows appended."""
+    return torch.cat([tensor, tensor.new_zeros((count, *tensor.shape[1:]))])

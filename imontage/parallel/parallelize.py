@@ -32,7 +32,6 @@ returns the full output on every rank, so objectives and samplers do not change.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -203,15 +202,6 @@ class UlyssesAttention(nn.Module):
         return HeadsToSequence.apply(out, self.group)  # [N/CP, h, Dh]
 
 
-def per_token_fields(batch: PackedBatch) -> list[str]:
-    """The fields of ``batch`` with one row per token (everything but ``cu_seqlens`` and ``spans``)."""
-    return [
-        f.name
-        for f in dataclasses.fields(batch)
-        if f.name != "cu_seqlens" and isinstance(getattr(batch, f.name), torch.Tensor)
-    ]
-
-
 class ShardedTokens(TokenLayout):
     """The token layout of a parallel DiT: CP shards of the packed sequence, SP shards within them."""
 
@@ -233,7 +223,7 @@ class ShardedTokens(TokenLayout):
         shard = padded.tokens.shape[0] // self.context_size
         rows = slice(self.context_rank * shard, (self.context_rank + 1) * shard)
         # Plain slicing: the backward puts this rank's share of the gradient on its own rows.
-        return padded.replace(**{name: getattr(padded, name)[rows] for name in per_token_fields(padded)})
+        return padded.replace(**padded.map_tokens(lambda tensor: tensor[rows]))
 
     def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.sequence_parallel:

@@ -9,7 +9,8 @@ only the packed batch, and ``unpatchify_segments`` turns its output back into se
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class Segment:
     data: torch.Tensor | None = None
     text: str | None = None
     anchor: int | None = None  # `shared` layout: target frame this condition starts at
+    # Visual segments: channels joined to this segment's input channels and never noised, [C', T, H, W]
+    # (image-to-video models: a frame mask and the condition frame's latent, laid over the target).
+    channel_condition: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,9 +51,18 @@ class Segment:
                 raise ValueError("text segments are conditions")
             if (self.text is None) == (self.data is None):
                 raise ValueError("a text segment carries either text or precomputed embeddings [L, E]")
+            if self.channel_condition is not None:
+                raise ValueError("a text segment has no channels to join a channel_condition to")
         elif self.data is None or self.data.dim() != 4:
             shape = None if self.data is None else tuple(self.data.shape)
             raise ValueError(f"a {self.kind} segment needs data of shape [C, T, H, W], got {shape}")
+        elif self.channel_condition is not None and (
+            self.channel_condition.dim() != 4 or self.channel_condition.shape[1:] != self.data.shape[1:]
+        ):
+            raise ValueError(
+                f"channel_condition of shape {tuple(self.channel_condition.shape)} does not lie over "
+                f"a {self.kind} segment of shape {tuple(self.data.shape)}: it needs [C', T, H, W] with the same T, H, W"
+            )
 
 
 @dataclass
@@ -57,6 +70,15 @@ class Sample:
     segments: list[Segment]
     key: str = ""
     task: str = ""
+    # Per-sample conditioning of the pretrained families (None where a model takes none):
+    pooled_text: torch.Tensor | None = None  # [E] one pooled text vector (HunyuanVideo: CLIP's)
+    image_embeds: torch.Tensor | None = None  # [L, E] image-encoder tokens (Wan 2.1 I2V: CLIP's)
+    guidance: float | None = None  # distilled guidance scale (HunyuanVideo's guidance embedding)
+
+
+# Per-sample fields of a PackedBatch, one row per sample; every other tensor field but cu_seqlens
+# has one row per token.
+SAMPLE_FIELDS = ("pooled_text", "image_embeds", "guidance")
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,24 @@ class PackedBatch:
     timesteps: torch.Tensor  # [N] float32: 0 for clean tokens (text, conditions)
     spans: list[SegmentSpan] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # [B] each sample's task ("" when unnamed)
+    channel_condition: torch.Tensor | None = None  # [N, C'·pt·ph·pw] never noised; zero on rows without
+    pooled_text: torch.Tensor | None = None  # [B, E]
+    image_embeds: torch.Tensor | None = None  # [B, L, E]
+    guidance: torch.Tensor | None = None  # [B] float32
+
+    def token_fields(self) -> list[str]:
+        """Names of the tensor fields with one row per token (those set: ``text_embeds`` may be None)."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name != "cu_seqlens"
+            and f.name not in SAMPLE_FIELDS
+            and isinstance(getattr(self, f.name), torch.Tensor)
+        ]
+
+    def map_tokens(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``fn`` applied to every per-token field, as keyword arguments for :meth:`replace`."""
+        return {name: fn(getattr(self, name)) for name in self.token_fields()}
 
     @property
     def num_samples(self) -> int:
@@ -220,6 +260,16 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
         ),
         0,
     )
+    condition_channels = {
+        seg.channel_condition.shape[0]
+        for s in samples
+        for seg in s.segments
+        if seg.channel_condition is not None
+    }
+    if len(condition_channels) > 1:
+        raise ValueError(f"channel conditions of {sorted(condition_channels)} channels in one batch")
+    condition_dim = next(iter(condition_channels)) * math.prod(spec.patch_size) if condition_channels else 0
+    channel_condition = []
     for sample_index, sample in enumerate(samples):
         grids = []
         start = cu_seqlens[-1]  # first token of the next segment
@@ -243,6 +293,13 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
             if embed_dim:
                 text_embeds.append(rows.float() if text else torch.zeros(n, embed_dim))
             tokens.append(torch.zeros(n, patch_dim) if text else rows)
+            if condition_dim:
+                extra = segment.channel_condition
+                channel_condition.append(
+                    torch.zeros(n, condition_dim)
+                    if extra is None
+                    else patchify(extra.float(), spec.patch_size)
+                )
             start += n
         try:
             positions.append(
@@ -265,7 +322,33 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
         timesteps=torch.zeros(total),
         spans=spans,
         tasks=[sample.task for sample in samples],
+        channel_condition=torch.cat(channel_condition) if channel_condition else None,
+        **_per_sample_fields(samples),
     )
+
+
+def _per_sample_fields(samples: Sequence[Sample]) -> dict[str, torch.Tensor | None]:
+    """``pooled_text``, ``image_embeds`` and ``guidance`` stacked over samples: all of them or none."""
+    fields: dict[str, torch.Tensor | None] = {}
+    for name in SAMPLE_FIELDS:
+        values = [getattr(sample, name) for sample in samples]
+        given = [value is not None for value in values]
+        if not any(given):
+            fields[name] = None
+            continue
+        if not all(given):
+            missing = next(
+                sample.key or str(i) for i, sample in enumerate(samples) if getattr(sample, name) is None
+            )
+            raise ValueError(f"sample {missing} has no {name} while others in its batch have one")
+        if name == "guidance":
+            fields[name] = torch.tensor(values, dtype=torch.float32)
+            continue
+        shapes = {tuple(value.shape) for value in values}
+        if len(shapes) > 1:
+            raise ValueError(f"{name} of shapes {sorted(shapes)} in one batch: they must agree")
+        fields[name] = torch.stack([value.float() for value in values])
+    return fields
 
 
 def unpatchify_segments(
