@@ -21,7 +21,9 @@ from imontage.config.schema import (
     ENGINES,
     FRAME_SAMPLINGS,
     GROUPS,
+    HUNYUAN_IMAGE_CONDITIONS,
     LR_SCHEDULES,
+    MODEL_FAMILIES,
     NONFINITE_MODES,
     OBJECTIVES,
     PAIR_LAYOUTS,
@@ -241,6 +243,19 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     """
     source = origin
     model = cfg.model
+    _check_choice(model.family, MODEL_FAMILIES, "model.family", source)
+    _check_choice(
+        model.hunyuan_video.image_condition_type,
+        HUNYUAN_IMAGE_CONDITIONS,
+        "model.hunyuan_video.image_condition_type",
+        source,
+    )
+    _check(
+        model.family == "dit" or model.text_encoder == "precomputed",
+        "model.text_encoder",
+        source,
+        f"family {model.family} reads precomputed text embeddings: set text_encoder: precomputed",
+    )
     _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
     _check_choice(model.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", source)
     _check_choice(model.prediction, PREDICTIONS, "model.prediction", source)

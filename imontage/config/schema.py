@@ -14,7 +14,11 @@ from typing import Any
 from omegaconf import MISSING
 
 from imontage.imagic.config import ImagicConfig
+from imontage.models.hunyuan_video.config import HunyuanVideoConfig
+from imontage.models.wan.config import WanConfig
 
+MODEL_FAMILIES = ("dit", "wan", "hunyuan_video")
+HUNYUAN_IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")
 PAIR_LAYOUTS = ("half", "interleaved")
 POSITION_LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
 TEXT_ENCODERS = ("byte", "precomputed")
@@ -48,6 +52,8 @@ class PositionConfig:
 
 @dataclass
 class ModelConfig:
+    # "dit": imontage's own DiT; "wan": Wan 2.1; "hunyuan_video": HunyuanVideo (imontage/models/<family>).
+    family: str = "dit"
     in_channels: int = MISSING
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     hidden_size: int = MISSING
@@ -67,6 +73,8 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     positions: PositionConfig = field(default_factory=PositionConfig)
     stated_params: float = 0.0  # the size a preset is named for; 0 when it claims none
+    wan: WanConfig = field(default_factory=WanConfig)  # family "wan" only
+    hunyuan_video: HunyuanVideoConfig = field(default_factory=HunyuanVideoConfig)  # "hunyuan_video" only
 
 
 @dataclass

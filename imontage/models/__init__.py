@@ -1,1 +1,25 @@
-"""Models trained by imontage."""
+"""Models trained by imontage, one package per family; :func:`build_model` picks by ``model.family``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
+    """The single-device model of ``cfg`` (a ``ModelConfig``); ``device="meta"`` builds shapes only.
+
+    Families are imported when asked for, so a DiT run never imports the pretrained families' code.
+    """
+    family = str(getattr(cfg, "family", "dit"))
+    if family == "dit":
+        from imontage.models.dit import build_dit as build
+    elif family == "wan":
+        from imontage.models.wan import build_wan as build
+    elif family == "hunyuan_video":
+        from imontage.models.hunyuan_video import build_hunyuan_video as build
+    else:
+        raise ValueError(f"model.family '{family}' is not one of dit, wan, hunyuan_video")
+    return build(cfg, device)
