@@ -19,7 +19,7 @@ from imontage.data.decode import DecodeOptions, decode_item
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, iter_samples, iter_tar, read_shard
 from imontage.data.synthetic import write_shards
-from imontage.data.testing import image_bytes, pattern, video_bytes
+from imontage.data.testing import broken_png, image_bytes, pattern, video_bytes
 from imontage.models.dit.sequence import PackingSpec
 
 NUM_SAMPLES = 24  # 4 shards of 7, 7, 7, 3 samples
@@ -193,6 +193,8 @@ def test_decode_errors_name_shard_key_member_and_reason(shard_dir: Path) -> None
     ):
         decode_sample(make_raw(members))
     with pytest.raises(DataError, match=r"sample 'k': undecodable: member '0\.png'"):
+        decode_sample(make_raw({**raw.members, "0.png": broken_png(32, 32)}))
+    with pytest.raises(DataError, match=r"sample 'k': format_mismatch: member '0\.png'"):
         decode_sample(make_raw({**raw.members, "0.png": b"not a png"}))
     with pytest.raises(DataError, match=r"bad_json: member 'json' is not UTF-8 json"):
         decode_sample(make_raw({**raw.members, "json": b'{"task": '}))

@@ -3,7 +3,8 @@
     python tools/inspect_shards.py 'data/mine/shard-*.tar' [--validate] [--write-index [--index-dir D]] [--json report.json]
 
 Reads each shard's index (its ``.index.json`` when current, else the shard's json and media
-headers). ``--validate`` also decodes every sample, as training would at its stored size, and
+headers, with the loader's checks: a member whose bytes are not the format its extension names
+is a ``format_mismatch``). ``--validate`` also decodes every sample, as training would at its stored size, and
 exits with status 1 when any shard or sample has a problem; problems are listed by shard and
 key. ``--write-index`` writes the indexes beside local shards, or into ``--index-dir`` (by shard
 file name; the folder to give as ``data.index_dir``), so loaders need not read the shards to

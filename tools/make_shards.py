@@ -11,8 +11,9 @@ One manifest line per sample; paths are relative to the manifest:
 Optional per line: "key" (default: the line number, zero-padded), "text_embedding" (a path to a
 .npy/.safetensors [L, E] array). Per segment: "path", or "frames" (a list of image paths) for a
 video of frame images, and "fps", "anchor", "group", "tensor" as in the sample schema
-(docs/data.md). Member names inside a sample are ``<segment>.<ext>`` (``<segment>.<frame>.<ext>``
-for frame images). The same manifest and files always give byte-identical shards: samples in
+(docs/data.md). A file whose bytes are not the format its extension names (or a video whose
+container or codec is not allowed) is refused, as the loader would skip it. Member names inside
+a sample are ``<segment>.<ext>`` (``<segment>.<frame>.<ext>`` for frame images). The same manifest and files always give byte-identical shards: samples in
 manifest order, members sorted, tar headers without times or owners. Writes ``summary.json``
 (samples, shards, bytes, per-task counts) and, beside each shard, its ``.index.json``.
 """
@@ -32,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imontage.data.index import scan_shard, write_index
+from imontage.data.media import MediaError, check_format
 from imontage.data.records import (
     ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -81,9 +83,16 @@ def _read_file(base: Path, path: Any, allowed: tuple[str, ...], where: str) -> t
     if suffix not in allowed:
         raise ManifestError(f"{where}: {path} is not one of .{', .'.join(allowed)}")
     try:
-        return suffix, (base / path).read_bytes()
+        data = (base / path).read_bytes()
     except OSError as error:
         raise ManifestError(f"{where}: cannot read {base / path} ({error.strerror})") from error
+    try:
+        check_format(data, suffix)  # the loader's check: the bytes are what the extension says
+    except MediaError as error:
+        if error.reason == "format_mismatch":
+            raise ManifestError(f"{where}: {path}: format_mismatch: {error}") from None
+        # other problems (a broken file) are written, and counted by the shard index
+    return suffix, data
 
 
 def _segment(base: Path, index: int, entry: Any, members: dict[str, bytes], where: str) -> dict[str, Any]:

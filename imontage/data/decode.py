@@ -96,8 +96,7 @@ class SampleFacts:
 
 
 def _media_error(raw: RawSample, member: str, error: media.MediaError) -> DataError:
-    reason = "unsafe_member" if error.unsafe else "undecodable"
-    return DataError.of(reason, raw.url, raw.key, f"member '{member}': {error}")
+    return DataError.of(error.reason, raw.url, raw.key, f"member '{member}': {error}")
 
 
 def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int, int, float]:
@@ -110,9 +109,14 @@ def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int,
         channels, frames, height, width = shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
         return channels, frames, height, width, 0.0
     if segment.kind == "video" and not segment.is_frame_list:
-        info = media.video_info(raw.members[first])
+        info = media.video_info(raw.members[first], extension(first))
         return RGB_CHANNELS, info.frames, info.height, info.width, info.fps
-    sizes = {media.image_size(raw.members[name]) for name in segment.members}
+    sizes = set()
+    for name in segment.members:
+        try:
+            sizes.add(media.image_size(raw.members[name], extension(name)))
+        except media.MediaError as error:
+            raise _media_error(raw, name, error) from None
     if len(sizes) != 1:
         raise media.MediaError(f"frames {list(segment.members)} differ in size {sorted(sizes)}")
     height, width = sizes.pop()
@@ -311,20 +315,26 @@ def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(planar).float().div_(127.5).sub_(1.0)
 
 
-def _decode_segment(raw: RawSample, segment: SegmentRecord, plan: SegmentPlan) -> torch.Tensor:
+def _decode_segment(
+    raw: RawSample, segment: SegmentRecord, plan: SegmentPlan, max_pixels: int
+) -> torch.Tensor:
     channels, _, height, width = plan.shape
-    first = segment.members[0]
+    member = segment.members[0]  # the member an error names
     try:
         if segment.kind == "latent":
-            array = media.load_array(raw.members[first], extension(first), segment.tensor)
+            array = media.load_array(raw.members[member], extension(member), segment.tensor)
             return torch.from_numpy(array).reshape(plan.shape)
         if segment.kind == "video" and not segment.is_frame_list:
-            return _to_tensor(media.decode_video(raw.members[first], plan.frame_indices, (height, width)))
-        frames = [
-            media.decode_image(raw.members[segment.members[i]], (height, width)) for i in plan.frame_indices
-        ]
+            pixels = media.decode_video(
+                raw.members[member], extension(member), plan.frame_indices, (height, width), max_pixels
+            )
+            return _to_tensor(pixels)
+        frames = []
+        for i in plan.frame_indices:
+            member = segment.members[i]
+            frames.append(media.decode_image(raw.members[member], (height, width), extension(member)))
     except media.MediaError as error:
-        raise _media_error(raw, first, error) from None
+        raise _media_error(raw, member, error) from None
     return _to_tensor(np.stack(frames))
 
 
@@ -361,7 +371,7 @@ def decode_item(
         Segment(
             segment.kind,
             segment.role,
-            data=_decode_segment(raw, segment, segment_plan),
+            data=_decode_segment(raw, segment, segment_plan, options.max_pixels),
             anchor=segment.anchor,
         )
         for segment, segment_plan in zip(record.segments, plan.segments, strict=True)

@@ -26,6 +26,7 @@ SAMPLE_REASONS = (
     "missing_member",  # the json names a member the sample does not have
     "unsafe_member",  # a member that would need pickle to load (.pth, .pkl, .pyd, object arrays)
     "undecodable",  # an image, video or array that cannot be decoded
+    "format_mismatch",  # bytes not of the format the extension names, or a codec not allowed
     "too_many_pixels",  # an image (or video frame) over data.bad_data.max_pixels
     "too_many_frames",  # a video over data.bad_data.max_video_frames, caught before decoding
     "unpackable",  # does not fit the model: patch size, channels, layout or the token budget

@@ -43,7 +43,7 @@ MIXED_BUCKETS = mixed_buckets()
 IMAGE_FORMATS = ("png", "jpg", "webp")
 VIDEO_FORMATS = ("mp4", "webm")
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-_VIDEO_CODECS = {"mp4": "mpeg4", "webm": "libvpx"}
+_VIDEO_CODECS = {"mp4": "libx264", "webm": "libvpx"}  # h264 and vp8: codecs the loader allows
 
 
 def pattern(height: int, width: int, seed: int, frame: int = 0) -> np.ndarray:
@@ -61,12 +61,20 @@ def image_bytes(height: int, width: int, fmt: str = "png", seed: int = 0) -> byt
     return buffer.getvalue()
 
 
-def video_bytes(frames: int, height: int, width: int, fmt: str = "mp4", fps: int = 8, seed: int = 0) -> bytes:
+def video_bytes(
+    frames: int,
+    height: int,
+    width: int,
+    fmt: str = "mp4",
+    fps: int = 8,
+    seed: int = 0,
+    codec: str | None = None,  # default: the format's usual one (h264, vp8)
+) -> bytes:
     import av
 
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=fmt) as container:
-        stream = container.add_stream(_VIDEO_CODECS[fmt], rate=fps)
+        stream = container.add_stream(codec or _VIDEO_CODECS[fmt], rate=fps)
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for index in range(frames):
@@ -209,3 +217,65 @@ def write_bad_shards(out: str | Path) -> dict[str, int]:
         "bad_json": 1, "missing_member": 1, "unsafe_member": 1, "undecodable": 2, "duplicate_key": 1,
         "too_many_pixels": 1, "too_many_frames": 1, "truncated_tar": 1, "not_a_tar": 1,
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile data: members whose bytes are another format than their extension names
+
+
+def eps_bytes() -> bytes:
+    """A one-line EPS: Pillow's EPS plugin would run Ghostscript to load it."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def _pillow_bytes(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pattern(8, 8, 0)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# Payloads that other decoders (Ghostscript, ImageMagick, librsvg, FFmpeg demuxers) would read.
+HOSTILE_IMAGES = {
+    "eps": eps_bytes,
+    "tiff": lambda: _pillow_bytes("TIFF"),
+    "gif": lambda: _pillow_bytes("GIF"),
+    "pdf": lambda: _pillow_bytes("PDF"),
+    "svg": lambda: (
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><image href="file:///etc/passwd"/></svg>'
+    ),
+}
+HOSTILE_VIDEOS = {
+    "ffconcat": lambda: b"ffconcat version 1.0\nfile 'other.mp4'\n",
+    "m3u8": lambda: b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+    "webm": lambda: video_bytes(4, 16, 16, "webm"),  # a valid video, of another container
+    "mpeg4": lambda: video_bytes(4, 16, 16, "mp4", codec="mpeg4"),  # mp4, of a codec not allowed
+}
+
+
+def hostile_samples() -> dict[str, dict[str, bytes]]:
+    """Samples whose one member is named as an accepted format but holds another, by key
+    (``<payload>-<extension>``): every hostile image as png, jpg and webp, and playlists as mp4."""
+    samples = {}
+    for payload, make in HOSTILE_IMAGES.items():
+        for suffix in IMAGE_FORMATS:
+            segments = [{"role": "target", "kind": "image", "member": f"0.{suffix}"}]
+            samples[f"{payload}-{suffix}"] = {
+                f"0.{suffix}": make(),
+                "json": record("image", payload, segments),
+            }
+    for payload, make in HOSTILE_VIDEOS.items():
+        samples[f"{payload}-mp4"] = _video_sample({"0.mp4": make()})
+    return samples
+
+
+def write_hostile_shards(out: str | Path) -> list[str]:
+    """One shard of the hostile samples between two good ones (keys ``good0``, ``good1``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "hostile-000000.tar"
+    with ShardWriter(path) as writer:
+        writer.add_sample("good0", _image_sample("good0"))
+        for key, members in hostile_samples().items():
+            writer.add_sample(key, members)
+        writer.add_sample("good1", _image_sample("good1"))
+    return [str(path)]
