@@ -32,5 +32,19 @@ def test_count_params_tool_prints_every_preset() -> None:
     lines = result.stdout.splitlines()
     presets = sorted(p.stem for p in (REPO / "configs/model").glob("*.yaml"))
     assert [line.split()[0] for line in lines[1:]] == presets
-    for line in lines[1:]:
+    stated = [line for line in lines[1:] if line.split()[-1] != "-"]  # tiny presets claim no size
+    assert len(stated) >= len(presets) - 3
+    for line in stated:
         assert abs(float(line.split()[-1].rstrip("%"))) <= 3.0, line
+
+
+def test_the_kernels_folder_never_shadows_the_installed_kernels_package() -> None:
+    """With the root on sys.path (``python -c`` from it), ``import kernels`` is the PyPI package,
+    which diffusers' model imports need; imontage's kernels stay importable as imontage.kernels."""
+    code = "import kernels, imontage.kernels.rope as rope; print(kernels.__file__); print(rope.__file__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    pypi, ours = result.stdout.splitlines()
+    assert "site-packages" in Path(pypi).parts, pypi
+    assert Path(ours).resolve() == REPO / "kernels/rope/__init__.py"

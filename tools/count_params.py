@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models.dit import build_dit, count_parameters
+from imontage.models import build_model
+from imontage.models.dit import count_parameters
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -24,18 +25,19 @@ def count_preset(name: str) -> tuple[int, float]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such model preset")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    return count_parameters(build_dit(cfg, device="meta")), float(cfg.stated_params)
+    return count_parameters(build_model(cfg, device="meta")), float(cfg.stated_params)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="*", help="names under configs/model/ (default: all)")
     names = parser.parse_args().presets or sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
-    print(f"{'preset':<12} {'parameters':>16} {'stated':>10} {'off by':>8}")
+    width = max(len("preset"), *(len(name) for name in names))
+    print(f"{'preset':<{width}} {'parameters':>16} {'stated':>10} {'off by':>8}")
     for name in names:
         count, stated = count_preset(name)
         off = f"{100 * (count / stated - 1):+.2f}%" if stated else "-"
-        print(f"{name:<12} {count:>16,} {stated:>10.3g} {off:>8}")
+        print(f"{name:<{width}} {count:>16,} {stated:>10.4g} {off:>8}")
 
 
 if __name__ == "__main__":
