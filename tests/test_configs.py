@@ -38,7 +38,10 @@ COMPANIONS = {"parallel/dit_14b_64gpu": ["model=dit_14b"]}
 @pytest.mark.parametrize("group_file", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_group_file_loads_and_validates(group_file: Path) -> None:
     choice = f"{group_file.parent.name}={group_file.stem}"
-    cfg = load_recipe(BASE, [choice, *COMPANIONS.get(f"{group_file.parent.name}/{group_file.stem}", [])])
+    companions = COMPANIONS.get(f"{group_file.parent.name}/{group_file.stem}", [])
+    if OmegaConf.load(group_file).get("family", "dit") != "dit":  # the base recipe's prediction is dit's
+        companions = [*companions, "model.prediction=velocity"]
+    cfg = load_recipe(BASE, [choice, *companions])
     assert OmegaConf.to_container(cfg[group_file.parent.name]) is not None
 
 
@@ -167,3 +170,12 @@ def test_fault_settings_are_checked(override: str, message: str) -> None:
     assert load_recipe(BASE).train.faults.nonfinite == "skip"
     with pytest.raises(RecipeError, match=r"<command line>: " + message):
         load_recipe(BASE, [override])
+
+
+def test_a_pretrained_family_refuses_settings_it_was_not_trained_for() -> None:
+    with pytest.raises(RecipeError, match="model.prediction.*family wan predicts the velocity"):
+        load_recipe(BASE, ["model=wan_tiny"])  # the base recipe predicts data, as dit may
+    with pytest.raises(RecipeError, match="model.text_encoder.*precomputed"):
+        load_recipe(BASE, ["model=wan_tiny", "model.prediction=velocity", "model.text_encoder=byte"])
+    with pytest.raises(RecipeError, match="model.family"):
+        load_recipe(BASE, ["model.family=flux"])

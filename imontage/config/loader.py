@@ -256,7 +256,15 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
         source,
         f"family {model.family} reads precomputed text embeddings: set text_encoder: precomputed",
     )
+    _check(
+        model.family == "dit" or model.prediction == "velocity",
+        "model.prediction",
+        source,
+        f"family {model.family} predicts the velocity, as it was pretrained to: prediction: data is for dit only",
+    )
     _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
+    if model.init_from_diffusers:
+        _validate_init_from_diffusers(model, source)
     _check_choice(model.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", source)
     _check_choice(model.prediction, PREDICTIONS, "model.prediction", source)
     _check(0.0 < model.min_timestep < 1.0, "model.min_timestep", source, "must be in (0, 1)")
@@ -353,6 +361,20 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
         source,
         f"no stage '{only}' (stages: {', '.join(names)})",
     )
+
+
+def _validate_init_from_diffusers(model: DictConfig, source: Origin) -> None:
+    """The folder exists and holds this family's diffusers class with this model's config (config.json only)."""
+    from imontage.checkpoint.convert import ConversionError
+    from imontage.checkpoint.diffusers import check_model_config
+
+    key = "model.init_from_diffusers"
+    folder = Path(model.init_from_diffusers)
+    _check(folder.is_dir(), key, source, f"no such folder: {folder}")
+    try:
+        check_model_config(folder, model)
+    except ConversionError as error:
+        raise RecipeError(f"{source(key)}: key '{key}': {error}") from error
 
 
 def _validate_dpo_stage(cfg: DictConfig, index: int, source: Origin) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module
     Families are imported when asked for, so a DiT run never imports the pretrained families' code.
     """
     family = str(getattr(cfg, "family", "dit"))
+    build: Callable[[Any, torch.device | str | None], nn.Module]
     if family == "dit":
         from imontage.models.dit import build_dit as build
     elif family == "wan":

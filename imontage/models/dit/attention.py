@@ -49,23 +49,43 @@ def varlen_attention(
     max_seqlen: int,
     backend: str = "auto",
     bounds: Sequence[int] | None = None,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    bounds_k: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``[N, H, D]`` q, k, v within each packed sequence; returns ``[N, H, D]``.
 
     ``bounds``: ``cu_seqlens`` as Python ints, when the caller already has them (it saves a device
     sync per call on the SDPA path).
+
+    Cross-attention: ``cu_seqlens_k`` (with ``max_seqlen_k`` and optionally ``bounds_k``) packs k
+    and v ``[M, H, D]`` apart from q; sequence i of q attends to sequence i of k. Without it, k and v
+    share q's packing (self-attention). On the SDPA path a query sequence with no keys gets zeros.
     """
+    cross = cu_seqlens_k is not None
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k, bounds_k = cu_seqlens, max_seqlen, bounds
     if resolve_backend(backend, q) == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item())
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k)
     if bounds is None:
         bounds = cu_seqlens.tolist()
+    if bounds_k is None:
+        bounds_k = cu_seqlens_k.tolist() if cross else bounds
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    spans = zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:], strict=True)
+    for start, end, start_k, end_k in spans:
         if end == start:
             continue
-        # [1, H, L, D] per sequence: each sample attends only to itself.
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if end_k == start_k:  # nothing to attend to
+            outputs.append(q.new_zeros(end - start, q.shape[1], v.shape[-1]))
+            continue
+        # [1, H, L, D] per sequence: each sample attends only to itself (or to its own keys).
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        ks, vs = (t[start_k:end_k].transpose(0, 1).unsqueeze(0) for t in (k, v))
         outputs.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
     return torch.cat(outputs) if outputs else torch.empty_like(q)

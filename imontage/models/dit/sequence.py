@@ -210,7 +210,7 @@ class PackingSpec:
         """From a :class:`~imontage.config.schema.ModelConfig` (dataclass or OmegaConf node)."""
         pt, ph, pw = (int(p) for p in cfg.patch_size)
         return cls(
-            in_channels=int(cfg.in_channels),
+            in_channels=latent_channels(cfg),
             patch_size=(pt, ph, pw),
             max_text_len=int(cfg.max_text_len),
             layout=str(cfg.positions.layout),
@@ -218,6 +218,15 @@ class PackingSpec:
             head_window=int(cfg.positions.head_window),
             tail_window=int(cfg.positions.tail_window),
         )
+
+
+def latent_channels(cfg: Any) -> int:
+    """Channels of the visual segments a model takes: for the pretrained families the latent's
+    (``out_channels``); an image-to-video input's extra channels arrive as channel conditions."""
+    family = str(getattr(cfg, "family", "dit"))
+    if family == "dit":
+        return int(cfg.in_channels)
+    return int(getattr(cfg, family).out_channels)
 
 
 def _segment_rows(segment: Segment, spec: PackingSpec, where: str) -> tuple[torch.Tensor, SegmentGrid]:
