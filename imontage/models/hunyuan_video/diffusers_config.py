@@ -1,0 +1,142 @@
+"""diffusers' ``HunyuanVideoTransformer3DModel`` config.json <-> imontage's ``model`` section.
+
+Used by the diffusers folder importer. Keys or values imontage cannot represent raise
+``ValueError`` naming the key, rather than loading a model that computes something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CLASS_NAME = "HunyuanVideoTransformer3DModel"
+IMAGE_CONDITIONS = ("latent_concat", "token_replace")
+# diffusers' defaults, for keys a config.json leaves out (diffusers fills them the same way).
+DEFAULTS: dict[str, Any] = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+    "image_condition_type": None,
+}
+MAX_TEXT_LEN = 256  # the pipelines' max_sequence_length
+
+
+def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
+    """A ``ModelConfig`` dict (``family: hunyuan_video``) from diffusers' transformer config.json."""
+    for key in config:
+        if key.startswith("_"):
+            continue  # metadata: _class_name, _diffusers_version, _name_or_path, _use_default_values
+        if key not in DEFAULTS:
+            raise ValueError(f"diffusers config key '{key}' is not one HunyuanVideo's importer knows")
+    class_name = config.get("_class_name", CLASS_NAME)
+    if class_name != CLASS_NAME:
+        raise ValueError(f"diffusers config key '_class_name': {class_name}, expected {CLASS_NAME}")
+    c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if c["qk_norm"] != "rms_norm":
+        raise ValueError(f"diffusers config key 'qk_norm': {c['qk_norm']!r}, only 'rms_norm' is supported")
+    condition = c["image_condition_type"]
+    if condition is not None and condition not in IMAGE_CONDITIONS:
+        raise ValueError(
+            f"diffusers config key 'image_condition_type': {condition!r} is not one of {IMAGE_CONDITIONS}"
+        )
+    heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
+    axes = [int(d) for d in c["rope_axes_dim"]]
+    if len(axes) != 3 or any(d % 2 for d in axes) or sum(axes) != head_dim:
+        raise ValueError(
+            f"diffusers config key 'rope_axes_dim': {axes} must be three even sizes (t, h, w) summing "
+            f"to attention_head_dim {head_dim}"
+        )
+    hidden = heads * head_dim
+    mlp_hidden = int(hidden * float(c["mlp_ratio"]))
+    if mlp_hidden / hidden != float(c["mlp_ratio"]):
+        raise ValueError(
+            f"diffusers config key 'mlp_ratio': {c['mlp_ratio']} × {hidden} is not a whole width"
+        )
+    theta = float(c["rope_theta"])
+    return {
+        "family": "hunyuan_video",
+        "in_channels": int(c["in_channels"]),
+        "patch_size": [int(c["patch_size_t"]), int(c["patch_size"]), int(c["patch_size"])],
+        "hidden_size": hidden,
+        "depth": int(c["num_layers"]),
+        "num_heads": heads,
+        "mlp_hidden_size": mlp_hidden,
+        "text_encoder": "precomputed",
+        "text_dim": int(c["text_embed_dim"]),
+        "max_text_len": MAX_TEXT_LEN,
+        "qk_norm": True,
+        "prediction": "velocity",
+        "rope": {"bands": [0, *(d // 2 for d in axes)], "theta": [theta] * 4, "pair_layout": "interleaved"},
+        "hunyuan_video": {
+            "out_channels": int(c["out_channels"] or c["in_channels"]),
+            "num_single_layers": int(c["num_single_layers"]),
+            "num_refiner_layers": int(c["num_refiner_layers"]),
+            "pooled_projection_dim": int(c["pooled_projection_dim"]),
+            "guidance_embeds": bool(c["guidance_embeds"]),
+            "image_condition_type": condition or "",
+        },
+    }
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+
+
+def diffusers_config(model_cfg: Any) -> dict[str, Any]:
+    """diffusers' config.json dict (with ``_class_name``) of a ``hunyuan_video`` model section.
+
+    ``model_cfg``: a ``ModelConfig`` dataclass, OmegaConf node or plain dict.
+    """
+    if _get(model_cfg, "family") != "hunyuan_video":
+        raise ValueError(f"model.family '{_get(model_cfg, 'family')}': not a HunyuanVideo model")
+    hv, rope = _get(model_cfg, "hunyuan_video"), _get(model_cfg, "rope")
+    pt, ph, pw = (int(p) for p in _get(model_cfg, "patch_size"))
+    if ph != pw:
+        raise ValueError(f"model.patch_size: diffusers' HunyuanVideo has square patches, got ({ph}, {pw})")
+    hidden, heads = int(_get(model_cfg, "hidden_size")), int(_get(model_cfg, "num_heads"))
+    head_dim = hidden // heads
+    bands = [int(b) for b in _get(rope, "bands")]
+    theta = [float(t) for t in _get(rope, "theta")]
+    if bands[0] != 0 or 2 * sum(bands) != head_dim:
+        raise ValueError(
+            f"model.rope.bands {bands}: diffusers rotates (t, h, w) over the whole head dim {head_dim}"
+        )
+    if len(set(theta[1:])) != 1:
+        raise ValueError(f"model.rope.theta {theta}: diffusers has one rope_theta for t, h and w")
+    if _get(rope, "pair_layout") != "interleaved":
+        raise ValueError("model.rope.pair_layout: diffusers' HunyuanVideo pairs are interleaved")
+    if not bool(_get(model_cfg, "qk_norm")):
+        raise ValueError("model.qk_norm: diffusers' HunyuanVideo normalises q and k (rms_norm)")
+    condition = str(_get(hv, "image_condition_type"))
+    return {
+        "_class_name": CLASS_NAME,
+        "in_channels": int(_get(model_cfg, "in_channels")),
+        "out_channels": int(_get(hv, "out_channels")),
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "num_layers": int(_get(model_cfg, "depth")),
+        "num_single_layers": int(_get(hv, "num_single_layers")),
+        "num_refiner_layers": int(_get(hv, "num_refiner_layers")),
+        "mlp_ratio": int(_get(model_cfg, "mlp_hidden_size")) / hidden,
+        "patch_size": ph,
+        "patch_size_t": pt,
+        "qk_norm": "rms_norm",
+        "guidance_embeds": bool(_get(hv, "guidance_embeds")),
+        "text_embed_dim": int(_get(model_cfg, "text_dim")),
+        "pooled_projection_dim": int(_get(hv, "pooled_projection_dim")),
+        "rope_theta": theta[1],
+        "rope_axes_dim": [2 * b for b in bands[1:]],
+        "image_condition_type": condition or None,
+    }

@@ -1,0 +1,481 @@
+"""HunyuanVideo (diffusers' ``HunyuanVideoTransformer3DModel``) over imontage's packed batches.
+
+Single-device code. Parameter names and shapes are diffusers' state_dict keys, so a diffusers
+folder loads by name. A forward pass over a :class:`PackedBatch` of N tokens:
+  visual rows: patch features ``[tokens | channel_condition]`` (C, pt, ph, pw) -> the patch Conv3d's
+  weight as a linear; text rows: each sample's text through the token refiner (attention within
+  the sample's own text);
+  modulation: timestep (1000·t) + pooled text (+ distilled guidance) embedding, per token;
+  ``depth`` dual-stream blocks (separate weights for the visual and text streams, joint attention
+  within each sample), then single-stream blocks over both; adaLN output layer.
+
+Modulation is per token, and equals diffusers' per-sample modulation whenever diffusers can express
+the input: a sample's denoising timestep t_s is the largest timestep of its target tokens; text
+takes E(t_s), noised visual tokens E(t_token), E(t) = T(t) + P(pooled) + G(guidance); clean conditions (tokens outside
+the targets, and target tokens at timestep 0 while their sample is being denoised: token_replace's
+first frame) take T(t_token) + P(pooled), diffusers' ``token_replace_emb``, which has no guidance term.
+The output layer modulates clean conditions like their sample's targets (their rows are not trained on).
+So ``image_condition_type`` changes no code path: token_replace is a target video whose first-frame
+tokens are clean with timestep 0 (a one-frame sample, all at 0, has nothing being denoised and is
+modulated as a target); latent_concat is ``channel_condition`` = [image latent, mask] per target row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imontage.models.dit.attention import varlen_attention
+from imontage.models.dit.model import timestep_frequencies
+from imontage.models.dit.rope import MultiAxisRope
+from imontage.models.dit.sequence import PackedBatch
+
+FREQUENCY_DIM = 256
+REFINER_MLP_RATIO = 4.0  # diffusers' HunyuanVideoTokenRefiner keeps its default, whatever mlp_ratio is
+
+
+class MLPEmbedder(nn.Module):
+    """Linear, SiLU, linear: diffusers' ``TimestepEmbedding`` and ``PixArtAlphaTextProjection``."""
+
+    def __init__(self, in_features: int, hidden_size: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimestepTextEmbedding(nn.Module):
+    """Sinusoidal timestep (and guidance) features + a pooled text vector, summed: ``[B, d]``."""
+
+    def __init__(self, hidden_size: int, pooled_dim: int, guidance: bool) -> None:
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(FREQUENCY_DIM, hidden_size)
+        self.text_embedder = MLPEmbedder(pooled_dim, hidden_size)
+        self.guidance_embedder = MLPEmbedder(FREQUENCY_DIM, hidden_size) if guidance else None
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in [0, 1] (diffusers' timestep / 1000) -> ``[n, d]``."""
+        dtype = self.timestep_embedder.linear_1.weight.dtype
+        return self.timestep_embedder(timestep_frequencies(t, FREQUENCY_DIM).to(dtype))
+
+    def guidance(self, scale: torch.Tensor) -> torch.Tensor:
+        """Distilled guidance scale (the pipeline feeds 1000·scale to the sinusoid) -> ``[n, d]``."""
+        assert self.guidance_embedder is not None
+        dtype = self.guidance_embedder.linear_1.weight.dtype
+        return self.guidance_embedder(timestep_frequencies(scale, FREQUENCY_DIM).to(dtype))
+
+
+class ProjectIn(nn.Module):
+    """First half of diffusers' ``FeedForward``: a linear and its activation (``net.0.proj``)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return F.silu(x) if self.activation == "silu" else F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu_tanh") -> None:
+        super().__init__()
+        self.net = nn.Sequential(ProjectIn(dim, hidden, activation), nn.Identity(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Modulation(nn.Module):
+    """SiLU + linear of an embedding table ``[U, d]`` into ``chunks`` vectors, gathered per token."""
+
+    def __init__(self, hidden_size: int, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(hidden_size, chunks * hidden_size)
+
+    def forward(self, table: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``table`` ``[U, d]`` distinct embeddings, ``index`` ``[n]`` -> ``chunks`` tensors ``[n, d]``."""
+        return self.linear(F.silu(table))[index].chunk(self.chunks, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+class Attention(nn.Module):
+    """diffusers' ``Attention`` layout: q/k/v (and the text stream's ``add_*``) projections, per-head
+    RMSNorm of q and k, output projections. What runs is chosen by the block that owns it."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, qk_norm: bool, added: bool = False, output: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.to_v = nn.Linear(hidden_size, hidden_size)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size)]) if output else None
+        if added:
+            self.add_q_proj = nn.Linear(hidden_size, hidden_size)
+            self.add_k_proj = nn.Linear(hidden_size, hidden_size)
+            self.add_v_proj = nn.Linear(hidden_size, hidden_size)
+            self.to_add_out = nn.Linear(hidden_size, hidden_size)
+            self.norm_added_q = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.norm_added_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_heads, self.head_dim)  # [n, H, Dh]
+
+    def qkv(
+        self, x: torch.Tensor, rope: MultiAxisRope | None = None, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[n, H, Dh]`` of ``x`` ``[n, d]``: normed, and rotated where ``rope`` is given."""
+        q, k, v = (self.heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.norm_q is not None and self.norm_k is not None:
+            if rope is not None:
+                assert positions is not None
+                return (*rope.normed(q, k, positions, self.norm_q, self.norm_k), v)
+            q, k = self.norm_q(q), self.norm_k(k)
+        elif rope is not None:
+            assert positions is not None
+            q, k = rope(q, k, positions)
+        return q, k, v
+
+    def added_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text stream's q, k, v (dual-stream blocks): normed, never rotated."""
+        q, k, v = (self.heads(proj(x)) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        return self.norm_added_q(q), self.norm_added_k(k), v
+
+
+class SequenceAttention:
+    """Softmax attention within each sequence of ``cu_seqlens`` (block-diagonal), heads flattened."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, backend: str) -> None:
+        self.cu_seqlens = cu_seqlens
+        self.bounds = tuple(int(b) for b in cu_seqlens.tolist())  # one host read per forward pass
+        self.max_seqlen = max(
+            (b - a for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)), default=0
+        )
+        self.backend = backend
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``[n, H, Dh]`` q, k, v -> ``[n, H·Dh]``."""
+        out = varlen_attention(
+            q, k, v, self.cu_seqlens, self.max_seqlen, backend=self.backend, bounds=self.bounds
+        )
+        return out.flatten(1)
+
+
+class Tokens:
+    """Where the visual and text rows of a packed batch are; attention within each sample."""
+
+    def __init__(self, batch: PackedBatch, backend: str) -> None:
+        self.visual = torch.nonzero(~batch.is_text).squeeze(1)  # [Nv] rows of visual tokens
+        self.text = torch.nonzero(batch.is_text).squeeze(1)  # [Nt] rows of text tokens
+        self.order = torch.argsort(torch.cat([self.visual, self.text]))  # rows of cat([visual, text])
+        self.attention = SequenceAttention(batch.cu_seqlens, backend)
+
+    def join(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Rows of the two streams back in packed order."""
+        return torch.cat([visual, text])[self.order]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[self.visual], x[self.text]
+
+
+class RefinerBlock(nn.Module):
+    """diffusers' ``HunyuanVideoIndividualTokenRefinerBlock``: self-attention over one sample's text."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=False)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.ff = FeedForward(hidden_size, int(hidden_size * REFINER_MLP_RATIO), activation="silu")
+        self.norm_out = Modulation(hidden_size, 2)
+
+    def forward(
+        self, x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, attention: SequenceAttention
+    ) -> torch.Tensor:
+        gate_msa, gate_mlp = self.norm_out(table, index)
+        q, k, v = self.attn.qkv(self.norm1(x))
+        assert self.attn.to_out is not None
+        x = x + self.attn.to_out[0](attention(q, k, v)) * gate_msa
+        return x + self.ff(self.norm2(x)) * gate_mlp
+
+
+class RefinerBlocks(nn.Module):
+    """Holds the refiner blocks under diffusers' name (``token_refiner.refiner_blocks``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, depth: int) -> None:
+        super().__init__()
+        self.refiner_blocks = nn.ModuleList(RefinerBlock(hidden_size, num_heads) for _ in range(depth))
+
+
+class TextRefiner(nn.Module):
+    """diffusers' ``HunyuanVideoTokenRefiner``: text rows ``[Nt, text_dim]`` -> ``[Nt, d]``.
+
+    Conditioned per sample on its timestep and the mean of its text embeddings; a sample's text
+    attends only to itself (diffusers' padding mask over the same valid tokens gives the same rows).
+    """
+
+    def __init__(self, text_dim: int, hidden_size: int, num_heads: int, depth: int) -> None:
+        super().__init__()
+        self.time_text_embed = TimestepTextEmbedding(hidden_size, text_dim, guidance=False)
+        self.proj_in = nn.Linear(text_dim, hidden_size)
+        self.token_refiner = RefinerBlocks(hidden_size, num_heads, depth)
+
+    def forward(
+        self, text: torch.Tensor, owner: torch.Tensor, sample_t: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        """``text`` ``[Nt, E]``, ``owner`` ``[Nt]`` sample of each row (sorted), ``sample_t`` ``[B]``."""
+        num_samples = sample_t.shape[0]
+        counts = torch.bincount(owner, minlength=num_samples)  # [B]
+        sums = text.new_zeros(num_samples, text.shape[1]).index_add_(0, owner, text)
+        pooled = sums / counts.clamp(min=1)[:, None].to(text.dtype)  # [B, E] mean of each sample's text
+        embed = self.time_text_embed
+        table = embed.timestep(sample_t) + embed.text_embedder(pooled)  # [B, d]
+        cu = torch.zeros(num_samples + 1, dtype=torch.int32, device=text.device)
+        cu[1:] = torch.cumsum(counts, 0)
+        attention = SequenceAttention(cu, backend)  # each sample's text rows alone
+        x = self.proj_in(text)
+        for block in self.token_refiner.refiner_blocks:
+            x = block(x, table, owner, attention)
+        return x
+
+
+class DualStreamBlock(nn.Module):
+    """diffusers' ``HunyuanVideoTransformerBlock`` (and its token-replace form, which has the same weights)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.norm1 = Modulation(hidden_size, 6)
+        self.norm1_context = Modulation(hidden_size, 6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, added=True)
+        self.ff = FeedForward(hidden_size, mlp_hidden_size)
+        self.ff_context = FeedForward(hidden_size, mlp_hidden_size)
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        table: torch.Tensor,
+        img_index: torch.Tensor,
+        txt_index: torch.Tensor,
+        positions: torch.Tensor,
+        rope: MultiAxisRope,
+        tokens: Tokens,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``img`` ``[Nv, d]``, ``txt`` ``[Nt, d]``; ``positions`` ``[Nv, 4]`` of the visual rows."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(table, img_index)  # [Nv, d] each
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(table, txt_index)
+        q, k, v = self.attn.qkv(modulate(layer_norm(img), shift1, scale1), rope, positions)
+        cq, ck, cv = self.attn.added_qkv(modulate(layer_norm(txt), c_shift1, c_scale1))
+        out = tokens.attention(tokens.join(q, cq), tokens.join(k, ck), tokens.join(v, cv))
+        img_out, txt_out = tokens.split(out)
+        assert self.attn.to_out is not None
+        img = img + self.attn.to_out[0](img_out) * gate1
+        txt = txt + self.attn.to_add_out(txt_out) * c_gate1
+        img = img + self.ff(modulate(layer_norm(img), shift2, scale2)) * gate2
+        txt = txt + self.ff_context(modulate(layer_norm(txt), c_shift2, c_scale2)) * c_gate2
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """diffusers' ``HunyuanVideoSingleTransformerBlock``: parallel attention and MLP over all tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, qk_norm, output=False)
+        self.norm = Modulation(hidden_size, 3)
+        self.proj_mlp = nn.Linear(hidden_size, mlp_hidden_size)
+        self.proj_out = nn.Linear(hidden_size + mlp_hidden_size, hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        index: torch.Tensor,
+        positions: torch.Tensor,
+        rope: MultiAxisRope,
+        tokens: Tokens,
+    ) -> torch.Tensor:
+        """``x`` ``[N, d]`` in packed order; text rows have all-zero positions, so RoPE leaves them."""
+        shift, scale, gate = self.norm(table, index)
+        h = modulate(layer_norm(x), shift, scale)
+        attn = tokens.attention(*self.attn.qkv(h, rope, positions))
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        return x + self.proj_out(torch.cat([attn, mlp], dim=-1)) * gate
+
+
+class OutputNorm(nn.Module):
+    """diffusers' ``AdaLayerNormContinuous`` (its linear yields scale first, then shift)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 2 * hidden_size)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(table))[index].chunk(2, dim=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        # A Conv3d for diffusers' weight shape [d, C, pt, ph, pw]; it runs as a linear over patch
+        # rows, whose features imontage orders (C, pt, ph, pw) like the flattened kernel.
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class HunyuanVideoTransformer(nn.Module):
+    """HunyuanVideo's transformer over packed multi-segment samples (see the module docstring)."""
+
+    def __init__(self, cfg: Any) -> None:
+        """``cfg``: a :class:`~imontage.config.schema.ModelConfig` with ``family: hunyuan_video``."""
+        super().__init__()
+        hv = cfg.hunyuan_video
+        if str(cfg.prediction) != "velocity":
+            raise ValueError(f"model.prediction={cfg.prediction}: HunyuanVideo predicts the velocity")
+        if str(hv.image_condition_type) not in ("", "latent_concat", "token_replace"):
+            raise ValueError(
+                f"model.hunyuan_video.image_condition_type '{hv.image_condition_type}' is unknown"
+            )
+        self.patch_size = tuple(int(p) for p in cfg.patch_size)
+        self.in_channels = int(cfg.in_channels)
+        self.out_channels = int(hv.out_channels)
+        self.image_condition_type = str(hv.image_condition_type)
+        hidden, heads = int(cfg.hidden_size), int(cfg.num_heads)
+        mlp, qk_norm = int(cfg.mlp_hidden_size), bool(cfg.qk_norm)
+        self.hidden_size = hidden
+        self.backend = str(cfg.attention_backend)
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(self.in_channels, hidden, self.patch_size)  # type: ignore[arg-type]
+        self.context_embedder = TextRefiner(int(cfg.text_dim), hidden, heads, int(hv.num_refiner_layers))
+        self.time_text_embed = TimestepTextEmbedding(
+            hidden, int(hv.pooled_projection_dim), bool(hv.guidance_embeds)
+        )
+        self.rope = MultiAxisRope(cfg.rope.bands, cfg.rope.theta, str(cfg.rope.pair_layout))
+        self.transformer_blocks = nn.ModuleList(
+            DualStreamBlock(hidden, heads, mlp, qk_norm) for _ in range(int(cfg.depth))
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, heads, mlp, qk_norm) for _ in range(int(hv.num_single_layers))
+        )
+        self.norm_out = OutputNorm(hidden)
+        self.proj_out = nn.Linear(hidden, self.out_channels * math.prod(self.patch_size))
+
+    def visual_features(self, batch: PackedBatch, rows: torch.Tensor) -> torch.Tensor:
+        """``[Nv, in_channels·pt·ph·pw]``: token features, then the channel condition (latent_concat:
+        the condition latent and its mask, diffusers' ``cat([latents, image_latents, mask])``)."""
+        features = batch.tokens[rows]
+        width = self.in_channels * math.prod(self.patch_size)
+        missing = width - features.shape[1]
+        if batch.channel_condition is not None:
+            features = torch.cat([features, batch.channel_condition[rows]], dim=1)
+        elif missing > 0:  # no sample of the batch has a condition: zeros, as PackedBatch pads rows without
+            features = torch.cat([features, features.new_zeros(features.shape[0], missing)], dim=1)
+        if features.shape[1] != width:
+            raise ValueError(
+                f"visual rows carry {features.shape[1]} features (tokens + channel_condition); the patch "
+                f"embedding takes in_channels {self.in_channels} × patch {self.patch_size} = {width}"
+            )
+        return features.to(self.x_embedder.proj.weight.dtype)
+
+    def conditioning(
+        self, batch: PackedBatch, owner: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distinct modulation embeddings ``[U, d]``, each token's row in them for the blocks and for
+        the output layer (``[N]`` each), and each sample's denoising timestep ``[B]``."""
+        num_samples = batch.num_samples
+        t = batch.timesteps.float()
+        visual = ~batch.is_text
+        # A sample's denoising timestep: the largest of its target tokens' (0 with no target).
+        sample_t = t.new_zeros(num_samples).scatter_reduce(
+            0, owner, torch.where(batch.target_mask, t, torch.zeros_like(t)), "amax", include_self=True
+        )
+        denoising = sample_t[owner]  # [N]
+        clean_condition = visual & (~batch.target_mask | ((t == 0) & (denoising > 0)))
+        block_t = torch.where(visual, t, denoising)
+        final_t = torch.where(visual & ~clean_condition, t, denoising)
+        # Keys (sample, timestep, guided): the blocks' and the output layer's rows share one table.
+        keys = torch.cat(
+            [
+                torch.stack([owner.double(), block_t.double(), (~clean_condition).double()], dim=1),
+                torch.stack([owner.double(), final_t.double(), torch.ones_like(t).double()], dim=1),
+            ]
+        )
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        u_sample, u_t, u_guided = unique[:, 0].long(), unique[:, 1].float(), unique[:, 2].bool()
+        embed = self.time_text_embed
+        if batch.pooled_text is None:
+            raise ValueError("HunyuanVideo needs each sample's pooled text (Sample.pooled_text)")
+        dtype = embed.text_embedder.linear_1.weight.dtype
+        table = embed.timestep(u_t) + embed.text_embedder(batch.pooled_text.to(dtype))[u_sample]
+        if embed.guidance_embedder is not None:
+            if batch.guidance is None:
+                raise ValueError("a guidance-distilled HunyuanVideo needs each sample's guidance scale")
+            guidance = embed.guidance(batch.guidance)  # [B, d]
+            table = table + guidance[u_sample] * u_guided[:, None].to(table.dtype)
+        n = t.shape[0]
+        return table, inverse[:n], inverse[n:], sample_t
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """``[N, out_channels·pt·ph·pw]`` velocity ε − x0 per token, features (C, pt, ph, pw); text rows 0."""
+        tokens = Tokens(batch, self.backend)
+        owner = batch.sample_index()
+        table, block_index, final_index, sample_t = self.conditioning(batch, owner)
+        img = self.x_embedder(self.visual_features(batch, tokens.visual))  # [Nv, d]
+        if batch.text_embeds is not None:
+            text_embeds = batch.text_embeds[tokens.text].to(img.dtype)
+        elif tokens.text.numel():
+            raise ValueError(
+                "HunyuanVideo reads precomputed text embeddings: text segments carry data [L, E]"
+            )
+        else:
+            text_embeds = img.new_zeros(0, self.context_embedder.proj_in.in_features)
+        # Run even without text rows: under ZeRO-3 every rank must enter the same modules.
+        txt = self.context_embedder(text_embeds, owner[tokens.text], sample_t, self.backend)
+        img_index, txt_index = block_index[tokens.visual], block_index[tokens.text]
+        img_positions = batch.positions[tokens.visual]
+        for block in self.transformer_blocks:
+            img, txt = self._run(
+                block, img, txt, table, img_index, txt_index, img_positions, self.rope, tokens
+            )
+        x = tokens.join(img, txt)  # [N, d]
+        for block in self.single_transformer_blocks:
+            x = self._run(block, x, table, block_index, batch.positions, self.rope, tokens)
+        out = self.proj_out(self.norm_out(x[tokens.visual], table, final_index[tokens.visual]))
+        return tokens.join(out, out.new_zeros(tokens.text.shape[0], out.shape[1]))
+
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def build_hunyuan_video(cfg: Any, device: torch.device | str | None = None) -> HunyuanVideoTransformer:
+    """Build HunyuanVideo's transformer; ``device="meta"`` builds its shapes only (13B: 51 GB in fp32)."""
+    with torch.device(device or "cpu"):
+        return HunyuanVideoTransformer(cfg)
