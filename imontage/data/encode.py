@@ -1,0 +1,553 @@
+"""Pixel shards to latent shards: a VAE on every visual segment, a text encoder on the text.
+
+Each input sample is read and decoded by the training reader (:func:`decode_item`: the same
+schema, checks and decoders), each image or video segment goes through the VAE and becomes a
+``latent`` segment (a ``.safetensors`` member, normalised as the VAE's pipelines normalise),
+the text goes through the text encoder and becomes a ``text_embedding`` member ``[L, E]`` of the
+valid tokens only. Other json fields are kept; the json gains ``latent`` (the VAE, the
+normalisation applied, the pixel shape each latent decodes to) and ``text_encoder``. The
+training loader reads the result with ``data.text_embeddings: true`` and
+``model.text_encoder: precomputed``. docs/data.md ("Latent shards") has the schema.
+
+An output shard is a function of its input shard: each rank encodes whole input shards
+(``shards[rank::world]``), writes each under ``OUT/<input file name>`` only when complete (a
+``.partial`` file renamed into place, then its index beside it), and a rerun skips the shards
+already there. So a run killed half way and started again finishes without redoing finished
+shards and without losing or duplicating a sample.
+
+VAEs: diffusers ``AutoencoderKLWan`` (normalised ``(z - latents_mean) / latents_std``, as the Wan
+pipelines do) and ``AutoencoderKLHunyuanVideo`` (``z · scaling_factor``), picked by the
+``_class_name`` of the folder's ``config.json``. Text: a transformers encoder
+(``UMT5EncoderModel``, ...) and its tokenizer, from local folders. Nothing is downloaded and
+nothing is loaded with pickle (``use_safetensors=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from imontage.data import media
+from imontage.data.decode import DecodeOptions, decode_item
+from imontage.data.index import read_sidecar, scan_shard, write_index
+from imontage.data.problems import DataError
+from imontage.data.records import SampleRecord, extension, parse_record
+from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
+
+log = logging.getLogger(__name__)
+
+LATENT_TENSOR = "latent"  # the tensor's name in a latent member
+TEXT_TENSOR = "text_embedding"  # the tensor's name in the text member
+TEXT_MEMBER = "text.safetensors"
+POOLED_TENSOR = "pooled_text"
+POOLED_MEMBER = "pooled_text.safetensors"
+MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was encoded with
+VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo")
+LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def latent_member(index: int, suffix: str = "safetensors") -> str:
+    """Member name of visual segment ``index``'s latent (``0.latent.safetensors``)."""
+    return f"{index}.latent.{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# importing diffusers / transformers from a checkout
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation and the VAE
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """Per-channel ``stored = (z - shift) · scale``; decoding takes ``z = stored / scale + shift``."""
+
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def _view(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+    def apply(self, latent: torch.Tensor) -> torch.Tensor:  # [C, T, H, W]
+        return (latent - self._view(self.shift, latent)) * self._view(self.scale, latent)
+
+    def invert(self, stored: torch.Tensor) -> torch.Tensor:  # [C, T, H, W]
+        return stored / self._view(self.scale, stored) + self._view(self.shift, stored)
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"shift": list(self.shift), "scale": list(self.scale)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LatentNorm:
+        return cls(tuple(float(v) for v in data["shift"]), tuple(float(v) for v in data["scale"]))
+
+
+def vae_class_name(folder: str | os.PathLike[str]) -> str:
+    config = Path(folder) / "config.json"
+    try:
+        name = json.loads(config.read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{config}: not a diffusers model folder with a _class_name ({error})") from error
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{config}: VAE class {name} is not one of {', '.join(VAE_CLASSES)}")
+    return str(name)
+
+
+def latent_norm(class_name: str, config: Any) -> LatentNorm:
+    """The normalisation the family's diffusers pipelines apply to the VAE's latents."""
+    if class_name == "AutoencoderKLWan":
+        mean, std = config.latents_mean, config.latents_std
+        if len(mean) != config.z_dim or len(std) != config.z_dim:
+            raise ValueError(
+                f"latents_mean/latents_std have {len(mean)}/{len(std)} values, z_dim is {config.z_dim}"
+            )
+        return LatentNorm(tuple(float(m) for m in mean), tuple(1.0 / float(s) for s in std))
+    channels = int(config.latent_channels)
+    return LatentNorm((0.0,) * channels, (float(config.scaling_factor),) * channels)
+
+
+class VideoVAE:
+    """A diffusers video VAE with its normalisation: pixels ``[3, T, H, W]`` in [-1, 1] <-> latents."""
+
+    def __init__(self, vae: Any, class_name: str, sample_posterior: bool = False) -> None:
+        self.vae = vae.eval().requires_grad_(False)
+        self.class_name = class_name
+        self.norm = latent_norm(class_name, vae.config)
+        self.sample_posterior = sample_posterior  # default: the posterior's mode, deterministic
+        config = vae.config
+        if class_name == "AutoencoderKLWan":
+            self.temporal = int(config.scale_factor_temporal or 2 ** sum(config.temperal_downsample))
+            self.spatial = int(config.scale_factor_spatial or 2 ** len(config.temperal_downsample))
+            self.channels = int(config.z_dim)
+        else:
+            self.temporal = int(config.temporal_compression_ratio)
+            self.spatial = int(config.spatial_compression_ratio)
+            self.channels = int(config.latent_channels)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sample_posterior: bool = False,
+        tiling: bool = False,
+    ) -> VideoVAE:
+        """``tiling``: encode and decode in overlapping spatial tiles (diffusers' ``enable_tiling``),
+        for frames too large for the device's memory; the result differs slightly at tile seams."""
+        name = vae_class_name(folder)
+        model = getattr(importlib.import_module("diffusers"), name).from_pretrained(
+            os.fspath(folder), use_safetensors=True, torch_dtype=dtype
+        )
+        if tiling:
+            model.enable_tiling()
+        return cls(model.to(device), name, sample_posterior)
+
+    @property
+    def tiling(self) -> bool:
+        return bool(getattr(self.vae, "use_tiling", False))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def fit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[3, T, H, W]`` trimmed to what the VAE encodes whole: ``1 + k·temporal`` frames (the
+        first ones), height and width multiples of ``spatial`` (centre crop)."""
+        _, frames, height, width = pixels.shape
+        keep_t = 1 + (frames - 1) // self.temporal * self.temporal
+        keep_h, keep_w = height // self.spatial * self.spatial, width // self.spatial * self.spatial
+        if keep_h == 0 or keep_w == 0:
+            raise ValueError(f"{height}x{width} pixels is smaller than the VAE's {self.spatial}-pixel cell")
+        top, left = (height - keep_h) // 2, (width - keep_w) // 2
+        return pixels[:, :keep_t, top : top + keep_h, left : left + keep_w]
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latent ``[C, T', H', W']`` (float32) of fitted pixels ``[3, T, H, W]``."""
+        batch = pixels.to(self.device, self.dtype).unsqueeze(0)  # [1, 3, T, H, W]
+        posterior = self.vae.encode(batch).latent_dist
+        latent = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        return self.norm.apply(latent[0].float())
+
+    @torch.no_grad()
+    def decode(self, stored: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
+        """Pixels ``[3, T, H, W]`` in [-1, 1] (float32, CPU) of a stored latent ``[C, T', H', W']``,
+        undoing ``norm`` (default: this VAE's)."""
+        latent = (norm or self.norm).invert(stored.float().to(self.device))
+        pixels = self.vae.decode(latent.to(self.dtype).unsqueeze(0)).sample[0]
+        return pixels.float().clamp(-1, 1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# the text encoder
+
+
+class TextEncoder:
+    """A transformers text encoder and its tokenizer: text -> ``[L, E]`` of its valid tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        tokenizer_folder: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 512,
+    ) -> TextEncoder:
+        transformers = importlib.import_module("transformers")
+        config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
+        architecture = (config.architectures or ["UMT5EncoderModel"])[0]
+        model = getattr(transformers, architecture).from_pretrained(
+            os.fspath(folder), use_safetensors=True, dtype=dtype
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_folder or folder))
+        return cls(model.to(device), tokenizer, max_length)
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    @torch.no_grad()
+    def encode(self, text: str) -> torch.Tensor:
+        """``[L, E]`` float32: the last hidden states of the text's tokens (EOS included, no padding)."""
+        tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        mask = tokens["attention_mask"].to(device)
+        hidden = self.model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        return hidden[0, : int(mask.sum())].float().cpu()
+
+    @torch.no_grad()
+    def pool(self, text: str) -> torch.Tensor:
+        """``[E]`` float32: the model's pooled output (CLIP: the final-normed EOS state, projected)."""
+        tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        output = self.model(**{name: value.to(device) for name, value in tokens.items()})
+        pooled = getattr(output, "text_embeds", None)  # CLIPTextModelWithProjection
+        return (output.pooler_output if pooled is None else pooled)[0].float().cpu()
+
+
+@dataclass
+class Encoders:
+    """The models a run encodes with, and the folders they came from (for OUT/encode.json)."""
+
+    vae: VideoVAE
+    text: TextEncoder | None = None  # per-token embeddings [L, E]
+    pooled: TextEncoder | None = None  # one pooled vector [E] (HunyuanVideo: CLIP-L's)
+    folders: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        vae: str,
+        text: str | None = None,
+        tokenizer: str | None = None,
+        pooled: str | None = None,
+        pooled_tokenizer: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sample_posterior: bool = False,
+        tiling: bool = False,
+        max_text_length: int = 512,
+        max_pooled_length: int = 77,
+    ) -> Encoders:
+        folders = {"vae": vae, "text_encoder": text, "tokenizer": tokenizer or text,
+                   "pooled_text_encoder": pooled, "pooled_tokenizer": pooled_tokenizer or pooled}  # fmt: skip
+        return cls(
+            VideoVAE.load(vae, device, dtype, sample_posterior, tiling),
+            None if text is None else TextEncoder.load(text, tokenizer, device, dtype, max_text_length),
+            None
+            if pooled is None
+            else TextEncoder.load(pooled, pooled_tokenizer, device, dtype, max_pooled_length),
+            {name: None if path is None else os.path.abspath(path) for name, path in folders.items()},
+        )
+
+    def manifest(self, settings: EncodeSettings) -> dict[str, Any]:
+        vae = self.vae
+        texts = {
+            name: None if encoder is None else {"model": encoder.name, "max_length": encoder.max_length}
+            for name, encoder in (("text_encoder", self.text), ("pooled_text_encoder", self.pooled))
+        }
+        return {
+            "vae": {"class": vae.class_name, "dtype": str(vae.dtype), "normalization": vae.norm.to_json(),
+                    "posterior": "sample" if vae.sample_posterior else "mode", "tiling": vae.tiling,
+                    "temporal": vae.temporal, "spatial": vae.spatial, "channels": vae.channels},
+            **texts,
+            "folders": self.folders,
+            "settings": settings.to_json(),
+        }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# one sample
+
+
+@dataclass
+class EncodeSettings:
+    options: DecodeOptions = field(default_factory=lambda: DecodeOptions(max_frames=1 << 30))
+    latent_dtype: str = "float32"  # stored dtype of latents and text embeddings (float32, float16)
+    seed: int = 0  # posterior sampling, per sample: seeded by (seed, key)
+
+    def to_json(self) -> dict[str, Any]:
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.options).items()}
+        return {"options": options, "latent_dtype": self.latent_dtype, "seed": self.seed}
+
+
+def _safetensors(name: str, tensor: torch.Tensor, dtype: str, metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: tensor.to(LATENT_DTYPES[dtype]).contiguous()}, metadata=metadata)
+
+
+def _generator(settings: EncodeSettings, key: str, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{settings.seed}/{key}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _visual_tensors(raw: RawSample, record: SampleRecord, settings: EncodeSettings) -> list[torch.Tensor]:
+    """Each record segment's decoded tensor, in record order (pixels ``[3, T, H, W]`` or stored latents)."""
+    item = decode_item(raw, settings.options)
+    tensors: dict[int, torch.Tensor] = {}
+    for sample, group in zip(item.samples, record.groups, strict=True):
+        visual = [segment for segment in sample.segments if segment.kind != "text"]
+        indices = [i for i, entry in enumerate(record.segments) if entry.group in (None, group)]
+        for index, segment in zip(indices, visual, strict=True):
+            assert segment.data is not None
+            tensors.setdefault(index, segment.data)
+    return [tensors[i] for i in range(len(record.segments))]
+
+
+def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) -> dict[str, bytes]:
+    """The members of the latent sample of ``raw``; a :class:`DataError` when it cannot be read."""
+    vae, text = encoders.vae, encoders.text
+    record = parse_record(raw)
+    source = json.loads(raw.members["json"].decode("utf-8"))
+    generator = _generator(settings, raw.key, vae.device) if vae.sample_posterior else None
+    members: dict[str, bytes] = {}
+    segments: list[dict[str, Any]] = []
+    shapes: list[dict[str, Any]] = []
+    norm_meta = {"vae": vae.class_name, "norm": json.dumps(vae.norm.to_json())}
+    for index, (entry, data) in enumerate(
+        zip(record.segments, _visual_tensors(raw, record, settings), strict=True)
+    ):
+        out: dict[str, Any] = {"role": entry.role, "kind": "latent", "tensor": LATENT_TENSOR}
+        if entry.group is not None:
+            out["group"] = entry.group
+        if entry.kind == "latent":  # already a latent: kept as stored (its normalisation is its own)
+            out["member"] = latent_member(index)
+            members[out["member"]] = _safetensors(LATENT_TENSOR, data, settings.latent_dtype, {})
+            if entry.anchor is not None:
+                out["anchor"] = entry.anchor
+            shapes.append({"kind": "latent", "pixels": None})
+        else:
+            try:
+                pixels = vae.fit(data)
+            except ValueError as error:
+                raise DataError.of("unpackable", raw.url, raw.key, f"segment {index}: {error}") from None
+            latent = vae.encode(pixels, generator)  # [C, T', H', W']
+            out["member"] = latent_member(index)
+            members[out["member"]] = _safetensors(
+                LATENT_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
+            )
+            if entry.anchor is not None:  # pixel frame f lies in latent frame ceil(f / temporal)
+                out["anchor"] = -(-entry.anchor // vae.temporal)
+            shapes.append({"kind": entry.kind, "pixels": list(pixels.shape)})
+        segments.append(out)
+    result = {k: v for k, v in source.items() if k not in ("segments", "text_embedding")}
+    result["segments"] = segments
+    result["latent"] = {
+        "vae": vae.class_name,
+        "normalization": vae.norm.to_json(),
+        "posterior": "sample" if vae.sample_posterior else "mode",
+        "segments": shapes,
+    }
+    if text is not None:
+        embedding = text.encode(record.text)  # [L, E]
+        members[TEXT_MEMBER] = _safetensors(TEXT_TENSOR, embedding, settings.latent_dtype, {})
+        result["text_embedding"] = TEXT_MEMBER
+        result["text_encoder"] = {
+            "model": text.name,
+            "tokens": int(embedding.shape[0]),
+            "max_length": text.max_length,
+        }
+    elif record.text_embedding is not None:  # no encoder given: the precomputed one travels along
+        name = f"text.{extension(record.text_embedding)}"
+        members[name] = raw.members[record.text_embedding]
+        result["text_embedding"] = name
+    if encoders.pooled is not None:
+        pooled = encoders.pooled.pool(record.text)  # [E]
+        members[POOLED_MEMBER] = _safetensors(POOLED_TENSOR, pooled, settings.latent_dtype, {})
+        result["pooled_text"] = POOLED_MEMBER
+        result["pooled_text_encoder"] = {
+            "model": encoders.pooled.name,
+            "max_length": encoders.pooled.max_length,
+        }
+    members["json"] = json.dumps(result, sort_keys=True).encode("utf-8")
+    return members
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+
+
+@dataclass
+class ShardReport:
+    url: str
+    out: str
+    skipped: bool = False  # already complete: left untouched
+    samples: int = 0  # samples written (or found, when skipped)
+    problems: Counter = field(default_factory=Counter)  # reason -> samples left out (and shard problems)
+
+
+def output_path(url: str, out: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(out), os.path.basename(url))
+
+
+def encode_shard(
+    url: str,
+    out: str | os.PathLike[str],
+    encoders: Encoders,
+    settings: EncodeSettings,
+    progress: tqdm | None = None,
+) -> ShardReport:
+    """Encode one input shard into ``OUT/<its file name>``, unless that is there already.
+
+    The shard is written as ``.partial`` and renamed into place when complete (a leftover
+    ``.partial`` of a killed run is overwritten); its index follows, so the loader need not scan
+    it. Samples the reader rejects are left out, counted by reason, and logged.
+    """
+    os.makedirs(out, exist_ok=True)
+    path = output_path(url, out)
+    report = ShardReport(url, path)
+    if os.path.exists(path):
+        index = read_sidecar(path)
+        if index is None:  # killed between the rename and the index
+            index = scan_shard(path)
+            write_index(index)
+        report.skipped, report.samples = True, len(index)
+        if progress is not None:
+            progress.update(len(read_sidecar(url) or index))
+        return report
+    with ShardWriter(path) as writer:
+        try:
+            for raw in read_shard(url):
+                if progress is not None:
+                    progress.update(1)
+                if raw.duplicate:
+                    report.problems["duplicate_key"] += 1
+                    continue
+                try:
+                    members = encode_sample(raw, encoders, settings)
+                except DataError as error:
+                    log.warning("left out: %s", error)
+                    report.problems[error.reason] += 1
+                    continue
+                writer.add_sample(raw.key, members)
+        except ShardProblem as problem:  # the samples before it are kept, as the loader keeps them
+            log.warning("%s: %s", url, problem)
+            report.problems[problem.reason] += 1
+        report.samples = writer.samples
+    write_index(scan_shard(path))
+    return report
+
+
+def check_manifest(out: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Write ``OUT/encode.json``, or check that the shards already there were made the same way."""
+    path = Path(out) / MANIFEST
+    if path.exists():
+        existing = json.loads(path.read_text(encoding="utf-8"))
+        if existing != manifest:
+            differ = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+            raise ValueError(
+                f"{path}: the shards in {out} were encoded with other {', '.join(differ)}; "
+                "use another --out folder or remove it"
+            )
+        return
+    partial = path.with_name(f"{MANIFEST}.partial.{os.getpid()}")
+    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def rank_shards(urls: Sequence[str], rank: int, world: int) -> list[str]:
+    """The input shards rank ``rank`` of ``world`` encodes: every ``world``-th, from the ``rank``-th."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    names = [os.path.basename(url) for url in urls]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"input shards share file names {repeated}: their outputs would collide")
+    return list(urls[rank::world])
+
+
+def encode_shards(
+    spec: str,
+    out: str | os.PathLike[str],
+    encoders: Encoders,
+    rank: int = 0,
+    world: int = 1,
+    settings: EncodeSettings | None = None,
+    progress: bool = True,
+) -> list[ShardReport]:
+    """Encode this rank's share of the shards of ``spec`` into ``out`` (see the module doc)."""
+    settings = settings or EncodeSettings()
+    urls = rank_shards(expand_shards(spec), rank, world)
+    os.makedirs(out, exist_ok=True)
+    check_manifest(out, encoders.manifest(settings))
+    indexes = [read_sidecar(url) for url in urls]
+    total = sum(len(index) for index in indexes if index) if all(indexes) else None
+    reports = []
+    with tqdm(
+        total=total, desc=f"encoding (rank {rank}/{world})", unit="sample", disable=not progress
+    ) as bar:
+        for url in urls:
+            report = encode_shard(url, out, encoders, settings, bar)
+            bar.set_postfix_str(f"{os.path.basename(url)} {'skipped' if report.skipped else 'done'}")
+            reports.append(report)
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding latent samples back to pixels
+
+
+def decode_latent_sample(raw: RawSample, vae: VideoVAE) -> list[torch.Tensor | None]:
+    """Pixels ``[3, T, H, W]`` of each latent segment of an encoded sample (None for one stored
+    as a latent in the input), undoing the normalisation its json records."""
+    record = parse_record(raw)
+    meta = json.loads(raw.members["json"].decode("utf-8"))["latent"]
+    if meta["vae"] != vae.class_name:
+        raise ValueError(f"sample '{raw.key}' was encoded by {meta['vae']}, not {vae.class_name}")
+    norm = LatentNorm.from_json(meta["normalization"])
+    pixels: list[torch.Tensor | None] = []
+    for segment, shape in zip(record.segments, meta["segments"], strict=True):
+        if shape["pixels"] is None:
+            pixels.append(None)
+            continue
+        member = segment.members[0]
+        stored = media.load_array(raw.members[member], extension(member), segment.tensor)
+        pixels.append(vae.decode(torch.from_numpy(np.ascontiguousarray(stored)), norm))
+    return pixels

@@ -1,0 +1,163 @@
+"""Tiny random encoders and a small latent shard set, for tests that train on or read latent shards.
+
+    from latent_shards import write_latent_shards
+    spec = write_latent_shards(tmp_path)  # 3 shards of pixel samples encoded by a tiny random Wan VAE + UMT5
+
+Nothing is downloaded: the VAE, the text encoder and a word-level tokenizer are built from small
+configs and saved with ``save_pretrained``, as real model folders are laid out.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from imontage.data.encode import Encoders, EncodeSettings, encode_shards
+from imontage.data.shards import ShardWriter
+from imontage.data.testing import image_bytes, video_bytes
+
+LATENT_CHANNELS = 4
+TEXT_DIM = 16
+POOLED_DIM = 8
+WORDS = [
+    "a",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "moves",
+    "left",
+    "right",
+    "up",
+    "down",
+    "image",
+    "video",
+    "sample",
+    "of",
+]
+VOCAB_SIZE = 3 + len(WORDS) + 10  # specials, words, digits
+LATENTS_MEAN = [0.1, -0.2, 0.3, 0.0]
+LATENTS_STD = [1.5, 0.5, 2.0, 1.0]
+
+
+def save_tiny_vae(folder: Path, family: str = "wan") -> Path:
+    diffusers = importlib.import_module("diffusers")
+    if family == "wan":
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+            temperal_downsample=[False, True, True], latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
+        )  # fmt: skip
+    else:
+        vae = diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=4, mid_block_add_attention=False,
+        )  # fmt: skip
+    vae.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_text_encoder(folder: Path) -> tuple[Path, Path]:
+    """(text encoder folder, tokenizer folder): a 1-layer UMT5 encoder and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    transformers = importlib.import_module("transformers")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
+    for digit in range(10):
+        vocab[str(digit)] = len(vocab)
+    assert len(vocab) == VOCAB_SIZE
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer_dir, model_dir = folder / "tokenizer", folder / "text_encoder"
+    tokenizer.save_pretrained(tokenizer_dir)
+    config = transformers.UMT5Config(
+        vocab_size=VOCAB_SIZE, d_model=TEXT_DIM, d_kv=4, num_heads=2, d_ff=32, num_layers=1,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    transformers.UMT5EncoderModel(config).save_pretrained(model_dir)
+    return model_dir, tokenizer_dir
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A 1-layer CLIP text model (pooled output of size POOLED_DIM) for the tokenizer of
+    :func:`save_tiny_text_encoder` (EOS id 1)."""
+    transformers = importlib.import_module("transformers")
+    config = transformers.CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=POOLED_DIM, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    transformers.CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def _sample(task: str, text: str, members: dict[str, bytes], segments: list[dict]) -> dict[str, bytes]:
+    record = {"task": task, "text": text, "segments": segments, "source": "tests"}
+    return {**members, "json": json.dumps(record).encode()}
+
+
+def pixel_samples() -> list[tuple[str, dict[str, bytes], dict]]:
+    """(key, members, expected) per sample: images and a 5-frame clip; ``expected`` has the pixel
+    shape each segment decodes back to and the text's token count (words + EOS)."""
+    out = []
+    for index in range(5):
+        size = ((32, 32), (32, 48), (48, 32))[index % 3]
+        text = f"image sample {index} red circle"
+        members = {
+            "0.png": image_bytes(32, 32, "png", seed=index),
+            "1.png": image_bytes(*size, "png", seed=99 + index),
+        }
+        segments = [{"role": "condition", "kind": "image", "member": "0.png"},
+                    {"role": "target", "kind": "image", "member": "1.png"}]  # fmt: skip
+        out.append((f"{index:06d}", _sample("image", text, members, segments),
+                    {"pixels": [[3, 1, 32, 32], [3, 1, *size]], "tokens": 6}))  # fmt: skip
+    for index in range(5, 7):
+        members = {
+            "0.png": image_bytes(32, 48, "png", seed=index),
+            "1.mp4": video_bytes(6, 32, 48, seed=index),
+        }
+        segments = [{"role": "condition", "kind": "image", "member": "0.png"},
+                    {"role": "target", "kind": "video", "member": "1.mp4"}]  # fmt: skip
+        # 6 frames: the VAE encodes 1 + 4k of them whole, so 5 are kept.
+        out.append((f"{index:06d}", _sample("video", "the blue square moves left", members, segments),
+                    {"pixels": [[3, 1, 32, 48], [3, 5, 32, 48]], "tokens": 6}))  # fmt: skip
+    return out
+
+
+SHARD_KEYS = (("000000", "000001", "000005"), ("000002", "000003"), ("000004", "000006"))
+
+
+def write_pixel_shards(folder: Path) -> str:
+    """Three input shards of :func:`pixel_samples` (keys as in SHARD_KEYS); returns their spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = {key: members for key, members, _ in pixel_samples()}
+    for number, keys in enumerate(SHARD_KEYS):
+        with ShardWriter(folder / f"pixels-{number:06d}.tar") as writer:
+            for key in keys:
+                writer.add_sample(key, samples[key])
+    return str(folder / "pixels-*.tar")
+
+
+def save_tiny_encoders(folder: Path) -> dict[str, str]:
+    """``{"vae", "text_encoder", "tokenizer"}`` folders of tiny random models."""
+    vae = save_tiny_vae(folder / "vae")
+    text, tokenizer = save_tiny_text_encoder(folder)
+    return {"vae": str(vae), "text_encoder": str(text), "tokenizer": str(tokenizer)}
+
+
+def write_latent_shards(folder: Path) -> str:
+    """Pixel shards encoded into ``folder/latents`` by tiny random encoders; returns the latent spec.
+
+    Latents have LATENT_CHANNELS channels at 1/8 of the pixel size (4x4, 4x6, 6x4; the clip 2
+    latent frames); text embeddings are ``[6, TEXT_DIM]``.
+    """
+    models = save_tiny_encoders(folder / "models")
+    spec = write_pixel_shards(folder / "pixels")
+    encoders = Encoders.load(models["vae"], models["text_encoder"], models["tokenizer"])
+    encode_shards(spec, folder / "latents", encoders, settings=EncodeSettings(), progress=False)
+    return str(folder / "latents" / "pixels-*.tar")

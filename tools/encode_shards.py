@@ -1,0 +1,104 @@
+"""Encode image/video shards into latent shards: a VAE on every visual segment, a text encoder on the text.
+
+    python tools/encode_shards.py 'data/mine/shard-*.tar' --out data/mine_latents \\
+        --vae models/wan/vae --text-encoder models/wan/text_encoder --tokenizer models/wan/tokenizer \\
+        [--pooled-text-encoder models/hv/text_encoder_2] [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
+
+Each rank (``--rank``/``--world``, default ``RANK``/``WORLD_SIZE``) encodes whole input shards;
+finished output shards are skipped on a rerun. Train on the result with
+``data.text_embeddings=true model.text_encoder=precomputed``; see docs/data.md, "Latent shards".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from imontage.data.decode import DecodeOptions
+from imontage.data.encode import LATENT_DTYPES, Encoders, EncodeSettings, encode_shards
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("shards", help="input shard spec (globs, brace ranges, comma-separated)")
+    parser.add_argument("--out", required=True, help="folder for the latent shards (same file names)")
+    parser.add_argument(
+        "--vae", required=True, help="diffusers VAE folder (AutoencoderKLWan, AutoencoderKLHunyuanVideo)"
+    )
+    parser.add_argument(
+        "--text-encoder",
+        help="transformers text encoder folder (e.g. UMT5EncoderModel); none: no text embeddings",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the text encoder's)")
+    parser.add_argument("--max-text-length", type=int, default=512, help="tokens kept at most")
+    parser.add_argument(
+        "--pooled-text-encoder",
+        help="a text encoder whose pooled output is stored too (HunyuanVideo: CLIP-L)",
+    )
+    parser.add_argument("--pooled-tokenizer", help="its tokenizer folder (default: the encoder's)")
+    parser.add_argument("--max-pooled-length", type=int, default=77)
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    parser.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the models")
+    parser.add_argument("--latent-dtype", choices=sorted(LATENT_DTYPES), default="float32", help="as stored")
+    parser.add_argument(
+        "--sample-posterior", action="store_true", help="sample the VAE posterior (default: its mode)"
+    )
+    parser.add_argument(
+        "--tiling", action="store_true", help="VAE in spatial tiles (large frames, less memory)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="posterior sampling, per sample by (seed, key)")
+    parser.add_argument(
+        "--max-frames", type=int, default=1 << 30, help="video frames kept at most (the first ones)"
+    )
+    parser.add_argument("--frame-stride", type=int, default=1)
+    parser.add_argument(
+        "--max-pixels", type=int, default=1 << 24, help="larger images and frames are left out"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = DecodeOptions(
+        max_frames=args.max_frames, frame_stride=args.frame_stride, max_pixels=args.max_pixels
+    )
+    settings = EncodeSettings(options, args.latent_dtype, args.seed)
+    encoders = Encoders.load(
+        args.vae,
+        args.text_encoder,
+        args.tokenizer,
+        args.pooled_text_encoder,
+        args.pooled_tokenizer,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        sample_posterior=args.sample_posterior,
+        tiling=args.tiling,
+        max_text_length=args.max_text_length,
+        max_pooled_length=args.max_pooled_length,
+    )
+    reports = encode_shards(
+        args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress
+    )
+    problems: Counter = sum((report.problems for report in reports), Counter())
+    done = [r for r in reports if not r.skipped]
+    print(
+        f"rank {args.rank}/{args.world}: {len(done)} shards encoded ({sum(r.samples for r in done)} samples), "
+        f"{len(reports) - len(done)} already done; left out: {dict(problems) or 'none'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
