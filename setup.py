@@ -39,6 +39,7 @@ setup(
         # encoders for offline latent encoding. Both are pure Python.
         "diffusers>=0.35",
         "transformers>=4.50",
+        "accelerate>=1.0",  # diffusers' from_pretrained of classes that keep modules in fp32 needs it
     ],
     extras_require={
         "dev": ["ruff>=0.6", "mypy>=1.10"],

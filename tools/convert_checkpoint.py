@@ -5,6 +5,8 @@ python tools/convert_checkpoint.py consolidate RUN_DIR/checkpoints/step_000800 m
 python tools/convert_checkpoint.py reshard RUN_DIR/checkpoints/step_000800 NEW_RUN_DIR/checkpoints [--tensor-parallel 1 --data-parallel 2]
 python tools/convert_checkpoint.py export model.safetensors out_folder [--max-shard-size 5GB]
 python tools/convert_checkpoint.py import out_folder model.safetensors
+python tools/convert_checkpoint.py import-diffusers Wan2.1-T2V-1.3B-Diffusers/transformer --out wan.safetensors [--config-out configs/model/wan_1_3b.yaml]
+python tools/convert_checkpoint.py export-diffusers RUN_DIR/checkpoints/step_000800 [--config configs/recipes/x.yaml] --out exported/transformer [--max-shard-size 5GB]
 python tools/convert_checkpoint.py inspect PATH [--recipe configs/recipes/x.yaml] [--tensors]
 python tools/convert_checkpoint.py verify RUN_DIR/checkpoints/step_000800
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imontage.checkpoint import convert
+from imontage.checkpoint import diffusers as diffusers_io
 from imontage.config import RecipeError, load_recipe
 from imontage.train import checkpoint as ckpt
 
@@ -47,6 +50,36 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"model config vs {args.recipe}: " + ("identical" if not diff else f"{len(diff)} differences"))
         for line in diff:
             print(f"  {line}")
+
+
+def model_config_file(path: Path) -> object:
+    """The model config of a recipe (its ``model`` section) or of a ``configs/model`` preset."""
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if isinstance(values, dict) and ("stages" in values or "defaults" in values):
+        return load_recipe(path).model
+    return convert.model_config(
+        {str(k): v for k, v in values.items()} if isinstance(values, dict) else {}, str(path)
+    )
+
+
+def run_import_diffusers(args: argparse.Namespace) -> None:
+    out, cfg = diffusers_io.import_folder(args.folder, args.out)
+    print(f"wrote {out}")
+    preset = diffusers_io.model_config_yaml(cfg, args.folder)
+    if args.config_out:
+        args.config_out.parent.mkdir(parents=True, exist_ok=True)
+        args.config_out.write_text(preset)
+        print(f"wrote {args.config_out}")
+    else:
+        print(preset, end="")
+
+
+def run_export_diffusers(args: argparse.Namespace) -> None:
+    cfg = model_config_file(args.config) if args.config else None
+    out = diffusers_io.export_folder(
+        args.source, args.out, cfg, args.weights, args.dtype, args.max_shard_size, not args.no_verify
+    )
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("import", help="diffusers-style folder -> consolidated file")
     p.add_argument("folder", type=Path)
     p.add_argument("out", type=Path)
+    p = commands.add_parser(
+        "import-diffusers",
+        help="diffusers folder of a pretrained family (Wan, HunyuanVideo) -> consolidated file + model config",
+    )
+    p.add_argument("folder", type=Path, help="config.json + diffusion_pytorch_model*.safetensors")
+    p.add_argument("--out", type=Path, required=True, help="the consolidated safetensors file to write")
+    p.add_argument("--config-out", type=Path, help="write the model config preset here (default: print it)")
+    p = commands.add_parser(
+        "export-diffusers",
+        help="consolidated file or training checkpoint (any layout) -> folder diffusers' from_pretrained loads",
+    )
+    p.add_argument("source", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.add_argument("--config", type=Path, help="recipe or model preset (checked against the source's)")
+    p.add_argument(
+        "--weights", choices=diffusers_io.WEIGHT_KINDS, default="ema", help="of a training checkpoint"
+    )
+    p.add_argument("--dtype", choices=tuple(diffusers_io.DTYPES), default=None,
+                   help="cast floating tensors (default: the dtypes of the imported folder)")  # fmt: skip
+    p.add_argument("--max-shard-size", type=size_bytes, default=diffusers_io.MAX_SHARD_BYTES)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a training checkpoint")
     p = commands.add_parser("inspect", help="tensors, parameter count, step, config diff")
     p.add_argument("path", type=Path)
     p.add_argument("--recipe", type=Path, help="print the model config's differences from this recipe's")
@@ -100,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {convert.export_diffusers(args.consolidated, args.out, args.max_shard_size)}")
         elif args.command == "import":
             print(f"wrote {convert.import_diffusers(args.folder, args.out)}")
+        elif args.command == "import-diffusers":
+            run_import_diffusers(args)
+        elif args.command == "export-diffusers":
+            run_export_diffusers(args)
         elif args.command == "inspect":
             run_inspect(args)
         else:

@@ -8,7 +8,9 @@ Formats:
 - a consolidated file: one safetensors of the single-device model's tensors, with the model
   config, step and weight kind (``ema`` or ``live``) in its metadata;
 - a diffusers-style folder: ``config.json`` and ``diffusion_pytorch_model.safetensors``, or
-  numbered shards with ``diffusion_pytorch_model.safetensors.index.json`` for large models.
+  numbered shards with ``diffusion_pytorch_model.safetensors.index.json`` for large models
+  (``ImontageDiT`` here; the pretrained families' diffusers classes in
+  :mod:`imontage.checkpoint.diffusers`).
 
 Every conversion streams tensor by tensor and checks each tensor against the shapes the model
 config implies; errors name the tensor and the file. Nothing is loaded with pickle.
@@ -32,7 +34,7 @@ from tqdm import tqdm
 from imontage.checkpoint import zero3
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
 from imontage.config.schema import ModelConfig
-from imontage.models.dit import build_dit
+from imontage.models import build_model
 from imontage.train import checkpoint as ckpt
 
 FORMAT = "imontage-consolidated/1"
@@ -65,7 +67,7 @@ def model_config(values: Mapping[str, Any], where: str) -> Any:
 
 def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer of the model ``cfg`` describes, built on the meta device."""
-    return {name: tuple(t.shape) for name, t in build_dit(cfg, device="meta").state_dict().items()}
+    return {name: tuple(t.shape) for name, t in build_model(cfg, device="meta").state_dict().items()}
 
 
 def _open(path: Path) -> Any:
@@ -136,6 +138,12 @@ def _safetensors_dtype(name: str, source: TensorSource) -> torch.dtype:
             f"{source.file}: tensor '{source.key}' has dtype {name}, which imontage does not use"
         )
     return names[name]
+
+
+def _stream_sources(sources: Mapping[str, TensorSource]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every source in order, one read at a time."""
+    for name, source in sources.items():
+        yield name, _read(source)
 
 
 def _file_sources(path: Path) -> dict[str, TensorSource]:
@@ -414,7 +422,7 @@ def load_consolidated(path: Path, device: str = "cpu") -> tuple[torch.nn.Module,
     cfg, _ = read_consolidated(path)
     sources = _file_sources(path)
     _check_layout(sources, expected_shapes(cfg), str(path))
-    model = build_dit(cfg, device=device)
+    model = build_model(cfg, device=device)
     model.load_state_dict({name: _read(source) for name, source in sources.items()})
     return model, cfg
 
@@ -423,10 +431,16 @@ def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, single-device tensor) of every parameter of the model ``cfg`` describes, one at a time.
 
     ``path`` is a safetensors file with single-device names (what ``consolidate`` and ``import``
-    write), or a training checkpoint directory: DeepSpeed's (read partition by partition) or a
-    single-device one (its ``model.safetensors``). Names and shapes are checked against ``cfg``
+    write), a training checkpoint directory: DeepSpeed's (read partition by partition) or a
+    single-device one (its ``model.safetensors``), or a pretrained family's diffusers folder
+    (:func:`imontage.checkpoint.diffusers.model_weights`). Names and shapes are checked against ``cfg``
     before any tensor is read; live weights, not the EMA. Each tensor is the caller's to keep.
     """
+    if path.is_dir() and not (path / ckpt.MANIFEST).is_file() and (path / DIFFUSERS_CONFIG).is_file():
+        from imontage.checkpoint import diffusers  # a pretrained family's diffusers folder
+
+        yield from diffusers.model_weights(path, cfg)
+        return
     shapes = expected_shapes(cfg)
     if path.is_dir() and zero3.is_zero3_checkpoint(path):
         try:

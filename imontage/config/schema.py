@@ -75,6 +75,9 @@ class ModelConfig:
     stated_params: float = 0.0  # the size a preset is named for; 0 when it claims none
     wan: WanConfig = field(default_factory=WanConfig)  # family "wan" only
     hunyuan_video: HunyuanVideoConfig = field(default_factory=HunyuanVideoConfig)  # "hunyuan_video" only
+    # A diffusers model folder (config.json + diffusion_pytorch_model*.safetensors) of this family's
+    # class that the first stage starts from (a stage's own init_from wins); "" = none.
+    init_from_diffusers: str = ""
 
 
 @dataclass

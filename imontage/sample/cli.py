@@ -19,13 +19,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from imontage.checkpoint import convert, zero3
 from imontage.data import load_image, preview_samples
-from imontage.models.dit import DiT, Sample, Segment, build_dit
+from imontage.models import build_model
+from imontage.models.dit import Sample, Segment
 from imontage.models.dit.sequence import PackingSpec
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
@@ -49,11 +52,12 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[DiT, PackingSpec]:
-    """The single-device DiT of a checkpoint; a DeepSpeed one is consolidated in memory, tensor by tensor."""
+def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, PackingSpec]:
+    """The single-device model of a checkpoint (any family); a DeepSpeed one is consolidated in
+    memory, tensor by tensor."""
     if zero3.is_zero3_checkpoint(checkpoint):
         reader, model_cfg = convert.open_zero3(checkpoint)
-        model = build_dit(model_cfg)
+        model = build_model(model_cfg)
         weights = model.state_dict()
         with torch.no_grad():
             for name, tensor in convert.zero3_tensors(reader, "ema" if use_ema else "fp32"):
@@ -61,7 +65,7 @@ def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[D
         return model.to(device).eval(), PackingSpec.from_model_config(model_cfg)
     tensors, state = ckpt.load_checkpoint(checkpoint)
     model_cfg = OmegaConf.create(state["model_config"])
-    model = build_dit(model_cfg)
+    model = build_model(model_cfg)
     weights = tensors["model"]
     if use_ema:
         if "ema" not in tensors:
@@ -128,7 +132,7 @@ def sar_inputs(args: argparse.Namespace, spec: PackingSpec) -> tuple[list[Keyfra
 
 def sar_rows(
     args: argparse.Namespace,
-    model: DiT,
+    model: nn.Module,
     spec: PackingSpec,
     keyframes: list[Keyframe],
     size: tuple[int, int, int],
@@ -159,6 +163,17 @@ def sar_rows(
     return rows
 
 
+def decode_rows(rows: list[list[list[torch.Tensor]]], vae: Any) -> list[list[list[torch.Tensor]]]:
+    """Grid rows of a latent model with every latent segment ``[C, T', H', W']`` decoded to pixels by
+    ``vae`` (an imontage.data.encode.VideoVAE: the normalisation of latent shards undone); with no
+    VAE, the rows as they are."""
+    if vae is None:
+        return rows
+    return [
+        [[vae.decode(x) if x.shape[0] == vae.channels else x for x in group] for group in row] for row in rows
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imontage-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -176,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="diffusers VAE folder: a latent model's segments are decoded to pixels for the grid",
+    )
     sar = parser.add_argument_group("--sar", "segment-wise auto-regressive video (a `shared` layout model)")
     sar.add_argument("--window", type=int, help="frames per segment (the model's window)")
     sar.add_argument("--context", type=int, default=1, help="frames a segment takes from the one before")
@@ -190,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = resolve_device(args.device)
+        vae = None
+        if args.vae:
+            from imontage.data.encode import VideoVAE  # deferred: diffusers is needed only here
+
+            vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, spec = load_model(checkpoint, not args.no_ema, device)
         if args.sar is not None:
@@ -202,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imontage-sample: {error}", file=sys.stderr)
         return 2
     if args.sar is not None:
-        save_png(make_grid(sar_rows(args, model, spec, keyframes, size, device)), args.out)
+        save_png(make_grid(decode_rows(sar_rows(args, model, spec, keyframes, size, device), vae)), args.out)
         print(f"wrote {args.out} ({args.sar} frames, {len(keyframes)} keyframes, from {checkpoint})")
         return 0
     generator = torch.Generator().manual_seed(args.seed)
@@ -210,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = preview_rows(samples, outputs)
     if args.prompts:  # no ground truth: drop the zero placeholders
         rows = [row[:2] for row in rows]
-    save_png(make_grid(rows), args.out)
+    save_png(make_grid(decode_rows(rows, vae)), args.out)
     print(f"wrote {args.out} ({len(samples)} samples from {checkpoint})")
     return 0
 

@@ -379,13 +379,13 @@ class DeepSpeedBackend:
         """
         import deepspeed
 
-        from imontage.models.dit import build_dit
+        from imontage.models import build_model
         from imontage.parallel.engine import MegatronMPU, zero3_config
         from imontage.parallel.parallelize import parallelize_dit
 
         parallel, policy = self.cfg.parallel, self.engine.module
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            reference = build_dit(self.cfg.model).to(self.device)  # its initial weights are overwritten
+            reference = build_model(self.cfg.model).to(self.device)  # its initial weights are overwritten
         parallelize_dit(
             reference, parallel.tensor_parallel, parallel.context_parallel, parallel.sequence_parallel
         )
@@ -526,10 +526,10 @@ class DeepSpeedBackend:
         )
         share = self._weight_share()
         # LocalBackend's AdamW numbers the parameters in the single-device model's order.
-        from imontage.models.dit import build_dit
+        from imontage.models import build_model
 
         order = {
-            name: i for i, (name, _) in enumerate(build_dit(self.cfg.model, device="meta").named_parameters())
+            name: i for i, (name, _) in enumerate(build_model(self.cfg.model, device="meta").named_parameters())
         }
         moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from imontage.config.loader import stage_section
 from imontage.data import build_loader, preview_samples
-from imontage.models.dit import build_dit
+from imontage.models import build_model
 from imontage.models.dit.sequence import PackingSpec
 from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching
@@ -106,7 +106,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
-        self.backend = build_backend(build_dit(cfg.model), cfg, resolve_device(cfg.parallel.device))
+        self.backend = build_backend(build_model(cfg.model), cfg, resolve_device(cfg.parallel.device))
         self.device = self.backend.device
         self.model = self.backend.model  # what objectives and samplers call
         self.is_main = self.backend.rank == 0
@@ -287,6 +287,10 @@ class Trainer:
         if resumed is None and stage.init_from:
             log.info("stage %s: weights from %s (init_from)", stage.name, stage.init_from)
             self.backend.init_weights(Path(stage.init_from))
+        elif resumed is None and stage.index == 0 and self.cfg.model.init_from_diffusers:
+            pretrained = self.cfg.model.init_from_diffusers
+            log.info("stage %s: weights from %s (model.init_from_diffusers)", stage.name, pretrained)
+            self.backend.init_weights(Path(pretrained))
         if isinstance(stage.objective, FlowDPO):
             self.attach_reference(stage.objective, stage, None if resumed is None else resumed["path"])
         self.backend.begin_stage(stage.optim, fresh=resumed is None)

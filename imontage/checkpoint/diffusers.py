@@ -1,0 +1,478 @@
+"""diffusers model folders of the pretrained families <-> imontage models and checkpoints.
+
+A pretrained family's imontage module has the parameter names and shapes of the diffusers class
+it reimplements (``WanTransformer3DModel`` -> family ``wan``, ``HunyuanVideoTransformer3DModel`` ->
+``hunyuan_video``), so importing streams tensors by name and exporting writes the same names back.
+
+A folder is what diffusers' ``save_pretrained`` writes: ``config.json`` (``_class_name``, the
+class's arguments) and ``diffusion_pytorch_model.safetensors``, or shards named by
+``diffusion_pytorch_model.safetensors.index.json``. Pickle weights (``.bin``, ``.pt``, ``.ckpt``,
+``.pth``) are refused by name, never opened. Tensors are read one at a time with safetensors'
+``safe_open``, one shard open at a time; every name and shape is checked before the first is read.
+The family's ``diffusers_config`` module maps the class config to imontage's model config and back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from imontage.checkpoint import convert, zero3
+from imontage.checkpoint.convert import ConversionError, TensorSource
+from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
+from imontage.train import checkpoint as ckpt
+
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = WEIGHTS + ".index.json"
+CLASS_FAMILIES = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan_video"}
+FAMILY_CLASSES = {family: name for name, family in CLASS_FAMILIES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+DIFFUSERS_VERSION = "0.42.1"  # the version the families were measured against (DESIGN.md)
+MAX_SHARD_BYTES = 10 * 2**30  # save_pretrained's default max_shard_size ("10GB")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}  # fmt: skip
+WEIGHT_KINDS = ("ema", "live")
+
+
+def family_module(family: str) -> ModuleType:
+    """``imontage.models.<family>.diffusers_config``: ``model_config_from_diffusers`` and ``diffusers_config``."""
+    if family not in FAMILY_CLASSES:
+        raise ConversionError(
+            f"model.family '{family}' has no diffusers class (those that do: {', '.join(FAMILY_CLASSES)})"
+        )
+    return importlib.import_module(f"imontage.models.{family}.diffusers_config")
+
+
+@dataclass
+class DiffusersFolder:
+    """A diffusers model folder, its config checked and its tensors located (none read yet)."""
+
+    path: Path
+    class_name: str
+    family: str
+    config: dict[str, Any]  # config.json as read
+    model_config: Any  # the imontage ModelConfig it maps to
+    sources: dict[str, TensorSource]  # in the order of the files
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype names (F32, BF16, ...)
+
+
+def read_class(folder: Path) -> tuple[dict[str, Any], str]:
+    """(config.json, family) of a folder; reads config.json only."""
+    if folder.is_file():
+        _refuse_pickle(folder)
+        raise ConversionError(f"{folder}: a file; a diffusers model is a folder (config.json + weights)")
+    config_file = folder / CONFIG
+    if not config_file.is_file():
+        raise ConversionError(f"{config_file}: no such file (not a diffusers model folder)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as error:
+        raise ConversionError(f"{config_file}: not JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file}: not a JSON object")
+    name = config.get("_class_name")
+    if name not in CLASS_FAMILIES:
+        raise ConversionError(
+            f"{config_file}: key '_class_name': {name!r} is not one of {', '.join(CLASS_FAMILIES)}"
+        )
+    return config, CLASS_FAMILIES[name]
+
+
+def read_model_config(folder: Path) -> tuple[dict[str, Any], str, Any]:
+    """(config.json, family, imontage ModelConfig) of a folder."""
+    config, family = read_class(folder)
+    try:
+        values = family_module(family).model_config_from_diffusers(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{folder / CONFIG}: {error}") from error
+    return config, family, convert.model_config(values, str(folder / CONFIG))
+
+
+def check_model_config(folder: Path, model_cfg: Any) -> None:
+    """``model_cfg`` describes the model of ``folder``: the same family and class config (the keys
+    imontage adds, such as ``positions`` or ``max_text_len``, are free)."""
+    config, family = read_class(folder)
+    if str(model_cfg.family) != family:
+        raise ConversionError(
+            f"{folder / CONFIG}: holds a {config['_class_name']} (family {family}), the recipe's "
+            f"model.family is {model_cfg.family}"
+        )
+    try:
+        ours = family_module(family).diffusers_config(model_cfg)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{folder / CONFIG}: the recipe's model config: {error}") from error
+    theirs = json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+    diff = convert.config_diff(theirs, json.loads(json.dumps(ours)))
+    if diff:
+        raise ConversionError(
+            f"{folder / CONFIG}: differs from the recipe's model config ({config['_class_name']} vs recipe): "
+            + "; ".join(diff)
+        )
+
+
+def _refuse_pickle(file: Path, why: str = "") -> None:
+    if file.suffix in PICKLE_SUFFIXES or file.name.endswith(
+        tuple(s + ".index.json" for s in PICKLE_SUFFIXES)
+    ):
+        raise ConversionError(
+            f"{file}: a pickle checkpoint{why}; imontage reads safetensors only and never unpickles "
+            "(save the model with diffusers' save_pretrained(safe_serialization=True))"
+        )
+
+
+def weight_sources(folder: Path) -> dict[str, TensorSource]:
+    """Where every tensor of a folder lives: its index's shards, or the one weights file."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConversionError(f"{index}: not a safetensors index (no 'weight_map': {error!r})") from error
+        sources = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file:
+                raise ConversionError(
+                    f"{index}: shard name {file!r} of tensor '{name}' is not a plain file name"
+                )
+            _refuse_pickle(folder / file, f" (named by {index} for tensor '{name}')")
+            if not file.endswith(".safetensors"):
+                raise ConversionError(
+                    f"{index}: shard '{file}' of tensor '{name}' is not a .safetensors file"
+                )
+            if not (folder / file).is_file():
+                raise ConversionError(f"{folder / file}: no such file (named by {index} for tensor '{name}')")
+            sources[name] = TensorSource(folder / file, name)
+        return sources
+    if (folder / WEIGHTS).is_file():
+        return convert._file_sources(folder / WEIGHTS)
+    for file in sorted(folder.iterdir()):
+        _refuse_pickle(file, " and no safetensors weights beside it")
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise ConversionError(
+        f"{folder / WEIGHTS}: no such file, and no {INDEX}"
+        + (f" (found {', '.join(found)}: a variant? rename it to {WEIGHTS})" if found else "")
+    )
+
+
+def _headers(sources: Mapping[str, TensorSource]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shape and dtype name of every tensor, each shard opened once."""
+    shapes, dtypes = {}, {}
+    for file, names in _by_file(sources).items():
+        with convert._open(file) as handle:
+            held = set(handle.keys())
+            for name in names:
+                key = sources[name].key
+                if key not in held:
+                    raise ConversionError(f"{file}: tensor '{key}' missing (the index puts it in this shard)")
+                piece = handle.get_slice(key)
+                shapes[name], dtypes[name] = tuple(piece.get_shape()), piece.get_dtype()
+                if dtypes[name] not in _NAMES:
+                    raise ConversionError(
+                        f"{file}: tensor '{key}' has dtype {dtypes[name]}, which torch has no name for"
+                    )
+    return shapes, dtypes
+
+
+def _by_file(sources: Mapping[str, TensorSource]) -> dict[Path, list[str]]:
+    files: dict[Path, list[str]] = {}
+    for name, source in sources.items():
+        files.setdefault(source.file, []).append(name)
+    return files
+
+
+def read_folder(folder: Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> DiffusersFolder:
+    """A folder's config and tensor locations, checked against ``expected`` (name -> shape; by
+    default the shapes of the imontage model its config builds)."""
+    folder = Path(folder)
+    config, family, model_cfg = read_model_config(folder)
+    located = weight_sources(folder)
+    sources = {
+        name: located[name] for names in _by_file(located).values() for name in names
+    }  # shard by shard
+    shapes, dtypes = _headers(sources)
+    if expected is None:
+        expected = convert.expected_shapes(model_cfg)
+    index = folder / INDEX
+    check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
+    return DiffusersFolder(folder, config["_class_name"], family, config, model_cfg, sources, shapes, dtypes)
+
+
+def check_tensors(
+    where: Path,
+    sources: Mapping[str, TensorSource],
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Every tensor of ``expected`` in ``sources`` (``where``: the file that lists them), none
+    more, each of the expected shape."""
+    missing = [name for name in expected if name not in sources]
+    if missing:
+        raise ConversionError(
+            f"{where}: tensor '{missing[0]}' missing (and {len(missing) - 1} more) for this model"
+        )
+    for name, source in sources.items():
+        if name not in expected:
+            raise ConversionError(f"{source.file}: tensor '{name}' is not in the model (unexpected)")
+        if tuple(shapes[name]) != tuple(expected[name]):
+            raise ConversionError(
+                f"{source.file}: tensor '{name}' has shape {tuple(shapes[name])}, the model's is {tuple(expected[name])}"
+            )
+
+
+def folder_tensors(folder: DiffusersFolder, desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor as stored) of every tensor, shard by shard, one tensor in memory at a time."""
+    with tqdm(
+        total=len(folder.sources), desc=desc or f"reading {folder.path.name}", unit="tensor", leave=False
+    ) as bar:
+        for file, names in _by_file(folder.sources).items():
+            with convert._open(file) as handle:
+                for name in names:
+                    yield name, handle.get_tensor(folder.sources[name].key)
+                    bar.update()
+
+
+def load_into(model: torch.nn.Module, folder: Path) -> DiffusersFolder:
+    """Copy a folder's tensors into ``model`` (cast to each parameter's dtype), checked against its state dict."""
+    targets = model.state_dict(keep_vars=True)
+    read = read_folder(folder, {name: tuple(t.shape) for name, t in targets.items()})
+    with torch.no_grad():
+        for name, tensor in folder_tensors(read):
+            targets[name].copy_(tensor)
+    return read
+
+
+def model_weights(folder: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A stage's weights from a diffusers folder (``convert.model_weights``): every tensor of the
+    model ``model_cfg`` describes, floating ones as float32, after checking the folder's config
+    and every name and shape."""
+    check_model_config(folder, model_cfg)
+    read = read_folder(folder, convert.expected_shapes(model_cfg))
+    for name, tensor in folder_tensors(read, desc=f"weights of {folder.name}"):
+        yield name, tensor.float() if tensor.is_floating_point() else tensor
+
+
+# ----------------------------------------------------------------------------------------- import
+def import_folder(
+    folder: Path, out: Path, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[Path, Any]:
+    """A diffusers folder -> an imontage consolidated file (tensors in their stored dtypes), and its model config.
+
+    The metadata records the class, config.json and every tensor's dtype, so that exporting
+    restores them.
+    """
+    read = read_folder(folder, expected)
+    metadata = {
+        "format": convert.FORMAT,
+        "model_config": json.dumps(OmegaConf.to_container(read.model_config, resolve=True)),
+        "step": "0",
+        "weights": "pretrained",
+        "diffusers_class": read.class_name,
+        "diffusers_config": json.dumps(read.config),
+        "diffusers_dtypes": json.dumps(read.dtypes),
+    }
+    layout = {name: (read.shapes[name], _NAMES[read.dtypes[name]]) for name in read.sources}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with StreamingSafetensorsWriter(out, layout, metadata) as writer:
+        for name, tensor in folder_tensors(read, desc=f"importing {Path(folder).name}"):
+            writer.write(name, tensor)
+            del tensor
+    return out, read.model_config
+
+
+def model_config_yaml(model_cfg: Any, source: Path) -> str:
+    """The model config as a ``configs/model/*.yaml`` preset."""
+    values = OmegaConf.to_container(model_cfg, resolve=True)
+    assert isinstance(values, dict)
+    other = "hunyuan_video" if values["family"] == "wan" else "wan"
+    values.pop(other, None)  # the other family's section only holds defaults
+    if values["family"] == "dit":
+        values.pop("wan", None)
+    if not values.get("init_from_diffusers"):
+        values.pop("init_from_diffusers", None)
+    header = f"# Imported from {source} (tools/convert_checkpoint.py import-diffusers).\n"
+    return header + OmegaConf.to_yaml(OmegaConf.create(values))
+
+
+# ----------------------------------------------------------------------------------------- export
+@dataclass
+class _Weights:
+    cfg: Any
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # as stored in the source
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    metadata: dict[str, str]
+
+
+def _source_weights(source: Path, weights: str, verify: bool) -> _Weights:
+    """The model tensors of a consolidated file or a training checkpoint of any layout, streamed."""
+    if weights not in WEIGHT_KINDS:
+        raise ConversionError(f"weights must be 'ema' or 'live', not '{weights}'")
+    if source.is_file():
+        cfg, metadata = convert.read_consolidated(source)
+        sources = convert._file_sources(source)
+        return _Weights(cfg, _layout(sources), (convert._stream_sources(sources)), metadata)
+    if verify:
+        ckpt.verify_checkpoint(source)
+    if zero3.is_zero3_checkpoint(source):
+        reader, cfg = convert.open_zero3(source)
+        kind = "ema" if weights == "ema" else "fp32"
+        layout = {name: (shape, torch.float32) for name, shape in reader.expected.items()}
+        return _Weights(cfg, layout, convert.zero3_tensors(reader, kind, desc=f"{kind} of {source.name}"), {})
+    state_file = source / ckpt.STATE_FILE
+    if not state_file.is_file():
+        raise ConversionError(f"{state_file}: no such file (not a consolidated file or training checkpoint)")
+    cfg = convert.model_config(json.loads(state_file.read_text())["model_config"], str(state_file))
+    sources = convert._file_sources(source / "model.safetensors")
+    if weights == "ema":
+        ema = source / "ema.safetensors"
+        if not ema.is_file():
+            raise ConversionError(f"{ema}: no such file (this run kept no EMA; use weights=live)")
+        sources.update(convert._file_sources(ema))
+    return _Weights(cfg, _layout(sources), convert._stream_sources(sources), {})
+
+
+def _layout(sources: Mapping[str, TensorSource]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    shapes, dtypes = _headers(sources)
+    return {name: (shapes[name], _NAMES[dtypes[name]]) for name in sources}
+
+
+def _recorded_dtypes(cfg: Any, metadata: Mapping[str, str]) -> dict[str, str]:
+    """The dtypes of the folder the weights came from: recorded at import, or read from the
+    recipe's ``model.init_from_diffusers`` folder when it is still there; else none."""
+    if "diffusers_dtypes" in metadata:
+        return dict(json.loads(metadata["diffusers_dtypes"]))
+    origin = str(getattr(cfg, "init_from_diffusers", "") or "")
+    if origin and Path(origin).is_dir():
+        return _headers(weight_sources(Path(origin)))[1]
+    return {}
+
+
+def export_folder(
+    source: Path,
+    out_dir: Path,
+    model_cfg: Any = None,
+    weights: str = "ema",
+    dtype: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    verify: bool = True,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> Path:
+    """A consolidated file or a training checkpoint (any layout) -> a folder diffusers' ``from_pretrained`` loads.
+
+    ``model_cfg``: the model config when the source holds none, else checked against the source's.
+    ``dtype``: cast the floating tensors (``fp32``/``bf16``/``fp16``); by default each tensor gets
+    the dtype of the folder the weights were imported from (recorded at import, or read from the
+    recipe's ``model.init_from_diffusers``), else keeps its own. Shards above ``max_shard_bytes``,
+    named and indexed as ``save_pretrained`` names them.
+    """
+    source = Path(source)
+    got = _source_weights(source, weights, verify)
+    cfg = got.cfg
+    if model_cfg is not None:
+        diff = convert.config_diff(
+            OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            OmegaConf.to_container(model_cfg, resolve=True),  # type: ignore[arg-type]
+        )
+        diff = [line for line in diff if not line.startswith("init_from_diffusers")]
+        if diff:
+            raise ConversionError(
+                f"{source}: its model config differs from the one given: " + "; ".join(diff)
+            )
+    family = str(cfg.family)
+    module = family_module(family)
+    try:
+        config = module.diffusers_config(cfg)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConversionError(
+            f"{source}: its model config has no {FAMILY_CLASSES[family]} equivalent: {error}"
+        ) from error
+    shapes = {name: shape for name, (shape, _) in got.layout.items()}
+    check_tensors(source, {n: TensorSource(source, n) for n in got.layout}, shapes,
+                  expected if expected is not None else convert.expected_shapes(cfg))  # fmt: skip
+    recorded = _recorded_dtypes(cfg, got.metadata)
+    layout = {}
+    for name, (shape, stored) in got.layout.items():
+        target = stored
+        if stored.is_floating_point:
+            if dtype is not None:
+                target = DTYPES[dtype]
+            elif name in recorded:
+                target = _NAMES[recorded[name]]
+        layout[name] = (shape, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    version = json.loads(got.metadata.get("diffusers_config", "{}")).get(
+        "_diffusers_version", DIFFUSERS_VERSION
+    )
+    full = {"_class_name": FAMILY_CLASSES[family], "_diffusers_version": version, **config}
+    shards = _plan_shards(layout, max_shard_bytes)
+    for stale in [out_dir / WEIGHTS, out_dir / INDEX, *out_dir.glob("diffusion_pytorch_model-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # a previous export's files would confuse from_pretrained
+    _write_shards(out_dir, layout, shards, got.tensors)
+    if len(shards) > 1:
+        total = sum(tensor_bytes(shape, dt) for shape, dt in layout.values())
+        weight_map = {name: file for file, names in shards for name in names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out_dir / CONFIG).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def _plan_shards(
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int
+) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) of each shard, in layout order, as ``save_pretrained`` names them."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = tensor_bytes(shape, dtype)
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return [(WEIGHTS, groups[0])]
+    n = len(groups)
+    return [
+        (f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", names)
+        for i, names in enumerate(groups, 1)
+    ]
+
+
+def _write_shards(
+    out_dir: Path,
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    shards: list[tuple[str, list[str]]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+) -> None:
+    """One pass over ``tensors`` (in layout order) into the shards, one tensor held at a time."""
+    bar = tqdm(total=len(layout), desc=f"exporting to {out_dir.name}", unit="tensor", leave=False)
+    try:
+        for file, names in shards:
+            with StreamingSafetensorsWriter(
+                out_dir / file, {n: layout[n] for n in names}, {"format": "pt"}
+            ) as writer:
+                for expected in names:
+                    name, tensor = next(tensors)
+                    if name != expected:
+                        raise ConversionError(f"{out_dir / file}: got tensor '{name}', expected '{expected}'")
+                    writer.write(name, tensor.to(layout[name][1]))
+                    del tensor
+                    bar.update()
+    finally:
+        bar.close()
+        close = getattr(tensors, "close", None)
+        if close is not None:
+            close()  # releases a ZeRO-3 reader's mappings
