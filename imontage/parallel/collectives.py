@@ -9,6 +9,9 @@ RoPE with each rank's own positions) runs on the sequence shard.
 Shapes: a sequence shard is ``[N/CP, H, D]``, a head shard ``[N, H/CP, D]`` (leading dims between
 the token and head dims ride along). Rank r holds
 tokens ``[r·N/CP, (r+1)·N/CP)`` and heads ``[r·H/CP, (r+1)·H/CP)``.
+
+Tensor parallelism uses megatron-core's mappings, plus :class:`SumOverRanks` for a partial sum
+that every rank then uses on its own part (an RMSNorm across heads split over TP ranks).
 """
 
 from __future__ import annotations
@@ -164,3 +167,27 @@ def pad_packed_batch(batch: PackedBatch, multiple: int) -> PackedBatch:
 def padded_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """``tensor`` with ``count`` zero rows appended."""
     return torch.cat([tensor, tensor.new_zeros((count, *tensor.shape[1:]))])
+
+
+class SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (sum) over the group. Backward: all-reduce (sum) the gradients too.
+
+    For a partial sum each rank computes over its own part (the sum of squares of its heads, for an
+    RMSNorm across all heads under tensor parallelism) whose total every rank then uses for *its own*
+    part of the work: the total's gradient is the sum of every rank's. (megatron-core's
+    ``reduce_from_tensor_model_parallel_region`` passes the gradient through unchanged, which is
+    right only when every rank goes on with the same computation.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

@@ -1,27 +1,41 @@
-"""``parallelize_dit``: tensor, sequence and Ulysses parallelism applied to a built single-device DiT.
+"""``parallelize_model``: tensor, sequence and Ulysses parallelism applied to a built single-device model.
+
+One entry point for every model family (the DiT, Wan 2.1); ``parallelize_dit`` is the same function
+under the name the trainer calls. A family differs only in its :class:`FamilyPlan`: which block
+weights are cut how (:data:`TENSOR_PARALLEL_SPLITS`, :data:`WAN_TENSOR_PARALLEL_SPLITS`), which
+modules hold the heads and the self-attention, and which whole parameters see part of the work.
+The layer replacement, the gradient hooks and the token layout (:class:`ShardedTokens`) are shared.
 
 The model is built on one device first, from the seed, so TP=1 and TP=N start from the same
 weights: each rank keeps its slice. Then, in place and in this order (DESIGN.md):
 
-1. Tensor parallelism (TP) with megatron-core's layers, per block:
-   ``qkv`` -> ``ColumnParallelLinear`` (rank r keeps heads ``[r·H/TP, (r+1)·H/TP)`` of q, k and v),
-   ``proj`` -> ``RowParallelLinear`` (the matching input columns), ``fc1`` -> column parallel,
-   ``fc2`` -> row parallel. :data:`TENSOR_PARALLEL_SPLITS` says how each weight is cut.
+1. Tensor parallelism (TP) with megatron-core's layers, per block: a weight cut along its output
+   rows (dim 0) becomes a ``ColumnParallelLinear`` (rank r keeps heads ``[r·H/TP, (r+1)·H/TP)``, or
+   that slice of the MLP width), one cut along its input columns (dim 1) a ``RowParallelLinear``.
+   DiT: ``qkv`` and ``fc1`` column, ``proj`` and ``fc2`` row. Wan: ``attn1``/``attn2`` ``to_q``,
+   ``to_k``, ``to_v`` (and I2V's ``add_k_proj``, ``add_v_proj``) and ``ffn.net.0.proj`` column,
+   ``to_out.0`` and ``ffn.net.2`` row. Wan's q/k RMSNorms span all heads: their weight is cut like
+   the heads and :class:`HeadShardedRMSNorm` sums the squares over the TP group.
 2. Sequence parallelism (SP, with TP): between the parallel linears, the residual stream, the
-   norms and the adaLN modulation live on ``N/TP`` token shards; ``qkv`` and ``fc1`` all-gather the
-   shard, ``proj`` and ``fc2`` reduce-scatter back to it.
-3. Ulysses (context parallelism, CP): each rank embeds ``N/CP`` tokens and runs every per-token
-   step on them with its own positions; around attention an all-to-all trades the token shard for
-   a head shard (all ``N`` tokens, ``H/(TP·CP)`` heads), attention runs over the whole packed
+   norms and the modulation live on ``n/TP`` token shards; column-parallel layers all-gather the
+   shard, row-parallel ones reduce-scatter back to it. Wan's cross-attention keys and values come
+   from the text (and image) context, whole on every rank: those column-parallel layers take it
+   whole (no gather).
+3. Ulysses (context parallelism, CP): each rank embeds ``n/CP`` tokens and runs every per-token
+   step on them with its own positions; around self-attention an all-to-all trades the token shard
+   for a head shard (all ``n`` tokens, ``H/(TP·CP)`` heads), attention runs over the whole packed
    sequence with the global ``cu_seqlens``, and a second all-to-all trades back. The packed
    sequence is padded to a multiple of ``CP·TP`` with one extra masked sequence, so any lengths work.
+   Wan shards its visual rows only; its cross-attention runs on the rank's own queries against
+   each query's own sample's context (whole on every rank), packed by
+   :meth:`ShardedTokens.local_sample_index`.
 4. Activation checkpointing per block, when asked.
 
 Gradients, after ``backward``:
 - within a TP group every rank holds the complete gradient of its parameters. Parameters that
-  every TP rank keeps whole but uses on part of the work (QK-norm weights see only the rank's
-  heads; under SP the adaLN offsets and the row-parallel biases see only its tokens) get their
-  gradient summed over the TP group by a hook;
+  every TP rank keeps whole but uses on part of the work (the DiT's per-head QK-norm weights see
+  only the rank's heads; under SP the modulation offsets, affine norms and row-parallel biases see
+  only its tokens) get their gradient summed over the TP group by a hook;
 - within a CP group each rank holds its tokens' share: the gradients sum, over the CP group, to
   the single-device gradient. The engine reduces over DP×CP, so the trainer scales the loss by CP
   (the engine averages over DP×CP ranks, and the CP shares must add up, not average).
@@ -40,12 +54,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from imontage.models.dit.model import DiT, DiTBlock, TokenLayout
+from imontage.models.dit.model import DiT
 from imontage.models.dit.sequence import PackedBatch
+from imontage.models.wan.model import SampleTokenLayout, WanTransformer
 from imontage.parallel.collectives import (
     GatherFromSequenceShards,
     HeadsToSequence,
     SequenceToHeads,
+    SumOverRanks,
     pad_packed_batch,
 )
 
@@ -88,15 +104,91 @@ TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = {
 }
 
 
-def tensor_split(name: str) -> TensorSplit | None:
-    """How the model parameter ``name`` (``blocks.3.qkv.weight``) is cut over TP ranks; None: whole."""
+def _wan_splits() -> dict[str, TensorSplit]:
+    rows, columns = TensorSplit(0), TensorSplit(1)
+    splits: dict[str, TensorSplit] = {}
+    for attention in ("attn1", "attn2"):
+        for linear in ("to_q", "to_k", "to_v"):  # [H·Dh, d]: output rows, head-major
+            splits |= {f"{attention}.{linear}.weight": rows, f"{attention}.{linear}.bias": rows}
+        splits[f"{attention}.to_out.0.weight"] = columns  # [d, H·Dh]
+        splits |= {f"{attention}.norm_q.weight": rows, f"{attention}.norm_k.weight": rows}  # [H·Dh]
+    for linear in ("add_k_proj", "add_v_proj"):  # I2V: the image tokens' keys and values
+        splits |= {f"attn2.{linear}.weight": rows, f"attn2.{linear}.bias": rows}
+    splits["attn2.norm_added_k.weight"] = rows
+    splits |= {"ffn.net.0.proj.weight": rows, "ffn.net.0.proj.bias": rows, "ffn.net.2.weight": columns}
+    return splits
+
+
+# Wan 2.1's blocks, by diffusers' parameter names (an I2V block has the add_* entries too).
+WAN_TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = _wan_splits()
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """What parallelization needs to know of a family's blocks; every name is inside a block.
+
+    ``splits``: how each cut weight is cut (a ``Linear`` cut along dim 0 becomes column parallel,
+    along dim 1 row parallel; an ``RMSNorm`` weight cut becomes a :class:`HeadShardedRMSNorm`).
+    """
+
+    splits: dict[str, TensorSplit]
+    heads: str  # the module whose ``num_heads`` counts the heads ("": the block itself)
+    head_modules: tuple[str, ...]  # modules whose ``num_heads`` becomes the rank's share under TP
+    mlp: str  # the first MLP linear: its ``out_features`` is the MLP width
+    self_attentions: tuple[str, ...]  # modules whose ``core_attention`` Ulysses wraps
+    # Column-parallel linears whose input is whole on every rank (Wan's text and image context):
+    # never sequence-sharded, so never all-gathered.
+    whole_inputs: tuple[str, ...] = ()
+    head_partial: tuple[str, ...] = ()  # whole parameters that see only the rank's heads
+    token_partial: tuple[str, ...] = ()  # whole parameters that see only the rank's tokens under SP
+
+
+DIT_PLAN = FamilyPlan(
+    TENSOR_PARALLEL_SPLITS,
+    heads="",
+    head_modules=(),
+    mlp="fc1",
+    self_attentions=("",),
+    head_partial=("q_norm.weight", "k_norm.weight"),  # per-head QK-norm: one weight for all heads
+    token_partial=("modulation",),
+)
+WAN_PLAN = FamilyPlan(
+    WAN_TENSOR_PARALLEL_SPLITS,
+    heads="attn1",
+    head_modules=("attn1", "attn2"),
+    mlp="ffn.net.0.proj",
+    self_attentions=("attn1",),  # the cross-attention runs on the rank's own query tokens
+    whole_inputs=("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj"),
+    token_partial=("scale_shift_table", "norm2.weight", "norm2.bias"),
+)
+FAMILY_PLANS: dict[type[nn.Module], FamilyPlan] = {DiT: DIT_PLAN, WanTransformer: WAN_PLAN}
+if set(TENSOR_PARALLEL_SPLITS) & set(WAN_TENSOR_PARALLEL_SPLITS):  # tensor_split looks in every table
+    raise AssertionError("the families' split tables must not share a parameter name")
+
+
+def family_plan(model: nn.Module) -> FamilyPlan:
+    """The :class:`FamilyPlan` of ``model``'s family; an error for a family that has none."""
+    for family, plan in FAMILY_PLANS.items():
+        if isinstance(model, family):
+            return plan
+    known = ", ".join(family.__name__ for family in FAMILY_PLANS)
+    raise ValueError(f"no parallel plan for a {type(model).__name__}: parallelize_model knows {known}")
+
+
+def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | None:
+    """How the model parameter ``name`` (``blocks.3.qkv.weight``) is cut over TP ranks; None: whole.
+
+    Without ``plan``, every family's table is looked in (their names differ).
+    """
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blocks":
-        return TENSOR_PARALLEL_SPLITS.get(".".join(parts[2:]))
-    return None
+    if len(parts) < 3 or parts[0] != "blocks":
+        return None
+    inner = ".".join(parts[2:])
+    plans = [plan] if plan is not None else list(FAMILY_PLANS.values())
+    return next((p.splits[inner] for p in plans if inner in p.splits), None)
 
 
-def _megatron_config(model: DiT, tensor: int, sequence_parallel: bool) -> Any:
+def _megatron_config(model: nn.Module, tensor: int, sequence_parallel: bool) -> Any:
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     return ModelParallelConfig(
@@ -104,7 +196,7 @@ def _megatron_config(model: DiT, tensor: int, sequence_parallel: bool) -> Any:
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,  # weights are copied from the single-device model below
         perform_initialization=False,
-        params_dtype=model.patch_embed.weight.dtype,
+        params_dtype=next(model.parameters()).dtype,
         gradient_accumulation_fusion=False,
     )
 
@@ -122,7 +214,7 @@ def _column_parallel(linear: nn.Linear, split: TensorSplit, config: Any) -> nn.M
     rank, size = parallel_state.get_tensor_model_parallel_rank(), config.tensor_model_parallel_size
     with torch.no_grad():
         layer.weight.copy_(split.shard(linear.weight, rank, size))
-        layer.bias.copy_(split.shard(linear.bias, rank, size))
+        layer.bias.copy_(split.shard(linear.bias, rank, size))  # the bias is cut like the output rows
     return layer
 
 
@@ -202,8 +294,35 @@ class UlyssesAttention(nn.Module):
         return HeadsToSequence.apply(out, self.group)  # [N/CP, h, Dh]
 
 
-class ShardedTokens(TokenLayout):
-    """The token layout of a parallel DiT: CP shards of the packed sequence, SP shards within them."""
+class HeadShardedRMSNorm(nn.Module):
+    """An RMSNorm across all heads (Wan's q/k norm, weight ``[H·Dh]``) on a rank that holds ``H/TP``.
+
+    The weight is cut like the heads (rank r keeps ``[r·H·Dh/TP, (r+1)·H·Dh/TP)``); the sum of
+    squares over the rank's slice is summed over the TP group (:class:`SumOverRanks`), so every
+    rank divides by the mean over all ``H·Dh`` features. The weight's gradient is local: each rank's
+    slice only ever meets its own features.
+    """
+
+    def __init__(self, norm: nn.RMSNorm, split: TensorSplit, group: ProcessGroup) -> None:
+        super().__init__()
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if norm.weight is None or len(norm.normalized_shape) != 1:
+            raise ValueError("HeadShardedRMSNorm takes an RMSNorm over the last dimension, with a weight")
+        self.features = int(norm.normalized_shape[0])  # H·Dh, over all ranks
+        self.eps = norm.eps
+        self.group = group
+        self.weight = nn.Parameter(split.shard(norm.weight.detach(), rank, size).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, H·Dh/TP]`` -> the same, normalised by the root mean square over all ``H·Dh`` features."""
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        squares = x.float().square().sum(-1, keepdim=True)  # [n, 1]: this rank's heads
+        total = SumOverRanks.apply(squares, self.group)  # [n, 1]: every head
+        return (x.float() * torch.rsqrt(total / self.features + eps)).type_as(x) * self.weight
+
+
+class ShardedTokens(SampleTokenLayout):
+    """The token layout of a parallel model: CP shards of the packed sequence, SP shards within them."""
 
     def __init__(
         self, tensor_group: ProcessGroup | None, sequence_parallel: bool, context_group: ProcessGroup | None
@@ -251,6 +370,13 @@ class ShardedTokens(TokenLayout):
             out = GatherFromSequenceShards.apply(out, self.context_group)
         return out[: batch.tokens.shape[0]]  # drop the padding rows
 
+    def local_sample_index(self, local: PackedBatch) -> torch.Tensor:
+        """The sample of each of this CP rank's rows (also under SP: the column-parallel layers
+        gather the TP shards back to these rows before attention)."""
+        index = local.sample_index()  # [N_padded]: from the whole sequence's cu_seqlens
+        shard = index.numel() // self.context_size
+        return index[self.context_rank * shard : (self.context_rank + 1) * shard]
+
 
 def _sum_gradient_over(group: ProcessGroup) -> Any:
     def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -261,84 +387,128 @@ def _sum_gradient_over(group: ProcessGroup) -> Any:
     return hook
 
 
-def partial_gradient_parameters(block: DiTBlock, sequence_parallel: bool) -> list[nn.Parameter]:
-    """Parameters whole on every TP rank whose gradient on one rank covers only part of the work."""
-    params = [
-        cast(nn.Parameter, m.weight)
-        for m in (block.q_norm, block.k_norm)
-        if isinstance(getattr(m, "weight", None), nn.Parameter)
-    ]
+def _submodule_owner(block: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding ``path`` (``to_out.0`` -> ``to_out``, ``"0"``) and its name there."""
+    owner, _, name = path.rpartition(".")
+    return (block.get_submodule(owner) if owner else block), name
+
+
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """``model.blocks`` (every family keeps its transformer blocks there)."""
+    return list(cast(nn.ModuleList, model.blocks))
+
+
+def partial_gradient_parameters(
+    block: nn.Module, plan: FamilyPlan, sequence_parallel: bool
+) -> list[nn.Parameter]:
+    """Parameters whole on every TP rank whose gradient on one rank covers only part of the work.
+
+    Call after the layers are replaced: under SP the row-parallel biases (added after the
+    reduce-scatter) are among them.
+    """
+    names = list(plan.head_partial)
     if sequence_parallel:
-        params += [block.modulation, cast(nn.Parameter, block.proj.bias), cast(nn.Parameter, block.fc2.bias)]
-    return params
+        names += list(plan.token_partial)
+        names += [
+            f"{weight[: -len('.weight')]}.bias" for weight, split in plan.splits.items() if split.dim == 1
+        ]
+    params = dict(block.named_parameters())
+    return [params[name] for name in names if name in params]
 
 
-def dit_blocks(model: DiT) -> list[DiTBlock]:
-    """``model.blocks`` with their type (a ModuleList hands out plain Modules)."""
-    return cast("list[DiTBlock]", list(model.blocks))
-
-
-def check_layout(model: DiT, tensor: int, context: int) -> None:
+def check_layout(model: nn.Module, tensor: int, context: int) -> None:
     """Errors for a model that cannot be split over ``tensor`` × ``context`` ranks, naming the sizes."""
-    blocks = dit_blocks(model)
-    heads = blocks[0].num_heads if blocks else 0
+    plan = family_plan(model)
+    blocks = model_blocks(model)
+    if not blocks:
+        return
+    attention: Any = blocks[0].get_submodule(plan.heads)  # a module with num_heads
+    heads = int(attention.num_heads)
     if heads % (tensor * context):
         raise ValueError(
             f"model.num_heads={heads} is not divisible by tensor_parallel × context_parallel = "
             f"{tensor} × {context}: each rank needs whole heads"
         )
-    mlp = blocks[0].fc1.out_features if blocks else 0
+    mlp = int(cast(nn.Linear, blocks[0].get_submodule(plan.mlp)).out_features)
     if mlp % tensor:
         raise ValueError(f"model.mlp_hidden_size={mlp} is not divisible by tensor_parallel={tensor}")
 
 
-def parallelize_dit(
-    model: DiT,
+def _tensor_parallel_block(
+    block: nn.Module, plan: FamilyPlan, configs: dict[bool, Any], group: ProcessGroup, sequence_parallel: bool
+) -> None:
+    """Replace ``block``'s cut layers by megatron-core's (``configs``: by whether the input is sharded)."""
+    tensor = dist.get_world_size(group)
+    modules = dict(block.named_modules())
+    for name, split in plan.splits.items():
+        path, _, kind = name.rpartition(".")
+        if kind != "weight" or path not in modules:
+            continue  # biases go with their weight; T2V blocks have no add_* layers
+        owner, attribute = _submodule_owner(block, path)
+        module = modules[path]
+        if isinstance(module, nn.RMSNorm):
+            replaced: nn.Module = HeadShardedRMSNorm(module, split, group)
+        elif split.dim == 0:
+            config = configs[sequence_parallel and path not in plan.whole_inputs]
+            replaced = _column_parallel(cast(nn.Linear, module), split, config)
+        else:
+            replaced = _row_parallel(cast(nn.Linear, module), split, configs[sequence_parallel])
+        setattr(owner, attribute, replaced)
+    for path in plan.head_modules:
+        owner_of_heads: Any = block.get_submodule(path)  # reads num_heads to split q, k, v into heads
+        owner_of_heads.num_heads = int(owner_of_heads.num_heads) // tensor
+    for param in partial_gradient_parameters(block, plan, sequence_parallel):
+        param.register_hook(_sum_gradient_over(group))
+
+
+def parallelize_model(
+    model: nn.Module,
     tensor_parallel: int = 1,
     context_parallel: int = 1,
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
-) -> DiT:
+) -> Any:
     """Apply TP, SP, Ulysses and activation checkpointing to ``model`` in place (module docstring).
 
-    megatron-core's ``parallel_state`` must be initialised with the same sizes
-    (:func:`imontage.parallel.state.init_process_groups`).
+    ``model``: any family of :data:`FAMILY_PLANS`. megatron-core's ``parallel_state`` must be
+    initialised with the same sizes (:func:`imontage.parallel.state.init_process_groups`).
     """
     from megatron.core import parallel_state
 
-    check_layout(model, tensor_parallel, context_parallel)
+    parallel: Any = model  # every family has token_layout and gradient_checkpointing
     if sequence_parallel and tensor_parallel == 1:
         raise ValueError(
             "sequence_parallel needs tensor_parallel > 1: it shards activations over the TP group"
         )
-    if tensor_parallel > 1 or context_parallel > 1:
-        initialised = (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_context_parallel_world_size(),
+    if tensor_parallel == 1 and context_parallel == 1:  # any family, even one without a plan
+        parallel.gradient_checkpointing = activation_checkpointing
+        return parallel
+    plan = family_plan(model)
+    check_layout(model, tensor_parallel, context_parallel)
+    initialised = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
+    )
+    if initialised != (tensor_parallel, context_parallel):
+        raise ValueError(
+            f"parallel_state holds tensor_parallel × context_parallel = {initialised[0]} × {initialised[1]}, "
+            f"asked for {tensor_parallel} × {context_parallel}"
         )
-        if initialised != (tensor_parallel, context_parallel):
-            raise ValueError(
-                f"parallel_state holds tensor_parallel × context_parallel = {initialised[0]} × {initialised[1]}, "
-                f"asked for {tensor_parallel} × {context_parallel}"
-            )
     tensor_group = parallel_state.get_tensor_model_parallel_group() if tensor_parallel > 1 else None
     context_group = parallel_state.get_context_parallel_group() if context_parallel > 1 else None
-    if tensor_parallel > 1:
-        config = _megatron_config(model, tensor_parallel, sequence_parallel)
-        assert tensor_group is not None
-        for typed in dit_blocks(model):
-            block: nn.Module = typed  # its projections become megatron-core layers
-            block.qkv = _column_parallel(typed.qkv, TENSOR_PARALLEL_SPLITS["qkv.weight"], config)
-            block.proj = _row_parallel(typed.proj, TENSOR_PARALLEL_SPLITS["proj.weight"], config)
-            block.fc1 = _column_parallel(typed.fc1, TENSOR_PARALLEL_SPLITS["fc1.weight"], config)
-            block.fc2 = _row_parallel(typed.fc2, TENSOR_PARALLEL_SPLITS["fc2.weight"], config)
-            for param in partial_gradient_parameters(typed, sequence_parallel):
-                param.register_hook(_sum_gradient_over(tensor_group))
+    if tensor_group is not None:
+        configs = {sharded: _megatron_config(model, tensor_parallel, sharded) for sharded in (False, True)}
+        for block in model_blocks(model):
+            _tensor_parallel_block(block, plan, configs, tensor_group, sequence_parallel)
     if context_group is not None:
-        for typed in dit_blocks(model):
-            attention_owner: nn.Module = typed  # its core attention becomes the Ulysses one
-            attention_owner.core_attention = UlyssesAttention(typed.core_attention, context_group)
-    if tensor_parallel > 1 or context_parallel > 1:
-        model.token_layout = ShardedTokens(tensor_group, sequence_parallel, context_group)
-    model.gradient_checkpointing = activation_checkpointing
-    return model
+        for block in model_blocks(model):
+            for path in plan.self_attentions:
+                attention = block.get_submodule(path)  # its core attention becomes the Ulysses one
+                inner = cast(nn.Module, attention.core_attention)
+                attention.core_attention = UlyssesAttention(inner, context_group)
+    parallel.token_layout = ShardedTokens(tensor_group, sequence_parallel, context_group)
+    parallel.gradient_checkpointing = activation_checkpointing
+    return parallel
+
+
+parallelize_dit = parallelize_model  # the name the trainer calls; it takes every family

@@ -12,7 +12,9 @@ A forward pass over a :class:`PackedBatch` of N rows:
   blocks: self-attention (block-diagonal over the visual rows, RMSNorm across heads, interleaved
   3D RoPE), cross-attention, GELU FFN, each modulated as diffusers' ``WanTransformerBlock``;
   ``norm_out`` + ``proj_out`` -> rows reordered from (pt, ph, pw, C) to imontage's (C, pt, ph, pw).
-Text rows output zeros. Norms and modulation run in fp32, as diffusers keeps them. Wan predicts the
+Text rows output zeros. Parallelism enters only through ``model.token_layout`` (a
+:class:`SampleTokenLayout`): it shards the visual rows, and says which sample each local row is of,
+for the cross-attention's query packing; the text context stays whole. Norms and modulation run in fp32, as diffusers keeps them. Wan predicts the
 velocity itself: ``model.prediction`` (a DiT option) does not apply.
 """
 
@@ -28,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imontage.models.dit.attention import varlen_attention
-from imontage.models.dit.model import CoreAttention, timestep_frequencies
+from imontage.models.dit.model import CoreAttention, TokenLayout, timestep_frequencies
 from imontage.models.dit.rope import MultiAxisRope
 from imontage.models.dit.sequence import PackedBatch
 
@@ -50,6 +52,14 @@ class Packing:
     def max_seqlen(self) -> int:
         return max((b - a for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)), default=0)
 
+    def with_sequences(self, count: int) -> Packing:
+        """The same packing with empty sequences appended up to ``count`` (for padding samples)."""
+        extra = count - (len(self.bounds) - 1)
+        if extra <= 0:
+            return self
+        tail = self.cu_seqlens[-1:].expand(extra)
+        return Packing(torch.cat([self.cu_seqlens, tail]), self.bounds + (self.bounds[-1],) * extra)
+
 
 @dataclass
 class CrossContext:
@@ -59,6 +69,23 @@ class CrossContext:
     text_packing: Packing
     image: torch.Tensor | None = None  # [B·L_img, d]
     image_packing: Packing | None = None
+
+    def with_samples(self, count: int) -> CrossContext:
+        """This context for ``count`` query sequences: padding samples past the batch's get no key."""
+        image_packing = None if self.image_packing is None else self.image_packing.with_sequences(count)
+        return CrossContext(self.text, self.text_packing.with_sequences(count), self.image, image_packing)
+
+
+class SampleTokenLayout(TokenLayout):
+    """The DiT's token layout, plus the sample of each row this rank holds (Wan's cross-attention).
+
+    On one device every row is local; ``imontage.parallel`` shards the visual rows over CP ranks.
+    """
+
+    def local_sample_index(self, local: PackedBatch) -> torch.Tensor:
+        """``[n]`` int64: the sample of each row of ``local`` (``shard_batch``'s output) this rank's
+        attention queries hold (under sequence parallelism: after the column-parallel gather)."""
+        return local.sample_index()
 
 
 def layer_norm_fp32(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -177,6 +204,7 @@ class WanAttention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, rope: MultiAxisRope, packing: Packing
     ) -> torch.Tensor:
         """``[n, d]`` visual rows attend to their own sample's visual rows; returns ``[n, d]``."""
+        # num_heads: this rank's heads under tensor parallelism (to_q's output columns are theirs)
         q = self.heads(self.norm_q(self.to_q(x)))  # norm across heads before the split
         k = self.heads(self.norm_k(self.to_k(x)))
         q, k = rope(q, k, positions)
@@ -234,16 +262,21 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         positions: torch.Tensor,
         packing: Packing,
+        query: Packing,
         context: CrossContext,
     ) -> torch.Tensor:
-        """``x`` ``[n, d]`` visual rows, ``modulation`` ``[n, 6, d]``; returns ``[n, d]``."""
+        """``x`` ``[n, d]`` visual rows, ``modulation`` ``[n, 6, d]``; returns ``[n, d]``.
+
+        ``packing``: the self-attention's (the whole packed visual sequence); ``query``: the
+        cross-attention queries' (the rows this rank's queries hold, by sample).
+        """
         dtype = x.dtype
         table = (self.scale_shift_table + modulation.float()).unbind(1)  # 6 × [n, d], fp32
         shift1, scale1, gate1, shift2, scale2, gate2 = table
         h = (layer_norm_fp32(x, self.norm1) * (1 + scale1) + shift1).to(dtype)
         x = (x.float() + self.attn1.self_attention(h, positions, self.rope, packing) * gate1).to(dtype)
         h = layer_norm_fp32(x, self.norm2).to(dtype)
-        x = x + self.attn2.cross_attention(h, context, packing)
+        x = x + self.attn2.cross_attention(h, context, query)
         h = (layer_norm_fp32(x, self.norm3) * (1 + scale2) + shift2).to(dtype)
         return (x.float() + self.ffn(h).float() * gate2).to(dtype)
 
@@ -271,17 +304,18 @@ class WanTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(dim, eps=float(wan.eps), elementwise_affine=False)
         self.proj_out = nn.Linear(dim, self.out_channels * math.prod(self.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.token_layout = SampleTokenLayout()
 
-    def embed_patches(self, batch: PackedBatch, visual: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, batch: PackedBatch) -> torch.Tensor:
         """Visual rows' features joined with their channel condition, ``[n, in_channels·p]`` -> ``[n, d]``.
 
         Features are ordered (C, pt, ph, pw) on both sides, so ``[latent | condition]`` rows are the
         patches of the channel concatenation diffusers' I2V pipeline feeds (latents | mask + image).
         """
         weight = self.patch_embedding.weight  # [d, C_in, pt, ph, pw]
-        features = batch.tokens[visual]
+        features = batch.tokens  # ``batch``: visual rows only (:func:`visual_rows`)
         if batch.channel_condition is not None:
-            features = torch.cat([features, batch.channel_condition[visual]], dim=1)
+            features = torch.cat([features, batch.channel_condition], dim=1)
         if features.shape[1] != weight[0].numel():
             raise ValueError(
                 f"visual rows carry {features.shape[1]} features, the patch embedding takes "
@@ -334,21 +368,34 @@ class WanTransformer(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """``[N, out_channels·pt·ph·pw]`` velocity ε − x0 per row; text rows are zero."""
+        layout = self.token_layout
         visual = ~batch.is_text
         sample = batch.sample_index()  # [N]
-        packing = Packing(*_bounds(torch.bincount(sample[visual], minlength=batch.num_samples)))
-        x = self.embed_patches(batch, visual)  # [n, d]
-        temb, modulation = self.condition_embedder.time(batch.timesteps[visual])  # [n, d], [n, 6, d]
-        context = self.embed_context(batch, sample)
-        positions = batch.positions[visual]  # [n, 4]
+        rows = visual_rows(batch, visual, sample)  # n visual rows, packed per sample
+        local = layout.shard_batch(rows)  # this rank's rows; cu_seqlens: the whole (padded) sequence
+        packing = Packing(local.cu_seqlens, tuple(local.cu_seqlens.tolist()))
+        owners = layout.local_sample_index(local)
+        query = Packing(*_bounds(torch.bincount(owners, minlength=local.num_samples)))
+        context = self.embed_context(batch, sample).with_samples(local.num_samples)  # whole on every rank
+        x = self.embed_patches(local)  # [n_local, d]
+        temb, modulation = self.condition_embedder.time(local.timesteps)  # [n_local, d], [n_local, 6, d]
+        x, modulation = layout.enter_blocks(x, modulation)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, modulation, positions, packing, context, use_reentrant=False)
+                x = checkpoint(
+                    block, x, modulation, local.positions, packing, query, context, use_reentrant=False
+                )
             else:
-                x = block(x, modulation, positions, packing, context)
-        out = self.head(x, temb)
+                x = block(x, modulation, local.positions, packing, query, context)
+        out = layout.gather_output(self.head(layout.exit_blocks(x), temb), rows)  # [n, ·]
         full = out.new_zeros(batch.is_text.shape[0], out.shape[1])
         return full.index_put((visual.nonzero().squeeze(1),), out)
+
+
+def visual_rows(batch: PackedBatch, visual: torch.Tensor, sample: torch.Tensor) -> PackedBatch:
+    """The visual rows of ``batch`` as a packed batch of their own: ``cu_seqlens`` counts them per sample."""
+    cu_seqlens, _ = _bounds(torch.bincount(sample[visual], minlength=batch.num_samples))
+    return batch.replace(**batch.map_tokens(lambda tensor: tensor[visual]), cu_seqlens=cu_seqlens, spans=[])
 
 
 def build_wan(cfg: Any, device: torch.device | str | None = None) -> WanTransformer:
