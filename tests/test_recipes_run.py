@@ -45,6 +45,13 @@ def data_overrides(name: str, root: Path) -> list[str]:
             subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(pairs), "--tasks", "edit_pair",
                             "--samples", "12", "--no-progress"], cwd=REPO, check=True)  # fmt: skip
         return [f"data.shards={root}/all/train-*.tar", f"stages.dpo.data.shards={pairs}/train-*.tar"]
+    if name == "imontage_wan2.1_1.3b":  # latent shards of tiny random encoders, a tiny Wan, one process
+        from latent_shards import TEXT_DIM, write_latent_shards
+
+        latents = root / "latents"
+        spec = write_latent_shards(latents) if not latents.exists() else str(latents / "latents/pixels-*.tar")
+        return [f"data.shards={spec}", "model=wan_tiny", f"model.text_dim={TEXT_DIM}", "parallel=single",
+                "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
     raise AssertionError(f"configs/recipes/{name}.yaml: tell tests/test_recipes_run.py where its data is")
 
 

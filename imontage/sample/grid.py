@@ -14,7 +14,14 @@ SEPARATOR = 12  # pixels between the column groups
 
 
 def to_frames(x: torch.Tensor) -> list[np.ndarray]:
-    """``[3, T, H, W]`` in [-1, 1] -> T frames ``[H, W, 3]`` uint8."""
+    """``[3, T, H, W]`` in [-1, 1] -> T frames ``[H, W, 3]`` uint8.
+
+    A latent segment (other than 3 channels) is previewed by its first three channels (the first
+    repeated when it has fewer): normalised latents have unit scale, so [-1, 1] shows their
+    structure. ``imontage-sample --vae`` decodes them to real pixels.
+    """
+    if x.shape[0] != 3:
+        x = x[[0, 1, 2] if x.shape[0] >= 3 else [0, 0, 0]]
     pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [pixels[:, i].permute(1, 2, 0).numpy() for i in range(pixels.shape[1])]
 
