@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_imagic_config(args.config, [*args.overrides, *etas])
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, spec = load_model(checkpoint, cfg.use_ema, resolve_device(args.device))
+        if not isinstance(model, DiT):  # Imagic optimises the DiT's own text path, on pixels
+            raise ValueError(
+                f"{checkpoint}: Imagic edits with dit-family models; this one is {type(model).__name__}"
+            )
         image = read_image(args.image, spec, cfg.image_size)
         target = read_target(model, spec, args.text, args.text_embedding)
     except (OSError, KeyError, ValueError, RuntimeError) as error:

@@ -529,7 +529,8 @@ class DeepSpeedBackend:
         from imontage.models import build_model
 
         order = {
-            name: i for i, (name, _) in enumerate(build_model(self.cfg.model, device="meta").named_parameters())
+            name: i
+            for i, (name, _) in enumerate(build_model(self.cfg.model, device="meta").named_parameters())
         }
         moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
 
