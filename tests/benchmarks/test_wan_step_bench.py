@@ -1,0 +1,287 @@
+"""Training-step benchmark: imontage's Wan against diffusers' ``WanTransformer3DModel``, same weights.
+
+    pytest tests/benchmarks/test_wan_step_bench.py -m benchmark -s [--bench-size small|full]
+        [--bench-shapes 16k,32k] [--bench-repeats 10] [--bench-csv runs/bench]
+
+Both models are built from one config, diffusers' with its default random init and imontage's
+loaded from diffusers' ``state_dict()`` by name (strict). A step is forward and backward of the same
+loss, the mean square of the output over the target (video) rows; no optimiser. Both get the same
+single sample (one clip and its text): imontage packed, diffusers as ``[1, C, T, H, W]`` with the
+text zero-padded to ``text_len`` as its pipeline does. The two steps alternate over the repeats after
+warm-up steps; times are medians, ``ratio`` = imontage / diffusers (below 1: imontage is faster).
+
+``full`` (the default on CUDA): ``wan2.1_t2v_1.3b`` with bf16 weights (random; diffusers keeps the
+modules it lists in ``_keep_in_fp32_modules`` in fp32, as its ``from_pretrained`` does), one
+512×512 clip of 16 or 32 latent frames: 16,384 or 32,768 video tokens, 64 text tokens padded to 512. The 32k case
+runs both models with activation checkpointing (``checkpointing`` column): without it the saved
+activations of 30 layers may not fit beside two models and their gradients.
+``small`` (the default on CPU): ``wan_tiny`` in fp32 at 512 and 1,024 video tokens, single-threaded
+(the cases keep the names ``16k``/``32k``) — it checks the harness, not any GPU.
+
+Model FLOPs count the matmuls a step must do, ``3 ×`` the forward's: ``2 ×`` each linear weight per
+token it sees (video tokens; the text embedder and the cross-attention's k/v on the padded text;
+the time embedding once per sample) plus, per block, ``4·d·L²`` for self-attention and
+``4·d·L·text_len`` for cross-attention. Recomputation under checkpointing is not counted. MFU as in
+``test_train_step_bench.py`` (dense bf16 peak by device name, or ``IMONTAGE_PEAK_TFLOPS``).
+Nothing here asserts on time: only that both models give the same output and the figures are finite.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from imontage.config.schema import ModelConfig
+from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples, unpatchify_segments
+from imontage.models.dit.attention import resolve_backend
+from imontage.models.wan import WanTransformer, build_wan
+
+from .test_train_step_bench import REPO, peak_flops, synchronize
+
+pytestmark = pytest.mark.benchmark
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    frames: int  # latent frames
+    latent_hw: int
+    text_tokens: int
+    checkpointing: bool = False
+
+
+FULL = [
+    Case("16k", "wan2.1_t2v_1.3b", 16, 64, 64),
+    Case("32k", "wan2.1_t2v_1.3b", 32, 64, 64, checkpointing=True),
+]
+SMALL = [Case("16k", "wan_tiny", 2, 32, 8), Case("32k", "wan_tiny", 4, 32, 8)]
+
+
+def model_config(name: str) -> ModelConfig:
+    return OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / f"configs/model/{name}.yaml")
+    )
+
+
+def diffusers_model(cfg: ModelConfig) -> Any:
+    """diffusers' ``WanTransformer3DModel`` of the same shape as ``cfg``'s imontage model."""
+    from diffusers import WanTransformer3DModel
+
+    wan = cfg.wan
+    return WanTransformer3DModel(
+        patch_size=tuple(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels,
+        out_channels=wan.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=wan.freq_dim,
+        ffn_dim=cfg.mlp_hidden_size,
+        num_layers=cfg.depth,
+        cross_attn_norm=wan.cross_attn_norm,
+        eps=wan.eps,
+        image_dim=wan.image_dim or None,
+        added_kv_proj_dim=wan.added_kv_proj_dim or None,
+        rope_max_seq_len=wan.rope_max_seq_len,
+    )
+
+
+@dataclass
+class Inputs:
+    """One sample for both models: imontage's packed batch and diffusers' keyword arguments."""
+
+    batch: Any  # PackedBatch
+    diffusers: dict[str, torch.Tensor]
+    video_tokens: int
+    text_tokens: int  # what the cross-attention attends to: text_len (padded) or the text itself
+
+
+def make_inputs(cfg: ModelConfig, case: Case, device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(cfg.in_channels, case.frames, case.latent_hw, case.latent_hw, generator=g)
+    text = torch.randn(case.text_tokens, cfg.text_dim, generator=g)
+    t = 0.5  # one timestep for the sample, as Wan 2.1 trains
+    batch = pack_samples(
+        [Sample([Segment("text", data=text), Segment("video", "target", clip)])],
+        PackingSpec.from_model_config(cfg),
+    )
+    batch = batch.replace(timesteps=torch.where(batch.is_text, 0.0, t)).to(device)
+    text_len = int(cfg.wan.text_len) or case.text_tokens
+    padded = torch.cat([text, text.new_zeros(text_len - case.text_tokens, cfg.text_dim)])
+    reference = {
+        "hidden_states": clip[None].to(device, dtype),  # [1, C, T, H, W]
+        "timestep": torch.tensor([1000.0 * t], device=device),
+        "encoder_hidden_states": padded[None].to(device, dtype),  # [1, text_len, E]
+    }
+    pt, ph, pw = cfg.patch_size
+    video = case.frames // pt * (case.latent_hw // ph) * (case.latent_hw // pw)
+    return Inputs(batch, reference, video, text_len)
+
+
+def model_flops(model: WanTransformer, inputs: Inputs) -> float:
+    """Matmul FLOPs of one forward and backward (module docstring); one sample."""
+    video, text = inputs.video_tokens, inputs.text_tokens
+    text_weights = ("condition_embedder.text_embedder.", ".attn2.to_k.", ".attn2.to_v.")
+
+    def tokens_through(name: str) -> int:
+        key = f".{name}."
+        if any(part in key for part in text_weights):
+            return text
+        return 1 if ".condition_embedder.time_" in key else video  # the time embedding: per sample
+
+    per_step = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+            per_step += 2.0 * module.weight.numel() * tokens_through(name)
+    width = model.patch_embedding.weight.shape[0]
+    per_step += len(model.blocks) * 4.0 * width * (video**2 + video * text)
+    return 3.0 * per_step
+
+
+def steps(model: WanTransformer, reference: Any, inputs: Inputs) -> dict[str, Any]:
+    """One training step per model: each returns its output ``[C, T, H, W]`` (detached) and loss."""
+    batch, target = inputs.batch, ~inputs.batch.is_text
+
+    def imontage_step() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(batch)  # [N, C·pt·ph·pw]; text rows are zero
+        loss = out[target].float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return unpatchify_segments(out.detach(), batch, model.patch_size)[0][1], loss.detach()
+
+    def diffusers_step() -> tuple[torch.Tensor, torch.Tensor]:
+        out = reference(**inputs.diffusers, return_dict=False)[0]  # [1, C, T, H, W]
+        loss = out.float().square().mean()
+        loss.backward()
+        reference.zero_grad(set_to_none=True)
+        return out.detach()[0], loss.detach()
+
+    return {"imontage": imontage_step, "diffusers": diffusers_step}
+
+
+def to_bf16(reference: Any) -> Any:
+    """diffusers' model in bf16 as ``from_pretrained(torch_dtype=torch.bfloat16)`` loads it: the modules
+    it names in ``_keep_in_fp32_modules`` (time embedder, norms, modulation tables) stay fp32.
+
+    imontage's model is cast whole (it runs norms and modulation in fp32 itself); it cannot take this
+    mixed layout: its ``time_proj`` would get the fp32 time embedding.
+    """
+    keep = set(reference._keep_in_fp32_modules or ())
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if not keep.intersection(name.split(".")):
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return reference
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
+    cfg = model_config(case.model)
+    bf16 = dtype == torch.bfloat16
+    torch.manual_seed(0)
+    reference = diffusers_model(cfg)
+    model = build_wan(cfg)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    reference, model = to_bf16(reference) if bf16 else reference, model.to(dtype)
+    reference, model = reference.to(device).train(), model.to(device).train()
+    if case.checkpointing:
+        model.gradient_checkpointing = True
+        reference.enable_gradient_checkpointing()
+    inputs = make_inputs(cfg, case, device, dtype)
+    step = steps(model, reference, inputs)
+
+    times: dict[str, list[float]] = {name: [] for name in step}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    peak_memory = dict.fromkeys(step, "")  # GiB allocated at the step's peak (both models resident)
+    for index in range(warmup + repeats):
+        for name, fn in step.items():  # alternate: drift in the machine's speed hits both alike
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            result = fn()
+            synchronize(device)
+            if index == 0:
+                results[name] = result
+                if device.type == "cuda":
+                    peak_memory[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+            elif index >= warmup:
+                times[name].append(time.perf_counter() - started)
+
+    (ours, our_loss), (theirs, their_loss) = results["imontage"], results["diffusers"]
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    flops, peak = model_flops(model, inputs), peak_flops(device)
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return {
+        "case": case.name, "model": case.model, "video_tokens": inputs.video_tokens,
+        "text_tokens": inputs.text_tokens,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": "bf16" if bf16 else "fp32", "checkpointing": case.checkpointing,
+        "attention": resolve_backend(str(cfg.attention_backend), probe),
+        "imontage_s": round(seconds["imontage"], 4), "diffusers_s": round(seconds["diffusers"], 4),
+        "ratio": round(seconds["imontage"] / seconds["diffusers"], 3),
+        "imontage_tok_s": round(inputs.video_tokens / seconds["imontage"], 1),
+        "diffusers_tok_s": round(inputs.video_tokens / seconds["diffusers"], 1),
+        "tflop_step": float(f"{flops / 1e12:.4g}"),
+        "imontage_mfu": "" if peak is None else round(flops / seconds["imontage"] / peak, 4),
+        "diffusers_mfu": "" if peak is None else round(flops / seconds["diffusers"] / peak, 4),
+        "imontage_gib": peak_memory["imontage"], "diffusers_gib": peak_memory["diffusers"],
+        "out_rel_diff": float(f"{relative_difference(ours, theirs):.3g}"),
+        "loss_rel_diff": float(f"{abs(float(our_loss) / float(their_loss) - 1):.3g}"),
+    }  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    widths = {key: max(len(key), *(len(str(row[key])) for row in rows)) for key in rows[0]}
+    print()
+    print("  ".join(key.rjust(width) for key, width in widths.items()))
+    for row in rows:
+        print("  ".join(str(row[key]).rjust(width) for key, width in widths.items()))
+
+
+def test_wan_step_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        # One intra-op thread: on a small shared VM, waking a second one costs milliseconds at random.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+    full = bench_options["size"] == "full"
+    cases = [
+        c
+        for c in (FULL if full else SMALL)
+        if not bench_options["shapes"] or c.name in bench_options["shapes"]
+    ]
+    repeats = bench_options["repeats"] or (10 if full else 5)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for case in cases:
+        rows.append(time_case(case, device, dtype, repeats))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the case's models are gone: give the next its memory
+    path = Path(bench_options["csv_dir"]) / "wan_step.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print_table(rows)
+    print(f"written: {path}")
+    # The comparison is fair only if both compute the same thing: fp32 to rounding, bf16 loosely.
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    for row in rows:
+        assert row["out_rel_diff"] < tolerance and row["loss_rel_diff"] < tolerance, row
+        figures = [row[k] for k in ("imontage_s", "diffusers_s", "ratio", "tflop_step")]
+        assert all(math.isfinite(x) and x > 0 for x in figures), row
