@@ -446,36 +446,81 @@ def test_imontage_hunyuan_video_round_trips_bit_for_bit(tmp_path: Path) -> None:
     assert loaded.config["num_single_layers"] == 1
 
 
+RECIPE = REPO / "configs/recipes/quickstart.yaml"
+
+
+def folder_training_overrides(folder: Path, shards: str, run_dir: Path, layout: str) -> list[str]:
+    """quickstart on the tiny Wan of ``folder``, 3 steps of one sample each, under ``layout``."""
+    from latent_shards import TEXT_DIM
+
+    return ["model=wan_tiny", "model.prediction=velocity", f"model.text_dim={TEXT_DIM}", f"data.shards={shards}",
+            "data.text_embeddings=true", "data.batch_size=1", "data.max_tokens=0", "data.shuffle_buffer=0",
+            "train.progress=false", "train.sample.every=0", "train.checkpoint.every=0",
+            f"parallel={layout}", "parallel.device=cpu", f"run_dir={run_dir}",
+            "stages=[{name: sft, objective: flow_matching, steps: 3}]", f"model.init_from_diffusers={folder}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wan_training_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from latent_shards import TEXT_DIM
+
+    return wan_tiny_folder(tmp_path_factory.mktemp("wan") / "transformer", text_dim=TEXT_DIM)[0]
+
+
+@pytest.fixture(scope="module")
+def one_process_folder_losses(
+    tmp_path_factory: pytest.TempPathFactory, wan_training_folder: Path, latent_shards: str
+) -> list[float]:
+    """The reference of every DP=1 layout: the same recipe on one process (engine local)."""
+    from imontage.config import load_recipe
+    from imontage.train.logger import read_metrics
+    from imontage.train.trainer import train
+
+    where = tmp_path_factory.mktemp("single") / "run"
+    overrides = folder_training_overrides(wan_training_folder, latent_shards, where, "single")
+    return [r["loss"] for r in read_metrics(train(load_recipe(RECIPE, overrides)))]
+
+
 def init_from_diffusers_on_zero3(
     rank: int, world_size: int, overrides: list[str], folder: str
 ) -> list[float]:
+    """Check that this rank's parameters (its TP slices) are the folder's tensors, then train."""
     import deepspeed
+    from megatron.core import parallel_state
 
     from imontage.config import load_recipe
+    from imontage.parallel.parallelize import tensor_split
     from imontage.train.logger import read_metrics
     from imontage.train.trainer import Trainer
 
     expected = stored_tensors(Path(folder))
-    trainer = Trainer(load_recipe(REPO / "configs/recipes/quickstart.yaml", overrides))
+    trainer = Trainer(load_recipe(RECIPE, overrides))
     trainer.maybe_resume()
     trainer.start_stage(trainer.stages[0])
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in trainer.backend.engine.module.named_parameters():
+        split = tensor_split(name)
+        full = expected[name].float()
+        want = split.shard(full, tp_rank, tp_size) if split is not None else full
         with deepspeed.zero.GatheredParameters([param]):
-            assert torch.equal(param.detach(), expected[name].float()), f"rank {rank}: {name}"
+            assert torch.equal(param.detach(), want), f"rank {rank}: {name}"
     trainer.loader.close()
     trainer.fit()
     return [r["loss"] for r in read_metrics(trainer.run_dir)] if rank == 0 else []
 
 
-def test_zero3_ranks_start_from_a_diffusers_folder(tmp_path: Path, latent_shards: str) -> None:
+@pytest.mark.parametrize("layout", ["zero3_dp2", "tp2", "tp2_sp", "ulysses2"])
+def test_zero3_ranks_start_from_a_diffusers_folder(
+    tmp_path: Path, latent_shards: str, wan_training_folder: Path, one_process_folder_losses, layout: str
+) -> None:
+    """Every rank starts from the folder's tensors (its slice under TP); with DP=1 (TP=2, TP=2+SP,
+    Ulysses=2) both ranks read the one process's batches and draw its noise, so each step's loss
+    is the one process's. DP=2 ranks read their own batches and noise: no reference to equal."""
     from distributed import run_ranks
-    from latent_shards import TEXT_DIM
 
-    folder, _ = wan_tiny_folder(tmp_path / "transformer", text_dim=TEXT_DIM)
-    overrides = ["model=wan_tiny", "model.prediction=velocity", f"model.text_dim={TEXT_DIM}", f"data.shards={latent_shards}",
-                 "data.text_embeddings=true", "data.batch_size=1", "data.max_tokens=0", "data.shuffle_buffer=0",
-                 "train.progress=false", "train.sample.every=0", "train.checkpoint.every=0",
-                 "parallel=zero3_dp2", "parallel.device=cpu", f"run_dir={tmp_path / 'run'}",
-                 "stages=[{name: sft, objective: flow_matching, steps: 2}]", f"model.init_from_diffusers={folder}"]  # fmt: skip
-    losses = run_ranks(init_from_diffusers_on_zero3, 2, overrides, str(folder), timeout=300)[0]
-    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    overrides = folder_training_overrides(wan_training_folder, latent_shards, tmp_path / "run", layout)
+    losses = run_ranks(init_from_diffusers_on_zero3, 2, overrides, str(wan_training_folder), timeout=300)[0]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    if layout != "zero3_dp2":
+        assert losses == pytest.approx(one_process_folder_losses, rel=1e-4)
