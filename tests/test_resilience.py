@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -23,7 +22,7 @@ from imontage.train.resilience import (
     StopSignals,
     agree_to_stop,
     max_requeues,
-    requeue_job,
+    requeue_verdict,
     set_collective_timeout,
 )
 
@@ -64,6 +63,20 @@ def test_a_real_signal_sets_the_flag_and_the_previous_handler_comes_back() -> No
         signal.signal(signal.SIGUSR2, original)
 
 
+def test_a_leaving_rank_ignores_the_stop_signals_after_uninstall() -> None:
+    """srun's SIGTERM to the ranks still exiting must not kill them (their exit code is the verdict)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        with StopSignals(["SIGUSR2", "SIGTERM"]) as stop:
+            stop.ignore_until_exit()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in before)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest if it were not ignored
+        time.sleep(0.01)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_stop_signals_refuse_bad_names_and_double_install() -> None:
     with pytest.raises(ValueError, match="'SIGNOPE' is not a signal name"):
         StopSignals(["SIGNOPE"])
@@ -95,69 +108,25 @@ def test_agree_to_stop_without_a_process_group_is_the_local_flag() -> None:
 # ---------------------------------------------------------------------------------------------- requeue
 
 
-class FakeScontrol:
-    def __init__(self, returncode: int = 0, stderr: str = "", raises: BaseException | None = None) -> None:
-        self.calls: list[tuple[list[str], float]] = []
-        self.returncode, self.stderr, self.raises = returncode, stderr, raises
-
-    def __call__(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        self.calls.append((args, timeout))
-        if self.raises is not None:
-            raise self.raises
-        return subprocess.CompletedProcess(args, self.returncode, stdout="", stderr=self.stderr)
-
-
 JOB = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1", "IMONTAGE_MAX_REQUEUES": "3"}
 
 
-def test_rank_0_requeues_with_an_argument_list_and_a_timeout() -> None:
-    scontrol = FakeScontrol()
-    result = requeue_job(0, JOB, scontrol, timeout_s=12.0)
-    assert scontrol.calls == [(["scontrol", "requeue", "4242"], 12.0)]
-    assert result.outcome is RequeueOutcome.REQUEUED and result.exit_code is ExitCode.REQUEUED
-    assert "restart count 1" in result.detail
-
-
-def test_other_ranks_leave_the_requeue_to_rank_0() -> None:
-    scontrol = FakeScontrol()
-    result = requeue_job(3, JOB, scontrol)
-    assert scontrol.calls == [] and result.outcome is RequeueOutcome.LEFT_TO_RANK_0
-    assert result.exit_code is ExitCode.REQUEUED
+def test_a_job_under_its_limit_asks_the_job_script_to_requeue() -> None:
+    result = requeue_verdict(JOB)
+    assert result.outcome is RequeueOutcome.REQUESTED and result.exit_code is ExitCode.REQUEUED
+    assert "requeued by the job script" in result.detail and "restart count 1" in result.detail
 
 
 @pytest.mark.parametrize("restarts", ["3", "7"])
-def test_the_requeue_limit_is_respected_on_every_rank(restarts: str) -> None:
-    for rank in (0, 1):
-        scontrol = FakeScontrol()
-        result = requeue_job(rank, {**JOB, "SLURM_RESTART_COUNT": restarts}, scontrol)
-        assert scontrol.calls == [] and result.outcome is RequeueOutcome.LIMIT_REACHED
-        assert result.exit_code is ExitCode.STOPPED
-        assert f"restart count {restarts}" in result.detail and "IMONTAGE_MAX_REQUEUES=3" in result.detail
+def test_the_requeue_limit_is_respected(restarts: str) -> None:
+    result = requeue_verdict({**JOB, "SLURM_RESTART_COUNT": restarts})
+    assert result.outcome is RequeueOutcome.LIMIT_REACHED and result.exit_code is ExitCode.STOPPED
+    assert f"restart count {restarts}" in result.detail and "IMONTAGE_MAX_REQUEUES=3" in result.detail
 
 
-def test_outside_slurm_nothing_is_run() -> None:
-    scontrol = FakeScontrol()
-    result = requeue_job(0, {}, scontrol)
-    assert scontrol.calls == [] and result.outcome is RequeueOutcome.NOT_SLURM
-    assert result.exit_code is ExitCode.STOPPED
-
-
-@pytest.mark.parametrize(
-    ("scontrol", "reported"),
-    [
-        (
-            FakeScontrol(1, "slurm_requeue error: Requested operation is presently disabled\n"),
-            "presently disabled",
-        ),
-        (FakeScontrol(raises=subprocess.TimeoutExpired(["scontrol"], 5.0)), "no answer in 60 s"),
-        (FakeScontrol(raises=FileNotFoundError(2, "No such file or directory", "scontrol")), "No such file"),
-    ],
-    ids=["stderr", "timeout", "missing"],
-)
-def test_a_failed_scontrol_is_reported(scontrol: FakeScontrol, reported: str) -> None:
-    result = requeue_job(0, JOB, scontrol)
-    assert result.outcome is RequeueOutcome.SCONTROL_FAILED and result.exit_code is ExitCode.STOPPED
-    assert "scontrol requeue 4242" in result.detail and reported in result.detail
+def test_outside_slurm_nothing_is_requeued() -> None:
+    result = requeue_verdict({})
+    assert result.outcome is RequeueOutcome.NOT_SLURM and result.exit_code is ExitCode.STOPPED
 
 
 def test_the_requeue_limit_comes_from_the_environment() -> None:
@@ -165,22 +134,9 @@ def test_the_requeue_limit_comes_from_the_environment() -> None:
     assert max_requeues({"IMONTAGE_MAX_REQUEUES": "0"}) == 0
     with pytest.raises(ValueError, match="IMONTAGE_MAX_REQUEUES='many' is not an integer"):
         max_requeues({"IMONTAGE_MAX_REQUEUES": "many"})
-    assert requeue_job(0, {**JOB, "SLURM_RESTART_COUNT": "0", "IMONTAGE_MAX_REQUEUES": "0"}).outcome is (
+    assert requeue_verdict({**JOB, "SLURM_RESTART_COUNT": "0", "IMONTAGE_MAX_REQUEUES": "0"}).outcome is (
         RequeueOutcome.LIMIT_REACHED
     )
-
-
-def test_the_real_runner_gets_an_argument_list(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default runner executes `scontrol` from PATH without a shell: a fake one records its argv."""
-    record = tmp_path / "argv"
-    fake = tmp_path / "scontrol"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\necho "denied" >&2\nexit 1\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    result = requeue_job(0, {**JOB, "SLURM_JOB_ID": "77; touch pwned"})
-    assert record.read_text().splitlines() == ["requeue", "77; touch pwned"]
-    assert result.outcome is RequeueOutcome.SCONTROL_FAILED and "exit status 1: denied" in result.detail
-    assert not (tmp_path / "pwned").exists()
 
 
 # ----------------------------------------------------------------------------------- numerical faults

@@ -69,6 +69,35 @@ def test_other_values_are_quoted_and_reach_the_trainer_verbatim(value: str, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize(
+    ("trainer_status", "scontrol_status", "script_status", "requeued"),
+    [(75, 0, 0, True), (75, 1, 75, False), (76, 0, 76, False), (0, 0, 0, False), (1, 0, 1, False)],
+    ids=["requeue", "requeue-fails", "stopped", "done", "failed"],
+)
+def test_the_job_script_requeues_after_srun_returns_75(
+    nodes: int, trainer_status: int, scontrol_status: int, script_status: int, requeued: bool, tmp_path: Path
+) -> None:
+    """Only the job script runs `scontrol requeue`, and only once srun (every task) has exited 75."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "srun", f"#!/bin/sh\necho srun >> {calls}\nexit {trainer_status}\n")
+    executable(
+        bin_dir / "scontrol",
+        f'#!/bin/sh\n[ "$1" = show ] && echo node1 && exit 0\necho "scontrol $*" >> {calls}\nexit {scontrol_status}\n',
+    )
+    script = tmp_path / "job.sh"
+    script.write_text(render(JobSpec(recipe="r.yaml", nodes=nodes, log_dir=str(tmp_path))))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node1"}  # fmt: skip
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == script_status, done.stdout + done.stderr
+    expected = ["srun", "scontrol requeue 7"] if trainer_status == 75 else ["srun"]
+    assert calls.read_text().splitlines() == expected
+    assert ("job 7 requeued" in done.stdout) is requeued
+
+
 def test_render_checks_numbers_and_names() -> None:
     with pytest.raises(SubmitError, match="--nodes: 0"):
         render(JobSpec(recipe="r.yaml", nodes=0))
@@ -152,13 +181,27 @@ def wait_for_step(run_dir: Path, step: int, job: str, env: dict[str, str], timeo
     raise TimeoutError(f"job {job} did not reach step {step} within {timeout:.0f} s")
 
 
+REQUEUE_RELEASE_DELAY_S = 3  # > 1 s: the requeued run's credential must be newer than the revocation
+
+
 def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> None:
-    """SLURM holds a requeued job (Reason=BeginTime) for minutes; the test makes it eligible now."""
+    """SLURM holds a requeued job (Reason=BeginTime) for minutes; the test makes it eligible sooner.
+
+    Not at once: slurmd refuses a launch whose credential is not newer, in whole seconds, than the
+    revocation of the job's previous run (``cred->ctime <= revoked``: "Job credential revoked",
+    "Killing non-startable batch JobId" in slurmctld.log), so a job released at once was at times
+    started within that second and ended FAILED. A few seconds on, the new credential is newer.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if job_field(job, env, "Restarts") == "1" and job_field(job, env, "JobState") == "PENDING":
             if job_field(job, env, "Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+                start = time.strftime(
+                    "%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + REQUEUE_RELEASE_DELAY_S)
+                )
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True
+                )
             return
         time.sleep(0.5)
     raise TimeoutError(f"job {job} was not requeued within {timeout:.0f} s")

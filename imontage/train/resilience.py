@@ -6,7 +6,7 @@ The trainer uses these pieces at the end of every optimiser step, in this order:
     if check.skip: ...                                # drop the step's gradients on every rank
     spike = spikes.observe(step, mean_loss)           # local; the loss every rank logs
     if agree_to_stop(signals.requested):              # collective: a signal on any rank stops all
-        save a checkpoint; result = requeue_job(rank); exit with result.exit_code
+        save a checkpoint; exit with requeue_verdict().exit_code    # the job script requeues on 75
 
 Every decision that changes what ranks do next is taken collectively, so that no rank leaves a
 collective the others are still in. Nothing here logs: each function returns what happened and
@@ -19,9 +19,8 @@ import enum
 import math
 import os
 import signal
-import subprocess
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -35,15 +34,14 @@ from torch.distributed import distributed_c10d
 class ExitCode(enum.IntEnum):
     """Exit status of a trainer process that stopped on purpose, for job scripts and wrappers."""
 
-    REQUEUED = 75  # stopped on a signal after a checkpoint; the job is requeued (sysexits EX_TEMPFAIL)
-    STOPPED = 76  # stopped on a signal after a checkpoint; nobody requeued it (not SLURM, limit, failure)
+    REQUEUED = 75  # stopped on a signal after a checkpoint; the job script requeues (sysexits EX_TEMPFAIL)
+    STOPPED = 76  # stopped on a signal after a checkpoint; not to be requeued (not SLURM, limit reached)
     NUMERICAL_FAULT = 77  # non-finite loss or gradients (nonfinite=fail, or too many skips in a row)
 
 
 DEFAULT_STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
 MAX_REQUEUES_ENV = "IMONTAGE_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 3  # tools/submit.py's --max-requeues default, for jobs submitted by hand
-SCONTROL_TIMEOUT_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +92,19 @@ class StopSignals:
         while self._previous:
             sig, previous = self._previous.popitem()
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+    def ignore_until_exit(self) -> None:
+        """Ignores these signals from now on, after :meth:`uninstall` too: the process is leaving.
+
+        After its stop checkpoint a rank exits with an agreed code (:class:`ExitCode`). The first
+        rank to exit makes srun (``--kill-on-bad-exit``) send SIGTERM to the others: dying of it
+        would turn their 75 into "Terminated" and srun's status into 143, which the job script does
+        not requeue. A rank that hangs is still ended by SLURM's SIGKILL, ``KillWait`` later.
+        """
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+            if sig in self._previous:
+                self._previous[sig] = signal.SIG_IGN
 
     def __enter__(self) -> StopSignals:
         return self.install()
@@ -154,30 +165,19 @@ def agree_to_stop(local: bool, device: torch.device | None = None, group: Any = 
 
 
 class RequeueOutcome(enum.Enum):
-    REQUEUED = "requeued"  # rank 0 ran `scontrol requeue` and it succeeded
-    LEFT_TO_RANK_0 = "left to rank 0"  # another rank of a job that rank 0 requeues
+    REQUESTED = "to be requeued"  # exit REQUEUED: the job script requeues once srun has returned
     NOT_SLURM = "not under SLURM"
     LIMIT_REACHED = "requeue limit reached"
-    SCONTROL_FAILED = "scontrol failed"
 
 
 @dataclass(frozen=True)
 class RequeueResult:
     outcome: RequeueOutcome
-    detail: str  # one line for the log: the command, the counts, scontrol's stderr
+    detail: str  # one line for the log: the job, the counts
 
     @property
     def exit_code(self) -> ExitCode:
-        requeued = self.outcome in (RequeueOutcome.REQUEUED, RequeueOutcome.LEFT_TO_RANK_0)
-        return ExitCode.REQUEUED if requeued else ExitCode.STOPPED
-
-
-# (argument list, timeout in seconds) -> the finished process; raises subprocess.TimeoutExpired.
-Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
-
-
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+        return ExitCode.REQUEUED if self.outcome is RequeueOutcome.REQUESTED else ExitCode.STOPPED
 
 
 def max_requeues(environ: Mapping[str, str] | None = None) -> int:
@@ -198,18 +198,16 @@ def max_requeues(environ: Mapping[str, str] | None = None) -> int:
     return limit
 
 
-def requeue_job(
-    rank: int,
-    environ: Mapping[str, str] | None = None,
-    runner: Runner = _run,
-    timeout_s: float = SCONTROL_TIMEOUT_S,
-) -> RequeueResult:
-    """Requeues this SLURM job, from rank 0 only, unless it has been requeued enough times already.
+def requeue_verdict(environ: Mapping[str, str] | None = None) -> RequeueResult:
+    """Whether this SLURM job should be requeued after a stop checkpoint; the trainer exits with its code.
 
-    Call after the stop checkpoint is saved on every rank: ``scontrol requeue`` makes SLURM end the
-    job's processes. ``SLURM_RESTART_COUNT`` (absent on a first run) counts earlier requeues and is
-    compared with :func:`max_requeues`. Every rank takes the same decision from the same job
-    environment; only rank 0 runs ``scontrol``, so other ranks report ``LEFT_TO_RANK_0``.
+    No rank requeues the job itself: ``scontrol requeue`` of a running job makes SLURM kill the
+    job step (SIGTERM to every task and to srun, which then SIGKILLs them), so a rank that ran it
+    raced the other ranks' exit and the batch script's exit status. Instead every rank exits with
+    :attr:`RequeueResult.exit_code` and the job script (``slurm/*.sbatch``) runs ``scontrol
+    requeue`` once srun has returned 75, when no task is left to kill. The verdict depends only on
+    the job's environment, the same in every task: ``SLURM_JOB_ID``, ``SLURM_RESTART_COUNT``
+    (absent on a first run: the number of earlier requeues) against :func:`max_requeues`.
     """
     env = os.environ if environ is None else environ
     job_id = env.get("SLURM_JOB_ID", "")
@@ -223,25 +221,10 @@ def requeue_job(
     counts = f"job {job_id}, restart count {restarts}, {MAX_REQUEUES_ENV}={limit}"
     if restarts >= limit:
         return RequeueResult(RequeueOutcome.LIMIT_REACHED, f"not requeued: {counts}")
-    if rank != 0:
-        return RequeueResult(RequeueOutcome.LEFT_TO_RANK_0, f"rank 0 requeues {counts}")
-    args = ["scontrol", "requeue", job_id]
-    try:
-        done = runner(args, timeout_s)
-    except subprocess.TimeoutExpired:
-        return RequeueResult(
-            RequeueOutcome.SCONTROL_FAILED, f"{' '.join(args)}: no answer in {timeout_s:g} s"
-        )
-    except OSError as error:  # scontrol missing or not executable
-        return RequeueResult(RequeueOutcome.SCONTROL_FAILED, f"{' '.join(args)}: {error}")
-    if done.returncode != 0:
-        stderr = (
-            " | ".join(line for line in (done.stderr or "").splitlines() if line.strip()) or "(no stderr)"
-        )
-        return RequeueResult(
-            RequeueOutcome.SCONTROL_FAILED, f"{' '.join(args)}: exit status {done.returncode}: {stderr}"
-        )
-    return RequeueResult(RequeueOutcome.REQUEUED, f"{' '.join(args)}: requeued ({counts})")
+    return RequeueResult(
+        RequeueOutcome.REQUESTED,
+        f"to be requeued by the job script once every task has exited ({counts})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from imontage.train.resilience import (
     StopSignals,
     agree_to_stop,
     max_requeues,
-    requeue_job,
+    requeue_verdict,
     set_collective_timeout,
 )
 from imontage.train.schedule import learning_rate
@@ -137,35 +137,44 @@ class Trainer:
         """Run (or continue) every stage; returns early once ``train.stop_at_step`` is reached.
 
         On a stop signal (``train.faults.stop_signals``) every rank finishes its step, saves, and
-        :class:`RunStopped` is raised after the SLURM job has been requeued (where it can be).
+        :class:`RunStopped` is raised with the exit code that tells the job script to requeue.
         """
         self.maybe_resume()
-        try:
-            with self.signals:
+        # The handlers stay up to the last barrier: a late signal is one more (ignored) stop request.
+        with self.signals:
+            try:
                 for stage in self.selected_stages():
                     if self.step >= stage.last_step:
                         continue
                     self.start_stage(stage)
                     if not self.run_stage(stage):
                         break
-            if self.preempted:
-                self.requeue()
-        finally:
-            self.logger.close()
-            self.backend.close()
+                if self.preempted:
+                    self.stop_for_requeue()
+            finally:
+                self.logger.close()
+                self.backend.close()
 
     def selected_stages(self) -> list[Stage]:
         """Every stage, or only ``train.only_stage`` (``stage=NAME`` on the command line)."""
         only = self.cfg.train.only_stage
         return [stage for stage in self.stages if not only or stage.name == only]
 
-    def requeue(self) -> None:
-        """After the stop checkpoint: requeue the SLURM job (rank 0) and raise :class:`RunStopped`."""
+    def stop_for_requeue(self) -> None:
+        """After the stop checkpoint: raise :class:`RunStopped` with the job's requeue verdict.
+
+        No rank runs ``scontrol requeue``: the job script does, once srun has returned 75. Every
+        rank leaves through ``backend.close()``'s barrier in :meth:`fit`, its checkpoint complete,
+        with the stop signals ignored, so that each exits with the code itself.
+        """
         received = self.signals.received
-        result = requeue_job(self.backend.rank)
+        result = requeue_verdict()
         where = f"{received.name} received here" if received is not None else "a stop signal on another rank"
-        message = f"stopped after step {self.step} ({where}); {result.detail}"
+        message = (
+            f"stopped after step {self.step} ({where}); {result.detail}; exit status {int(result.exit_code)}"
+        )
         log.warning(message)
+        self.signals.ignore_until_exit()  # srun SIGTERMs the rest once one rank has exited
         raise RunStopped(message, int(result.exit_code))
 
     def run_stage(self, stage: Stage) -> bool:
