@@ -32,7 +32,7 @@ def test_recipe_loads_and_validates(recipe: Path) -> None:
 
 
 # Group files written for one model: they are validated with it (the layout must split its heads).
-COMPANIONS = {"parallel/dit_14b_64gpu": ["model=dit_14b"]}
+COMPANIONS = {"parallel/dit_14b_64gpu": ["model=dit_14b"], "data/latents": ["model.text_encoder=precomputed"]}
 
 
 @pytest.mark.parametrize("group_file", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
