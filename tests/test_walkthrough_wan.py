@@ -14,8 +14,8 @@ from conftest import REPO
 from latent_shards import TEXT_DIM, save_tiny_encoders, write_pixel_shards
 from omegaconf import OmegaConf
 
+from imontage.checkpoint.diffusers import build_diffusers_model
 from imontage.config.schema import ModelConfig
-from imontage.models.wan.diffusers_config import diffusers_config
 
 DOC = REPO / "docs/finetune_wan.md"
 STEPS = 3
@@ -34,12 +34,9 @@ def doc_commands() -> list[str]:
 
 def save_tiny_wan(folder: Path) -> None:
     """A random diffusers WanTransformer3DModel with the config of configs/model/wan_tiny.yaml."""
-    from diffusers import WanTransformer3DModel
-
     preset = OmegaConf.load(REPO / "configs/model/wan_tiny.yaml")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, {"text_dim": TEXT_DIM})
-    config = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
-    WanTransformer3DModel(**config).save_pretrained(folder)
+    build_diffusers_model(cfg).save_pretrained(folder)
 
 
 @pytest.mark.slow

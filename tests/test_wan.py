@@ -19,6 +19,7 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from imontage.checkpoint.diffusers import build_diffusers_model
 from imontage.config import load_recipe
 from imontage.config.schema import ModelConfig
 from imontage.models import build_model
@@ -258,23 +259,8 @@ def test_wrong_weights_do_not_match(pair: tuple) -> None:
 
 def diffusers_count(cfg: Any) -> int:
     """diffusers' own model for a preset, on the meta device."""
-    wan = cfg.wan
     with torch.device("meta"):
-        reference = wan_reference()(
-            patch_size=tuple(cfg.patch_size),
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.hidden_size // cfg.num_heads,
-            in_channels=cfg.in_channels,
-            out_channels=wan.out_channels,
-            text_dim=cfg.text_dim,
-            freq_dim=wan.freq_dim,
-            ffn_dim=cfg.mlp_hidden_size,
-            num_layers=cfg.depth,
-            cross_attn_norm=wan.cross_attn_norm,
-            eps=wan.eps,
-            image_dim=wan.image_dim or None,
-            added_kv_proj_dim=wan.added_kv_proj_dim or None,
-        )
+        reference = build_diffusers_model(cfg)
     return count_parameters(reference)
 
 

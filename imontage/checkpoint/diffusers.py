@@ -55,6 +55,14 @@ def family_module(family: str) -> ModuleType:
     return importlib.import_module(f"imontage.models.{family}.diffusers_config")
 
 
+def build_diffusers_model(model_cfg: Any) -> torch.nn.Module:
+    """diffusers' own class for ``model_cfg`` (a pretrained family's), with its default random
+    weights: the reference that imontage's model is compared with in tests and benchmarks."""
+    config = family_module(str(model_cfg.family)).diffusers_config(model_cfg)
+    cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
+    return cls(**{key: value for key, value in config.items() if not key.startswith("_")})
+
+
 @dataclass
 class DiffusersFolder:
     """A diffusers model folder, its config checked and its tensors located (none read yet)."""

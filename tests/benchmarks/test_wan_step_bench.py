@@ -75,25 +75,9 @@ def model_config(name: str) -> ModelConfig:
 
 def diffusers_model(cfg: ModelConfig) -> Any:
     """diffusers' ``WanTransformer3DModel`` of the same shape as ``cfg``'s imontage model."""
-    from diffusers import WanTransformer3DModel
+    from imontage.checkpoint.diffusers import build_diffusers_model
 
-    wan = cfg.wan
-    return WanTransformer3DModel(
-        patch_size=tuple(cfg.patch_size),
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels,
-        out_channels=wan.out_channels,
-        text_dim=cfg.text_dim,
-        freq_dim=wan.freq_dim,
-        ffn_dim=cfg.mlp_hidden_size,
-        num_layers=cfg.depth,
-        cross_attn_norm=wan.cross_attn_norm,
-        eps=wan.eps,
-        image_dim=wan.image_dim or None,
-        added_kv_proj_dim=wan.added_kv_proj_dim or None,
-        rope_max_seq_len=wan.rope_max_seq_len,
-    )
+    return build_diffusers_model(cfg)
 
 
 @dataclass
