@@ -58,8 +58,9 @@ def family_module(family: str) -> ModuleType:
 def build_diffusers_model(model_cfg: Any) -> torch.nn.Module:
     """diffusers' own class for ``model_cfg`` (a pretrained family's), with its default random
     weights: the reference that imontage's model is compared with in tests and benchmarks."""
-    config = family_module(str(model_cfg.family)).diffusers_config(model_cfg)
-    cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
+    family = str(model_cfg.family)
+    config = family_module(family).diffusers_config(model_cfg)
+    cls = getattr(importlib.import_module("diffusers"), FAMILY_CLASSES[family])
     return cls(**{key: value for key, value in config.items() if not key.startswith("_")})
 
 
