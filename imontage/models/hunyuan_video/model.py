@@ -33,6 +33,7 @@ from imontage.models.dit.attention import varlen_attention
 from imontage.models.dit.model import timestep_frequencies
 from imontage.models.dit.rope import MultiAxisRope
 from imontage.models.dit.sequence import PackedBatch
+from imontage.models.feed_forward import FeedForward
 
 FREQUENCY_DIM = 256
 REFINER_MLP_RATIO = 4.0  # diffusers' HunyuanVideoTokenRefiner keeps its default, whatever mlp_ratio is
@@ -69,28 +70,6 @@ class TimestepTextEmbedding(nn.Module):
         assert self.guidance_embedder is not None
         dtype = self.guidance_embedder.linear_1.weight.dtype
         return self.guidance_embedder(timestep_frequencies(scale, FREQUENCY_DIM).to(dtype))
-
-
-class ProjectIn(nn.Module):
-    """First half of diffusers' ``FeedForward``: a linear and its activation (``net.0.proj``)."""
-
-    def __init__(self, dim: int, hidden: int, activation: str) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)
-        return F.silu(x) if self.activation == "silu" else F.gelu(x, approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu_tanh") -> None:
-        super().__init__()
-        self.net = nn.Sequential(ProjectIn(dim, hidden, activation), nn.Identity(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Modulation(nn.Module):
@@ -206,7 +185,7 @@ class RefinerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm=False)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.ff = FeedForward(hidden_size, int(hidden_size * REFINER_MLP_RATIO), activation="silu")
+        self.ff = FeedForward(hidden_size, int(hidden_size * REFINER_MLP_RATIO), hidden_size, "silu")
         self.norm_out = Modulation(hidden_size, 2)
 
     def forward(
@@ -267,8 +246,8 @@ class DualStreamBlock(nn.Module):
         self.norm1 = Modulation(hidden_size, 6)
         self.norm1_context = Modulation(hidden_size, 6)
         self.attn = Attention(hidden_size, num_heads, qk_norm, added=True)
-        self.ff = FeedForward(hidden_size, mlp_hidden_size)
-        self.ff_context = FeedForward(hidden_size, mlp_hidden_size)
+        self.ff = FeedForward(hidden_size, mlp_hidden_size, hidden_size, "gelu_tanh")
+        self.ff_context = FeedForward(hidden_size, mlp_hidden_size, hidden_size, "gelu_tanh")
 
     def forward(
         self,

@@ -33,6 +33,7 @@ from imontage.models.dit.attention import varlen_attention
 from imontage.models.dit.model import CoreAttention, TokenLayout, timestep_frequencies
 from imontage.models.dit.rope import MultiAxisRope
 from imontage.models.dit.sequence import PackedBatch
+from imontage.models.feed_forward import FeedForward
 
 
 def _bounds(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -98,34 +99,6 @@ def layer_norm_fp32(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps)
 
 
-class GeluProjection(nn.Module):
-    """diffusers' ``GELU`` activation module: a linear, then GELU (exact or tanh)."""
-
-    def __init__(self, dim_in: int, dim_out: int, approximate: str) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
-
-
-class FeedForward(nn.Module):
-    """Linear-GELU-Linear named as diffusers' ``FeedForward`` (``net.0.proj``, ``net.2``)."""
-
-    def __init__(self, dim: int, inner_dim: int, dim_out: int, approximate: str) -> None:
-        super().__init__()
-        # Index 1 is diffusers' (parameter-free) dropout: kept so that the names line up.
-        self.net = nn.ModuleList(
-            [GeluProjection(dim, inner_dim, approximate), nn.Identity(), nn.Linear(inner_dim, dim_out)]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class TwoLayerMlp(nn.Module):
     """``linear_1``, activation, ``linear_2`` (diffusers' ``TimestepEmbedding`` and text projection)."""
 
@@ -145,7 +118,7 @@ class ImageEmbedder(nn.Module):
     def __init__(self, image_dim: int, dim: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(image_dim)
-        self.ff = FeedForward(image_dim, image_dim, dim, approximate="none")
+        self.ff = FeedForward(image_dim, image_dim, dim, "gelu")
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +225,7 @@ class WanBlock(nn.Module):
         self.attn1 = WanAttention(dim, heads, eps, 0, backend)
         self.attn2 = WanAttention(dim, heads, eps, int(wan.added_kv_proj_dim), backend)
         self.norm2 = nn.LayerNorm(dim, eps=eps) if bool(wan.cross_attn_norm) else nn.Identity()
-        self.ffn = FeedForward(dim, int(cfg.mlp_hidden_size), dim, approximate="tanh")
+        self.ffn = FeedForward(dim, int(cfg.mlp_hidden_size), dim, "gelu_tanh")
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
