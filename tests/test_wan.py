@@ -302,10 +302,9 @@ def test_tiny_preset_builds_and_runs() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("pair", [VARIANTS[2]], indirect=True, ids=["i2v"])  # I2V runs every path
 def test_gradient_checkpointing_gives_the_same_gradients(pair: tuple) -> None:
     variant, _, model = pair
-    if not variant.i2v:
-        pytest.skip("the I2V model runs every path")
     gen = torch.Generator().manual_seed(6)
     cases = [make_case(gen, shape, 4, variant.i2v, per_token=True) for shape in ((1, 4, 4), (2, 2, 4))]
     batch = pack(cases, model)
@@ -325,10 +324,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair: tuple) -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
+# Only a text_len above 0 and below the packing's 512 can be exceeded.
+@pytest.mark.parametrize("pair", [VARIANTS[1]], indirect=True, ids=["t2v_padded"])
 def test_more_text_than_text_len_is_an_error(pair: tuple) -> None:
     variant, _, model = pair
-    if not 0 < variant.text_len < 512:  # 0 keeps every text token; packing already truncates to 512
-        pytest.skip("only a text_len below the packing's 512 can be exceeded")
     case = make_case(torch.Generator().manual_seed(7), (1, 2, 2), variant.text_len + 1, variant.i2v, False)
     with pytest.raises(ValueError, match="text_len"):
         model(pack([case], model))
@@ -358,10 +357,9 @@ def test_cross_attention_with_its_own_key_packing_equals_masked_attention() -> N
     torch.testing.assert_close(self_out, cross_self)
 
 
+@pytest.mark.parametrize("pair", [VARIANTS[2]], indirect=True, ids=["i2v"])  # I2V runs every path
 def test_bf16_runs_close_to_fp32(pair: tuple) -> None:
     variant, _, model = pair
-    if not variant.i2v:
-        pytest.skip("the I2V model runs every path")
     gen = torch.Generator().manual_seed(9)
     batch = pack([make_case(gen, (2, 4, 4), 5, True, per_token=True)], model)
     with torch.no_grad():
