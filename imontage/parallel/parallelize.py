@@ -1,9 +1,11 @@
 """``parallelize_model``: tensor, sequence and Ulysses parallelism applied to a built single-device model.
 
-One entry point for every model family (the DiT, Wan 2.1); ``parallelize_dit`` is the same function
-under the name the trainer calls. A family differs only in its :class:`FamilyPlan`: which block
-weights are cut how (:data:`TENSOR_PARALLEL_SPLITS`, :data:`WAN_TENSOR_PARALLEL_SPLITS`), which
-modules hold the heads and the self-attention, and which whole parameters see part of the work.
+One entry point for every model family (the DiT, Wan 2.1, HunyuanVideo); ``parallelize_dit`` is the
+same function under the name the trainer calls. A family differs only in its :class:`FamilyPlan`:
+for each list of blocks (HunyuanVideo has two), which weights are cut how
+(:data:`TENSOR_PARALLEL_SPLITS`, :data:`WAN_TENSOR_PARALLEL_SPLITS`, :data:`HUNYUAN_DUAL_SPLITS`,
+:data:`HUNYUAN_SINGLE_SPLITS`), which modules hold the heads and the self-attention, and which
+whole parameters see part of the work.
 The layer replacement, the gradient hooks and the token layout (:class:`ShardedTokens`) are shared.
 
 The model is built on one device first, from the seed, so TP=1 and TP=N start from the same
@@ -15,7 +17,11 @@ weights: each rank keeps its slice. Then, in place and in this order (DESIGN.md)
    DiT: ``qkv`` and ``fc1`` column, ``proj`` and ``fc2`` row. Wan: ``attn1``/``attn2`` ``to_q``,
    ``to_k``, ``to_v`` (and I2V's ``add_k_proj``, ``add_v_proj``) and ``ffn.net.0.proj`` column,
    ``to_out.0`` and ``ffn.net.2`` row. Wan's q/k RMSNorms span all heads: their weight is cut like
-   the heads and :class:`HeadShardedRMSNorm` sums the squares over the TP group.
+   the heads and :class:`HeadShardedRMSNorm` sums the squares over the TP group. HunyuanVideo's
+   dual-stream blocks: each stream's q, k, v and first FFN linear column, ``to_out.0``,
+   ``to_add_out`` and the second FFN linears row; single-stream blocks: q, k, v and ``proj_mlp``
+   column, ``proj_out`` row over its joined ``[attention | MLP]`` input (:class:`JoinedInputSplit`).
+   Its token refiner runs whole on every rank.
 2. Sequence parallelism (SP, with TP): between the parallel linears, the residual stream, the
    norms and the modulation live on ``n/TP`` token shards; column-parallel layers all-gather the
    shard, row-parallel ones reduce-scatter back to it. Wan's cross-attention keys and values come
@@ -28,7 +34,10 @@ weights: each rank keeps its slice. Then, in place and in this order (DESIGN.md)
    sequence is padded to a multiple of ``CP·TP`` with one extra masked sequence, so any lengths work.
    Wan shards its visual rows only; its cross-attention runs on the rank's own queries against
    each query's own sample's context (whole on every rank), packed by
-   :meth:`ShardedTokens.local_sample_index`.
+   :meth:`ShardedTokens.local_sample_index`. HunyuanVideo shards its visual and its text stream
+   separately (each padded to the multiple); the all-to-all carries both, and its joint attention
+   puts each sample's rows of both together (``JointPacking``). Under SP its modulation table,
+   whole on every rank, is read by each rank's rows only: its gradient is summed over TP.
 4. Activation checkpointing per block, when asked.
 
 Gradients, after ``backward``:
@@ -56,13 +65,16 @@ from torch.distributed import ProcessGroup
 
 from imontage.models.dit.model import DiT
 from imontage.models.dit.sequence import PackedBatch
-from imontage.models.wan.model import SampleTokenLayout, WanTransformer
+from imontage.models.hunyuan_video.model import HunyuanVideoTransformer
+from imontage.models.token_layout import SampleTokenLayout
+from imontage.models.wan.model import WanTransformer
 from imontage.parallel.collectives import (
     GatherFromSequenceShards,
     HeadsToSequence,
     SequenceToHeads,
     SumOverRanks,
     pad_packed_batch,
+    padded_rows,
 )
 
 
@@ -93,39 +105,88 @@ class TensorSplit:
         return torch.cat([torch.cat([p[i] for p in parts], self.dim) for i in range(self.parts)], self.dim)
 
 
+@dataclass(frozen=True)
+class JoinedInputSplit(TensorSplit):
+    """A row-parallel weight whose input joins two column-parallel outputs: ``[attention | MLP]``.
+
+    HunyuanVideo's single-stream ``proj_out`` ``[d, d + F]`` reads the attention output (``d``
+    features, as wide as its rows) beside the MLP's (``F``): rank r keeps its slice of each, so its
+    columns meet its own heads and its own MLP features.
+    """
+
+    dim: int = 1
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        attention, mlp = full.split([full.shape[0], full.shape[1] - full.shape[0]], dim=1)
+        return torch.cat([TensorSplit(1).shard(part, rank, size) for part in (attention, mlp)], dim=1)
+
+    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        width = shards[0].shape[0] // len(shards)  # each rank's attention columns
+        return torch.cat(
+            [torch.cat([s[:, :width] for s in shards], 1), torch.cat([s[:, width:] for s in shards], 1)], 1
+        )
+
+
+ROWS, COLUMNS = TensorSplit(0), TensorSplit(1)
+
+
+def _linears(splits: dict[str, TensorSplit], cut: TensorSplit, *paths: str) -> dict[str, TensorSplit]:
+    """``splits`` with each linear of ``paths`` cut by ``cut`` (a row cut takes the bias too)."""
+    for path in paths:
+        splits[f"{path}.weight"] = cut
+        if cut.dim == 0:
+            splits[f"{path}.bias"] = cut
+    return splits
+
+
 # Keyed by a block parameter's name inside its block; the rest are whole on every rank.
 TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = {
     "qkv.weight": TensorSplit(0, parts=3),  # [3·H·Dh, d]: output rows
     "qkv.bias": TensorSplit(0, parts=3),
-    "proj.weight": TensorSplit(1),  # [d, H·Dh]: input columns
-    "fc1.weight": TensorSplit(0),  # [F, d]
-    "fc1.bias": TensorSplit(0),
-    "fc2.weight": TensorSplit(1),  # [d, F]
+    "proj.weight": COLUMNS,  # [d, H·Dh]: input columns
+    "fc1.weight": ROWS,  # [F, d]
+    "fc1.bias": ROWS,
+    "fc2.weight": COLUMNS,  # [d, F]
 }
 
 
 def _wan_splits() -> dict[str, TensorSplit]:
-    rows, columns = TensorSplit(0), TensorSplit(1)
     splits: dict[str, TensorSplit] = {}
-    for attention in ("attn1", "attn2"):
-        for linear in ("to_q", "to_k", "to_v"):  # [H·Dh, d]: output rows, head-major
-            splits |= {f"{attention}.{linear}.weight": rows, f"{attention}.{linear}.bias": rows}
-        splits[f"{attention}.to_out.0.weight"] = columns  # [d, H·Dh]
-        splits |= {f"{attention}.norm_q.weight": rows, f"{attention}.norm_k.weight": rows}  # [H·Dh]
-    for linear in ("add_k_proj", "add_v_proj"):  # I2V: the image tokens' keys and values
-        splits |= {f"attn2.{linear}.weight": rows, f"attn2.{linear}.bias": rows}
-    splits["attn2.norm_added_k.weight"] = rows
-    splits |= {"ffn.net.0.proj.weight": rows, "ffn.net.0.proj.bias": rows, "ffn.net.2.weight": columns}
-    return splits
+    for attention in ("attn1", "attn2"):  # to_q, to_k, to_v: [H·Dh, d], output rows head-major
+        _linears(splits, ROWS, *(f"{attention}.{linear}" for linear in ("to_q", "to_k", "to_v")))
+        _linears(splits, COLUMNS, f"{attention}.to_out.0")  # [d, H·Dh]
+        splits |= {f"{attention}.norm_q.weight": ROWS, f"{attention}.norm_k.weight": ROWS}  # [H·Dh]
+    _linears(splits, ROWS, "attn2.add_k_proj", "attn2.add_v_proj")  # I2V: the image tokens' keys, values
+    splits["attn2.norm_added_k.weight"] = ROWS
+    return _linears(_linears(splits, ROWS, "ffn.net.0.proj"), COLUMNS, "ffn.net.2")
 
 
 # Wan 2.1's blocks, by diffusers' parameter names (an I2V block has the add_* entries too).
 WAN_TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = _wan_splits()
 
+# HunyuanVideo's dual-stream blocks (each stream its own linears) and single-stream blocks.
+HUNYUAN_DUAL_SPLITS: dict[str, TensorSplit] = _linears(
+    _linears(
+        {},
+        ROWS,
+        *(f"attn.{linear}" for linear in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
+        "ff.net.0.proj",
+        "ff_context.net.0.proj",
+    ),
+    COLUMNS,
+    "attn.to_out.0",
+    "attn.to_add_out",
+    "ff.net.2",
+    "ff_context.net.2",
+)
+HUNYUAN_SINGLE_SPLITS: dict[str, TensorSplit] = _linears(
+    {"proj_out.weight": JoinedInputSplit()}, ROWS, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"
+)
+
 
 @dataclass(frozen=True)
-class FamilyPlan:
-    """What parallelization needs to know of a family's blocks; every name is inside a block.
+class BlockPlan:
+    """What parallelization needs to know of one kind of block; every name is inside the block.
 
     ``splits``: how each cut weight is cut (a ``Linear`` cut along dim 0 becomes column parallel,
     along dim 1 row parallel; an ``RMSNorm`` weight cut becomes a :class:`HeadShardedRMSNorm`).
@@ -143,27 +204,82 @@ class FamilyPlan:
     token_partial: tuple[str, ...] = ()  # whole parameters that see only the rank's tokens under SP
 
 
+@dataclass(frozen=True)
+class FamilyPlan:
+    """A family's blocks by the name of the ``ModuleList`` holding them, each with its plan."""
+
+    blocks: dict[str, BlockPlan]
+
+
 DIT_PLAN = FamilyPlan(
-    TENSOR_PARALLEL_SPLITS,
-    heads="",
-    head_modules=(),
-    mlp="fc1",
-    self_attentions=("",),
-    head_partial=("q_norm.weight", "k_norm.weight"),  # per-head QK-norm: one weight for all heads
-    token_partial=("modulation",),
+    {
+        "blocks": BlockPlan(
+            TENSOR_PARALLEL_SPLITS,
+            heads="",
+            head_modules=(),
+            mlp="fc1",
+            self_attentions=("",),
+            head_partial=("q_norm.weight", "k_norm.weight"),  # per-head QK-norm: one weight for all heads
+            token_partial=("modulation",),
+        )
+    }
 )
 WAN_PLAN = FamilyPlan(
-    WAN_TENSOR_PARALLEL_SPLITS,
-    heads="attn1",
-    head_modules=("attn1", "attn2"),
-    mlp="ffn.net.0.proj",
-    self_attentions=("attn1",),  # the cross-attention runs on the rank's own query tokens
-    whole_inputs=("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj"),
-    token_partial=("scale_shift_table", "norm2.weight", "norm2.bias"),
+    {
+        "blocks": BlockPlan(
+            WAN_TENSOR_PARALLEL_SPLITS,
+            heads="attn1",
+            head_modules=("attn1", "attn2"),
+            mlp="ffn.net.0.proj",
+            self_attentions=("attn1",),  # the cross-attention runs on the rank's own query tokens
+            whole_inputs=("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj"),
+            token_partial=("scale_shift_table", "norm2.weight", "norm2.bias"),
+        )
+    }
 )
-FAMILY_PLANS: dict[type[nn.Module], FamilyPlan] = {DiT: DIT_PLAN, WanTransformer: WAN_PLAN}
-if set(TENSOR_PARALLEL_SPLITS) & set(WAN_TENSOR_PARALLEL_SPLITS):  # tensor_split looks in every table
-    raise AssertionError("the families' split tables must not share a parameter name")
+_MODULATION = ("linear.weight", "linear.bias")
+HUNYUAN_VIDEO_PLAN = FamilyPlan(
+    {
+        "transformer_blocks": BlockPlan(
+            HUNYUAN_DUAL_SPLITS,
+            heads="attn",
+            head_modules=("attn",),
+            mlp="ff.net.0.proj",
+            self_attentions=("attn",),  # the joint attention of both streams
+            head_partial=tuple(
+                f"attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+            ),
+            token_partial=tuple(f"{m}.{p}" for m in ("norm1", "norm1_context") for p in _MODULATION),
+        ),
+        "single_transformer_blocks": BlockPlan(
+            HUNYUAN_SINGLE_SPLITS,
+            heads="attn",
+            head_modules=("attn",),
+            mlp="proj_mlp",
+            self_attentions=("attn",),
+            head_partial=("attn.norm_q.weight", "attn.norm_k.weight"),
+            token_partial=tuple(f"norm.{p}" for p in _MODULATION),
+        ),
+    }
+)
+FAMILY_PLANS: dict[type[nn.Module], FamilyPlan] = {
+    DiT: DIT_PLAN,
+    WanTransformer: WAN_PLAN,
+    HunyuanVideoTransformer: HUNYUAN_VIDEO_PLAN,
+}
+
+
+def _check_plans_apart() -> None:
+    """tensor_split looks in every family's table: one block list's names must not mean two cuts."""
+    seen: dict[tuple[str, str], TensorSplit] = {}
+    for plan in FAMILY_PLANS.values():
+        for blocks, block_plan in plan.blocks.items():
+            for name, split in block_plan.splits.items():
+                if seen.setdefault((blocks, name), split) != split:
+                    raise AssertionError(f"{blocks}.N.{name} is cut two ways by two families' plans")
+
+
+_check_plans_apart()
 
 
 def family_plan(model: nn.Module) -> FamilyPlan:
@@ -178,14 +294,21 @@ def family_plan(model: nn.Module) -> FamilyPlan:
 def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | None:
     """How the model parameter ``name`` (``blocks.3.qkv.weight``) is cut over TP ranks; None: whole.
 
-    Without ``plan``, every family's table is looked in (their names differ).
+    Without ``plan``, every family's table is looked in (a name means one cut in all of them).
     """
     parts = name.split(".")
-    if len(parts) < 3 or parts[0] != "blocks":
+    if len(parts) < 3:
         return None
-    inner = ".".join(parts[2:])
+    blocks, inner = parts[0], ".".join(parts[2:])
     plans = [plan] if plan is not None else list(FAMILY_PLANS.values())
-    return next((p.splits[inner] for p in plans if inner in p.splits), None)
+    return next(
+        (
+            p.blocks[blocks].splits[inner]
+            for p in plans
+            if blocks in p.blocks and inner in p.blocks[blocks].splits
+        ),
+        None,
+    )
 
 
 def _megatron_config(model: nn.Module, tensor: int, sequence_parallel: bool) -> Any:
@@ -281,16 +404,11 @@ class UlyssesAttention(nn.Module):
         self.inner = inner
         self.group = group
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        bounds: tuple[int, ...],
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *packing: Any) -> torch.Tensor:
+        """``packing``: the inner attention's description of the whole sequence (``cu_seqlens`` and
+        ``bounds``; HunyuanVideo's :class:`JointPacking`), passed through."""
         qkv = SequenceToHeads.apply(torch.stack([q, k, v], dim=1), self.group)  # [N, 3, h/CP, Dh]
-        out = self.inner(*qkv.unbind(1), cu_seqlens, bounds)  # [N, h/CP, Dh]
+        out = self.inner(*qkv.unbind(1), *packing)  # [N, h/CP, Dh]
         return HeadsToSequence.apply(out, self.group)  # [N/CP, h, Dh]
 
 
@@ -335,25 +453,40 @@ class ShardedTokens(SampleTokenLayout):
         tensor_size = dist.get_world_size(tensor_group) if tensor_group is not None else 1
         self.multiple = self.context_size * (tensor_size if sequence_parallel else 1)
 
+    def _rows(self, count: int) -> slice:
+        """This CP rank's rows of a stream padded to ``count`` rows."""
+        shard = count // self.context_size
+        return slice(self.context_rank * shard, (self.context_rank + 1) * shard)
+
     def shard_batch(self, batch: PackedBatch) -> PackedBatch:
         padded = pad_packed_batch(batch, self.multiple)
         if self.context_size == 1:
             return padded
-        shard = padded.tokens.shape[0] // self.context_size
-        rows = slice(self.context_rank * shard, (self.context_rank + 1) * shard)
+        rows = self._rows(padded.tokens.shape[0])
         # Plain slicing: the backward puts this rank's share of the gradient on its own rows.
         return padded.replace(**padded.map_tokens(lambda tensor: tensor[rows]))
 
-    def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shard_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        padded = padded_rows(rows, -rows.shape[0] % self.multiple)  # as pad_packed_batch pads
+        return padded if self.context_size == 1 else padded[self._rows(padded.shape[0])]
+
+    def enter_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
-            return x, modulation
+            return rows
         from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
-        # Backward all-gathers: every TP rank gets the whole gradient of the (replicated) embeddings.
-        return (
-            scatter_to_sequence_parallel_region(x, group=self.tensor_group),
-            scatter_to_sequence_parallel_region(modulation, group=self.tensor_group),
-        )
+        # Backward all-gathers: every TP rank gets the whole gradient of the (replicated) rows.
+        return cast(torch.Tensor, scatter_to_sequence_parallel_region(rows, group=self.tensor_group))
+
+    def enter_table(self, table: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return table
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return cast(torch.Tensor, copy_to_tensor_model_parallel_region(table, group=self.tensor_group))
+
+    def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.enter_rows(x), self.enter_rows(modulation)
 
     def exit_blocks(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
@@ -393,13 +526,17 @@ def _submodule_owner(block: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (block.get_submodule(owner) if owner else block), name
 
 
-def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """``model.blocks`` (every family keeps its transformer blocks there)."""
-    return list(cast(nn.ModuleList, model.blocks))
+def model_blocks(model: nn.Module, plan: FamilyPlan) -> list[tuple[nn.Module, BlockPlan]]:
+    """Every transformer block of ``model`` with its plan, list by list of ``plan``."""
+    return [
+        (block, block_plan)
+        for name, block_plan in plan.blocks.items()
+        for block in cast(nn.ModuleList, getattr(model, name))
+    ]
 
 
 def partial_gradient_parameters(
-    block: nn.Module, plan: FamilyPlan, sequence_parallel: bool
+    block: nn.Module, plan: BlockPlan, sequence_parallel: bool
 ) -> list[nn.Parameter]:
     """Parameters whole on every TP rank whose gradient on one rank covers only part of the work.
 
@@ -418,24 +555,25 @@ def partial_gradient_parameters(
 
 def check_layout(model: nn.Module, tensor: int, context: int) -> None:
     """Errors for a model that cannot be split over ``tensor`` × ``context`` ranks, naming the sizes."""
-    plan = family_plan(model)
-    blocks = model_blocks(model)
-    if not blocks:
-        return
-    attention: Any = blocks[0].get_submodule(plan.heads)  # a module with num_heads
-    heads = int(attention.num_heads)
-    if heads % (tensor * context):
-        raise ValueError(
-            f"model.num_heads={heads} is not divisible by tensor_parallel × context_parallel = "
-            f"{tensor} × {context}: each rank needs whole heads"
-        )
-    mlp = int(cast(nn.Linear, blocks[0].get_submodule(plan.mlp)).out_features)
-    if mlp % tensor:
-        raise ValueError(f"model.mlp_hidden_size={mlp} is not divisible by tensor_parallel={tensor}")
+    checked: set[str] = set()
+    for block, plan in model_blocks(model, family_plan(model)):
+        if plan.mlp in checked:
+            continue
+        checked.add(plan.mlp)
+        attention: Any = block.get_submodule(plan.heads)  # a module with num_heads
+        heads = int(attention.num_heads)
+        if heads % (tensor * context):
+            raise ValueError(
+                f"model.num_heads={heads} is not divisible by tensor_parallel × context_parallel = "
+                f"{tensor} × {context}: each rank needs whole heads"
+            )
+        mlp = int(cast(nn.Linear, block.get_submodule(plan.mlp)).out_features)
+        if mlp % tensor:
+            raise ValueError(f"model.mlp_hidden_size={mlp} is not divisible by tensor_parallel={tensor}")
 
 
 def _tensor_parallel_block(
-    block: nn.Module, plan: FamilyPlan, configs: dict[bool, Any], group: ProcessGroup, sequence_parallel: bool
+    block: nn.Module, plan: BlockPlan, configs: dict[bool, Any], group: ProcessGroup, sequence_parallel: bool
 ) -> None:
     """Replace ``block``'s cut layers by megatron-core's (``configs``: by whether the input is sharded)."""
     tensor = dist.get_world_size(group)
@@ -498,11 +636,11 @@ def parallelize_model(
     context_group = parallel_state.get_context_parallel_group() if context_parallel > 1 else None
     if tensor_group is not None:
         configs = {sharded: _megatron_config(model, tensor_parallel, sharded) for sharded in (False, True)}
-        for block in model_blocks(model):
-            _tensor_parallel_block(block, plan, configs, tensor_group, sequence_parallel)
+        for block, block_plan in model_blocks(model, plan):
+            _tensor_parallel_block(block, block_plan, configs, tensor_group, sequence_parallel)
     if context_group is not None:
-        for block in model_blocks(model):
-            for path in plan.self_attentions:
+        for block, block_plan in model_blocks(model, plan):
+            for path in block_plan.self_attentions:
                 attention = block.get_submodule(path)  # its core attention becomes the Ulysses one
                 inner = cast(nn.Module, attention.core_attention)
                 attention.core_attention = UlyssesAttention(inner, context_group)

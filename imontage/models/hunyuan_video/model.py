@@ -7,7 +7,11 @@ folder loads by name. A forward pass over a :class:`PackedBatch` of N tokens:
   the sample's own text);
   modulation: timestep (1000·t) + pooled text (+ distilled guidance) embedding, per token;
   ``depth`` dual-stream blocks (separate weights for the visual and text streams, joint attention
-  within each sample), then single-stream blocks over both; adaLN output layer.
+  within each sample), then single-stream blocks (one set of weights for both); adaLN output layer.
+The visual and text rows stay two streams through every block, each a packed batch of its own
+(:func:`select_rows`); parallelism enters only through ``model.token_layout`` (a
+:class:`SampleTokenLayout`), which shards each stream, and the joint attention's
+:class:`JointPacking`, which lays each sample's rows of both streams together.
 
 Modulation is per token, and equals diffusers' per-sample modulation whenever diffusers can express
 the input: a sample's denoising timestep t_s is the largest timestep of its target tokens; text
@@ -23,6 +27,7 @@ modulated as a target); latent_concat is ``channel_condition`` = [image latent, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +39,7 @@ from imontage.models.dit.model import timestep_frequencies
 from imontage.models.dit.rope import MultiAxisRope
 from imontage.models.dit.sequence import PackedBatch
 from imontage.models.feed_forward import FeedForward
+from imontage.models.token_layout import SampleTokenLayout, select_rows, sequence_bounds
 
 FREQUENCY_DIM = 256
 REFINER_MLP_RATIO = 4.0  # diffusers' HunyuanVideoTokenRefiner keeps its default, whatever mlp_ratio is
@@ -98,7 +104,13 @@ class Attention(nn.Module):
     RMSNorm of q and k, output projections. What runs is chosen by the block that owns it."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, qk_norm: bool, added: bool = False, output: bool = True
+        self,
+        hidden_size: int,
+        num_heads: int,
+        qk_norm: bool,
+        backend: str,
+        added: bool = False,
+        output: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -109,6 +121,7 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size)]) if output else None
+        self.core_attention = JointAttention(backend)  # the blocks' joint attention: Ulysses wraps it
         if added:
             self.add_q_proj = nn.Linear(hidden_size, hidden_size)
             self.add_k_proj = nn.Linear(hidden_size, hidden_size)
@@ -160,30 +173,80 @@ class SequenceAttention:
         return out.flatten(1)
 
 
-class Tokens:
-    """Where the visual and text rows of a packed batch are; attention within each sample."""
+class JointPacking:
+    """The visual and text rows of every sample, attended jointly: sample s's sequence is its
+    visual rows then its text rows.
 
-    def __init__(self, batch: PackedBatch, backend: str) -> None:
-        self.visual = torch.nonzero(~batch.is_text).squeeze(1)  # [Nv] rows of visual tokens
-        self.text = torch.nonzero(batch.is_text).squeeze(1)  # [Nt] rows of text tokens
-        self.order = torch.argsort(torch.cat([self.visual, self.text]))  # rows of cat([visual, text])
-        self.attention = SequenceAttention(batch.cu_seqlens, backend)
+    Attention receives the rows of the two streams side by side: on one device all visual rows,
+    then all text rows; under Ulysses, after the all-to-all, each context-parallel rank's visual
+    shard then its text shard, rank after rank. ``order`` gathers those rows into per-sample
+    sequences for :func:`varlen_attention`; ``inverse`` puts the output back.
+    """
 
-    def join(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Rows of the two streams back in packed order."""
-        return torch.cat([visual, text])[self.order]
+    def __init__(self, visual: torch.Tensor, text: torch.Tensor, shards: int = 1) -> None:
+        """``visual``, ``text``: each stream's ``cu_seqlens`` (padded streams may differ in count:
+        the shorter gets empty sequences); ``shards``: the context-parallel shards of each stream."""
+        count = max(visual.numel(), text.numel())
+        visual, text = (F.pad(cu, (0, count - cu.numel()), value=int(cu[-1])) for cu in (visual, text))
+        nv, nt = int(visual[-1]), int(text[-1])
+        per_v, per_t = nv // shards, nt // shards  # rows of one shard of each stream
+        samples = torch.arange(count - 1, device=visual.device)
+        v_rows, t_rows = torch.arange(nv, device=visual.device), torch.arange(nt, device=visual.device)
+        # Where each stream row sits among the rows attention receives.
+        v_at = v_rows // max(per_v, 1) * (per_v + per_t) + v_rows % max(per_v, 1)
+        t_at = t_rows // max(per_t, 1) * (per_v + per_t) + per_v + t_rows % max(per_t, 1)
+        keys = torch.cat(
+            [samples.repeat_interleave(visual.diff()) * 2, samples.repeat_interleave(text.diff()) * 2 + 1]
+        )
+        self.order = torch.cat([v_at, t_at])[torch.argsort(keys, stable=True)]
+        self.inverse = torch.argsort(self.order)
+        self.cu_seqlens = (visual + text).to(torch.int32)
+        self.bounds = tuple(int(b) for b in self.cu_seqlens.tolist())
+        self.max_seqlen = max(
+            (b - a for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)), default=0
+        )
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x[self.visual], x[self.text]
+
+class JointAttention(nn.Module):
+    """Softmax attention over :class:`JointPacking`'s per-sample sequences, ``[n, h, Dh]`` in and out."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, joint: JointPacking) -> torch.Tensor:
+        order = joint.order
+        out = varlen_attention(
+            q[order],
+            k[order],
+            v[order],
+            joint.cu_seqlens,
+            joint.max_seqlen,
+            backend=self.backend,
+            bounds=joint.bounds,
+        )
+        return out[joint.inverse]
+
+
+def joint_attention(
+    attention: nn.Module,
+    visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    joint: JointPacking,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each stream's q, k, v ``[n_v | n_t, h, Dh]`` -> each stream's output ``[n_v | n_t, h·Dh]``."""
+    q, k, v = (torch.cat([a, b]) for a, b in zip(visual, text, strict=True))
+    out = attention(q, k, v, joint).flatten(1)
+    return out[: visual[0].shape[0]], out[visual[0].shape[0] :]
 
 
 class RefinerBlock(nn.Module):
     """diffusers' ``HunyuanVideoIndividualTokenRefinerBlock``: self-attention over one sample's text."""
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, backend: str) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=False, backend=backend)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.ff = FeedForward(hidden_size, int(hidden_size * REFINER_MLP_RATIO), hidden_size, "silu")
         self.norm_out = Modulation(hidden_size, 2)
@@ -201,9 +264,11 @@ class RefinerBlock(nn.Module):
 class RefinerBlocks(nn.Module):
     """Holds the refiner blocks under diffusers' name (``token_refiner.refiner_blocks``)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, depth: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, depth: int, backend: str) -> None:
         super().__init__()
-        self.refiner_blocks = nn.ModuleList(RefinerBlock(hidden_size, num_heads) for _ in range(depth))
+        self.refiner_blocks = nn.ModuleList(
+            RefinerBlock(hidden_size, num_heads, backend) for _ in range(depth)
+        )
 
 
 class TextRefiner(nn.Module):
@@ -211,13 +276,14 @@ class TextRefiner(nn.Module):
 
     Conditioned per sample on its timestep and the mean of its text embeddings; a sample's text
     attends only to itself (diffusers' padding mask over the same valid tokens gives the same rows).
+    Whole on every rank of a parallel model (two blocks: small beside the transformer's).
     """
 
-    def __init__(self, text_dim: int, hidden_size: int, num_heads: int, depth: int) -> None:
+    def __init__(self, text_dim: int, hidden_size: int, num_heads: int, depth: int, backend: str) -> None:
         super().__init__()
         self.time_text_embed = TimestepTextEmbedding(hidden_size, text_dim, guidance=False)
         self.proj_in = nn.Linear(text_dim, hidden_size)
-        self.token_refiner = RefinerBlocks(hidden_size, num_heads, depth)
+        self.token_refiner = RefinerBlocks(hidden_size, num_heads, depth, backend)
 
     def forward(
         self, text: torch.Tensor, owner: torch.Tensor, sample_t: torch.Tensor, backend: str
@@ -229,44 +295,53 @@ class TextRefiner(nn.Module):
         pooled = sums / counts.clamp(min=1)[:, None].to(text.dtype)  # [B, E] mean of each sample's text
         embed = self.time_text_embed
         table = embed.timestep(sample_t) + embed.text_embedder(pooled)  # [B, d]
-        cu = torch.zeros(num_samples + 1, dtype=torch.int32, device=text.device)
-        cu[1:] = torch.cumsum(counts, 0)
-        attention = SequenceAttention(cu, backend)  # each sample's text rows alone
+        attention = SequenceAttention(sequence_bounds(counts)[0], backend)  # each sample's text rows alone
         x = self.proj_in(text)
         for block in self.token_refiner.refiner_blocks:
             x = block(x, table, owner, attention)
         return x
 
 
+@dataclass
+class Streams:
+    """What every block reads beside its two streams: modulation rows, positions, the joint packing.
+
+    Rows are a rank's: ``*_index`` index the residual rows (a shard of them under sequence
+    parallelism), ``positions`` the visual rows attention sees (after the column-parallel gather).
+    """
+
+    table: torch.Tensor  # [U, d] distinct modulation embeddings
+    visual_index: torch.Tensor  # [n_v] row of ``table`` of each visual residual row
+    text_index: torch.Tensor  # [n_t]
+    positions: torch.Tensor  # [m_v, 4]
+    rope: MultiAxisRope
+    joint: JointPacking
+
+
 class DualStreamBlock(nn.Module):
     """diffusers' ``HunyuanVideoTransformerBlock`` (and its token-replace form, which has the same weights)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool, backend: str
+    ) -> None:
         super().__init__()
         self.norm1 = Modulation(hidden_size, 6)
         self.norm1_context = Modulation(hidden_size, 6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm, added=True)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, backend, added=True)
         self.ff = FeedForward(hidden_size, mlp_hidden_size, hidden_size, "gelu_tanh")
         self.ff_context = FeedForward(hidden_size, mlp_hidden_size, hidden_size, "gelu_tanh")
 
     def forward(
-        self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        table: torch.Tensor,
-        img_index: torch.Tensor,
-        txt_index: torch.Tensor,
-        positions: torch.Tensor,
-        rope: MultiAxisRope,
-        tokens: Tokens,
+        self, img: torch.Tensor, txt: torch.Tensor, streams: Streams
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``img`` ``[Nv, d]``, ``txt`` ``[Nt, d]``; ``positions`` ``[Nv, 4]`` of the visual rows."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(table, img_index)  # [Nv, d] each
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(table, txt_index)
-        q, k, v = self.attn.qkv(modulate(layer_norm(img), shift1, scale1), rope, positions)
-        cq, ck, cv = self.attn.added_qkv(modulate(layer_norm(txt), c_shift1, c_scale1))
-        out = tokens.attention(tokens.join(q, cq), tokens.join(k, ck), tokens.join(v, cv))
-        img_out, txt_out = tokens.split(out)
+        """``img`` ``[n_v, d]`` visual rows, ``txt`` ``[n_t, d]`` text rows -> the same, updated."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(streams.table, streams.visual_index)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(
+            streams.table, streams.text_index
+        )
+        visual = self.attn.qkv(modulate(layer_norm(img), shift1, scale1), streams.rope, streams.positions)
+        text = self.attn.added_qkv(modulate(layer_norm(txt), c_shift1, c_scale1))
+        img_out, txt_out = joint_attention(self.attn.core_attention, visual, text, streams.joint)
         assert self.attn.to_out is not None
         img = img + self.attn.to_out[0](img_out) * gate1
         txt = txt + self.attn.to_add_out(txt_out) * c_gate1
@@ -276,30 +351,35 @@ class DualStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """diffusers' ``HunyuanVideoSingleTransformerBlock``: parallel attention and MLP over all tokens."""
+    """diffusers' ``HunyuanVideoSingleTransformerBlock``: parallel attention and MLP, one set of
+    weights for both streams (RoPE on the visual rows only, as diffusers rotates)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_hidden_size: int, qk_norm: bool, backend: str
+    ) -> None:
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, qk_norm, output=False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, backend, output=False)
         self.norm = Modulation(hidden_size, 3)
         self.proj_mlp = nn.Linear(hidden_size, mlp_hidden_size)
-        self.proj_out = nn.Linear(hidden_size + mlp_hidden_size, hidden_size)
+        self.proj_out = nn.Linear(hidden_size + mlp_hidden_size, hidden_size)  # input [attention | MLP]
 
     def forward(
-        self,
-        x: torch.Tensor,
-        table: torch.Tensor,
-        index: torch.Tensor,
-        positions: torch.Tensor,
-        rope: MultiAxisRope,
-        tokens: Tokens,
-    ) -> torch.Tensor:
-        """``x`` ``[N, d]`` in packed order; text rows have all-zero positions, so RoPE leaves them."""
-        shift, scale, gate = self.norm(table, index)
-        h = modulate(layer_norm(x), shift, scale)
-        attn = tokens.attention(*self.attn.qkv(h, rope, positions))
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        return x + self.proj_out(torch.cat([attn, mlp], dim=-1)) * gate
+        self, img: torch.Tensor, txt: torch.Tensor, streams: Streams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale, gate = self.norm(streams.table, streams.visual_index)
+        c_shift, c_scale, c_gate = self.norm(streams.table, streams.text_index)
+        h_img, h_txt = modulate(layer_norm(img), shift, scale), modulate(layer_norm(txt), c_shift, c_scale)
+        img_attn, txt_attn = joint_attention(
+            self.attn.core_attention,
+            self.attn.qkv(h_img, streams.rope, streams.positions),
+            self.attn.qkv(h_txt),
+            streams.joint,
+        )
+        img_mlp = F.gelu(self.proj_mlp(h_img), approximate="tanh")
+        txt_mlp = F.gelu(self.proj_mlp(h_txt), approximate="tanh")
+        img = img + self.proj_out(torch.cat([img_attn, img_mlp], dim=-1)) * gate
+        txt = txt + self.proj_out(torch.cat([txt_attn, txt_mlp], dim=-1)) * c_gate
+        return img, txt
 
 
 class OutputNorm(nn.Module):
@@ -349,28 +429,33 @@ class HunyuanVideoTransformer(nn.Module):
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(self.in_channels, hidden, self.patch_size)  # type: ignore[arg-type]
-        self.context_embedder = TextRefiner(int(cfg.text_dim), hidden, heads, int(hv.num_refiner_layers))
+        self.context_embedder = TextRefiner(
+            int(cfg.text_dim), hidden, heads, int(hv.num_refiner_layers), self.backend
+        )
         self.time_text_embed = TimestepTextEmbedding(
             hidden, int(hv.pooled_projection_dim), bool(hv.guidance_embeds)
         )
         self.rope = MultiAxisRope(cfg.rope.bands, cfg.rope.theta, str(cfg.rope.pair_layout))
         self.transformer_blocks = nn.ModuleList(
-            DualStreamBlock(hidden, heads, mlp, qk_norm) for _ in range(int(cfg.depth))
+            DualStreamBlock(hidden, heads, mlp, qk_norm, self.backend) for _ in range(int(cfg.depth))
         )
         self.single_transformer_blocks = nn.ModuleList(
-            SingleStreamBlock(hidden, heads, mlp, qk_norm) for _ in range(int(hv.num_single_layers))
+            SingleStreamBlock(hidden, heads, mlp, qk_norm, self.backend)
+            for _ in range(int(hv.num_single_layers))
         )
         self.norm_out = OutputNorm(hidden)
         self.proj_out = nn.Linear(hidden, self.out_channels * math.prod(self.patch_size))
+        self.token_layout = SampleTokenLayout()
 
-    def visual_features(self, batch: PackedBatch, rows: torch.Tensor) -> torch.Tensor:
-        """``[Nv, in_channels·pt·ph·pw]``: token features, then the channel condition (latent_concat:
-        the condition latent and its mask, diffusers' ``cat([latents, image_latents, mask])``)."""
-        features = batch.tokens[rows]
+    def visual_features(self, batch: PackedBatch) -> torch.Tensor:
+        """``[n, in_channels·pt·ph·pw]`` of a batch of visual rows: token features, then the channel
+        condition (latent_concat: the condition latent and its mask, diffusers'
+        ``cat([latents, image_latents, mask])``)."""
+        features = batch.tokens
         width = self.in_channels * math.prod(self.patch_size)
         missing = width - features.shape[1]
         if batch.channel_condition is not None:
-            features = torch.cat([features, batch.channel_condition[rows]], dim=1)
+            features = torch.cat([features, batch.channel_condition], dim=1)
         elif missing > 0:  # no sample of the batch has a condition: zeros, as PackedBatch pads rows without
             features = torch.cat([features, features.new_zeros(features.shape[0], missing)], dim=1)
         if features.shape[1] != width:
@@ -420,31 +505,40 @@ class HunyuanVideoTransformer(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """``[N, out_channels·pt·ph·pw]`` velocity ε − x0 per token, features (C, pt, ph, pw); text rows 0."""
-        tokens = Tokens(batch, self.backend)
+        layout = self.token_layout
         owner = batch.sample_index()
+        visual, text = ~batch.is_text, batch.is_text
         table, block_index, final_index, sample_t = self.conditioning(batch, owner)
-        img = self.x_embedder(self.visual_features(batch, tokens.visual))  # [Nv, d]
+        visual_batch = select_rows(batch, visual, owner)
+        local = layout.shard_batch(visual_batch)  # this rank's visual rows; cu_seqlens: the whole stream's
+        text_cu = layout.shard_batch(select_rows(batch, text, owner)).cu_seqlens  # the padded text stream's
+        img = self.x_embedder(self.visual_features(local))  # [n_v, d]
         if batch.text_embeds is not None:
-            text_embeds = batch.text_embeds[tokens.text].to(img.dtype)
-        elif tokens.text.numel():
+            text_embeds = batch.text_embeds[text].to(img.dtype)
+        elif bool(text.any()):
             raise ValueError(
                 "HunyuanVideo reads precomputed text embeddings: text segments carry data [L, E]"
             )
         else:
             text_embeds = img.new_zeros(0, self.context_embedder.proj_in.in_features)
         # Run even without text rows: under ZeRO-3 every rank must enter the same modules.
-        txt = self.context_embedder(text_embeds, owner[tokens.text], sample_t, self.backend)
-        img_index, txt_index = block_index[tokens.visual], block_index[tokens.text]
-        img_positions = batch.positions[tokens.visual]
-        for block in self.transformer_blocks:
-            img, txt = self._run(
-                block, img, txt, table, img_index, txt_index, img_positions, self.rope, tokens
-            )
-        x = tokens.join(img, txt)  # [N, d]
-        for block in self.single_transformer_blocks:
-            x = self._run(block, x, table, block_index, batch.positions, self.rope, tokens)
-        out = self.proj_out(self.norm_out(x[tokens.visual], table, final_index[tokens.visual]))
-        return tokens.join(out, out.new_zeros(tokens.text.shape[0], out.shape[1]))
+        txt = self.context_embedder(text_embeds, owner[text], sample_t, self.backend)  # [Nt, d], whole
+        streams = Streams(
+            table=layout.enter_table(table),
+            visual_index=layout.enter_rows(layout.shard_rows(block_index[visual])),
+            text_index=layout.enter_rows(layout.shard_rows(block_index[text])),
+            positions=local.positions,
+            rope=self.rope,
+            joint=JointPacking(local.cu_seqlens, text_cu, layout.context_size),
+        )
+        img, txt = layout.enter_rows(img), layout.enter_rows(layout.shard_rows(txt))
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            img, txt = self._run(block, img, txt, streams)
+        img = layout.exit_blocks(img)  # [n_v, d]: this rank's visual rows, whole
+        out = self.proj_out(self.norm_out(img, table, layout.shard_rows(final_index[visual])))
+        out = layout.gather_output(out, visual_batch)  # [Nv, ·]
+        full = out.new_zeros(batch.is_text.shape[0], out.shape[1])
+        return full.index_put((visual.nonzero().squeeze(1),), out)
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and self.training:

@@ -30,16 +30,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imontage.models.dit.attention import varlen_attention
-from imontage.models.dit.model import CoreAttention, TokenLayout, timestep_frequencies
+from imontage.models.dit.model import CoreAttention, timestep_frequencies
 from imontage.models.dit.rope import MultiAxisRope
 from imontage.models.dit.sequence import PackedBatch
 from imontage.models.feed_forward import FeedForward
-
-
-def _bounds(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``[B]`` sequence lengths -> ``cu_seqlens`` ``[B + 1]`` int32 and the same as Python ints."""
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return cu, tuple(cu.tolist())
+from imontage.models.token_layout import SampleTokenLayout, select_rows, sequence_bounds
 
 
 @dataclass
@@ -75,18 +70,6 @@ class CrossContext:
         """This context for ``count`` query sequences: padding samples past the batch's get no key."""
         image_packing = None if self.image_packing is None else self.image_packing.with_sequences(count)
         return CrossContext(self.text, self.text_packing.with_sequences(count), self.image, image_packing)
-
-
-class SampleTokenLayout(TokenLayout):
-    """The DiT's token layout, plus the sample of each row this rank holds (Wan's cross-attention).
-
-    On one device every row is local; ``imontage.parallel`` shards the visual rows over CP ranks.
-    """
-
-    def local_sample_index(self, local: PackedBatch) -> torch.Tensor:
-        """``[n]`` int64: the sample of each row of ``local`` (``shard_batch``'s output) this rank's
-        attention queries hold (under sequence parallelism: after the column-parallel gather)."""
-        return local.sample_index()
 
 
 def layer_norm_fp32(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -286,7 +269,7 @@ class WanTransformer(nn.Module):
         patches of the channel concatenation diffusers' I2V pipeline feeds (latents | mask + image).
         """
         weight = self.patch_embedding.weight  # [d, C_in, pt, ph, pw]
-        features = batch.tokens  # ``batch``: visual rows only (:func:`visual_rows`)
+        features = batch.tokens  # ``batch``: visual rows only (:func:`select_rows`)
         if batch.channel_condition is not None:
             features = torch.cat([features, batch.channel_condition], dim=1)
         if features.shape[1] != weight[0].numel():
@@ -323,13 +306,13 @@ class WanTransformer(nn.Module):
             text = padded.flatten(0, 1)  # [B·text_len, E]
             counts = torch.full_like(counts, self.text_len)
         embedder = self.condition_embedder
-        context = CrossContext(embedder.text_embedder(text), Packing(*_bounds(counts)))
+        context = CrossContext(embedder.text_embedder(text), Packing(*sequence_bounds(counts)))
         if embedder.image_embedder is not None:
             if batch.image_embeds is None:
                 raise ValueError("an image-to-video Wan model needs the batch's image_embeds [B, L, E]")
             images = embedder.image_embedder(batch.image_embeds.to(dtype))  # [B, L_img, d]
             lengths = torch.full((num_samples,), images.shape[1], device=images.device)
-            context.image, context.image_packing = images.flatten(0, 1), Packing(*_bounds(lengths))
+            context.image, context.image_packing = images.flatten(0, 1), Packing(*sequence_bounds(lengths))
         return context
 
     def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -344,11 +327,11 @@ class WanTransformer(nn.Module):
         layout = self.token_layout
         visual = ~batch.is_text
         sample = batch.sample_index()  # [N]
-        rows = visual_rows(batch, visual, sample)  # n visual rows, packed per sample
+        rows = select_rows(batch, visual, sample)  # n visual rows, packed per sample
         local = layout.shard_batch(rows)  # this rank's rows; cu_seqlens: the whole (padded) sequence
         packing = Packing(local.cu_seqlens, tuple(local.cu_seqlens.tolist()))
         owners = layout.local_sample_index(local)
-        query = Packing(*_bounds(torch.bincount(owners, minlength=local.num_samples)))
+        query = Packing(*sequence_bounds(torch.bincount(owners, minlength=local.num_samples)))
         context = self.embed_context(batch, sample).with_samples(local.num_samples)  # whole on every rank
         x = self.embed_patches(local)  # [n_local, d]
         temb, modulation = self.condition_embedder.time(local.timesteps)  # [n_local, d], [n_local, 6, d]
@@ -363,12 +346,6 @@ class WanTransformer(nn.Module):
         out = layout.gather_output(self.head(layout.exit_blocks(x), temb), rows)  # [n, ·]
         full = out.new_zeros(batch.is_text.shape[0], out.shape[1])
         return full.index_put((visual.nonzero().squeeze(1),), out)
-
-
-def visual_rows(batch: PackedBatch, visual: torch.Tensor, sample: torch.Tensor) -> PackedBatch:
-    """The visual rows of ``batch`` as a packed batch of their own: ``cu_seqlens`` counts them per sample."""
-    cu_seqlens, _ = _bounds(torch.bincount(sample[visual], minlength=batch.num_samples))
-    return batch.replace(**batch.map_tokens(lambda tensor: tensor[visual]), cu_seqlens=cu_seqlens, spans=[])
 
 
 def build_wan(cfg: Any, device: torch.device | str | None = None) -> WanTransformer:

@@ -1,0 +1,62 @@
+"""The token layout of the pretrained families: which rows of a stream this rank holds.
+
+The DiT runs one packed sequence through its blocks (:class:`~imontage.models.dit.model.TokenLayout`).
+Wan and HunyuanVideo run *streams*: Wan its visual rows (the text is a cross-attention context),
+HunyuanVideo its visual and its text rows, each with its own weights in the dual-stream blocks.
+Each stream is a packed batch of its own rows (:func:`select_rows`); the layout shards each
+stream separately. On one device every row is local and every method is the identity;
+``imontage.parallel`` pads each stream to a multiple of its shard count with one extra masked
+sequence, gives each context-parallel rank a contiguous shard of it (and each sequence-parallel
+rank a shard of that inside the blocks), and gathers the output back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from imontage.models.dit.model import TokenLayout
+from imontage.models.dit.sequence import PackedBatch
+
+
+def sequence_bounds(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``[B]`` sequence lengths -> ``cu_seqlens`` ``[B + 1]`` int32 and the same as Python ints."""
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, tuple(cu.tolist())
+
+
+def select_rows(batch: PackedBatch, rows: torch.Tensor, sample: torch.Tensor) -> PackedBatch:
+    """The rows of ``batch`` where ``rows`` (``[N]`` bool) holds, as a packed batch of their own.
+
+    ``sample``: each row's sample (``batch.sample_index()``); ``cu_seqlens`` counts the kept rows
+    per sample, so a sample keeps its place even with no row kept.
+    """
+    cu_seqlens, _ = sequence_bounds(torch.bincount(sample[rows], minlength=batch.num_samples))
+    return batch.replace(**batch.map_tokens(lambda tensor: tensor[rows]), cu_seqlens=cu_seqlens, spans=[])
+
+
+class SampleTokenLayout(TokenLayout):
+    """The token layout of a streamed model (module docstring); on one device, the identity."""
+
+    context_size = 1  # context-parallel shards of each stream
+
+    def local_sample_index(self, local: PackedBatch) -> torch.Tensor:
+        """``[n]`` int64: the sample of each row of ``local`` (``shard_batch``'s output) this rank's
+        attention queries hold (under sequence parallelism: after the column-parallel gather)."""
+        return local.sample_index()
+
+    def shard_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a per-row tensor ``[n, ...]`` of a stream, padded and sliced as
+        :meth:`shard_batch` pads and slices that stream's batch (padding rows are zero)."""
+        return rows
+
+    def enter_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of :meth:`shard_rows` -> the rows the blocks' residual stream holds (under sequence
+        parallelism a shard of them; the backward gathers the gradient)."""
+        return rows
+
+    def enter_table(self, table: torch.Tensor) -> torch.Tensor:
+        """A tensor whole on every rank that the residual rows read from (a modulation table):
+        under sequence parallelism each rank's rows read part of it, so the backward sums its
+        gradient over the tensor-parallel group."""
+        return table

@@ -1,0 +1,240 @@
+"""parallelize_model on the pretrained families, 2 gloo ranks against the single-process model.
+
+Wan 2.1 (T2V, I2V) and HunyuanVideo (T2V with guidance, I2V latent_concat, and iMontage's montage
+layout with 5 inputs and 6 outputs) under TP=2, TP=2 with sequence parallelism and Ulysses=2, on
+packed batches of samples of different sizes and text lengths (odd row counts, so the parallel
+layouts pad each stream): the forward output, the input gradients and every parameter's gradient
+match one process (gathered over TP; summed over CP, where each rank holds its tokens' share), and
+the initial weights are the single-device weights, cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from distributed import run_ranks
+from test_hunyuan_video import Case, montage_case, packed, tiny_config
+from test_wan import Variant, imontage_config, make_case, pack, randomised
+
+from imontage.models.dit import PackedBatch, PackingSpec, pack_samples
+from imontage.models.hunyuan_video import build_hunyuan_video
+from imontage.models.wan import build_wan
+from imontage.parallel.parallelize import (
+    HUNYUAN_VIDEO_PLAN,
+    WAN_PLAN,
+    JoinedInputSplit,
+    TensorSplit,
+    check_layout,
+    family_plan,
+    parallelize_model,
+    tensor_split,
+)
+
+RTOL, ATOL = 1e-4, 2e-5
+WAN_VARIANTS = {
+    "t2v": Variant("t2v", text_len=0),  # each sample attends to its own, unpadded text
+    "i2v": Variant("i2v", text_len=12, i2v=True),  # padded text, image tokens with their own k/v
+}
+INPUTS = ("tokens", "text_embeds", "image_embeds", "pooled_text", "channel_condition")
+
+
+def reference_model(family: str, variant: str) -> Any:
+    torch.manual_seed(0)
+    if family == "wan":
+        return randomised(build_wan(imontage_config(WAN_VARIANTS[variant])), seed=1)
+    hunyuan = "t2v" if variant == "montage" else variant
+    return randomised(build_hunyuan_video(tiny_config(hunyuan, "montage")), seed=1)
+
+
+def uneven_batch(family: str, variant: str, model: Any) -> PackedBatch:
+    """Wan, HunyuanVideo T2V/I2V: three samples of 4 + 18 + 3 = 25 visual rows (odd: SP and CP pad),
+    with 3, 9 and 5 text tokens. HunyuanVideo montage: 5 condition and 6 target images of their own
+    sizes and 4 text tokens beside one more video sample; all inputs requiring gradients."""
+    gen = torch.Generator().manual_seed(3)
+    shapes, text_lengths = [(1, 4, 4), (3, 4, 6), (1, 6, 2)], (3, 9, 5)
+    if family == "wan":
+        i2v = WAN_VARIANTS[variant].i2v
+        cases = [
+            make_case(gen, shape, text_len=n, i2v=i2v, per_token=True)
+            for shape, n in zip(shapes, text_lengths, strict=True)
+        ]
+        batch = pack(cases, model)
+    elif variant == "montage":
+        sample, _ = montage_case(gen, 5, 6)
+        video = Case("t2v", gen, 3, 6, 2, text_len=9, t=0.7, guidance=4.0).sample()
+        spec = PackingSpec.from_model_config(tiny_config("t2v", "montage"))
+        batch = pack_samples([dataclasses.replace(sample, guidance=2.0), video], spec)
+        t = torch.rand(batch.tokens.shape[0], generator=gen)
+        batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
+    else:
+        cases = [
+            Case(variant, gen, *shape, text_len=n, t=0.2 + 0.3 * k, guidance=3.0 + k)
+            for k, (shape, n) in enumerate(zip(shapes, text_lengths, strict=True))
+        ]
+        batch = packed(cases, "montage")
+    changes = {
+        name: getattr(batch, name).clone().requires_grad_(True)
+        for name in INPUTS
+        if getattr(batch, name) is not None
+    }
+    return batch.replace(**changes)
+
+
+def forward_backward(model: Any, family: str, variant: str) -> dict:
+    batch = uneven_batch(family, variant, model)
+    out = model(batch)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out * weights).sum().backward()
+    inputs = {name: getattr(batch, name) for name in INPUTS}
+    return {
+        "out": out.detach(),
+        "input_grads": {name: t.grad for name, t in inputs.items() if t is not None},
+        "weights": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "grads": {name: p.grad for name, p in model.named_parameters()},
+    }
+
+
+def parallel_run(
+    rank: int, world_size: int, tensor: int, context: int, sequence: bool, family: str, variant: str
+) -> dict:
+    from imontage.parallel.state import ParallelLayout, init_process_groups, launch_env
+
+    init_process_groups(
+        ParallelLayout(tensor, context, world_size // (tensor * context)), torch.device("cpu"), launch_env()
+    )
+    model = parallelize_model(reference_model(family, variant), tensor, context, sequence)
+    return forward_backward(model, family, variant)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Close elementwise, the absolute tolerance scaled by the tensor's largest magnitude (fp32
+    reductions in another order differ by that much on elements near zero)."""
+    atol = ATOL * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("family", "variant"), [("wan", "t2v"), ("hunyuan_video", "t2v"), ("hunyuan_video", "montage")]
+)
+def test_uneven_batches_pad_every_stream(family: str, variant: str) -> None:
+    batch = uneven_batch(family, variant, reference_model(family, variant))
+    assert int((~batch.is_text).sum()) % 2 == 1 and batch.num_samples >= 2
+    if family == "hunyuan_video":  # its text rows are a stream of their own
+        assert int(batch.is_text.sum()) % 2 == 1
+
+
+# Each case is two processes for ~15 s on 2 cores, so the suite keeps to these. Wan: I2V runs
+# every path T2V does (plus image keys and padded text); T2V once more, at plain TP, for unpadded
+# text. HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions).
+@pytest.mark.parametrize(
+    ("family", "sequence_parallel", "variant"),
+    [("wan", False, "t2v"), ("wan", False, "i2v"), ("wan", True, "i2v"),
+     ("hunyuan_video", False, "t2v"), ("hunyuan_video", True, "i2v_latent_concat")],
+    ids=["wan-tp2-t2v", "wan-tp2-i2v", "wan-tp2_sp-i2v", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v"],
+)  # fmt: skip
+def test_tensor_parallel_matches_one_process(family: str, sequence_parallel: bool, variant: str) -> None:
+    ranks = run_ranks(parallel_run, 2, 2, 1, sequence_parallel, family, variant)
+    reference = reference_model(family, variant)
+    plan = family_plan(reference)
+    expected = forward_backward(reference, family, variant)
+    for rank, result in enumerate(ranks):
+        assert_close(result["out"], expected["out"], f"rank {rank} output")
+        for name, grad in expected["input_grads"].items():
+            assert_close(result["input_grads"][name], grad, f"rank {rank} gradient of the batch's {name}")
+    split_names = []
+    for name, weight in expected["weights"].items():
+        split = tensor_split(name, plan)
+        if split is None:  # whole on every rank, with the whole gradient
+            for rank, result in enumerate(ranks):
+                assert torch.equal(result["weights"][name], weight), f"rank {rank} {name}"
+                assert_close(result["grads"][name], expected["grads"][name], f"rank {rank} grad of {name}")
+        else:
+            split_names.append(name)
+            assert torch.equal(split.unshard([r["weights"][name] for r in ranks]), weight), name
+            grad = split.unshard([r["grads"][name] for r in ranks])
+            assert_close(grad, expected["grads"][name], f"gathered grad of {name}")
+    cut = {
+        "t2v": "blocks.0.attn1.norm_q.weight",  # Wan's across-heads norms are cut
+        "i2v": "blocks.1.attn2.add_v_proj.weight",
+    }
+    if family == "wan":
+        assert cut["t2v"] in split_names and (variant == "t2v" or cut["i2v"] in split_names)
+    else:
+        assert {
+            "single_transformer_blocks.0.proj_out.weight",
+            "transformer_blocks.0.attn.add_q_proj.weight",
+        } <= set(split_names)
+
+
+@pytest.mark.parametrize(("family", "variant"), [("wan", "i2v"), ("hunyuan_video", "montage")])
+def test_ulysses_matches_one_process(family: str, variant: str) -> None:
+    ranks = run_ranks(parallel_run, 2, 1, 2, False, family, variant)
+    expected = forward_backward(reference_model(family, variant), family, variant)
+    for rank, result in enumerate(ranks):
+        assert_close(result["out"], expected["out"], f"rank {rank} output")
+        for name, weight in expected["weights"].items():
+            assert torch.equal(result["weights"][name], weight), f"rank {rank} {name}"
+    # Each context-parallel rank holds its tokens' share of every gradient: the shares add up.
+    for name, grad in expected["input_grads"].items():
+        shares = ranks[0]["input_grads"][name] + ranks[1]["input_grads"][name]
+        assert_close(shares, grad, f"gradient of the batch's {name}")
+    for name, grad in expected["grads"].items():
+        assert_close(ranks[0]["grads"][name] + ranks[1]["grads"][name], grad, f"summed grad of {name}")
+        assert not torch.equal(ranks[0]["grads"][name], grad), f"{name}: rank 0 alone has the whole gradient"
+
+
+def test_splits_cut_heads_and_ffn() -> None:
+    assert tensor_split("blocks.0.attn2.to_k.weight") == TensorSplit(0)
+    assert tensor_split("blocks.0.attn1.to_out.0.weight") == TensorSplit(1)
+    assert tensor_split("blocks.0.ffn.net.2.weight", WAN_PLAN) == TensorSplit(1)
+    assert tensor_split("blocks.0.attn1.to_out.0.bias") is None  # added once, after the reduction
+    assert tensor_split("blocks.0.scale_shift_table") is None and tensor_split("proj_out.weight") is None
+    assert tensor_split("transformer_blocks.2.attn.add_k_proj.bias", HUNYUAN_VIDEO_PLAN) == TensorSplit(0)
+    assert tensor_split("transformer_blocks.2.ff_context.net.2.weight") == TensorSplit(1)
+    assert tensor_split("single_transformer_blocks.0.proj_out.weight") == JoinedInputSplit()
+    assert tensor_split("single_transformer_blocks.0.norm.linear.weight") is None
+    assert tensor_split("context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight") is None  # whole
+
+
+def test_joined_input_split_keeps_each_ranks_heads_and_mlp_features() -> None:
+    full = torch.arange(4 * 12.0).reshape(4, 12)  # d = 4 attention columns, then F = 8 MLP columns
+    split = JoinedInputSplit()
+    shards = [split.shard(full, rank, 2) for rank in range(2)]
+    assert shards[1].tolist() == full[:, [2, 3, 8, 9, 10, 11]].tolist()
+    assert torch.equal(split.unshard(shards), full)
+
+
+@pytest.mark.parametrize(
+    ("family", "tensor", "context", "message"),
+    [("wan", 4, 1, "num_heads=2 is not divisible by tensor_parallel × context_parallel = 4 × 1"),
+     ("wan", 2, 2, "num_heads=2 is not divisible by tensor_parallel × context_parallel = 2 × 2"),
+     ("hunyuan_video", 1, 4, "num_heads=2 is not divisible by tensor_parallel × context_parallel = 1 × 4")],
+)  # fmt: skip
+def test_impossible_layouts_are_refused(family: str, tensor: int, context: int, message: str) -> None:
+    variant = "t2v"
+    with pytest.raises(ValueError, match=message):
+        check_layout(reference_model(family, variant), tensor, context)
+    with pytest.raises(ValueError, match=message):  # before any process group is asked for
+        parallelize_model(reference_model(family, variant), tensor, context)
+
+
+class Unplanned(torch.nn.Module):
+    """A family without a FamilyPlan (the others' work in progress, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+        self.gradient_checkpointing = False
+
+
+def test_a_family_without_a_plan_runs_alone_and_is_refused_in_parallel() -> None:
+    model = parallelize_model(Unplanned(), 1, 1, activation_checkpointing=True)
+    assert model.gradient_checkpointing
+    with pytest.raises(
+        ValueError,
+        match="no parallel plan for a Unplanned: parallelize_model knows DiT, WanTransformer, HunyuanVideoTransformer",
+    ):
+        parallelize_model(Unplanned(), 2, 1)
