@@ -1,4 +1,4 @@
-"""parallelize_model on the pretrained families, 2 gloo ranks against the single-process model.
+"""parallelize_model on the pretrained families (some with LoRA adapters), 2 gloo ranks against one process.
 
 Wan 2.1 (T2V, I2V) and HunyuanVideo (T2V with guidance, I2V latent_concat, and iMontage's montage
 layout with 5 inputs and 6 outputs) under TP=2, TP=2 with sequence parallelism and Ulysses=2, on
@@ -41,12 +41,24 @@ WAN_VARIANTS = {
 INPUTS = ("tokens", "text_embeds", "image_embeds", "pooled_text", "channel_condition")
 
 
-def reference_model(family: str, variant: str) -> Any:
+def reference_model(family: str, variant: str, lora: bool = False) -> Any:
+    """The tiny model, random; with ``lora``, adapters (random B) on every linear of its blocks and
+    every parameter left trainable, so that the base layers' gradients are compared too."""
     torch.manual_seed(0)
     if family == "wan":
-        return randomised(build_wan(imontage_config(WAN_VARIANTS[variant])), seed=1)
-    hunyuan = "t2v" if variant == "montage" else variant
-    return randomised(build_hunyuan_video(tiny_config(hunyuan, "montage")), seed=1)
+        model = randomised(build_wan(imontage_config(WAN_VARIANTS[variant])), seed=1)
+    else:
+        hunyuan = "t2v" if variant == "montage" else variant
+        model = randomised(build_hunyuan_video(tiny_config(hunyuan, "montage")), seed=1)
+    if lora:
+        from test_lora import lora_config, randomise_adapters
+
+        from imontage.models.lora import apply_lora
+
+        apply_lora(model, lora_config(family, alpha=2.0))
+        randomise_adapters(model)
+        model.requires_grad_(True)
+    return model
 
 
 def uneven_batch(family: str, variant: str, model: Any) -> PackedBatch:
@@ -98,14 +110,21 @@ def forward_backward(model: Any, family: str, variant: str) -> dict:
 
 
 def parallel_run(
-    rank: int, world_size: int, tensor: int, context: int, sequence: bool, family: str, variant: str
+    rank: int,
+    world_size: int,
+    tensor: int,
+    context: int,
+    sequence: bool,
+    family: str,
+    variant: str,
+    lora: bool,
 ) -> dict:
     from imontage.parallel.state import ParallelLayout, init_process_groups, launch_env
 
     init_process_groups(
         ParallelLayout(tensor, context, world_size // (tensor * context)), torch.device("cpu"), launch_env()
     )
-    model = parallelize_model(reference_model(family, variant), tensor, context, sequence)
+    model = parallelize_model(reference_model(family, variant, lora), tensor, context, sequence)
     return forward_backward(model, family, variant)
 
 
@@ -128,16 +147,20 @@ def test_uneven_batches_pad_every_stream(family: str, variant: str) -> None:
 
 # Each case is two processes for ~15 s on 2 cores, so the suite keeps to these. Wan: I2V runs
 # every path T2V does (plus image keys and padded text); T2V once more, at plain TP, for unpadded
-# text. HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions).
+# text. HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions). The I2V cases
+# and HunyuanVideo's montage carry LoRA adapters on every linear of their blocks (column- and
+# row-parallel, with and without SP, the joined proj_out, the cross-attention's whole inputs).
 @pytest.mark.parametrize(
-    ("family", "sequence_parallel", "variant"),
-    [("wan", False, "t2v"), ("wan", False, "i2v"), ("wan", True, "i2v"),
-     ("hunyuan_video", False, "t2v"), ("hunyuan_video", True, "i2v_latent_concat")],
-    ids=["wan-tp2-t2v", "wan-tp2-i2v", "wan-tp2_sp-i2v", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v"],
+    ("family", "sequence_parallel", "variant", "lora"),
+    [("wan", False, "t2v", False), ("wan", False, "i2v", True), ("wan", True, "i2v", True),
+     ("hunyuan_video", False, "t2v", False), ("hunyuan_video", True, "i2v_latent_concat", True)],
+    ids=["wan-tp2-t2v", "wan-tp2-i2v-lora", "wan-tp2_sp-i2v-lora", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v-lora"],
 )  # fmt: skip
-def test_tensor_parallel_matches_one_process(family: str, sequence_parallel: bool, variant: str) -> None:
-    ranks = run_ranks(parallel_run, 2, 2, 1, sequence_parallel, family, variant)
-    reference = reference_model(family, variant)
+def test_tensor_parallel_matches_one_process(
+    family: str, sequence_parallel: bool, variant: str, lora: bool
+) -> None:
+    ranks = run_ranks(parallel_run, 2, 2, 1, sequence_parallel, family, variant, lora)
+    reference = reference_model(family, variant, lora)
     plan = family_plan(reference)
     expected = forward_backward(reference, family, variant)
     for rank, result in enumerate(ranks):
@@ -167,12 +190,21 @@ def test_tensor_parallel_matches_one_process(family: str, sequence_parallel: boo
             "single_transformer_blocks.0.proj_out.weight",
             "transformer_blocks.0.attn.add_q_proj.weight",
         } <= set(split_names)
+    if lora:  # B of a column-parallel layer and A of a row-parallel one are cut; the others whole
+        prefix = "blocks.0.attn2" if family == "wan" else "transformer_blocks.0.attn"
+        assert {f"{prefix}.to_k.lora_B.weight", f"{prefix}.to_out.0.lora_A.weight"} <= set(split_names)
+        assert (
+            f"{prefix}.to_k.lora_A.weight" in expected["grads"]
+            and f"{prefix}.to_k.lora_A.weight" not in split_names
+        )
 
 
-@pytest.mark.parametrize(("family", "variant"), [("wan", "i2v"), ("hunyuan_video", "montage")])
-def test_ulysses_matches_one_process(family: str, variant: str) -> None:
-    ranks = run_ranks(parallel_run, 2, 1, 2, False, family, variant)
-    expected = forward_backward(reference_model(family, variant), family, variant)
+@pytest.mark.parametrize(
+    ("family", "variant", "lora"), [("wan", "i2v", False), ("hunyuan_video", "montage", True)]
+)
+def test_ulysses_matches_one_process(family: str, variant: str, lora: bool) -> None:
+    ranks = run_ranks(parallel_run, 2, 1, 2, False, family, variant, lora)
+    expected = forward_backward(reference_model(family, variant, lora), family, variant)
     for rank, result in enumerate(ranks):
         assert_close(result["out"], expected["out"], f"rank {rank} output")
         for name, weight in expected["weights"].items():
@@ -205,6 +237,11 @@ def test_joined_input_split_keeps_each_ranks_heads_and_mlp_features() -> None:
     shards = [split.shard(full, rank, 2) for rank in range(2)]
     assert shards[1].tolist() == full[:, [2, 3, 8, 9, 10, 11]].tolist()
     assert torch.equal(split.unshard(shards), full)
+    for cut, tensor in ((split, full), (TensorSplit(0, parts=3), torch.arange(12.0 * 2).reshape(12, 2))):
+        placed = torch.zeros_like(tensor)  # the checkpoint reader puts each rank's slice back by place()
+        for rank in range(2):
+            cut.place(placed, cut.shard(tensor, rank, 2), rank, 2)
+        assert torch.equal(placed, tensor), cut
 
 
 @pytest.mark.parametrize(

@@ -499,10 +499,19 @@ class Zero3Checkpoint:
         split = tensor_split(name)
         for tensor_rank in range(self.layout.tensor if split is not None else 1):
             placement = self.placements[tensor_rank][name]
-            destinations = _destinations(out, split, tensor_rank, self.layout.tensor)
+            joined = split is not None and type(split) is not TensorSplit and self.layout.tensor > 1
+            # A cut whose pieces interleave within each row (JoinedInputSplit) is assembled TP-local first.
+            local = torch.empty(placement.shape, dtype=dtype) if joined else None
+            destinations = (
+                [(0, local)]
+                if local is not None
+                else _destinations(out, split, tensor_rank, self.layout.tensor)
+            )
             for span in self._spans(name, tensor_rank, placement, kind):
                 for lo, dest in destinations:
                     _fill(dest, span, span.start - lo)
+            if local is not None and split is not None:
+                split.place(out, local, tensor_rank, self.layout.tensor)
         return out
 
     def _spans(self, name: str, tensor_rank: int, placement: Placement, kind: str) -> list[_Span]:

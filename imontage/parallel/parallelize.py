@@ -66,6 +66,7 @@ from torch.distributed import ProcessGroup
 from imontage.models.dit.model import DiT
 from imontage.models.dit.sequence import PackedBatch
 from imontage.models.hunyuan_video.model import HunyuanVideoTransformer
+from imontage.models.lora import ColumnsLinear, LoraUpdate, has_adapter, set_adapter
 from imontage.models.token_layout import SampleTokenLayout
 from imontage.models.wan.model import WanTransformer
 from imontage.parallel.collectives import (
@@ -104,6 +105,18 @@ class TensorSplit:
         parts = [shard.chunk(self.parts, self.dim) for shard in shards]  # [rank][part]
         return torch.cat([torch.cat([p[i] for p in parts], self.dim) for i in range(self.parts)], self.dim)
 
+    def pieces(self, full: torch.Size | tuple[int, ...], rank: int, size: int) -> list[tuple[int, int]]:
+        """(start, length) along ``dim`` of ``full`` of each piece rank ``rank`` keeps, in its order."""
+        part, local = full[self.dim] // self.parts, full[self.dim] // (self.parts * size)
+        return [(p * part + rank * local, local) for p in range(self.parts)]
+
+    def place(self, out: torch.Tensor, local: torch.Tensor, rank: int, size: int) -> None:
+        """Write rank ``rank``'s slice ``local`` into its place in the single-device tensor ``out``."""
+        at = 0
+        for start, length in self.pieces(out.shape, rank, size):
+            out.narrow(self.dim, start, length).copy_(local.narrow(self.dim, at, length))
+            at += length
+
 
 @dataclass(frozen=True)
 class JoinedInputSplit(TensorSplit):
@@ -116,9 +129,18 @@ class JoinedInputSplit(TensorSplit):
 
     dim: int = 1
 
+    def pieces(self, full: torch.Size | tuple[int, ...], rank: int, size: int) -> list[tuple[int, int]]:
+        width, mlp = full[0], full[1] - full[0]
+        if width % size or mlp % size:
+            raise ValueError(
+                f"attention width {width} and MLP width {mlp} must each split over {size} TP ranks"
+            )
+        return [(rank * width // size, width // size), (width + rank * mlp // size, mlp // size)]
+
     def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-        attention, mlp = full.split([full.shape[0], full.shape[1] - full.shape[0]], dim=1)
-        return torch.cat([TensorSplit(1).shard(part, rank, size) for part in (attention, mlp)], dim=1)
+        return torch.cat(
+            [full.narrow(1, start, n) for start, n in self.pieces(full.shape, rank, size)], dim=1
+        )
 
     def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
         width = shards[0].shape[0] // len(shards)  # each rank's attention columns
@@ -297,6 +319,11 @@ def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | Non
     Without ``plan``, every family's table is looked in (a name means one cut in all of them).
     """
     parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B"):  # an adapter: cut as its layer says
+        layer = tensor_split(".".join([*parts[:-2], "weight"]), plan)
+        if layer is None or (parts[-2] == "lora_A") != (layer.dim == 1) or type(layer) is not TensorSplit:
+            return None  # A of a column-parallel layer, B of a row-parallel one, A of a joined input
+        return layer
     if len(parts) < 3:
         return None
     blocks, inner = parts[0], ".".join(parts[2:])
@@ -572,6 +599,44 @@ def check_layout(model: nn.Module, tensor: int, context: int) -> None:
             raise ValueError(f"model.mlp_hidden_size={mlp} is not divisible by tensor_parallel={tensor}")
 
 
+def _move_adapter(
+    linear: nn.Module, layer: nn.Module, split: TensorSplit, group: ProcessGroup, sharded_input: bool
+) -> list[torch.Tensor]:
+    """Move ``linear``'s LoRA adapter onto ``layer``, its TP replacement, cut like it (imontage.models.lora).
+
+    Returns the adapter's parameters whose gradient on one rank covers part of the work.
+    """
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    a, b = cast(nn.Linear, linear.lora_A), cast(nn.Linear, linear.lora_B)
+
+    def cut(factor: nn.Linear, weight: torch.Tensor) -> Any:
+        piece = type(factor)(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            piece.weight.copy_(weight)
+        return piece
+
+    partial: list[torch.Tensor] = []
+    if split.dim == 0:  # column parallel: the rank's rows of B; A whole
+        b, mode = cut(b, split.shard(b.weight.detach(), rank, size)), "column"
+        partial += [a.weight] if sharded_input else []  # A sees only the rank's tokens
+    else:  # row parallel: the rank's columns of A; B whole
+        mode = "row"
+        if type(split) is TensorSplit:
+            a = cut(a, split.shard(a.weight.detach(), rank, size))
+        else:  # columns scattered over the input (JoinedInputSplit): A whole, applied to the rank's
+            pieces = split.pieces(cast(nn.Linear, linear).weight.shape, rank, size)
+            cast(ColumnsLinear, a).columns = torch.cat(
+                [torch.arange(start, start + n) for start, n in pieces]
+            )
+            partial.append(a.weight)
+        partial += [b.weight] if sharded_input else []  # B sees only the rank's tokens
+    dropout = cast(nn.Module, linear.lora_dropout)
+    set_adapter(
+        layer, a, b, dropout, float(cast(Any, linear).lora_scale), LoraUpdate(mode, group, sharded_input)
+    )
+    return partial
+
+
 def _tensor_parallel_block(
     block: nn.Module, plan: BlockPlan, configs: dict[bool, Any], group: ProcessGroup, sequence_parallel: bool
 ) -> None:
@@ -584,13 +649,16 @@ def _tensor_parallel_block(
             continue  # biases go with their weight; T2V blocks have no add_* layers
         owner, attribute = _submodule_owner(block, path)
         module = modules[path]
+        sharded_input = sequence_parallel and path not in plan.whole_inputs
         if isinstance(module, nn.RMSNorm):
             replaced: nn.Module = HeadShardedRMSNorm(module, split, group)
         elif split.dim == 0:
-            config = configs[sequence_parallel and path not in plan.whole_inputs]
-            replaced = _column_parallel(cast(nn.Linear, module), split, config)
+            replaced = _column_parallel(cast(nn.Linear, module), split, configs[sharded_input])
         else:
-            replaced = _row_parallel(cast(nn.Linear, module), split, configs[sequence_parallel])
+            replaced = _row_parallel(cast(nn.Linear, module), split, configs[sharded_input])
+        if has_adapter(module):
+            for param in _move_adapter(module, replaced, split, group, sharded_input):
+                param.register_hook(_sum_gradient_over(group))
         setattr(owner, attribute, replaced)
     for path in plan.head_modules:
         owner_of_heads: Any = block.get_submodule(path)  # reads num_heads to split q, k, v into heads
