@@ -395,3 +395,58 @@ def test_one_process_resume_inside_dpo_needs_the_stages_entry_checkpoint(
     )
     with pytest.raises(ckpt.CheckpointError, match=r"reference is the policy at step 2.*step_000002"):
         run(tmp_path / "orphan", "train.resume=auto")
+
+
+LORA = ["model.lora.rank=2", "model.lora.targets=[blocks.*.qkv,blocks.*.proj,blocks.*.fc*]"]
+
+
+def parameter_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter storages the modules hold (shared ones counted once)."""
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules for p in m.parameters()
+    }
+    return sum(storages.values())
+
+
+def dpo_stage_trainer(run_dir: Path, shards: dict[str, str], *extra: str) -> Any:
+    """A trainer on the recipe's DPO stage (started from fresh weights): its reference is attached."""
+    from imontage.train.trainer import Trainer
+
+    trainer = Trainer(load_recipe(RECIPE, recipe_overrides(run_dir, shards, "stages.dpo.steps=2", *extra)))
+    trainer.start_stage(trainer.stages[1])
+    return trainer
+
+
+def test_dpo_with_lora_references_the_base_without_a_copy(
+    shards: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """The reference is the policy's base with its adapters off: no parameter of its own."""
+    from imontage.models.lora import BaseWithoutAdapters, adapters_disabled
+
+    lora = dpo_stage_trainer(tmp_path / "lora", shards, *LORA)
+    policy, reference = lora.backend.model, lora.stages[1].objective.reference
+    assert isinstance(reference, BaseWithoutAdapters) and not list(reference.parameters())
+    full = dpo_stage_trainer(tmp_path / "full", shards)
+    full_policy, full_reference = full.backend.model, full.stages[1].objective.reference
+    lora_bytes, full_bytes = parameter_bytes(policy, reference), parameter_bytes(full_policy, full_reference)
+    with capsys.disabled():
+        print(f"\nDPO parameter memory, policy + reference: LoRA {lora_bytes} B, full model {full_bytes} B")
+    assert lora_bytes == parameter_bytes(policy) and full_bytes == 2 * parameter_bytes(full_policy)
+
+    batch = next(lora.loader)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():  # adapters that act, so that "off" is visible
+            if "lora_B" in name or name.startswith(("final.", "blocks.0.modulation")):  # (adaLN-zero)
+                p.normal_()
+        with adapters_disabled(policy):
+            base = policy(batch)
+        assert torch.equal(reference(batch), base)
+        assert not torch.allclose(policy(batch), base)
+    lora.fit()  # the DPO stage trains the adapters against the base
+    metrics = read_metrics(lora.run_dir)
+    assert metrics and all(math.isfinite(r["loss"]) for r in metrics)
+
+
+def test_dpo_refuses_adapters_beside_trained_base_parameters(shards: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"flow_dpo with model.lora.trainable=\['final.\*'\]"):
+        dpo_stage_trainer(tmp_path, shards, *LORA, "model.lora.trainable=[final.*]")

@@ -24,24 +24,33 @@ def loss_of(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
     return FlowMatching()(model, micro_batch(step, rank), torch.Generator().manual_seed(step * 7 + rank)).loss
 
 
-def fresh_model() -> DiT:
+def fresh_model(lora: bool = False) -> DiT:
+    """The tiny DiT; with ``lora``, frozen, with adapters on its attention and MLP linears."""
     torch.manual_seed(0)
     model = DiT(tiny_model_config())
     with torch.no_grad():  # leave adaLN-zero's zeros so that every parameter trains from step 1
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    if lora:
+        from imontage.models.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(rank=2, targets=["blocks.*.qkv", "blocks.*.proj", "blocks.*.fc*"]))
     return model
 
 
-def zero3_losses(rank: int, world_size: int) -> list[float]:
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def zero3_losses(rank: int, world_size: int, lora: bool) -> list[float]:
     import deepspeed
 
     from imontage.parallel.engine import build_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = fresh_model()
+    model = fresh_model(lora)
     config = zero3_config(model, grad_clip=CLIP)
-    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=LR), config)
+    engine = build_engine(model, torch.optim.AdamW(trainable(model), lr=LR), config)
     losses = []
     for step in range(STEPS):
         loss = loss_of(engine, step, rank)
@@ -54,10 +63,12 @@ def zero3_losses(rank: int, world_size: int) -> list[float]:
 
 
 @pytest.mark.slow
-def test_zero3_dp2_matches_one_process() -> None:
-    ranks = run_ranks(zero3_losses, 2, timeout=300)
-    model = fresh_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_zero3_dp2_matches_one_process(lora: bool) -> None:
+    """With LoRA only the adapters train (the optimiser holds them alone), on both sides."""
+    ranks = run_ranks(zero3_losses, 2, lora, timeout=300)
+    model = fresh_model(lora)
+    optimizer = torch.optim.AdamW(trainable(model), lr=LR)
     expected = []
     for step in range(STEPS):
         loss = (loss_of(model, step, 0) + loss_of(model, step, 1)) / 2  # DP averages the ranks' gradients

@@ -65,9 +65,13 @@ def model_config(values: Mapping[str, Any], where: str) -> Any:
         raise ConversionError(f"{where}: not a model config: {error}") from error
 
 
-def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
-    """Every parameter and buffer of the model ``cfg`` describes, built on the meta device."""
-    return {name: tuple(t.shape) for name, t in build_model(cfg, device="meta").state_dict().items()}
+def expected_shapes(cfg: Any, adapters: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer of the model ``cfg`` describes, built on the meta device;
+    ``adapters=False``: the base model's alone (what a diffusers folder holds), without LoRA's."""
+    from imontage.models.lora import is_adapter
+
+    shapes = build_model(cfg, device="meta").state_dict().items()
+    return {name: tuple(t.shape) for name, t in shapes if adapters or not is_adapter(name)}
 
 
 def _open(path: Path) -> Any:

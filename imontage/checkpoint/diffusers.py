@@ -213,7 +213,7 @@ def read_folder(folder: Path, expected: Mapping[str, tuple[int, ...]] | None = N
     }  # shard by shard
     shapes, dtypes = _headers(sources)
     if expected is None:
-        expected = convert.expected_shapes(model_cfg)
+        expected = convert.expected_shapes(model_cfg, adapters=False)
     index = folder / INDEX
     check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
     return DiffusersFolder(folder, config["_class_name"], family, config, model_cfg, sources, shapes, dtypes)
@@ -268,7 +268,7 @@ def model_weights(folder: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Ten
     model ``model_cfg`` describes, floating ones as float32, after checking the folder's config
     and every name and shape."""
     check_model_config(folder, model_cfg)
-    read = read_folder(folder, convert.expected_shapes(model_cfg))
+    read = read_folder(folder, convert.expected_shapes(model_cfg, adapters=False))
     for name, tensor in folder_tensors(read, desc=f"weights of {folder.name}"):
         yield name, tensor.float() if tensor.is_floating_point() else tensor
 
@@ -409,7 +409,7 @@ def export_folder(
         ) from error
     shapes = {name: shape for name, (shape, _) in got.layout.items()}
     check_tensors(source, {n: TensorSource(source, n) for n in got.layout}, shapes,
-                  expected if expected is not None else convert.expected_shapes(cfg))  # fmt: skip
+                  expected if expected is not None else convert.expected_shapes(cfg, adapters=False))  # fmt: skip
     recorded = _recorded_dtypes(cfg, got.metadata)
     layout = {}
     for name, (shape, stored) in got.layout.items():

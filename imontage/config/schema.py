@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from imontage.imagic.config import ImagicConfig
 from imontage.models.hunyuan_video.config import HunyuanVideoConfig
+from imontage.models.lora import LoraConfig
 from imontage.models.wan.config import WanConfig
 
 MODEL_FAMILIES = ("dit", "wan", "hunyuan_video")
@@ -78,6 +79,9 @@ class ModelConfig:
     # A diffusers model folder (config.json + diffusion_pytorch_model*.safetensors) of this family's
     # class that the first stage starts from (a stage's own init_from wins); "" = none.
     init_from_diffusers: str = ""
+    # Low-rank adapters and partial fine-tuning (imontage/models/lora.py): with a rank or a
+    # trainable list, the base model is frozen and only adapters and listed parameters train.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

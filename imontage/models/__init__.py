@@ -12,6 +12,8 @@ from torch import nn
 def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
     """The single-device model of ``cfg`` (a ``ModelConfig``); ``device="meta"`` builds shapes only.
 
+With ``model.lora`` set, the adapters are added and the base frozen (:func:`~imontage.models.lora.apply_lora`).
+
     Families are imported when asked for, so a DiT run never imports the pretrained families' code.
     """
     family = str(getattr(cfg, "family", "dit"))
@@ -24,4 +26,11 @@ def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module
         from imontage.models.hunyuan_video import build_hunyuan_video as build
     else:
         raise ValueError(f"model.family '{family}' is not one of dit, wan, hunyuan_video")
-    return build(cfg, device)
+    model = build(cfg, device)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None:
+        from imontage.models.lora import apply_lora, lora_enabled
+
+        if lora_enabled(lora):  # frozen base, adapters and the listed parameters trainable
+            apply_lora(model, lora)
+    return model

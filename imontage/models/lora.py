@@ -18,6 +18,7 @@ single-device update. The hook (:class:`LoraUpdate`) makes the collectives that 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Iterator
@@ -83,8 +84,11 @@ class LoraUpdate:
     mode: str = "whole"
     group: Any = None
     sharded_input: bool = False
+    enabled: bool = True  # off: the layer is its base alone (:func:`adapters_disabled`)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return output
         a, b = cast(nn.Linear, module.lora_A), cast(nn.Linear, module.lora_B)
         x = cast(nn.Module, module.lora_dropout)(args[0])
         h = a(x.to(a.weight.dtype))  # [n, rank]
@@ -219,3 +223,43 @@ def merge_lora(model: nn.Module) -> int:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors by parameter name (``….lora_A.weight``, ``….lora_B.weight``)."""
     return {name: p.detach() for name, p in model.named_parameters() if is_adapter(name)}
+
+
+def _updates(model: nn.Module) -> list[LoraUpdate]:
+    hooks = (hook for _, m in adapted_modules(model) for hook in m._forward_hooks.values())
+    return [hook for hook in hooks if isinstance(hook, LoraUpdate)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within it, ``model`` computes as its base: every adapter's update is skipped."""
+    updates = _updates(model)
+    for update in updates:
+        update.enabled = False
+    try:
+        yield
+    finally:
+        for update in updates:
+            update.enabled = True
+
+
+class BaseWithoutAdapters(nn.Module):
+    """The policy's base model, its adapters off: flow DPO's reference with no copy of the weights.
+
+    Holds the policy outside its own parameters (it has none), runs it under ``no_grad`` with the
+    adapters disabled. Only for a base that does not train (no ``model.lora.trainable`` patterns).
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = (policy,)  # a tuple, so that the policy is not a submodule of the reference
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        policy = self._policy[0]
+        with torch.no_grad(), adapters_disabled(policy):
+            return cast(torch.Tensor, policy(batch))
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """Parameters that do not train (the frozen base): left out of optimisers and checkpoints."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}

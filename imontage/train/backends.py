@@ -29,6 +29,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from imontage.models.lora import BaseWithoutAdapters, adapted_modules, frozen_names
 from imontage.train import checkpoint as ckpt
 from imontage.train.ema import EMA
 
@@ -50,6 +51,38 @@ def _configure_stage(optimizer: torch.optim.Optimizer, optim: DictConfig, fresh:
         optimizer.state.clear()  # AdamW creates its state lazily at the next step
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimiser steps: every parameter, less a frozen base (``model.lora``)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The names of :func:`trainable_parameters`, in the same order (the optimiser's numbering)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _adapted(model: nn.Module, cfg: DictConfig) -> bool:
+    """Whether flow DPO's reference is ``model``'s base with its adapters off (LoRA); refuses
+    adapters beside trained base parameters, which such a reference would follow."""
+    if next(adapted_modules(model), None) is None:
+        return False
+    if list(cfg.model.lora.trainable):
+        raise ValueError(
+            f"flow_dpo with model.lora.trainable={list(cfg.model.lora.trainable)}: the reference is the base "
+            "without adapters, and those parameters would train in it too; train adapters only"
+        )
+    return True
+
+
+def _set_frozen_partition(param: nn.Parameter, partition: torch.Tensor, source: Path) -> None:
+    """A frozen parameter's ZeRO-3 partition (it has no fp32 master): written in its own dtype."""
+    local = cast(Any, param).ds_tensor
+    if local.numel() != partition.numel():
+        raise ckpt.CheckpointError(f"{source}: partition of {partition.numel()} values for {local.numel()}")
+    with torch.no_grad():
+        local.copy_(partition.view(local.shape).to(local.dtype))
+
+
 class LocalBackend:
     """One process on one device (``parallel.engine: local``)."""
 
@@ -63,7 +96,8 @@ class LocalBackend:
         self.device = device
         self.model = model.to(device)
         self.model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        self.frozen = frozen_names(self.model)  # a frozen base (model.lora): no optimiser state, not saved
+        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=cfg.optim.lr)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.grad_clip = 0.0
 
@@ -122,7 +156,9 @@ class LocalBackend:
         """One checkpoint directory of safetensors groups and ``state.json`` (no pickle)."""
         optimizer_tensors, optimizer_meta = ckpt.optimizer_state_to_tensors(self.optimizer.state_dict())
         tensors = {
-            "model": {name: t.detach() for name, t in self.model.state_dict().items()},
+            "model": {
+                name: t.detach() for name, t in self.model.state_dict().items() if name not in self.frozen
+            },
             "optimizer": optimizer_tensors,
             "rng": own_tensors,
         }
@@ -142,7 +178,13 @@ class LocalBackend:
                 f"{path}: holds the data-loader and RNG states of {len(state['data_ranks'])} data-parallel "
                 "ranks; one process would continue only the first one's data: resume it with that many"
             )
-        self.model.load_state_dict(tensors["model"])
+        missing, unexpected = self.model.load_state_dict(tensors["model"], strict=not self.frozen)
+        if unexpected or set(missing) != self.frozen:
+            odd = sorted(unexpected or set(missing) ^ self.frozen)[0]
+            raise ckpt.CheckpointError(
+                f"{path / 'model.safetensors'}: tensor '{odd}' does not match this model's trainable "
+                f"parameters ({len(self.frozen)} frozen by model.lora are not in checkpoints)"
+            )
         self.optimizer.load_state_dict(
             ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
         )
@@ -165,7 +207,12 @@ class LocalBackend:
             self.ema = EMA(self.model, self.cfg.train.ema_decay)
 
     def frozen_reference(self) -> nn.Module:
-        """A frozen copy of the current weights (flow DPO's reference): no gradient, eval mode."""
+        """A frozen copy of the current weights (flow DPO's reference): no gradient, eval mode.
+
+        With LoRA adapters, the policy's own base with its adapters off: no copy at all.
+        """
+        if _adapted(self.model, self.cfg):
+            return BaseWithoutAdapters(self.model)
         reference = copy.deepcopy(self.model).eval()
         reference.requires_grad_(False)
         return reference
@@ -182,13 +229,15 @@ def _rank_file(rank: int, suffix: str) -> str:
 
 
 def build_optimizer(model: nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW on CPU; DeepSpeed's fused Adam (AdamW mode) on CUDA."""
+    """torch AdamW on CPU; DeepSpeed's fused Adam (AdamW mode) on CUDA; over the trainable parameters."""
     if device.type != "cuda":
-        return torch.optim.AdamW(model.parameters(), lr=optim.lr, **_adamw_hyperparameters(optim))
+        return torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, **_adamw_hyperparameters(optim))
     from deepspeed.ops.adam import FusedAdam
 
     try:
-        return FusedAdam(model.parameters(), lr=optim.lr, adam_w_mode=True, **_adamw_hyperparameters(optim))
+        return FusedAdam(
+            trainable_parameters(model), lr=optim.lr, adam_w_mode=True, **_adamw_hyperparameters(optim)
+        )
     except Exception as error:  # its CUDA extension is compiled on first use
         raise RuntimeError(
             f"DeepSpeed's FusedAdam could not be built on this machine ({error}); "
@@ -236,6 +285,7 @@ class DeepSpeedBackend:
             cfg.train.grad_accumulation,
             stage=parallel.zero_stage,
         )
+        self.frozen = frozen_names(model)  # a frozen base (model.lora): bf16 only, no fp32 master, not saved
         self.engine = build_engine(model, build_optimizer(model, cfg.optim, device), config, MegatronMPU())
         self.model = self.engine
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -332,7 +382,10 @@ class DeepSpeedBackend:
         params = dict(self.engine.module.named_parameters())
         with self._rewriting_master_weights():
             for name, tensor in model_weights(path, self.cfg.model):
-                safe_set_local_fp32_param(params[name], share(name, tensor))
+                if name in self.frozen:  # no fp32 master: the bit16 partition itself
+                    _set_frozen_partition(params[name], share(name, tensor), path)
+                else:
+                    safe_set_local_fp32_param(params[name], share(name, tensor))
         if self.ema is not None:
             self.ema = EMA(self.engine.module, self.cfg.train.ema_decay)
 
@@ -384,6 +437,8 @@ class DeepSpeedBackend:
         from imontage.parallel.parallelize import parallelize_dit
 
         parallel, policy = self.cfg.parallel, self.engine.module
+        if _adapted(policy, self.cfg):
+            return BaseWithoutAdapters(policy)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             reference = build_model(self.cfg.model).to(self.device)  # its initial weights are overwritten
         parallelize_dit(
@@ -432,7 +487,9 @@ class DeepSpeedBackend:
             ckpt.make_staging(root, name, token)
         self.barrier()
         # DeepSpeed writes its module and ZeRO shards into <root>/<tag>: the staging directory.
-        self.engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+        self.engine.save_checkpoint(
+            str(root), tag=staging.name, save_latest=False, exclude_frozen_parameters=bool(self.frozen)
+        )
         tensors = dict(own_tensors)
         if self.ema is not None:
             tensors.update({f"ema.{key}": value for key, value in self.ema.state_dict().items()})
@@ -472,7 +529,11 @@ class DeepSpeedBackend:
                 f"`tools/convert_checkpoint.py reshard {path} NEW_RUN_DIR/checkpoints` to resume under another layout"
             )
         self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=not self.frozen,  # the frozen base comes from its own source
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
         tensors = files[_rank_file(self.rank, ckpt.TENSORS_SUFFIX)]
         if self.ema is not None:
@@ -529,8 +590,7 @@ class DeepSpeedBackend:
         from imontage.models import build_model
 
         order = {
-            name: i
-            for i, (name, _) in enumerate(build_model(self.cfg.model, device="meta").named_parameters())
+            name: i for i, name in enumerate(trainable_names(build_model(self.cfg.model, device="meta")))
         }
         moments = {int(param_id): entry for param_id, entry in state["optimizer"]["state"]}
 

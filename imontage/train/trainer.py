@@ -412,6 +412,11 @@ class Trainer:
             path = self.stage_entry_checkpoint(only)
         if path is None:
             return
+        if self.backend.frozen and self.cfg.model.init_from_diffusers:
+            # Checkpoints leave out a frozen base (model.lora): it comes from its folder again (without
+            # one it is the seeded initialisation the model was built with).
+            log.info("frozen base from %s (model.init_from_diffusers)", self.cfg.model.init_from_diffusers)
+            self.backend.init_weights(Path(self.cfg.model.init_from_diffusers))
         shared, own, rng_tensors = self.backend.load(path)
         ckpt.restore_rng_state(rng_tensors, own["rng"])
         self.generator.set_state(rng_tensors["trainer_generator"])

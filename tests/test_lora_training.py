@@ -1,0 +1,131 @@
+"""LoRA through the trainer on the local engine: a frozen base, adapters-only checkpoints, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import assert_same_run, final_tensors, run
+
+from imontage.config import load_recipe
+from imontage.models import build_model
+from imontage.models.lora import is_adapter
+
+LORA = ["model.lora.rank=2", "model.lora.alpha=4", "model.lora.targets=[blocks.*.qkv,blocks.*.fc2]",
+        "model.lora.trainable=[final.*]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from imontage.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_shards(out, samples=12, per_shard=6, seed=0, progress=False)
+    return str(out / "train-*.tar")
+
+
+def test_a_lora_run_checkpoints_adapters_only_and_resumes_bit_for_bit(tmp_path: Path, shards: str) -> None:
+    straight = run(tmp_path / "straight", shards, "stages.sft.steps=6", *LORA)
+    resumed = tmp_path / "resumed"
+    run(resumed, shards, "stages.sft.steps=6", "train.stop_at_step=3", *LORA)
+    run(resumed, shards, "stages.sft.steps=6", *LORA)
+    assert_same_run(straight, resumed)  # losses, weights, EMA and AdamW state, exactly
+
+    tensors = final_tensors(straight)
+    recipe = Path(__file__).resolve().parents[1] / "configs/recipes/quickstart.yaml"
+    from test_trainer import TINY
+
+    model = build_model(load_recipe(recipe, [*TINY, *LORA]).model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(tensors["model"]) == trainable and any(map(is_adapter, trainable))
+    assert all(name.startswith("final.") for name in trainable if not is_adapter(name))
+    assert set(tensors["ema"]) == trainable
+    moments = [name for name in tensors["optimizer"] if name.endswith("exp_avg")]
+    assert len(moments) == len(trainable)  # AdamW state for the trainable parameters only
+    saved = sum(t.numel() * t.element_size() for t in tensors["model"].values())
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert saved < whole / 5, (saved, whole)
+
+
+def test_a_frozen_base_reads_no_checkpoint_without_its_adapters(tmp_path: Path, shards: str) -> None:
+    """A full run's checkpoint does not resume as a LoRA run: the tensors do not match (named)."""
+    from imontage.train import checkpoint as ckpt
+
+    full = tmp_path / "full"
+    run(full, shards, "stages.sft.steps=2")
+    with pytest.raises(
+        ckpt.CheckpointError, match="model.safetensors: tensor '.*' does not match this model's trainable"
+    ):
+        run(full, shards, "stages.sft.steps=3", *LORA)
+
+
+# ------------------------------------------------------- ZeRO-3 from a diffusers folder, with LoRA
+WAN_LORA = [
+    "model.lora.rank=2",
+    "model.lora.targets=[blocks.*.attn1.to_q,blocks.*.attn1.to_v,blocks.*.ffn.net.2]",
+]
+
+
+def zero3_lora_losses(
+    rank: int, world_size: int, overrides: list[str], folder: str, check_start: bool
+) -> list[float]:
+    """Train under ZeRO-3 (optionally checking first that the frozen base is the folder's and every
+    B is zero); rank 0 returns the run's losses."""
+    import deepspeed
+    from test_diffusers_io import stored_tensors
+
+    from imontage.train.logger import read_metrics
+    from imontage.train.trainer import Trainer
+
+    trainer = Trainer(load_recipe(RECIPE, overrides))
+    if check_start:
+        trainer.maybe_resume()
+        trainer.start_stage(trainer.stages[0])
+        expected = stored_tensors(Path(folder))
+        module = trainer.backend.engine.module
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if is_adapter(name):
+                    assert param.requires_grad and ("lora_A" in name or not param.any()), name
+                else:  # the frozen base, written into its bf16 partitions (no fp32 master)
+                    assert not param.requires_grad and param.dtype == torch.bfloat16, name
+                    assert torch.equal(param.detach(), expected[name].to(torch.bfloat16)), (
+                        f"rank {rank}: {name}"
+                    )
+        trainer.loader.close()
+    trainer.fit()
+    return [r["loss"] for r in read_metrics(trainer.run_dir)] if rank == 0 else []
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs/recipes/quickstart.yaml"
+
+
+def test_zero3_lora_from_a_diffusers_folder_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """zero3_dp2, bf16, adapters on the tiny Wan: the run starts from the folder, its checkpoints
+    leave the base out (DeepSpeed's module file and ZeRO shards hold the adapters alone), and a
+    run stopped at step 2 and resumed (the base read from the folder again) equals the straight run."""
+    from distributed import run_ranks
+    from latent_shards import TEXT_DIM, write_latent_shards
+    from test_diffusers_io import folder_training_overrides, wan_tiny_folder
+
+    folder = wan_tiny_folder(tmp_path / "transformer", text_dim=TEXT_DIM)[0]
+    shards = write_latent_shards(tmp_path / "latents")
+
+    def overrides(run_dir: Path, *extra: str) -> list[str]:
+        base = folder_training_overrides(folder, shards, run_dir, "zero3_dp2")
+        return [*base, "stages=[{name: sft, objective: flow_matching, steps: 4}]", "train.precision=bf16",
+                "train.checkpoint.every=2", *WAN_LORA, *extra]  # fmt: skip
+
+    straight = run_ranks(
+        zero3_lora_losses, 2, overrides(tmp_path / "straight"), str(folder), True, timeout=300
+    )[0]
+    resumed = tmp_path / "resumed"
+    run_ranks(
+        zero3_lora_losses, 2, overrides(resumed, "train.stop_at_step=2"), str(folder), False, timeout=300
+    )
+    checkpoint = resumed / "checkpoints/step_000002"
+    module_files = list(checkpoint.glob("*model_states.pt"))
+    assert module_files and all(f.stat().st_size < 64 * 2**10 for f in module_files)  # no base inside
+    tail = run_ranks(zero3_lora_losses, 2, overrides(resumed), str(folder), False, timeout=300)[0]
+    assert len(straight) == 4 and tail == straight  # the metrics file holds steps 1-2 and the resumed 3-4
