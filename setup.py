@@ -40,6 +40,7 @@ setup(
         "diffusers>=0.35",
         "transformers>=4.50",
         "accelerate>=1.0",  # diffusers' from_pretrained of classes that keep modules in fp32 needs it
+        "peft>=0.14",  # diffusers' LoRA loader (load_lora_adapter), which exported adapters are for
     ],
     extras_require={
         "dev": ["ruff>=0.6", "mypy>=1.10"],

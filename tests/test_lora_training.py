@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_trainer import assert_same_run, final_tensors, run
 
 from imontage.config import load_recipe
@@ -71,7 +72,7 @@ def zero3_lora_losses(
     rank: int, world_size: int, overrides: list[str], folder: str, check_start: bool
 ) -> list[float]:
     """Train under ZeRO-3 (optionally checking first that the frozen base is the folder's and every
-    B is zero); rank 0 returns the run's losses."""
+    B is zero); rank 0 returns the run's losses and its final adapters (bf16, gathered)."""
     import deepspeed
     from test_diffusers_io import stored_tensors
 
@@ -95,7 +96,16 @@ def zero3_lora_losses(
                     )
         trainer.loader.close()
     trainer.fit()
-    return [r["loss"] for r in read_metrics(trainer.run_dir)] if rank == 0 else []
+    adapters = {}
+    for name, param in trainer.backend.engine.module.named_parameters():
+        if is_adapter(name):
+            with deepspeed.zero.GatheredParameters([param]):  # a collective: on every rank
+                adapters[name] = param.detach().clone()
+    return (
+        {"losses": [r["loss"] for r in read_metrics(trainer.run_dir)], "adapters": adapters}
+        if rank == 0
+        else {}
+    )
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs/recipes/quickstart.yaml"
@@ -128,4 +138,18 @@ def test_zero3_lora_from_a_diffusers_folder_resumes_bit_for_bit(tmp_path: Path) 
     module_files = list(checkpoint.glob("*model_states.pt"))
     assert module_files and all(f.stat().st_size < 64 * 2**10 for f in module_files)  # no base inside
     tail = run_ranks(zero3_lora_losses, 2, overrides(resumed), str(folder), False, timeout=300)[0]
-    assert len(straight) == 4 and tail == straight  # the metrics file holds steps 1-2 and the resumed 3-4
+    losses = straight["losses"]
+    assert (
+        len(losses) == 4 and tail["losses"] == losses
+    )  # the metrics file holds steps 1-2 and the resumed 3-4
+
+    # The ZeRO-3 checkpoint's adapters (fp32 masters, read back partition by partition) leave as a
+    # diffusers LoRA file: those of the module, B scaled by alpha / rank = 1.
+    from imontage.checkpoint.lora import PREFIX, export_lora
+
+    exported = load_file(
+        export_lora(resumed / "checkpoints/step_000004", tmp_path / "lora.safetensors", "live")
+    )
+    assert set(exported) == {f"{PREFIX}.{name}" for name in tail["adapters"]}
+    for name, tensor in tail["adapters"].items():
+        assert torch.equal(exported[f"{PREFIX}.{name}"].to(tensor.dtype), tensor), name

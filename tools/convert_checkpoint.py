@@ -7,6 +7,7 @@ python tools/convert_checkpoint.py export model.safetensors out_folder [--max-sh
 python tools/convert_checkpoint.py import out_folder model.safetensors
 python tools/convert_checkpoint.py import-diffusers Wan2.1-T2V-1.3B-Diffusers/transformer --out wan.safetensors [--config-out configs/model/wan_1_3b.yaml]
 python tools/convert_checkpoint.py export-diffusers RUN_DIR/checkpoints/step_000800 [--config configs/recipes/x.yaml] --out exported/transformer [--max-shard-size 5GB]
+python tools/convert_checkpoint.py export-lora RUN_DIR/checkpoints/step_000800 --out pytorch_lora_weights.safetensors
 python tools/convert_checkpoint.py inspect PATH [--recipe configs/recipes/x.yaml] [--tensors]
 python tools/convert_checkpoint.py verify RUN_DIR/checkpoints/step_000800
 """
@@ -77,9 +78,16 @@ def run_import_diffusers(args: argparse.Namespace) -> None:
 def run_export_diffusers(args: argparse.Namespace) -> None:
     cfg = model_config_file(args.config) if args.config else None
     out = diffusers_io.export_folder(
-        args.source, args.out, cfg, args.weights, args.dtype, args.max_shard_size, not args.no_verify
-    )
+        args.source, args.out, cfg, args.weights, args.dtype, args.max_shard_size, not args.no_verify,
+        base=args.base,
+    )  # fmt: skip
     print(f"wrote {out}")
+
+
+def run_export_lora(args: argparse.Namespace) -> None:
+    from imontage.checkpoint.lora import export_lora
+
+    print(f"wrote {export_lora(args.source, args.out, args.weights, not args.no_verify)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="cast floating tensors (default: the dtypes of the imported folder)")  # fmt: skip
     p.add_argument("--max-shard-size", type=size_bytes, default=diffusers_io.MAX_SHARD_BYTES)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a training checkpoint")
+    p.add_argument("--base", type=Path, default=None,
+                   help="a LoRA run's base folder to merge into (default: its model.init_from_diffusers)")  # fmt: skip
+    p = commands.add_parser(
+        "export-lora",
+        help="a LoRA run's checkpoint (any layout) or consolidated file -> diffusers' LoRA safetensors file",
+    )
+    p.add_argument("source", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="e.g. pytorch_lora_weights.safetensors")
+    p.add_argument(
+        "--weights", choices=diffusers_io.WEIGHT_KINDS, default="ema", help="of a training checkpoint"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a training checkpoint")
     p = commands.add_parser("inspect", help="tensors, parameter count, step, config diff")
     p.add_argument("path", type=Path)
     p.add_argument("--recipe", type=Path, help="print the model config's differences from this recipe's")
@@ -158,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             run_import_diffusers(args)
         elif args.command == "export-diffusers":
             run_export_diffusers(args)
+        elif args.command == "export-lora":
+            run_export_lora(args)
         elif args.command == "inspect":
             run_inspect(args)
         else:

@@ -74,6 +74,16 @@ def expected_shapes(cfg: Any, adapters: bool = True) -> dict[str, tuple[int, ...
     return {name: tuple(t.shape) for name, t in shapes if adapters or not is_adapter(name)}
 
 
+def checkpoint_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """What a training checkpoint of ``cfg`` holds: every tensor, less a frozen base (``model.lora``:
+    adapters, listed trainable parameters and buffers only)."""
+    from imontage.models.lora import frozen_names
+
+    model = build_model(cfg, device="meta")
+    frozen = frozen_names(model)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in frozen}
+
+
 def _open(path: Path) -> Any:
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -177,7 +187,7 @@ def consolidate(
         return _consolidate_zero3(checkpoint, out, weights, dtype)
     state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
     cfg = model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
-    shapes = expected_shapes(cfg)
+    shapes = checkpoint_shapes(cfg)
     sources = _file_sources(checkpoint / "model.safetensors")
     if weights == "ema":
         ema_file = checkpoint / "ema.safetensors"
@@ -208,7 +218,7 @@ def open_zero3(checkpoint: Path) -> tuple[zero3.Zero3Checkpoint, Any]:
     state = json.loads(state_file.read_text())
     cfg = model_config(state.get("model_config", {}), str(state_file))
     try:
-        return zero3.Zero3Checkpoint(checkpoint, expected_shapes(cfg)), cfg
+        return zero3.Zero3Checkpoint(checkpoint, checkpoint_shapes(cfg)), cfg
     except zero3.Zero3Error as error:
         raise ConversionError(str(error)) from error
 

@@ -377,6 +377,7 @@ def export_folder(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     verify: bool = True,
     expected: Mapping[str, tuple[int, ...]] | None = None,
+    base: Path | None = None,
 ) -> Path:
     """A consolidated file or a training checkpoint (any layout) -> a folder diffusers' ``from_pretrained`` loads.
 
@@ -384,17 +385,26 @@ def export_folder(
     ``dtype``: cast the floating tensors (``fp32``/``bf16``/``fp16``); by default each tensor gets
     the dtype of the folder the weights were imported from (recorded at import, or read from the
     recipe's ``model.init_from_diffusers``), else keeps its own. Shards above ``max_shard_bytes``,
-    named and indexed as ``save_pretrained`` names them.
+    named and indexed as ``save_pretrained`` names them. A LoRA run's checkpoint (its base frozen,
+    not in it) is merged into its base: ``base`` or the run's ``model.init_from_diffusers``
+    (:func:`imontage.checkpoint.lora.merged_weights`).
     """
+    from imontage.models.lora import lora_enabled
+
     source = Path(source)
     got = _source_weights(source, weights, verify)
+    if lora_enabled(got.cfg.lora):
+        from imontage.checkpoint.lora import merged_weights
+
+        plain, tensors, layout = merged_weights(source, base, weights, verify=False)
+        got = _Weights(plain, layout, tensors, {})
     cfg = got.cfg
     if model_cfg is not None:
         diff = convert.config_diff(
             OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
             OmegaConf.to_container(model_cfg, resolve=True),  # type: ignore[arg-type]
         )
-        diff = [line for line in diff if not line.startswith("init_from_diffusers")]
+        diff = [line for line in diff if not line.startswith(("init_from_diffusers", "lora"))]
         if diff:
             raise ConversionError(
                 f"{source}: its model config differs from the one given: " + "; ".join(diff)

@@ -164,8 +164,9 @@ def model_states_name(zero_rank: int, tensor_rank: int) -> str:
     return f"zero_pp_rank_{zero_rank}_mp_rank_{tensor_rank:02d}_model_states.pt"
 
 
-def optim_states_name(zero_rank: int, tensor_rank: int) -> str:
-    return f"zero_pp_rank_{zero_rank}_mp_rank_{tensor_rank:02d}_optim_states.pt"
+def optim_states_name(zero_rank: int, tensor_rank: int, bf16: bool = False) -> str:
+    """DeepSpeed prefixes the optimiser files of a bf16 run with ``bf16_``."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{zero_rank}_mp_rank_{tensor_rank:02d}_optim_states.pt"
 
 
 def rank_tensors_name(rank: int) -> str:
@@ -385,11 +386,12 @@ class Zero3Checkpoint:
             for name in (rank_tensors_name(rank), rank_state_name(rank)):
                 if not (path / name).is_file():
                     raise Zero3Error(f"{path / name}: no such file (rank {rank} of {world})")
+        self.bf16 = (path / optim_states_name(0, 0, bf16=True)).is_file()  # train.precision=bf16
         for tensor_rank in range(self.layout.tensor):
             for zero_rank in range(self.layout.zero_world):
                 for name in (
                     model_states_name(zero_rank, tensor_rank),
-                    optim_states_name(zero_rank, tensor_rank),
+                    optim_states_name(zero_rank, tensor_rank, self.bf16),
                 ):
                     if not (path / name).is_file():
                         raise Zero3Error(
@@ -530,7 +532,7 @@ class Zero3Checkpoint:
                     return [_Span(0, placement.numel, dtype, ema.path, begin)]
                 spans.append(_Span(start, valid, dtype, ema.path, begin))
             else:
-                file = self.path / optim_states_name(zero_rank, tensor_rank)
+                file = self.path / optim_states_name(zero_rank, tensor_rank, self.bf16)
                 flat = self._flat(tensor_rank, zero_rank, placement, kind).narrow(0, placement.offset, valid)
                 where = self._files.file_offset(file, flat)
                 spans.append(
@@ -539,7 +541,7 @@ class Zero3Checkpoint:
         return spans
 
     def _flat(self, tensor_rank: int, zero_rank: int, placement: Placement, kind: str) -> torch.Tensor:
-        file = self.path / optim_states_name(zero_rank, tensor_rank)
+        file = self.path / optim_states_name(zero_rank, tensor_rank, self.bf16)
         states = self._files.get(file)
         optimizer = states.get("optimizer_state_dict")
         if not isinstance(optimizer, dict) or "fp32_flat_groups" not in optimizer:
@@ -606,7 +608,7 @@ class Zero3Checkpoint:
 
     def optimizer_steps(self) -> torch.Tensor:
         """AdamW's step count (the same for every flat group), from ZeRO rank 0 of TP rank 0."""
-        file = self.path / optim_states_name(0, 0)
+        file = self.path / optim_states_name(0, 0, self.bf16)
         inner = load_pt(file)["optimizer_state_dict"].get("optimizer_state_dict", {})
         index = self._state_key(file, inner, 0)
         step = inner.get("state", {}).get(index, {}).get("step")
@@ -618,7 +620,7 @@ class Zero3Checkpoint:
 
     def optimizer_hyperparameters(self) -> dict[str, Any]:
         """The AdamW param group of ZeRO rank 0 (lr, betas, eps, weight decay...), without its params."""
-        file = self.path / optim_states_name(0, 0)
+        file = self.path / optim_states_name(0, 0, self.bf16)
         inner = load_pt(file)["optimizer_state_dict"].get("optimizer_state_dict", {})
         group = dict(inner["param_groups"][0])
         group.pop("params", None)
