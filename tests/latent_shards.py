@@ -2,6 +2,7 @@
 
     from latent_shards import write_latent_shards
     spec = write_latent_shards(tmp_path)  # 3 shards of pixel samples encoded by a tiny random Wan VAE + UMT5
+    spec = write_latent_shards(tmp_path, [keyframe_samples(4), keyframe_samples(2, pairs=True)])  # 2 shards
 
 Nothing is downloaded: the VAE, the text encoder and a word-level tokenizer are built from small
 configs and saved with ``save_pretrained``, as real model folders are laid out.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from imontage.data.encode import Encoders, EncodeSettings, encode_shards
@@ -41,6 +43,7 @@ WORDS = [
 VOCAB_SIZE = 3 + len(WORDS) + 10  # specials, words, digits
 LATENTS_MEAN = [0.1, -0.2, 0.3, 0.0]
 LATENTS_STD = [1.5, 0.5, 2.0, 1.0]
+Samples = list[tuple[str, dict[str, bytes]]]  # (key, members) of one shard's samples
 
 
 def save_tiny_vae(folder: Path, family: str = "wan") -> Path:
@@ -129,18 +132,55 @@ def pixel_samples() -> list[tuple[str, dict[str, bytes], dict]]:
     return out
 
 
+def keyframe_samples(count: int, pairs: bool = False) -> Samples:
+    """(key, members) of ``count`` DreaMontage-shaped samples: keyframe images anchored at pixel
+    frames 0 and 4 of a 5-frame 32x48 clip (latent frames 0 and 1 of 2: the ``shared`` layout's
+    anchors). With ``pairs``, two clips in groups win and lose instead of one target (flow DPO's
+    pairs: each decodes to two training samples)."""
+    out = []
+    for index in range(count):
+        members = {f"{n}.png": image_bytes(32, 48, "png", seed=10 * n + index) for n in (0, 1)}
+        segments = [{"role": "condition", "kind": "image", "member": "0.png", "anchor": 0},
+                    {"role": "condition", "kind": "image", "member": "1.png", "anchor": 4}]  # fmt: skip
+        groups = ("win", "lose") if pairs else (None,)
+        for number, group in enumerate(groups):
+            members[f"{2 + number}.mp4"] = video_bytes(5, 32, 48, seed=20 + 10 * number + index)
+            segments.append({"role": "target", "kind": "video", "member": f"{2 + number}.mp4",
+                             **({"group": group} if group else {})})  # fmt: skip
+        key = f"{index + 10 * pairs:06d}"
+        out.append((key, _sample("keyframes", "the red circle moves left", members, segments)))
+    return out
+
+
 SHARD_KEYS = (("000000", "000001", "000005"), ("000002", "000003"), ("000004", "000006"))
 
 
-def write_pixel_shards(folder: Path) -> str:
-    """Three input shards of :func:`pixel_samples` (keys as in SHARD_KEYS); returns their spec."""
+def write_pixel_shards(folder: Path, shards: Sequence[Samples] | None = None) -> str:
+    """Three input shards of :func:`pixel_samples` (keys as in SHARD_KEYS), or one shard per list of
+    ``shards`` (``pixels-000000.tar``, ...); returns their spec."""
     folder.mkdir(parents=True, exist_ok=True)
-    samples = {key: members for key, members, _ in pixel_samples()}
-    for number, keys in enumerate(SHARD_KEYS):
+    if shards is None:
+        by_key = {key: members for key, members, _ in pixel_samples()}
+        shards = [[(key, by_key[key]) for key in keys] for keys in SHARD_KEYS]
+    for number, samples in enumerate(shards):
         with ShardWriter(folder / f"pixels-{number:06d}.tar") as writer:
-            for key in keys:
-                writer.add_sample(key, samples[key])
+            for key, members in samples:
+                writer.add_sample(key, members)
     return str(folder / "pixels-*.tar")
+
+
+def save_tiny_wan(folder: Path) -> Path:
+    """A random diffusers WanTransformer3DModel with the config of configs/model/wan_tiny.yaml
+    (text_dim TEXT_DIM): the tiny stand-in for a Wan 2.1 ``transformer/`` folder."""
+    from omegaconf import OmegaConf
+
+    from imontage.checkpoint.diffusers import build_diffusers_model
+    from imontage.config.schema import ModelConfig
+
+    preset = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/model/wan_tiny.yaml")
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, {"text_dim": TEXT_DIM})
+    build_diffusers_model(cfg).save_pretrained(folder)
+    return folder
 
 
 def save_tiny_encoders(folder: Path) -> dict[str, str]:
@@ -150,14 +190,15 @@ def save_tiny_encoders(folder: Path) -> dict[str, str]:
     return {"vae": str(vae), "text_encoder": str(text), "tokenizer": str(tokenizer)}
 
 
-def write_latent_shards(folder: Path) -> str:
-    """Pixel shards encoded into ``folder/latents`` by tiny random encoders; returns the latent spec.
+def write_latent_shards(folder: Path, shards: Sequence[Samples] | None = None) -> str:
+    """Pixel shards (:func:`write_pixel_shards`) encoded into ``folder/latents`` by tiny random
+    encoders; returns the latent spec.
 
     Latents have LATENT_CHANNELS channels at 1/8 of the pixel size (4x4, 4x6, 6x4; the clip 2
     latent frames); text embeddings are ``[6, TEXT_DIM]``.
     """
     models = save_tiny_encoders(folder / "models")
-    spec = write_pixel_shards(folder / "pixels")
+    spec = write_pixel_shards(folder / "pixels", shards)
     encoders = Encoders.load(models["vae"], models["text_encoder"], models["tokenizer"])
     encode_shards(spec, folder / "latents", encoders, settings=EncodeSettings(), progress=False)
     return str(folder / "latents" / "pixels-*.tar")

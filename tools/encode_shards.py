@@ -3,6 +3,7 @@
     python tools/encode_shards.py 'data/mine/shard-*.tar' --out data/mine_latents \\
         --vae models/wan/vae --text-encoder models/wan/text_encoder --tokenizer models/wan/tokenizer \\
         [--pooled-text-encoder models/hv/text_encoder_2] [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
+        [--image-encoder models/wan-i2v/image_encoder --image-processor models/wan-i2v/image_processor --i2v-condition]
 
 Each rank (``--rank``/``--world``, default ``RANK``/``WORLD_SIZE``) encodes whole input shards;
 finished output shards are skipped on a rerun. Train on the result with
@@ -46,6 +47,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pooled-tokenizer", help="its tokenizer folder (default: the encoder's)")
     parser.add_argument("--max-pooled-length", type=int, default=77)
+    parser.add_argument(
+        "--image-encoder",
+        help="a CLIP vision model folder: the condition image's tokens are stored too (Wan 2.1 I2V)",
+    )
+    parser.add_argument("--image-processor", help="its CLIPImageProcessor folder (default: the encoder's)")
+    parser.add_argument(
+        "--i2v-condition",
+        action="store_true",
+        help="store each target's Wan I2V condition latent: the condition image + zero frames through the VAE",
+    )
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         tiling=args.tiling,
         max_text_length=args.max_text_length,
         max_pooled_length=args.max_pooled_length,
+        image=args.image_encoder,
+        image_processor=args.image_processor,
+        i2v_condition=args.i2v_condition,
     )
     reports = encode_shards(
         args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress

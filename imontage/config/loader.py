@@ -35,6 +35,7 @@ from imontage.config.schema import (
     StageConfig,
 )
 from imontage.imagic.config import check_imagic
+from imontage.models.dit.sequence import model_inputs
 
 COMMAND_LINE = "<command line>"
 
@@ -326,6 +327,7 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     )
     _check(cfg.flow_matching.t_std > 0, "flow_matching.t_std", source, "must be positive")
     _check(cfg.flow_matching.shift > 0, "flow_matching.shift", source, "must be positive")
+    _validate_model_inputs(cfg, source)
     _check(cfg.dpo.beta > 0, "dpo.beta", source, "must be positive")
     check_imagic(cfg.imagic, source, error=RecipeError)
     _check(cfg.optim.lr > 0, "optim.lr", source, "must be positive")
@@ -363,6 +365,17 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     )
 
 
+def _validate_model_inputs(cfg: DictConfig, source: Origin) -> None:
+    """What the model reads besides tokens must be buildable: channel counts that match a known
+    channel condition, and an embedded guidance scale only for a model with a guidance embedding."""
+    guidance = cfg.flow_matching.embedded_guidance
+    try:
+        model_inputs(cfg.model, guidance)
+    except ValueError as error:
+        key = "flow_matching.embedded_guidance" if "embedded_guidance" in str(error) else "model.in_channels"
+        raise RecipeError(f"{source(key)}: key '{key}': {error}") from error
+
+
 def _validate_init_from_diffusers(model: DictConfig, source: Origin) -> None:
     """The folder exists and holds this family's diffusers class with this model's config (config.json only)."""
     from imontage.checkpoint.convert import ConversionError
@@ -374,7 +387,38 @@ def _validate_init_from_diffusers(model: DictConfig, source: Origin) -> None:
     try:
         check_model_config(folder, model)
     except ConversionError as error:
+        _check_pretrained_rope(model, folder, source)  # the RoPE is what differs: say so, and why
         raise RecipeError(f"{source(key)}: key '{key}': {error}") from error
+
+
+def _check_pretrained_rope(model: DictConfig, folder: Path, source: Origin) -> None:
+    """``model.rope`` equals the RoPE of the folder's pretrained model, named by the key that differs.
+
+    A pretrained family's class computes one RoPE; another split of the pairs (EditVerse's 4D
+    bands, say) would turn its pretrained bands at other frequencies and could not be exported.
+    """
+    from imontage.checkpoint.convert import ConversionError
+    from imontage.checkpoint.diffusers import read_model_config
+
+    try:
+        _, family, pretrained = read_model_config(folder)
+    except ConversionError:
+        return  # not readable as a model of a family: the caller's message says why
+    if family != model.family:
+        return
+    for name in ("bands", "theta", "pair_layout"):
+        ours, theirs = model.rope[name], pretrained.rope[name]
+        if isinstance(ours, ListConfig):
+            ours, theirs = [float(v) for v in ours], [float(v) for v in theirs]
+        _check(
+            ours == theirs,
+            f"model.rope.{name}",
+            source,
+            f"{model.rope[name]} is not the {pretrained.rope[name]} of the RoPE {folder} was pretrained "
+            f"with, the only one its class computes (model.init_from_diffusers and export-diffusers need "
+            "it): keep the model preset's rope; a position axis with no pairs is not rotated "
+            "(docs/finetune_wan.md: EditVerse on Wan)",
+        )
 
 
 def _validate_dpo_stage(cfg: DictConfig, index: int, source: Origin) -> None:

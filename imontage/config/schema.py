@@ -177,6 +177,10 @@ class FlowMatchingConfig:
     t_std: float = 1.0
     shift: float = 1.0  # t -> shift * t / (1 + (shift - 1) * t); > 1 favours noisier t
     text_dropout: float = 0.1  # probability of training a sample without its text (for CFG)
+    # The distilled guidance scale fed to a model with a guidance embedding (HunyuanVideo T2V's
+    # guidance_embeds), per sample; null: 1.0, what finetrainers and musubi-tuner fine-tune it at
+    # (imontage.models.dit.sequence.DEFAULT_EMBEDDED_GUIDANCE). A model without one refuses a value.
+    embedded_guidance: float | None = None
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 1. :func:`inspect_sample`: parse the json and read the media headers into :class:`SampleFacts`
    (sizes, frame counts, shapes). Depends on the bytes only, so a shard index can store it.
-2. :func:`plan_item`: apply the recipe (caps, buckets, frame sampling, patch size, layout) to the
-   facts: the shape every segment is trained at and the item's token count. No pixels decoded.
+2. :func:`plan_item`: apply the recipe (caps, buckets, frame sampling, patch size, layout, and what
+   the model reads besides tokens: :mod:`imontage.data.conditions`) to the facts: the shape every
+   segment is trained at and the item's token count. No pixels decoded.
 3. :func:`decode_item`: decode the pixels into those shapes and build the :class:`Sample` (two
-   for a preference pair: the shared segments with the ``win`` ones, then with the ``lose`` ones).
+   for a preference pair: the shared segments with the ``win`` ones, then with the ``lose`` ones),
+   with the per-sample inputs and channel conditions its model reads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imontage.data import media
+from imontage.data import conditions, media
 from imontage.data.buckets import Size, frame_bucket, sample_frame_indices, target_size
 from imontage.data.problems import DataError
 from imontage.data.records import SampleRecord, SegmentRecord, extension, parse_record
@@ -77,6 +79,7 @@ class SegmentFacts:
     height: int
     width: int
     fps: float  # 0 when unknown
+    condition_channels: int = 0  # channels C of the segment's condition_latent [C, T, H, W]; 0 without
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class SampleFacts:
     text_bytes: int  # UTF-8 length of the text
     embedding_rows: int  # rows L of the precomputed text embedding; 0 without one
     segments: tuple[SegmentFacts, ...]
+    pooled_dim: int = 0  # width E of the pooled text vector [E]; 0 without one
+    image_tokens: int = 0  # rows L of the image-encoder tokens [L, E]; 0 without them
+    image_dim: int = 0  # their width E
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,7 +98,8 @@ class SampleFacts:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SampleFacts:
         segments = tuple(SegmentFacts(**segment) for segment in data["segments"])
-        return cls(data["task"], data["text_bytes"], data["embedding_rows"], segments)
+        return cls(data["task"], data["text_bytes"], data["embedding_rows"], segments,
+                   data["pooled_dim"], data["image_tokens"], data["image_dim"])  # fmt: skip
 
 
 def _media_error(raw: RawSample, member: str, error: media.MediaError) -> DataError:
@@ -125,22 +132,34 @@ def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int,
 
 def _segment_facts(raw: RawSample, segment: SegmentRecord) -> SegmentFacts:
     channels, frames, height, width, fps = _media_shape(raw, segment)
-    return SegmentFacts(
-        segment.kind, segment.role, segment.group, segment.anchor, channels, frames, height, width, fps
-    )
+    condition = 0
+    if segment.condition_latent is not None:
+        shape = _array_shape(raw, segment.condition_latent, 4, "a condition_latent is [C, T, H, W]")
+        if shape[1:] != (frames, height, width):
+            error = media.MediaError(
+                f"a condition_latent of shape {list(shape)} does not lie over its segment's "
+                f"{[frames, height, width]} (T, H, W)"
+            )
+            raise _media_error(raw, segment.condition_latent, error)
+        condition = shape[0]
+    return SegmentFacts(segment.kind, segment.role, segment.group, segment.anchor, channels, frames,
+                        height, width, fps, condition)  # fmt: skip
 
 
-def _embedding_rows(raw: RawSample, record: SampleRecord) -> int:
-    if record.text_embedding is None:
-        return 0
-    member = record.text_embedding
+def _array_shape(raw: RawSample, member: str, dims: int, what: str) -> tuple[int, ...]:
+    """The shape of an array member (from its header), which must have ``dims`` dimensions."""
     try:
-        shape = media.array_shape(raw.members[member], extension(member))
-        if len(shape) != 2:
-            raise media.MediaError(f"a text embedding is [L, E], got shape {list(shape)}")
+        shape = tuple(media.array_shape(raw.members[member], extension(member)))
+        if len(shape) != dims:
+            raise media.MediaError(f"{what}, got shape {list(shape)}")
     except media.MediaError as error:
         raise _media_error(raw, member, error) from None
-    return shape[0]
+    return shape
+
+
+def _rows(raw: RawSample, member: str | None, dims: int, what: str) -> tuple[int, ...]:
+    """Shape of an optional per-sample array member; zeros when the record names none."""
+    return (0,) * dims if member is None else _array_shape(raw, member, dims, what)
 
 
 def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
@@ -152,9 +171,13 @@ def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
             segments.append(_segment_facts(raw, segment))
         except media.MediaError as error:
             raise _media_error(raw, segment.members[0], error) from None
+    (embedding_rows, _) = _rows(raw, record.text_embedding, 2, "a text embedding is [L, E]")
+    (pooled_dim,) = _rows(raw, record.pooled_text, 1, "a pooled text vector is [E]")
+    image_tokens, image_dim = _rows(raw, record.image_embeds, 2, "image embeddings are [L, E]")
     facts = SampleFacts(
-        record.task, len(record.text.encode("utf-8")), _embedding_rows(raw, record), tuple(segments)
-    )
+        record.task, len(record.text.encode("utf-8")), embedding_rows, tuple(segments),
+        pooled_dim, image_tokens, image_dim,
+    )  # fmt: skip
     return record, facts
 
 
@@ -267,6 +290,13 @@ def _sample_tokens(
     return sum(grid.num_tokens for grid in grids)
 
 
+def _check_model_inputs(facts: SampleFacts, plans: Sequence[SegmentPlan], spec: PackingSpec) -> None:
+    try:
+        conditions.check_model_inputs(facts, [plan.shape for plan in plans], spec)
+    except ValueError as error:
+        raise _Reject("unpackable", str(error)) from None
+
+
 def plan_item(
     facts: SampleFacts,
     options: DecodeOptions,
@@ -287,6 +317,8 @@ def plan_item(
         text_tokens = _text_tokens(facts, options, spec)
         if tokens is None:
             tokens = sum(_sample_tokens(facts, plans, group, text_tokens, spec) for group in groups)
+            if spec is not None:
+                _check_model_inputs(facts, plans, spec)
     except _Reject as reject:
         raise DataError.of(reject.reason, url, key, str(reject)) from None
     return ItemPlan(plans, text_tokens, tokens, len(groups))
@@ -350,6 +382,56 @@ def _text_segment(raw: RawSample, record: SampleRecord, options: DecodeOptions) 
     return Segment("text", text=record.text) if record.text else None
 
 
+def _array(raw: RawSample, member: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(media.load_array(raw.members[member], extension(member)))
+    except media.MediaError as error:
+        raise _media_error(raw, member, error) from None
+
+
+def _sample_inputs(raw: RawSample, record: SampleRecord, spec: PackingSpec | None) -> dict[str, Any]:
+    """The per-sample fields the model reads (Sample.pooled_text, image_embeds, guidance); only those
+    it reads, so that a batch of a model that takes none never mixes samples with and without."""
+    if spec is None:
+        return {}
+    fields: dict[str, Any] = {"guidance": spec.guidance}
+    if spec.pooled_text_dim:
+        assert record.pooled_text is not None  # plan_item rejected samples without one
+        fields["pooled_text"] = _array(raw, record.pooled_text)  # [E]
+    if spec.image_embed_dim:
+        assert record.image_embeds is not None
+        fields["image_embeds"] = _array(raw, record.image_embeds)  # [L, E]
+    return fields
+
+
+def _with_channel_conditions(
+    raw: RawSample, record: SampleRecord, visual: list[Segment], group: str | None, spec: PackingSpec | None
+) -> list[Segment]:
+    """``visual`` with each target's channel condition, where the model takes one (imontage.data.conditions)."""
+    if spec is None or not spec.channel_condition:
+        return visual
+    out = list(visual)
+    roles, groups = [s.role for s in record.segments], [s.group for s in record.segments]
+    image = conditions.condition_segment(roles, groups, group)
+    for index, (segment, entry) in enumerate(zip(visual, record.segments, strict=True)):
+        if segment.role != "target" or entry.group not in (None, group):
+            continue
+        assert segment.data is not None
+        if not conditions.gives_first_frame(spec):
+            extra = conditions.no_given_frame(spec, segment.data)
+        elif spec.channel_condition == "wan_i2v":
+            assert entry.condition_latent is not None  # plan_item rejected targets without one
+            latent = _array(raw, entry.condition_latent).reshape(segment.data.shape)
+            extra = conditions.wan_i2v_condition(latent)
+        else:
+            assert image is not None  # plan_item rejected samples without one
+            image_latent = visual[image].data  # [C, 1, H, W]
+            assert image_latent is not None
+            extra = conditions.latent_concat_condition(image_latent, segment.data.shape[1])
+        out[index] = dataclasses.replace(segment, channel_condition=extra)
+    return out
+
+
 def decode_item(
     raw: RawSample,
     options: DecodeOptions,
@@ -377,13 +459,17 @@ def decode_item(
         for segment, segment_plan in zip(record.segments, plan.segments, strict=True)
     ]
     text = _text_segment(raw, record, options)
+    inputs = _sample_inputs(raw, record, spec)
     samples = []
     for group in record.groups:
+        conditioned = _with_channel_conditions(raw, record, visual, group, spec)
         segments = [
-            seg for seg, entry in zip(visual, record.segments, strict=True) if entry.group in (None, group)
+            seg
+            for seg, entry in zip(conditioned, record.segments, strict=True)
+            if entry.group in (None, group)
         ]
         key = raw.key if group is None else f"{raw.key}#{group}"
-        samples.append(Sample(([text] if text else []) + segments, key=key, task=record.task))
+        samples.append(Sample(([text] if text else []) + segments, key=key, task=record.task, **inputs))
     return DecodedItem(raw.key, raw.url, record.task, samples, plan.tokens)
 
 

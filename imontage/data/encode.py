@@ -5,9 +5,12 @@ schema, checks and decoders), each image or video segment goes through the VAE a
 ``latent`` segment (a ``.safetensors`` member, normalised as the VAE's pipelines normalise),
 the text goes through the text encoder and becomes a ``text_embedding`` member ``[L, E]`` of the
 valid tokens only. Other json fields are kept; the json gains ``latent`` (the VAE, the
-normalisation applied, the pixel shape each latent decodes to) and ``text_encoder``. The
-training loader reads the result with ``data.text_embeddings: true`` and
-``model.text_encoder: precomputed``. docs/data.md ("Latent shards") has the schema.
+normalisation applied, the pixel shape each latent decodes to) and ``text_encoder``. On request
+it also stores what the pretrained families read per sample: a pooled text vector (HunyuanVideo's
+CLIP-L, ``pooled_text``), the condition image's CLIP vision tokens (Wan 2.1 I2V, ``image_embeds``)
+and each target's Wan I2V condition latent (``condition_latent``). The training loader reads the
+result with ``data.text_embeddings: true`` and ``model.text_encoder: precomputed``. docs/data.md
+("Latent shards", "Model inputs") has the schema.
 
 An output shard is a function of its input shard: each rank encodes whole input shards
 (``shards[rank::world]``), writes each under ``OUT/<input file name>`` only when complete (a
@@ -45,7 +48,7 @@ from imontage.data import media
 from imontage.data.decode import DecodeOptions, decode_item
 from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
-from imontage.data.records import SampleRecord, extension, parse_record
+from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ TEXT_TENSOR = "text_embedding"  # the tensor's name in the text member
 TEXT_MEMBER = "text.safetensors"
 POOLED_TENSOR = "pooled_text"
 POOLED_MEMBER = "pooled_text.safetensors"
+IMAGE_TENSOR = "image_embeds"
+IMAGE_MEMBER = "image_embeds.safetensors"
+CONDITION_TENSOR = "condition_latent"  # the tensor's name in a target's condition latent member
 MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was encoded with
 VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -63,6 +69,11 @@ LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 def latent_member(index: int, suffix: str = "safetensors") -> str:
     """Member name of visual segment ``index``'s latent (``0.latent.safetensors``)."""
     return f"{index}.latent.{suffix}"
+
+
+def condition_member(index: int, suffix: str = "safetensors") -> str:
+    """Member name of target segment ``index``'s image-to-video condition latent (``1.condition.safetensors``)."""
+    return f"{index}.condition.{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +193,22 @@ class VideoVAE:
         return pixels[:, :keep_t, top : top + keep_h, left : left + keep_w]
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised latent ``[C, T', H', W']`` (float32) of fitted pixels ``[3, T, H, W]``."""
+    def encode(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        """Normalised latent ``[C, T', H', W']`` (float32) of fitted pixels ``[3, T, H, W]``; ``mode``:
+        the posterior's mode whatever ``sample_posterior`` says."""
         batch = pixels.to(self.device, self.dtype).unsqueeze(0)  # [1, 3, T, H, W]
         posterior = self.vae.encode(batch).latent_dist
-        latent = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        latent = posterior.sample(generator) if self.sample_posterior and not mode else posterior.mode()
         return self.norm.apply(latent[0].float())
+
+    def i2v_condition(self, image: torch.Tensor, frames: int) -> torch.Tensor:
+        """Wan 2.1 I2V's condition latent ``[C, T', H', W']`` for a target of ``frames`` pixel frames:
+        the image ``[3, 1, H, W]`` followed by ``frames - 1`` zero-valued frames through the VAE,
+        normalised, the posterior's mode (diffusers' ``WanImageToVideoPipeline.prepare_latents``)."""
+        padded = torch.cat([image, image.new_zeros(3, frames - 1, *image.shape[2:])], dim=1)
+        return self.encode(padded, mode=True)
 
     @torch.no_grad()
     def decode(self, stored: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
@@ -251,6 +272,51 @@ class TextEncoder:
         return (output.pooler_output if pooled is None else pooled)[0].float().cpu()
 
 
+class ImageEncoder:
+    """A transformers CLIP vision model and its image processor: an image -> tokens ``[L, E]``.
+
+    The tokens are the penultimate layer's hidden states, as diffusers' ``WanImageToVideoPipeline.
+    encode_image`` takes them (``image_encoder(**image, output_hidden_states=True).hidden_states[-2]``).
+    """
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        processor_folder: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ImageEncoder:
+        transformers = importlib.import_module("transformers")
+        config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
+        architecture = (config.architectures or ["CLIPVisionModel"])[0]
+        model = getattr(transformers, architecture).from_pretrained(
+            os.fspath(folder), use_safetensors=True, dtype=dtype
+        )
+        processor = transformers.CLIPImageProcessor.from_pretrained(os.fspath(processor_folder or folder))
+        return cls(model.to(device), processor)
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[L, E]`` float32 tokens of an image ``[3, 1, H, W]`` in [-1, 1]."""
+        # The pipeline hands the processor an 8-bit RGB image: [H, W, 3] uint8, resized and normalised there.
+        image = ((pixels[:, 0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        values = self.processor(images=image.numpy(), return_tensors="pt")["pixel_values"]
+        parameter = next(self.model.parameters())
+        output = self.model(
+            pixel_values=values.to(parameter.device, parameter.dtype), output_hidden_states=True
+        )
+        return output.hidden_states[-2][0].float().cpu()
+
+
 @dataclass
 class Encoders:
     """The models a run encodes with, and the folders they came from (for OUT/encode.json)."""
@@ -259,6 +325,15 @@ class Encoders:
     text: TextEncoder | None = None  # per-token embeddings [L, E]
     pooled: TextEncoder | None = None  # one pooled vector [E] (HunyuanVideo: CLIP-L's)
     folders: dict[str, str | None] = field(default_factory=dict)
+    image: ImageEncoder | None = None  # the condition image's tokens [L, E] (Wan 2.1 I2V: CLIP ViT-H's)
+    i2v_condition: bool = False  # each target's Wan I2V condition latent (VideoVAE.i2v_condition)
+
+    def __post_init__(self) -> None:
+        if self.i2v_condition and self.vae.class_name != "AutoencoderKLWan":
+            raise ValueError(
+                f"--i2v-condition writes Wan 2.1 I2V's condition latents, not {self.vae.class_name}'s: "
+                "HunyuanVideo-I2V's condition (the condition image's latent) is built by the loader"
+            )
 
     @classmethod
     def load(
@@ -274,9 +349,14 @@ class Encoders:
         tiling: bool = False,
         max_text_length: int = 512,
         max_pooled_length: int = 77,
+        image: str | None = None,
+        image_processor: str | None = None,
+        i2v_condition: bool = False,
     ) -> Encoders:
         folders = {"vae": vae, "text_encoder": text, "tokenizer": tokenizer or text,
                    "pooled_text_encoder": pooled, "pooled_tokenizer": pooled_tokenizer or pooled}  # fmt: skip
+        if image is not None:  # only then: the manifests of folders encoded before stay valid
+            folders.update(image_encoder=image, image_processor=image_processor or image)
         return cls(
             VideoVAE.load(vae, device, dtype, sample_posterior, tiling),
             None if text is None else TextEncoder.load(text, tokenizer, device, dtype, max_text_length),
@@ -284,6 +364,8 @@ class Encoders:
             if pooled is None
             else TextEncoder.load(pooled, pooled_tokenizer, device, dtype, max_pooled_length),
             {name: None if path is None else os.path.abspath(path) for name, path in folders.items()},
+            None if image is None else ImageEncoder.load(image, image_processor, device, dtype),
+            i2v_condition,
         )
 
     def manifest(self, settings: EncodeSettings) -> dict[str, Any]:
@@ -292,6 +374,11 @@ class Encoders:
             name: None if encoder is None else {"model": encoder.name, "max_length": encoder.max_length}
             for name, encoder in (("text_encoder", self.text), ("pooled_text_encoder", self.pooled))
         }
+        # Written only when used, so that the manifests of folders encoded before stay valid.
+        if self.image is not None:
+            texts["image_encoder"] = {"model": self.image.name, "tokens": "hidden_states[-2]"}
+        if self.i2v_condition:
+            texts["i2v_condition"] = {"posterior": "mode", "frames": "image + zero frames"}
         return {
             "vae": {"class": vae.class_name, "dtype": str(vae.dtype), "normalization": vae.norm.to_json(),
                     "posterior": "sample" if vae.sample_posterior else "mode", "tiling": vae.tiling,
@@ -351,6 +438,7 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
     segments: list[dict[str, Any]] = []
     shapes: list[dict[str, Any]] = []
     norm_meta = {"vae": vae.class_name, "norm": json.dumps(vae.norm.to_json())}
+    fitted: dict[int, torch.Tensor] = {}  # segment index -> the pixels [3, T, H, W] encoded
     for index, (entry, data) in enumerate(
         zip(record.segments, _visual_tensors(raw, record, settings), strict=True)
     ):
@@ -362,6 +450,9 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
             members[out["member"]] = _safetensors(LATENT_TENSOR, data, settings.latent_dtype, {})
             if entry.anchor is not None:
                 out["anchor"] = entry.anchor
+            if entry.condition_latent is not None:  # travels along, like the latent it lies over
+                out["condition_latent"] = condition_member(index, extension(entry.condition_latent))
+                members[out["condition_latent"]] = raw.members[entry.condition_latent]
             shapes.append({"kind": "latent", "pixels": None})
         else:
             try:
@@ -376,8 +467,12 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
             if entry.anchor is not None:  # pixel frame f lies in latent frame ceil(f / temporal)
                 out["anchor"] = -(-entry.anchor // vae.temporal)
             shapes.append({"kind": entry.kind, "pixels": list(pixels.shape)})
+            fitted[index] = pixels
         segments.append(out)
-    result = {k: v for k, v in source.items() if k not in ("segments", "text_embedding")}
+    image_tokens = 0
+    if encoders.image is not None or encoders.i2v_condition:
+        image_tokens = _encode_image_condition(raw, record, encoders, settings, fitted, segments, members)
+    result = {k: v for k, v in source.items() if k not in ("segments", *ARRAY_FIELDS)}
     result["segments"] = segments
     result["latent"] = {
         "vae": vae.class_name,
@@ -398,6 +493,17 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         name = f"text.{extension(record.text_embedding)}"
         members[name] = raw.members[record.text_embedding]
         result["text_embedding"] = name
+    carried = (
+        ("pooled_text", record.pooled_text, encoders.pooled),
+        ("image_embeds", record.image_embeds, encoders.image),
+    )
+    for name, member, encoder in carried:
+        if member is not None and encoder is None:  # no encoder given: the input's own member travels along
+            result[name] = f"{name}.{extension(member)}"
+            members[result[name]] = raw.members[member]
+    if encoders.image is not None:
+        result["image_embeds"] = IMAGE_MEMBER
+        result["image_encoder"] = {"model": encoders.image.name, "tokens": image_tokens}
     if encoders.pooled is not None:
         pooled = encoders.pooled.pool(record.text)  # [E]
         members[POOLED_MEMBER] = _safetensors(POOLED_TENSOR, pooled, settings.latent_dtype, {})
@@ -408,6 +514,52 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         }
     members["json"] = json.dumps(result, sort_keys=True).encode("utf-8")
     return members
+
+
+def _encode_image_condition(
+    raw: RawSample,
+    record: SampleRecord,
+    encoders: Encoders,
+    settings: EncodeSettings,
+    fitted: dict[int, torch.Tensor],
+    segments: list[dict[str, Any]],
+    members: dict[str, bytes],
+) -> int:
+    """The condition image's encoder tokens (``image_embeds``) and each target's Wan I2V condition
+    latent (``condition_latent``), into ``members`` and ``segments``; returns the token count (0
+    without an image encoder). The condition image is the sample's first condition segment, an
+    image; a sample without one is left out (``unpackable``)."""
+    image = next((i for i, entry in enumerate(record.segments) if entry.role == "condition"), None)
+    pixels = fitted.get(image) if image is not None else None
+    if image is None or pixels is None or pixels.shape[1] != 1:
+        what = "no condition segment" if image is None else f"segment {image}, not an image in pixels"
+        raise DataError.of(
+            "unpackable", raw.url, raw.key, f"image-to-video encoding needs a condition image: {what}"
+        )
+    if encoders.image is not None:
+        tokens = encoders.image.encode(pixels)  # [L, E]
+        members[IMAGE_MEMBER] = _safetensors(IMAGE_TENSOR, tokens, settings.latent_dtype, {})
+    count = 0 if encoders.image is None else int(tokens.shape[0])
+    if not encoders.i2v_condition:
+        return count
+    norm_meta = {"vae": encoders.vae.class_name, "norm": json.dumps(encoders.vae.norm.to_json())}
+    for index, (entry, out) in enumerate(zip(record.segments, segments, strict=True)):
+        if entry.role != "target" or "condition_latent" in out:
+            continue
+        target = fitted.get(index)
+        if target is None or target.shape[2:] != pixels.shape[2:]:
+            size = "a stored latent" if target is None else f"{target.shape[2]}x{target.shape[3]} pixels"
+            raise DataError.of(
+                "unpackable", raw.url, raw.key,
+                f"segment {index}: the I2V condition lays the condition image (segment {image}, "
+                f"{pixels.shape[2]}x{pixels.shape[3]}) over the target's first frame, and the target is {size}",
+            )  # fmt: skip
+        latent = encoders.vae.i2v_condition(pixels, target.shape[1])  # [C, T', H', W']
+        out["condition_latent"] = condition_member(index)
+        members[out["condition_latent"]] = _safetensors(
+            CONDITION_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
+        )
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

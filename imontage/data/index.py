@@ -32,7 +32,7 @@ from imontage.data.shards import PIPE_PREFIX, RawSample, ShardProblem, is_local,
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: facts of pooled text, image tokens and condition latents
 SIDECAR_SUFFIX = ".index.json"
 
 

@@ -2,10 +2,12 @@
 
 ```json
 {"task": "edit", "text": "recolour the red circle blue", "text_embedding": "t5.npy",
+ "pooled_text": "clip.safetensors", "image_embeds": "clip_image.safetensors",
  "segments": [{"role": "condition", "kind": "image", "member": "0.jpg"},
               {"role": "target", "kind": "video", "member": "clip.mp4"},
               {"role": "target", "kind": "video", "frames": ["1.png", "2.png"], "fps": 8},
               {"role": "target", "kind": "latent", "member": "z.safetensors", "tensor": "latent"},
+              {"role": "target", "kind": "latent", "member": "v.safetensors", "condition_latent": "c.safetensors"},
               {"role": "condition", "kind": "image", "member": "c.png", "anchor": 12},
               {"role": "target", "kind": "video", "member": "a.mp4", "group": "win"},
               {"role": "target", "kind": "video", "member": "b.mp4", "group": "lose"}]}
@@ -34,7 +36,11 @@ SEGMENT_KINDS = ("image", "video", "latent")
 SEGMENT_ROLES = ("condition", "target")
 PREFERENCE_GROUPS = ("win", "lose")
 RECORD_MEMBER = "json"
-_SEGMENT_FIELDS = frozenset({"role", "kind", "member", "frames", "fps", "anchor", "group", "tensor"})
+_SEGMENT_FIELDS = frozenset(
+    {"role", "kind", "member", "frames", "fps", "anchor", "group", "tensor", "condition_latent"}
+)
+# Top-level fields naming array members the models read per sample (docs/data.md).
+ARRAY_FIELDS = ("text_embedding", "pooled_text", "image_embeds")
 
 
 def extension(member: str) -> str:
@@ -53,6 +59,9 @@ class SegmentRecord:
     group: str | None = None  # preference pairs: "win" or "lose"; None for segments both share
     fps: float | None = None  # frame-image videos: their frame rate, needed to sample by fps
     tensor: str | None = None  # safetensors latents: the tensor's name (default: the only one)
+    # latent targets: a member with the latent an image-to-video channel condition takes [C, T, H, W]
+    # (Wan 2.1 I2V: the condition image followed by zero frames, through the VAE)
+    condition_latent: str | None = None
 
     @property
     def is_frame_list(self) -> bool:
@@ -65,6 +74,8 @@ class SampleRecord:
     text: str
     text_embedding: str | None  # member with precomputed text embeddings [L, E]
     segments: tuple[SegmentRecord, ...]
+    pooled_text: str | None = None  # member with one pooled text vector [E] (HunyuanVideo's CLIP)
+    image_embeds: str | None = None  # member with image-encoder tokens [L, E] (Wan 2.1 I2V's CLIP)
 
     @property
     def groups(self) -> tuple[str | None, ...]:
@@ -137,7 +148,13 @@ def _parse_segment(raw: RawSample, entry: Any, where: str) -> SegmentRecord:
     if fps is not None and fps <= 0:
         raise _Invalid("bad_json", f"{where}: fps must be positive, got {fps}")
     tensor = _field(entry, "tensor", str, where)
-    return SegmentRecord(role, kind, members, anchor, group, None if fps is None else float(fps), tensor)
+    condition = _field(entry, "condition_latent", str, where)
+    if condition is not None:
+        if kind != "latent" or role != "target":
+            raise _Invalid("bad_json", f"{where}: 'condition_latent' goes with a latent target segment")
+        _check_member(raw, condition, ARRAY_EXTENSIONS, f"{where} condition_latent")
+    fps_value = None if fps is None else float(fps)
+    return SegmentRecord(role, kind, members, anchor, group, fps_value, tensor, condition)
 
 
 def _parse(raw: RawSample) -> SampleRecord:
@@ -151,16 +168,19 @@ def _parse(raw: RawSample) -> SampleRecord:
         raise _Invalid("bad_json", "member 'json' must be an object with a non-empty 'segments' list")
     task = _field(record, "task", str, "member 'json'") or ""
     text = _field(record, "text", str, "member 'json'") or ""
-    embedding = _field(record, "text_embedding", str, "member 'json'")
-    if embedding is not None:
-        _check_member(raw, embedding, ARRAY_EXTENSIONS, "text_embedding")
+    arrays = {name: _field(record, name, str, "member 'json'") for name in ARRAY_FIELDS}
+    for name, member in arrays.items():
+        if member is not None:
+            _check_member(raw, member, ARRAY_EXTENSIONS, name)
     segments = tuple(_parse_segment(raw, entry, f"segment {i}") for i, entry in enumerate(record["segments"]))
     groups = {segment.group for segment in segments if segment.group}
     if groups and groups != set(PREFERENCE_GROUPS):
         raise _Invalid(
             "bad_json", f"a preference pair needs both 'win' and 'lose' segments, got {sorted(groups)}"
         )
-    return SampleRecord(task, text, embedding, segments)
+    return SampleRecord(
+        task, text, arrays["text_embedding"], segments, arrays["pooled_text"], arrays["image_embeds"]
+    )
 
 
 def parse_record(raw: RawSample) -> SampleRecord:

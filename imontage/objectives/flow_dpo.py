@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from imontage.models.dit.sequence import PackedBatch
-from imontage.objectives.flow_matching import FlowMatchingOutput, noise_batch, sample_timesteps, task_errors
+from imontage.objectives.flow_matching import (
+    FlowMatchingOutput,
+    clean_first_frame,
+    first_frame_mask,
+    loss_mask,
+    noise_batch,
+    sample_timesteps,
+    task_errors,
+)
 
 
 class PairError(ValueError):
@@ -86,9 +94,15 @@ def check_pairs(batch: PackedBatch) -> None:
 
 
 def noise_pairs(
-    batch: PackedBatch, t_mean: float, t_std: float, shift: float, generator: torch.Generator
+    batch: PackedBatch,
+    t_mean: float,
+    t_std: float,
+    shift: float,
+    generator: torch.Generator,
+    clean: torch.Tensor | None = None,
 ) -> tuple[PackedBatch, torch.Tensor]:
     """The batch noised with one t and one noise per pair; returns (noised batch, velocity target).
+    ``clean``: target tokens kept clean (token_replace's first frames, see flow_matching).
 
     Draws, in order, from ``generator`` on the CPU: t ``[pairs]``, then each pair's noise ``[L, P]``.
     """
@@ -100,13 +114,16 @@ def noise_pairs(
     for pair in range(pairs):
         shared = torch.randn((bounds[2 * pair + 1] - bounds[2 * pair], width), generator=generator)
         noise += [shared, shared]
-    return noise_batch(batch, t, torch.cat(noise).to(batch.tokens.device))
+    return noise_batch(batch, t, torch.cat(noise).to(batch.tokens.device), clean)
 
 
-def sample_errors(prediction: torch.Tensor, target: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """``[B]`` mean squared error over each sample's target values (``prediction``, ``target``: ``[N, P]``)."""
+def sample_errors(
+    prediction: torch.Tensor, target: torch.Tensor, batch: PackedBatch, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B]`` mean squared error over each sample's target values (or those of ``mask`` ``[N]``;
+    ``prediction``, ``target``: ``[N, P]``)."""
     squared = (prediction.float() - target.float()).pow(2).sum(dim=1)  # [N]
-    mask = batch.target_mask
+    mask = batch.target_mask if mask is None else mask
     sample = batch.sample_index()[mask]
     totals = torch.zeros(batch.num_samples, device=squared.device).index_add(0, sample, squared[mask])
     counts = torch.bincount(sample, minlength=batch.num_samples) * prediction.shape[1]
@@ -134,24 +151,35 @@ class FlowDPOOutput(FlowMatchingOutput):
 class FlowDPO:
     """The ``flow_dpo`` objective of a stage; ``reference`` is attached when the stage starts."""
 
-    def __init__(self, beta: float, t_mean: float = 0.0, t_std: float = 1.0, shift: float = 1.0) -> None:
+    def __init__(
+        self,
+        beta: float,
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        shift: float = 1.0,
+        clean_first_frame: bool = False,
+    ) -> None:
         self.beta, self.t_mean, self.t_std, self.shift = beta, t_mean, t_std, shift
+        self.clean_first_frame = clean_first_frame  # token_replace (flow_matching's module docstring)
         self.reference: nn.Module | None = None  # frozen; never trained, never saved
 
     @classmethod
-    def from_config(cls, dpo: Any, flow_matching: Any) -> FlowDPO:
+    def from_config(cls, dpo: Any, flow_matching: Any, model_cfg: Any = None) -> FlowDPO:
         """β from the recipe's ``dpo`` section; the t distribution from its ``flow_matching`` one."""
-        return cls(dpo.beta, flow_matching.t_mean, flow_matching.t_std, flow_matching.shift)
+        clean = model_cfg is not None and clean_first_frame(model_cfg)
+        return cls(dpo.beta, flow_matching.t_mean, flow_matching.t_std, flow_matching.shift, clean)
 
     def __call__(self, model: nn.Module, batch: PackedBatch, generator: torch.Generator) -> FlowDPOOutput:
         if self.reference is None:
             raise RuntimeError("flow DPO has no reference model: attach the frozen policy copy first")
         check_pairs(batch)
-        noised, velocity = noise_pairs(batch, self.t_mean, self.t_std, self.shift, generator)
+        clean = first_frame_mask(batch) if self.clean_first_frame else None
+        noised, velocity = noise_pairs(batch, self.t_mean, self.t_std, self.shift, generator, clean)
+        mask = loss_mask(batch, clean)
         prediction = model(noised)
-        errors = sample_errors(prediction, velocity, noised)  # [B]
+        errors = sample_errors(prediction, velocity, noised, mask)  # [B]
         with torch.no_grad():  # the reference gets no gradient, whatever its requires_grad
-            reference = sample_errors(self.reference(noised), velocity, noised)
+            reference = sample_errors(self.reference(noised), velocity, noised, mask)
         loss, margin = dpo_loss(errors[0::2], errors[1::2], reference[0::2], reference[1::2], self.beta)
         scalars = {
             "dpo/reward_margin": float(margin.detach().mean()),
@@ -159,6 +187,4 @@ class FlowDPO:
             "dpo/error_win": float(errors[0::2].detach().mean()),
             "dpo/error_lose": float(errors[1::2].detach().mean()),
         }
-        return FlowDPOOutput(
-            loss, int(noised.target_mask.sum()), task_errors(prediction, velocity, noised), scalars
-        )
+        return FlowDPOOutput(loss, int(mask.sum()), task_errors(prediction, velocity, noised, mask), scalars)

@@ -4,6 +4,12 @@ For clean target tokens x0 and noise ε: x_t = (1 − t)·x0 + t·ε, and the mo
 velocity ε − x0. t is drawn per sample from a logit-normal distribution, optionally shifted
 towards noisier values; condition and text tokens stay clean with t = 0. The loss is the mean
 squared error over target tokens only.
+
+HunyuanVideo-I2V with ``image_condition_type: token_replace`` replaces a video's first latent frame
+by the clean condition image (diffusers' ``HunyuanVideoImageToVideoPipeline``: ``cat([image_latents,
+latents[:, :, 1:]], dim=2)``, the scheduler stepping frames 1.. only). Training keeps the first latent
+frame of every target video (a target of more than one frame) clean: timestep 0, not noised, not in
+the loss; the model modulates such target tokens as clean conditions.
 """
 
 from __future__ import annotations
@@ -32,13 +38,50 @@ def sample_timesteps(
     return shift_timesteps(torch.sigmoid(normal), shift)
 
 
-def noise_batch(batch: PackedBatch, t: torch.Tensor, noise: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
-    """Noise the target tokens of ``batch`` at per-sample ``t`` ``[B]``; returns (noised batch, velocity target)."""
+def clean_first_frame(model_cfg: Any) -> bool:
+    """Whether the model keeps each target video's first latent frame clean (HunyuanVideo token_replace)."""
+    family = str(getattr(model_cfg, "family", "dit"))
+    if family != "hunyuan_video" or str(model_cfg.hunyuan_video.image_condition_type) != "token_replace":
+        return False
+    if int(model_cfg.patch_size[0]) != 1:
+        raise ValueError(
+            f"image_condition_type token_replace keeps one latent frame clean: it needs patch_size[0] = 1, "
+            f"got {model_cfg.patch_size[0]}"
+        )
+    return True
+
+
+def first_frame_mask(batch: PackedBatch) -> torch.Tensor:
+    """``[N]`` bool: the first latent frame's tokens of every target segment of more than one frame.
+
+    Tokens are t-major within a segment, so they are its first ``H'·W'`` (temporal patch size 1).
+    """
+    mask = torch.zeros_like(batch.target_mask)
+    for span in batch.spans:
+        if span.role == "target" and span.kind != "text" and span.shape[1] > 1:
+            mask[span.start : span.start + span.length // span.shape[1]] = True
+    return mask
+
+
+def noise_batch(
+    batch: PackedBatch, t: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor | None = None
+) -> tuple[PackedBatch, torch.Tensor]:
+    """Noise the target tokens of ``batch`` at per-sample ``t`` ``[B]``; returns (noised batch, velocity target).
+
+    ``clean`` ``[N]``: target tokens left clean at timestep 0 (token_replace's first frames); they stay
+    targets of the batch (the model tells them by their timestep) but belong in no loss.
+    """
     x0 = batch.tokens  # [N, P]
+    noised = batch.target_mask if clean is None else batch.target_mask & ~clean
     t_token = t.to(x0.device)[batch.sample_index()]  # [N]
-    t_token = torch.where(batch.target_mask, t_token, torch.zeros_like(t_token))
-    xt = torch.where(batch.target_mask[:, None], (1 - t_token[:, None]) * x0 + t_token[:, None] * noise, x0)
+    t_token = torch.where(noised, t_token, torch.zeros_like(t_token))
+    xt = torch.where(noised[:, None], (1 - t_token[:, None]) * x0 + t_token[:, None] * noise, x0)
     return batch.replace(tokens=xt, timesteps=t_token), noise - x0
+
+
+def loss_mask(batch: PackedBatch, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` bool: the tokens the loss counts, the targets that were noised."""
+    return batch.target_mask if clean is None else batch.target_mask & ~clean
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -83,13 +126,13 @@ class FlowMatchingOutput:
 
 
 def task_errors(
-    prediction: torch.Tensor, target: torch.Tensor, batch: PackedBatch
+    prediction: torch.Tensor, target: torch.Tensor, batch: PackedBatch, mask: torch.Tensor | None = None
 ) -> dict[str, tuple[float, int]]:
-    """Squared error and value count of the target tokens of each task of ``batch``."""
+    """Squared error and value count of the target tokens (or those of ``mask``) of each task of ``batch``."""
     if not batch.tasks:
         return {}
     squared = (prediction.detach().float() - target.float()).pow(2).sum(dim=1)  # [N]
-    mask = batch.target_mask
+    mask = batch.target_mask if mask is None else mask
     sample = batch.sample_index()[mask]
     per_sample = torch.zeros(batch.num_samples, dtype=torch.float64, device=squared.device)
     per_sample.index_add_(0, sample, squared[mask].double())
@@ -106,14 +149,22 @@ class FlowMatching:
     """The ``flow_matching`` objective of a stage."""
 
     def __init__(
-        self, t_mean: float = 0.0, t_std: float = 1.0, shift: float = 1.0, text_dropout: float = 0.0
+        self,
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        shift: float = 1.0,
+        text_dropout: float = 0.0,
+        clean_first_frame: bool = False,
     ):
         self.t_mean, self.t_std, self.shift, self.text_dropout = t_mean, t_std, shift, text_dropout
+        self.clean_first_frame = clean_first_frame  # token_replace: see the module docstring
 
     @classmethod
-    def from_config(cls, cfg: Any) -> FlowMatching:
-        """From a :class:`~imontage.config.schema.FlowMatchingConfig` (dataclass or OmegaConf node)."""
-        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout)
+    def from_config(cls, cfg: Any, model_cfg: Any = None) -> FlowMatching:
+        """From a :class:`~imontage.config.schema.FlowMatchingConfig` (dataclass or OmegaConf node)
+        and the model config (``token_replace`` keeps first frames clean)."""
+        clean = model_cfg is not None and clean_first_frame(model_cfg)
+        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout, clean)
 
     def __call__(
         self, model: nn.Module, batch: PackedBatch, generator: torch.Generator
@@ -122,12 +173,12 @@ class FlowMatching:
         t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator)
         noise = torch.randn(batch.tokens.shape, generator=generator).to(batch.tokens.device)
         drop = torch.rand(batch.num_samples, generator=generator) < self.text_dropout
-        noised, velocity = noise_batch(batch, t, noise)
+        clean = first_frame_mask(batch) if self.clean_first_frame else None
+        noised, velocity = noise_batch(batch, t, noise, clean)
+        mask = loss_mask(batch, clean)
         if bool(drop.any()):  # these samples train unconditionally, for classifier-free guidance
             keep = text_keep_mask(batch, drop)
-            noised, velocity = select_tokens(noised, keep), velocity[keep]
+            noised, velocity, mask = select_tokens(noised, keep), velocity[keep], mask[keep]
         prediction = model(noised)
-        loss = masked_mse(prediction, velocity, noised.target_mask)
-        return FlowMatchingOutput(
-            loss, int(noised.target_mask.sum()), task_errors(prediction, velocity, noised)
-        )
+        loss = masked_mse(prediction, velocity, mask)
+        return FlowMatchingOutput(loss, int(mask.sum()), task_errors(prediction, velocity, noised, mask))

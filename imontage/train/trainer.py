@@ -87,9 +87,9 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
     stages, first = [], 0
     for index, stage in enumerate(cfg.stages):
         objective: FlowMatching | FlowDPO = (
-            FlowDPO.from_config(cfg.dpo, cfg.flow_matching)
+            FlowDPO.from_config(cfg.dpo, cfg.flow_matching, cfg.model)
             if stage.objective == "flow_dpo"
-            else FlowMatching.from_config(cfg.flow_matching)
+            else FlowMatching.from_config(cfg.flow_matching, cfg.model)
         )
         data, optim = stage_section(cfg, index, "data"), stage_section(cfg, index, "optim")
         stages.append(
@@ -110,7 +110,9 @@ class Trainer:
         self.device = self.backend.device
         self.model = self.backend.model  # what objectives and samplers call
         self.is_main = self.backend.rank == 0
-        self.spec = PackingSpec.from_model_config(cfg.model)
+        # What the loader decodes for the model: its channels, layout and per-sample inputs (pooled
+        # text, image tokens, channel conditions, and the distilled guidance scale it trains at).
+        self.spec = PackingSpec.from_model_config(cfg.model, cfg.flow_matching.embedded_guidance)
         # Noise, t and text dropout: the same within a TP/CP group, different across DP ranks.
         self.generator = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_STRIDE * self.backend.data_rank)
         self.stages = build_stages(cfg)

@@ -204,10 +204,20 @@ class PackingSpec:
     virtual_frames: int = 32
     head_window: int = 8
     tail_window: int = 8
+    # What else the model reads per sample, which the data pipeline must supply (0, None, "": nothing):
+    pooled_text_dim: int = 0  # Sample.pooled_text [E] of this width (HunyuanVideo: CLIP's pooled text)
+    image_embed_dim: int = 0  # Sample.image_embeds [L, E] of this width (Wan 2.1 I2V: CLIP image tokens)
+    guidance: float | None = None  # Sample.guidance of every sample (guidance-distilled HunyuanVideo)
+    channel_condition: str = ""  # one of CHANNEL_CONDITIONS: how each target's channel condition is built
 
     @classmethod
-    def from_model_config(cls, cfg: Any) -> PackingSpec:
-        """From a :class:`~imontage.config.schema.ModelConfig` (dataclass or OmegaConf node)."""
+    def from_model_config(cls, cfg: Any, guidance: float | None = None) -> PackingSpec:
+        """From a :class:`~imontage.config.schema.ModelConfig` (dataclass or OmegaConf node).
+
+        ``guidance``: the distilled guidance scale fed to a model with a guidance embedding
+        (``flow_matching.embedded_guidance``; None: :data:`DEFAULT_EMBEDDED_GUIDANCE`); a model
+        without one refuses a value.
+        """
         pt, ph, pw = (int(p) for p in cfg.patch_size)
         return cls(
             in_channels=latent_channels(cfg),
@@ -217,7 +227,69 @@ class PackingSpec:
             virtual_frames=int(cfg.positions.virtual_frames),
             head_window=int(cfg.positions.head_window),
             tail_window=int(cfg.positions.tail_window),
+            **model_inputs(cfg, guidance),
         )
+
+
+# Channel conditions a model may take, laid over each target segment [C', T, H, W]:
+#   "wan_i2v": 4 first-frame mask channels, then the latent of the condition image followed by
+#              zero frames (diffusers' WanImageToVideoPipeline.prepare_latents);
+#   "latent_concat": the condition image's latent on frame 0 (zeros after), then 1 mask channel
+#              (diffusers' HunyuanVideoImageToVideoPipeline, image_condition_type latent_concat).
+CHANNEL_CONDITIONS = ("", "wan_i2v", "latent_concat")
+WAN_MASK_CHANNELS = 4  # Wan's VAE packs 4 pixel frames into a latent frame: one mask channel each
+# The distilled guidance a guidance-embedding model is trained at unless the recipe says otherwise:
+# finetrainers (models/hunyuan_video/base_specification.py: forward(guidance=1.0), fed ×1000 like
+# diffusers' pipeline) and musubi-tuner (--guidance_scale, default 1.0) fine-tune HunyuanVideo at 1.0.
+DEFAULT_EMBEDDED_GUIDANCE = 1.0
+
+
+def model_inputs(cfg: Any, guidance: float | None = None) -> dict[str, Any]:
+    """The per-sample inputs and channel condition a model config asks the data for (PackingSpec fields).
+
+    A ValueError names what cannot be built: channel counts that match no known condition, or a
+    guidance scale for a model without a guidance embedding.
+    """
+    family = str(getattr(cfg, "family", "dit"))
+    inputs: dict[str, Any] = {
+        "pooled_text_dim": 0,
+        "image_embed_dim": 0,
+        "guidance": None,
+        "channel_condition": "",
+    }
+    has_guidance = False
+    if family == "wan":
+        inputs["image_embed_dim"] = int(cfg.wan.image_dim)
+        latent, extra = int(cfg.wan.out_channels), int(cfg.in_channels) - int(cfg.wan.out_channels)
+        if extra == WAN_MASK_CHANNELS + latent:
+            inputs["channel_condition"] = "wan_i2v"
+        elif extra != 0:
+            raise ValueError(
+                f"model.in_channels={cfg.in_channels}: a Wan model takes its {latent} latent channels, plus "
+                f"{WAN_MASK_CHANNELS} mask + {latent} condition channels for image-to-video ({2 * latent + 4})"
+            )
+    elif family == "hunyuan_video":
+        hv = cfg.hunyuan_video
+        inputs["pooled_text_dim"] = int(hv.pooled_projection_dim)
+        has_guidance = bool(hv.guidance_embeds)
+        latent = int(hv.out_channels)
+        expected = 2 * latent + 1 if str(hv.image_condition_type) == "latent_concat" else latent
+        if int(cfg.in_channels) != expected:
+            raise ValueError(
+                f"model.in_channels={cfg.in_channels}: HunyuanVideo with image_condition_type "
+                f"'{hv.image_condition_type}' takes {expected} channels"
+                + (f" ({latent} latent + {latent} image latent + 1 mask)" if expected != latent else "")
+            )
+        if str(hv.image_condition_type) == "latent_concat":
+            inputs["channel_condition"] = "latent_concat"
+    if has_guidance:
+        inputs["guidance"] = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance)
+    elif guidance is not None:
+        raise ValueError(
+            f"flow_matching.embedded_guidance={guidance}, but the model (family {family}) has no guidance "
+            "embedding to feed it to"
+        )
+    return inputs
 
 
 def latent_channels(cfg: Any) -> int:
