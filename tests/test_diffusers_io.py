@@ -524,3 +524,59 @@ def test_zero3_ranks_start_from_a_diffusers_folder(
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     if layout != "zero3_dp2":
         assert losses == pytest.approx(one_process_folder_losses, rel=1e-4)
+
+
+# ------------------------------------------------------- HunyuanVideo under ZeRO-3 from its folder
+def hunyuan_training_overrides(folder: Path, shards: str, run_dir: Path, layout: str) -> list[str]:
+    """quickstart on the tiny HunyuanVideo (T2V, distilled guidance) of ``folder``, 3 steps under ``layout``."""
+    from latent_shards import POOLED_DIM, TEXT_DIM
+
+    return ["model=hunyuan_video_tiny", "model.prediction=velocity", f"model.text_dim={TEXT_DIM}",
+            f"model.hunyuan_video.pooled_projection_dim={POOLED_DIM}", "flow_matching.embedded_guidance=4.0",
+            f"data.shards={shards}", "data.text_embeddings=true", "data.batch_size=2", "data.max_tokens=0",
+            "data.shuffle_buffer=0", "train.progress=false", "train.sample.every=0", "train.checkpoint.every=0",
+            "train.ema_decay=0", f"parallel={layout}", "parallel.device=cpu", f"run_dir={run_dir}",
+            "stages=[{name: sft, objective: flow_matching, steps: 3}]", f"model.init_from_diffusers={folder}"]  # fmt: skip
+
+
+def test_zero3_tp2_sp_hunyuan_video_starts_from_its_folder_and_equals_one_process(tmp_path: Path) -> None:
+    """HunyuanVideo under ZeRO-3 with TP=2 + SP from model.init_from_diffusers: each rank's slices
+    (the single-stream proj_out's joined [attention | MLP] columns too) are the folder's tensors,
+    each step's loss is the one process's, and the TP checkpoint consolidates to the one process's
+    final weights."""
+    from conditioned_shards import write_conditioned_shards
+    from distributed import run_ranks
+    from latent_shards import pixel_samples
+
+    from imontage.checkpoint.diffusers import build_diffusers_model
+    from imontage.config import load_recipe
+    from imontage.train.logger import read_metrics
+    from imontage.train.trainer import train
+
+    shards = write_conditioned_shards(tmp_path / "data", [[(k, m) for k, m, _ in pixel_samples()]], i2v=False)
+    preset = load_recipe(RECIPE, hunyuan_training_overrides(Path("unused"), shards, tmp_path, "single")[:-1])
+    torch.manual_seed(5)
+    reference = build_diffusers_model(preset.model)
+    with torch.no_grad():  # every weight random (diffusers zero-initialises some), so no path is silent
+        for p in reference.parameters():
+            p.copy_(torch.randn(p.shape) * 0.05)
+    folder = tmp_path / "transformer"
+    reference.save_pretrained(folder)
+
+    single = train(
+        load_recipe(RECIPE, hunyuan_training_overrides(folder, shards, tmp_path / "single", "single"))
+    )
+    expected = [r["loss"] for r in read_metrics(single)]
+    overrides = hunyuan_training_overrides(folder, shards, tmp_path / "tp2_sp", "tp2_sp")
+    losses = run_ranks(init_from_diffusers_on_zero3, 2, overrides, str(folder), timeout=300)[0]
+    assert len(losses) == 3 and losses == pytest.approx(expected, rel=1e-4)
+
+    from imontage.checkpoint.convert import consolidate
+
+    consolidated = load_file(
+        consolidate(tmp_path / "tp2_sp/checkpoints/step_000003", tmp_path / "c.safetensors", "live")
+    )
+    final = load_file(single / "checkpoints/step_000003/model.safetensors")
+    assert consolidated.keys() == final.keys()
+    for name in ("single_transformer_blocks.0.proj_out.weight", "transformer_blocks.0.attn.to_q.weight"):
+        torch.testing.assert_close(consolidated[name], final[name], rtol=1e-3, atol=1e-5)
