@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,37 @@ def data_overrides(name: str, root: Path) -> list[str]:
             subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(pairs), "--tasks", "edit_pair",
                             "--samples", "12", "--no-progress"], cwd=REPO, check=True)  # fmt: skip
         return [f"data.shards={root}/all/train-*.tar", f"stages.dpo.data.shards={pairs}/train-*.tar"]
-    if name == "imontage_wan2.1_1.3b":  # latent shards of tiny random encoders, a tiny Wan, one process
-        from latent_shards import TEXT_DIM, write_latent_shards
+    if name.endswith("_wan2.1_1.3b"):  # latent shards of tiny random encoders, a tiny Wan, one process
+        from latent_shards import TEXT_DIM, keyframe_samples, save_tiny_wan, write_latent_shards
 
-        latents = root / "latents"
+        pretrained = root / "wan_transformer"  # a diffusers folder of the tiny Wan, as the recipes start from
+        if not pretrained.exists():
+            save_tiny_wan(pretrained)
+        tiny = ["model=wan_tiny", f"model.text_dim={TEXT_DIM}", f"model.init_from_diffusers={pretrained}",
+                "parallel=single", "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
+        if name == "dreamontage_wan2.1_1.3b":  # SFT on anchored keyframes (layout shared), DPO on clip pairs
+            latents = root / "keyframe_latents"
+            if not latents.exists():
+                write_latent_shards(latents, [keyframe_samples(4), keyframe_samples(2, pairs=True)])
+            shards = latents / "latents"
+            return [f"data.shards={shards}/pixels-000000.tar", f"stages.dpo.data.shards={shards}/pixels-000001.tar",
+                    *tiny]  # fmt: skip
+        latents = root / "latents"  # images and clips (iMontage, EditVerse; Imagic's base stage)
         spec = write_latent_shards(latents) if not latents.exists() else str(latents / "latents/pixels-*.tar")
-        return [f"data.shards={spec}", "model=wan_tiny", f"model.text_dim={TEXT_DIM}", "parallel=single",
-                "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
+        return [f"data.shards={spec}", *tiny]
+    if name == "imontage_hunyuan_video_i2v":  # those images and clips with pooled text; a tiny HV-I2V
+        from conditioned_shards import write_conditioned_shards
+        from latent_shards import LATENT_CHANNELS, POOLED_DIM, TEXT_DIM, pixel_samples
+
+        latents = root / "pooled_latents"
+        if not latents.exists():
+            samples = [(key, members) for key, members, _ in pixel_samples()]
+            write_conditioned_shards(latents, [samples], i2v=False)
+        spec = str(latents / "latents/pixels-*.tar")
+        return [f"data.shards={spec}", "model=hunyuan_video_tiny", f"model.text_dim={TEXT_DIM}",
+                f"model.in_channels={2 * LATENT_CHANNELS + 1}", "model.hunyuan_video.image_condition_type=latent_concat",
+                "model.hunyuan_video.guidance_embeds=false", f"model.hunyuan_video.pooled_projection_dim={POOLED_DIM}",
+                "parallel=single", "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
     raise AssertionError(f"configs/recipes/{name}.yaml: tell tests/test_recipes_run.py where its data is")
 
 
@@ -73,3 +98,8 @@ def test_recipe_runs_a_few_steps_of_every_stage(recipe: Path, synthetic: Path, t
     assert all(r["loss"] == r["loss"] for r in records)  # finite
     assert ckpt.find_resume_checkpoint(run_dir / "checkpoints").name == ckpt.checkpoint_name(2 * len(stages))
     assert (run_dir / "samples" / f"{ckpt.checkpoint_name(2)}.png").exists()
+    for index, stage in enumerate(load_recipe(recipe).stages):
+        if stage.objective == "flow_dpo":  # its frozen reference is the policy at its start: margin 0
+            first = records[2 * index]
+            assert first["dpo/reward_margin"] == 0.0, first
+            assert math.isclose(first["loss"], math.log(2), rel_tol=1e-6), first

@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from latent_shards import TEXT_DIM, save_tiny_encoders, write_pixel_shards
-from omegaconf import OmegaConf
-
-from imontage.checkpoint.diffusers import build_diffusers_model
-from imontage.config.schema import ModelConfig
+from latent_shards import TEXT_DIM, save_tiny_encoders, save_tiny_wan, write_pixel_shards
 
 DOC = REPO / "docs/finetune_wan.md"
 STEPS = 3
@@ -30,13 +26,6 @@ TINY = [
 def doc_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
     return [block.replace("\\\n", " ").strip() for block in blocks]
-
-
-def save_tiny_wan(folder: Path) -> None:
-    """A random diffusers WanTransformer3DModel with the config of configs/model/wan_tiny.yaml."""
-    preset = OmegaConf.load(REPO / "configs/model/wan_tiny.yaml")
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, {"text_dim": TEXT_DIM})
-    build_diffusers_model(cfg).save_pretrained(folder)
 
 
 @pytest.mark.slow

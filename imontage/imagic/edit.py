@@ -1,15 +1,20 @@
-"""Imagic (Kawar et al., 2023) on the flow-matching DiT: edit one real image towards a target text.
+"""Imagic (Kawar et al., 2023) on a flow-matching model: edit one real image towards a target text.
 
-1. Embedding optimisation: from the target text's encoder features ``e_tgt`` ``[L, E]`` (what
-   ``text_proj`` receives), Adam fits a free ``e_opt`` so that the frozen model reconstructs the
-   image under it (the flow-matching loss with the image as the target segment).
+The image is in the model's input space, ``[C, 1, H, W]``: pixels for the pixel-space DiT, a VAE
+latent (normalised as latent shards store it) for a latent model such as Wan 2.1.
+
+1. Embedding optimisation: from the target text's encoder features ``e_tgt`` ``[L, E]`` (what the
+   model's text projection receives: the DiT's ``text_proj``, Wan's ``text_embedder``), Adam fits
+   a free ``e_opt`` so that the frozen model reconstructs the image under it (the flow-matching
+   loss with the image as the target segment).
 2. Fine-tuning: with ``e_opt`` frozen, Adam fine-tunes every weight on the same loss, so the
    model reproduces the image's details near ``e_opt``.
 3. Sampling: ``e = eta·e_tgt + (1 − eta)·e_opt`` for each eta, through the ordinary sampler with
    the embedding given as a precomputed text segment; eta = 0 reconstructs, larger eta edits more.
 
 Text reaches the model as ``batch.text_embeds``, which :meth:`DiT.embed_text` reads in place of
-its own encoder, so neither the model nor the sampler needs a code path of its own for Imagic.
+its own encoder and Wan reads as its cross-attention context, so neither the model nor the
+sampler needs a code path of its own for Imagic.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from imontage.imagic.config import ImagicConfig, ImagicSampleConfig, PhaseConfig
@@ -33,7 +39,7 @@ from imontage.sample.sampler import sample_flow
 
 @dataclass
 class ImagicResult:
-    image: torch.Tensor  # the input as edited: [C, 1, H, W], resized if imagic.image_size asked
+    image: torch.Tensor  # the input as edited, in model space: [C, 1, H, W] (pixels: resized)
     target_embedding: torch.Tensor  # e_tgt [L, E]
     optimised_embedding: torch.Tensor  # e_opt [L, E]
     etas: list[float]
@@ -42,13 +48,29 @@ class ImagicResult:
     losses: dict[str, float] = field(default_factory=dict)
 
 
-def model_device(model: DiT) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def target_text_embedding(model: DiT, text: str, spec: PackingSpec) -> torch.Tensor:
+def text_width(model: nn.Module) -> int:
+    """``E`` of the text features ``[L, E]`` the model reads from ``batch.text_embeds``.
+
+    Imagic edits through that path, which the DiT and Wan read alone; HunyuanVideo also takes a
+    pooled CLIP vector per sample, which an optimised ``[L, E]`` embedding would not move with it.
+    """
+    if isinstance(model, DiT):
+        return int(model.text_proj[0].in_features)  # type: ignore[arg-type]
+    from imontage.models.wan import WanTransformer  # deferred: a DiT edit never imports the families
+
+    if isinstance(model, WanTransformer):
+        return int(model.condition_embedder.text_embedder.linear_1.in_features)
+    raise ValueError(f"Imagic edits with dit- and wan-family models; this one is {type(model).__name__}")
+
+
+def target_text_embedding(model: nn.Module, text: str, spec: PackingSpec) -> torch.Tensor:
     """``[L, E]``: the byte encoder's features of ``text``, the starting point of ``e_opt``."""
-    if model.text_encoder is None:
+    encoder = getattr(model, "text_encoder", None)  # the DiT's byte encoder; Wan has none
+    if encoder is None:
         raise ValueError(
             "the model takes precomputed text embeddings (text_encoder=precomputed): "
             "give the target text's embedding [L, E] instead of its string"
@@ -58,30 +80,47 @@ def target_text_embedding(model: DiT, text: str, spec: PackingSpec) -> torch.Ten
         raise ValueError("the target text is empty")
     device = model_device(model)
     with torch.no_grad():
-        return model.text_encoder(ids.to(device), torch.arange(ids.numel(), device=device)).float()
+        return encoder(ids.to(device), torch.arange(ids.numel(), device=device)).float()
 
 
-def check_embedding(model: DiT, embedding: torch.Tensor, spec: PackingSpec) -> torch.Tensor:
+def check_embedding(model: nn.Module, embedding: torch.Tensor, spec: PackingSpec) -> torch.Tensor:
     """The embedding as float32 on the model's device, cut to the text length the model packs."""
-    text_dim = int(model.text_proj[0].in_features)  # type: ignore[arg-type]
+    text_dim = text_width(model)
     if embedding.dim() != 2 or embedding.shape[1] != text_dim or embedding.shape[0] == 0:
         raise ValueError(f"a text embedding must be [L, {text_dim}], got {tuple(embedding.shape)}")
     return embedding[: spec.max_text_len].float().to(model_device(model))
 
 
-def fit_image(image: torch.Tensor, spec: PackingSpec, size: Sequence[int] = ()) -> torch.Tensor:
-    """``[C, 1, H, W]`` in [-1, 1], resized to ``size`` [H, W] if given; it must divide into patches."""
-    if image.dim() != 4 or image.shape[1] != 1 or image.shape[0] != spec.in_channels:
-        raise ValueError(
-            f"expected an image [{spec.in_channels}, 1, H, W] (the model's channels), got {tuple(image.shape)}"
-        )
+def resize_pixels(image: torch.Tensor, size: Sequence[int] = ()) -> torch.Tensor:
+    """Pixels ``[C, 1, H, W]`` resized to ``size`` [H, W] (kept when empty), in [-1, 1]."""
     if size:
         image = F.interpolate(image.float(), size=tuple(size), mode="bilinear", antialias=True)
+    return image.float().clamp(-1, 1)
+
+
+def fit_image(
+    image: torch.Tensor, spec: PackingSpec, size: Sequence[int] = (), latent: bool = False
+) -> torch.Tensor:
+    """The input ``[C, 1, H, W]`` checked against the model; it must divide into patches.
+
+    Pixels come back in [-1, 1], resized to ``size`` [H, W] if given. A ``latent`` keeps its values
+    (normalised latents are not bounded) and its size: resize the pixels before encoding them.
+    """
+    if image.dim() != 4 or image.shape[1] != 1 or image.shape[0] != spec.in_channels:
+        kind = "a latent" if latent else "an image"
+        raise ValueError(
+            f"expected {kind} [{spec.in_channels}, 1, H, W] (the model's channels), got {tuple(image.shape)}"
+        )
+    if latent and size:
+        raise ValueError(
+            "a latent is edited at its own size: imagic.image_size resizes pixels (set it to [])"
+        )
+    image = image.float() if latent else resize_pixels(image, size)
     try:
         patch_grid(image.shape, spec.patch_size)
     except ValueError as error:
         raise ValueError(f"{error}: resize it (imagic.image_size=[H,W]) or crop it") from error
-    return image.float().clamp(-1, 1)
+    return image
 
 
 def reconstruction_batch(
@@ -109,7 +148,7 @@ def interpolate_embedding(target: torch.Tensor, optimised: torch.Tensor, eta: fl
 
 
 @contextlib.contextmanager
-def frozen(model: DiT) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """No parameter takes a gradient inside: the model cannot change, and no weight grads are built."""
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -122,7 +161,12 @@ def frozen(model: DiT) -> Iterator[None]:
 
 @torch.no_grad()
 def reconstruction_loss(
-    model: DiT, batch: PackedBatch, embedding: torch.Tensor, objective: FlowMatching, seed: int, draws: int
+    model: nn.Module,
+    batch: PackedBatch,
+    embedding: torch.Tensor,
+    objective: FlowMatching,
+    seed: int,
+    draws: int,
 ) -> float:
     """Mean loss over ``draws`` fixed (t, noise) draws: comparable across phases, unlike a step's loss."""
     generator = torch.Generator().manual_seed(seed)
@@ -146,7 +190,7 @@ def _minimise(
 
 
 def optimise_embedding(
-    model: DiT,
+    model: nn.Module,
     batch: PackedBatch,
     target: torch.Tensor,
     phase: PhaseConfig,
@@ -168,7 +212,7 @@ def optimise_embedding(
 
 
 def finetune_model(
-    model: DiT,
+    model: nn.Module,
     batch: PackedBatch,
     embedding: torch.Tensor,
     phase: PhaseConfig,
@@ -189,7 +233,7 @@ def finetune_model(
 
 
 def sample_edits(
-    model: DiT,
+    model: nn.Module,
     image: torch.Tensor,
     target: torch.Tensor,
     optimised: torch.Tensor,
@@ -231,22 +275,25 @@ def imagic_grid(image: torch.Tensor, edits: Sequence[torch.Tensor]) -> np.ndarra
 
 
 def run_imagic(
-    model: DiT,
+    model: nn.Module,
     spec: PackingSpec,
     image: torch.Tensor,
     cfg: ImagicConfig,
     text: str | None = None,
     target_embedding: torch.Tensor | None = None,
     progress: bool = False,
+    latent: bool = False,
 ) -> ImagicResult:
     """The three stages on one ``[C, 1, H, W]`` image; fine-tunes ``model`` in place.
 
-    The target is ``text`` (through the model's byte encoder) or ``target_embedding`` ``[L, E]``.
-    Every random draw comes from CPU generators seeded from ``cfg.seed``: the result is repeatable.
+    The image is pixels, resized to ``cfg.image_size``, or with ``latent`` a VAE latent, edited at
+    its own size (its pixels were resized, if at all, before encoding). The target is ``text``
+    (through the model's byte encoder) or ``target_embedding`` ``[L, E]``. Every random draw
+    comes from CPU generators seeded from ``cfg.seed``: the result is repeatable.
     """
     if (text is None) == (target_embedding is None):
         raise ValueError("give the target as text or as an embedding [L, E], not both or neither")
-    image = fit_image(image, spec, cfg.image_size)
+    image = fit_image(image, spec, () if latent else cfg.image_size, latent=latent)
     if target_embedding is None:
         assert text is not None
         target_embedding = target_text_embedding(model, text, spec)

@@ -220,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.sar is not None:
             keyframes, size = sar_inputs(args, spec)
         elif args.data:
-            samples = preview_samples(OmegaConf.create({"shards": args.data}), args.num)
+            # A model without a text encoder of its own (Wan, precomputed text) reads each
+            # sample's text_embedding member, as training does with data.text_embeddings.
+            embeddings = getattr(model, "text_encoder", None) is None
+            data = OmegaConf.create({"shards": args.data, "text_embeddings": embeddings})
+            samples = preview_samples(data, args.num)
         else:
             samples = read_prompts(args.prompts, spec.in_channels)
     except (OSError, KeyError, ValueError, RuntimeError) as error:  # bad inputs: say which, no traceback
