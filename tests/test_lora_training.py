@@ -13,6 +13,7 @@ from test_trainer import assert_same_run, final_tensors, run
 from imontage.config import load_recipe
 from imontage.models import build_model
 from imontage.models.lora import is_adapter
+from imontage.train import checkpoint as ckpt
 
 LORA = ["model.lora.rank=2", "model.lora.alpha=4", "model.lora.targets=[blocks.*.qkv,blocks.*.fc2]",
         "model.lora.trainable=[final.*]"]  # fmt: skip
@@ -50,12 +51,32 @@ def test_a_lora_run_checkpoints_adapters_only_and_resumes_bit_for_bit(tmp_path: 
     assert saved < whole / 5, (saved, whole)
 
 
-def test_a_frozen_base_reads_no_checkpoint_without_its_adapters(tmp_path: Path, shards: str) -> None:
-    """A full run's checkpoint does not resume as a LoRA run: the tensors do not match (named)."""
-    from imontage.train import checkpoint as ckpt
+def checkpoint_bytes(run_dir: Path) -> dict[str, int]:
+    path = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
+    assert path is not None
+    return {file.name: file.stat().st_size for file in sorted(path.iterdir())}
 
-    full = tmp_path / "full"
+
+def test_a_frozen_base_reads_no_checkpoint_without_its_adapters(tmp_path: Path, shards: str, capsys) -> None:
+    """A full run's checkpoint does not resume as a LoRA run: the tensors do not match (named).
+    Beside it, what each checkpoint weighs (printed): the LoRA one is its trainable tensors'
+    weights, AdamW moments and EMA, plus the same RNG and state files."""
+    full, lora = tmp_path / "full", tmp_path / "lora"
     run(full, shards, "stages.sft.steps=2")
+    run(lora, shards, "stages.sft.steps=2", *LORA)
+    sizes = {"full": checkpoint_bytes(full), "lora": checkpoint_bytes(lora)}
+    with capsys.disabled():
+        for kind, files in sizes.items():
+            print(
+                f"\n{kind} run checkpoint: {sum(files.values())} B "
+                + ", ".join(f"{k} {v}" for k, v in files.items())
+            )
+    trained = final_tensors(lora)
+    weights = sum(t.numel() * t.element_size() for t in trained["model"].values())
+    moments = sum(t.numel() * t.element_size() for n, t in trained["optimizer"].items() if "exp_avg" in n)
+    assert moments == 2 * weights  # AdamW's two moments of the trainable tensors, nothing else
+    assert sizes["lora"]["model.safetensors"] < sizes["full"]["model.safetensors"] / 5
+    assert sizes["lora"]["rng.safetensors"] == sizes["full"]["rng.safetensors"]
     with pytest.raises(
         ckpt.CheckpointError, match="model.safetensors: tensor '.*' does not match this model's trainable"
     ):
