@@ -123,6 +123,7 @@ def check_model_config(folder: Path, model_cfg: Any) -> None:
         ours = family_module(family).diffusers_config(model_cfg)
     except (ValueError, KeyError, TypeError) as error:
         raise ConversionError(f"{folder / CONFIG}: the recipe's model config: {error}") from error
+
     def keys(values: dict[str, Any]) -> Any:  # metadata (_class_name, _diffusers_version, ...) aside
         return json.loads(json.dumps({k: v for k, v in values.items() if not k.startswith("_")}))
 
