@@ -93,3 +93,29 @@ def test_zero3_config_is_sized_from_the_model() -> None:
         == sum(p.numel() for p in model.blocks[0].parameters())
     )
     assert zero["stage3_param_persistence_threshold"] >= model.blocks[0].modulation.numel()
+
+
+@pytest.mark.parametrize("preset", ["wan_tiny", "hunyuan_video_tiny"])
+def test_zero3_buckets_hold_the_largest_block_of_every_family(preset: str) -> None:
+    """HunyuanVideo keeps its blocks in two lists (dual- and single-stream), Wan in ``blocks``:
+    each is sized by its largest block, not by the whole model."""
+    from conftest import REPO
+    from omegaconf import OmegaConf
+
+    from imontage.config.schema import ModelConfig
+    from imontage.models import build_model
+    from imontage.parallel.engine import transformer_blocks
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / f"configs/model/{preset}.yaml")
+    )
+    model = build_model(cfg, device="meta")
+    blocks = transformer_blocks(model)
+    assert len(blocks) == int(cfg.depth) + (
+        int(cfg.hunyuan_video.num_single_layers) if "hunyuan" in preset else 0
+    )
+    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    zero = zero3_config(model, grad_clip=1.0)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == largest
+    assert largest < sum(p.numel() for p in model.parameters()) / 2
+    assert zero["stage3_param_persistence_threshold"] == 8 * int(cfg.hidden_size)

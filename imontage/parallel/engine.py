@@ -2,7 +2,7 @@
 
 ZeRO-3 shards parameters, gradients and optimiser state over the data-parallel ranks and
 gathers each module's parameters just before it runs. Its bucket and persistence settings are
-sized from the model here so that a DiT block is fetched in one prefetch and the small tensors
+sized from the model here so that its largest transformer block is fetched in one prefetch and the small tensors
 (norm weights, biases, adaLN offsets) stay resident instead of being gathered one by one.
 """
 
@@ -12,13 +12,22 @@ from typing import Any
 
 from torch import nn
 
-from imontage.models.dit.model import DiT
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of ``model``: the lists its family's parallel plan names
+    (HunyuanVideo's dual- and single-stream blocks), else ``model.blocks``."""
+    from imontage.parallel.parallelize import family_plan, model_blocks
+
+    try:
+        return [block for block, _ in model_blocks(model, family_plan(model))]
+    except ValueError:  # a family without a plan
+        return list(getattr(model, "blocks", None) or [])
 
 
 def block_numel(model: nn.Module) -> int:
     """Parameters of the largest transformer block (of the whole model when it has no blocks)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
+    blocks = transformer_blocks(model)
+    if not blocks:
         return sum(p.numel() for p in model.parameters())
     return max(sum(p.numel() for p in block.parameters()) for block in blocks)
 
@@ -35,7 +44,7 @@ def zero3_config(
     One micro-batch per rank is one packed batch, so ``train_micro_batch_size_per_gpu`` is 1.
     """
     block = block_numel(model)
-    hidden = model.hidden_size if isinstance(model, DiT) else 0
+    hidden = int(getattr(model, "hidden_size", 0))  # every family keeps its width there
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gradient_accumulation_steps,

@@ -250,6 +250,7 @@ class WanTransformer(nn.Module):
         self.in_channels = int(cfg.in_channels)
         self.out_channels = int(wan.out_channels)
         self.text_len = int(wan.text_len)
+        self.hidden_size = dim
         self.gradient_checkpointing = False
         self.patch_embedding = nn.Conv3d(self.in_channels, dim, self.patch_size, stride=self.patch_size)
         self.condition_embedder = ConditionEmbedder(
