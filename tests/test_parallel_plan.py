@@ -1,64 +1,155 @@
-"""tools/plan.py's communication figures against the bytes counted in a real 2-rank step."""
+"""tools/plan.py's figures against a real 2-rank step: the collectives it makes, what autograd keeps.
+
+One pair of gloo ranks runs every family's layouts in turn (the process groups are rebuilt between
+layouts: spawning and importing two ranks costs ~10 s, a tiny model's step ~1 s). For each layout
+and model variant, the collectives counted in one forward + backward pass must be the plan's, call
+for call and size for size, and the activations one bf16 forward pass keeps on each rank must be
+the estimate's, block by block and outside the blocks.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
+from collections import Counter
+from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_config
+from conftest import REPO
 from distributed import run_ranks
-from test_parallelize import forward_backward, reference_model, uneven_batch
+from test_parallel_memory import dit_case, expected_by_scope, hunyuan_case, measured_activations, wan_case
 
-from imontage.parallel.parallelize import parallelize_dit
-from imontage.parallel.plan import ModelShape, bytes_by_op, communication_plan, count_collectives
+from imontage.parallel.parallelize import parallelize_model
+from imontage.parallel.plan import (
+    COMMUNICATION_FAMILIES,
+    Layout,
+    MicroBatch,
+    ModelShape,
+    activations,
+    calls_by_op,
+    communication_plan,
+    count_collectives,
+)
 
-LAYOUTS = {  # name: (tensor, context, sequence_parallel, activation_checkpointing)
-    "tp2": (2, 1, False, False),
-    "tp2_sp": (2, 1, True, False),
-    "tp2_sp_recompute": (2, 1, True, True),
-    "ulysses2": (1, 2, False, False),
+LAYOUTS = {
+    "tp2": Layout(tensor=2),
+    "tp2_sp": Layout(tensor=2, sequence_parallel=True),
+    "tp2_sp_recompute": Layout(tensor=2, sequence_parallel=True, activation_checkpointing=True),
+    "ulysses2": Layout(context=2),
+}
+FAMILIES = {  # family: (layouts, variants); HunyuanVideo has no communication plan yet: activations only
+    "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
+    "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
+    "hunyuan_video": (["tp2", "tp2_sp", "ulysses2"], ["t2v"]),
 }
 
 
-def counted_step(
-    rank: int, world_size: int, tensor: int, context: int, sequence: bool, recompute: bool
-) -> dict:
+def case(family: str, variant: str) -> tuple[Any, Any, Any, MicroBatch]:
+    return {"dit": dit_case, "wan": lambda: wan_case(variant), "hunyuan_video": hunyuan_case}[family]()
+
+
+def counted_steps(rank: int, world_size: int) -> dict[str, dict]:
+    """Every family's layouts in turn: per layout and variant, the collectives of one step (calls
+    per size, by operation) and the bytes a bf16 forward pass keeps, by scope."""
+    from megatron.core import parallel_state
+
     from imontage.parallel.state import ParallelLayout, init_process_groups, launch_env
 
-    init_process_groups(ParallelLayout(tensor, context, 1), torch.device("cpu"), launch_env())
-    model = parallelize_dit(reference_model("montage"), tensor, context, sequence, recompute)
-    with count_collectives() as count:
-        forward_backward(model, "montage")
-    return {"bytes": dict(count.bytes), "calls": dict(count.calls)}
+    results: dict[str, dict] = {}
+    for family, (layouts, variants) in FAMILIES.items():
+        for name in layouts:
+            layout = LAYOUTS[name]
+            init_process_groups(
+                ParallelLayout(layout.tensor, layout.context, 1), torch.device("cpu"), launch_env()
+            )
+            for variant in variants:
+                _, model, batch, _ = case(family, variant)
+                sizes = (layout.tensor, layout.context, layout.sequence_parallel)
+                model = parallelize_model(model, *sizes, layout.activation_checkpointing)
+                with count_collectives() as count:
+                    out = model(batch)
+                    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+                    (out * weights).sum().backward()
+                result: dict[str, Any] = {"sizes": {op: dict(calls) for op, calls in count.sizes.items()}}
+                if not layout.activation_checkpointing:  # the checkpoint's own hooks hide the blocks' tensors
+                    _, model, batch, _ = case(family, variant)
+                    model = parallelize_model(model.to(torch.bfloat16), *sizes)
+                    result["activations"] = measured_activations(model, batch)
+                results[f"{family} {name} {variant}"] = result
+            parallel_state.destroy_model_parallel()
+    return results
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_plan_matches_the_bytes_a_real_step_exchanges(layout: str) -> None:
-    tensor, context, sequence, recompute = LAYOUTS[layout]
-    ranks = run_ranks(counted_step, 2, tensor, context, sequence, recompute)
-    tokens = uneven_batch("montage").tokens.shape[0]
-    plan = communication_plan(
-        ModelShape.from_config(tiny_model_config()), tokens, tensor, context, sequence, recompute
-    )
-    expected = bytes_by_op(plan)
-    for rank, counted in enumerate(ranks):
-        assert counted["bytes"] == expected, f"rank {rank}: counted {counted['bytes']}, planned {expected}"
-    assert sum(item.count for item in plan) == sum(ranks[0]["calls"].values())
+def test_plan_matches_what_a_real_step_exchanges_and_keeps() -> None:
+    ranks = run_ranks(counted_steps, 2, timeout=360.0)  # one spawn for every layout: room under load
+    failures = []
+    for family, (layouts, variants) in FAMILIES.items():
+        for name in layouts:
+            layout = LAYOUTS[name]
+            for variant in variants:
+                cfg, _, _, rows = case(family, variant)
+                shape, key = ModelShape.from_config(cfg), f"{family} {name} {variant}"
+                planned = None
+                if family in COMMUNICATION_FAMILIES:
+                    planned = calls_by_op(communication_plan(shape, rows, layout))
+                    assert planned, f"{key}: a parallel layout exchanges something"
+                kept = activations(shape, rows, layout, element_bytes=2)
+                for rank, results in enumerate(ranks):
+                    counted = {op: Counter(calls) for op, calls in results[key]["sizes"].items()}
+                    if planned is not None and counted != planned:
+                        failures.append(f"{key}, rank {rank}: counted {counted}, planned {planned}")
+                    measured = results[key].get("activations")
+                    if measured is None:
+                        continue
+                    expected = expected_by_scope(kept, [scope for scope in measured if scope != "outside"])
+                    if measured != expected:
+                        failures.append(f"{key}, rank {rank}: kept {measured}, estimated {expected}")
+    assert not failures, "\n".join(failures)
 
 
 def test_plan_pads_the_sequence_to_whole_shards() -> None:
     shape = ModelShape(hidden_size=32, num_heads=4, depth=1, patch_features=48)
-    (gather,) = [c for c in communication_plan(shape, 9, context=2) if c.where == "outputs"]
+    (gather,) = [
+        c for c in communication_plan(shape, MicroBatch(9), Layout(context=2)) if c.where == "outputs"
+    ]
     assert gather.numel == 10 * 48  # 9 tokens padded to 10 for two shards
-    assert communication_plan(shape, 9) == []  # one rank: nothing to exchange
+    assert communication_plan(shape, MicroBatch(9), Layout()) == []  # one rank: nothing to exchange
 
 
-def test_plan_cli_prints_a_table_for_a_recipe_layout() -> None:
-    result = subprocess.run(
-        [sys.executable, "tools/plan.py", "--model", "dit_1b", "--tokens", "16384", "--parallel", "tp2_sp"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert "block.qkv" in result.stdout and "reduce_scatter" in result.stdout
-    assert "tensor_parallel=2" in result.stdout
+def plan_cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """tools/plan.py's output for ``args``, run in this process (a new interpreter costs seconds)."""
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_cli_prints_collectives_and_memory_for_a_recipe_layout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = plan_cli(
+        capsys, "--model", "wan_tiny", "--tokens", "64", "--parallel", "tp2_sp", "--gpus", "4", "--bf16"
+    )
+    assert "block.attn2.to_k" in out and "reduce_scatter" in out
+    assert "4 GPUs = DP 2 × CP 1 × TP 2 + SP, ZeRO-3 over 2" in out
+    assert "fp32 Adam moments" in out and "activations (peak)" in out
+
+
+def test_plan_cli_overrides_and_compares_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--model", "wan_tiny", "--tokens", "64", "--parallel", "zero3_dp2", "--gpus", "4")
+    out = plan_cli(capsys, *args, "parallel.context_parallel=2")
+    assert "4 GPUs = DP 2 × CP 2 × TP 1" in out and "block.attn1.ulysses_qkv" in out
+    table = plan_cli(capsys, *args, "--compare", "dp", "tp2-sp-ac", "cp2")
+    assert [line.split()[0] for line in table.splitlines()[3:]] == ["dp", "tp2-sp-ac", "cp2"], table
+
+
+def test_plan_cli_errors_name_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+    hunyuan = ("--model", "hunyuan_video_tiny", "--tokens", "64")
+    with pytest.raises(SystemExit, match="no communication plan for model family 'hunyuan_video'"):
+        plan_cli(capsys, *hunyuan, "--parallel", "tp2")
+    memory = plan_cli(capsys, *hunyuan, "--parallel", "zero3_dp2", "--gpus", "2", "--memory-only")
+    assert "activations (peak)" in memory and "block." not in memory
+    with pytest.raises(SystemExit, match="model.family 'flux' is not one the plan knows"):
+        plan_cli(capsys, "--model", "dit_tiny", "--tokens", "64", "model.family=flux")

@@ -1,0 +1,371 @@
+"""tools/plan.py's memory estimate: parameter bytes by hand, activations against what autograd keeps.
+
+The activation estimate assumes the GPU kernels (flash attention, the fused RoPE and QK-norm + RoPE
+kernels, the fused RMSNorm and LayerNorm). On CPU, :func:`gpu_kernel_savings` runs the same
+arithmetic but saves for the backward pass what those kernels save, so a CPU forward pass keeps
+what a GPU one would; every other op (linears, casts, modulation, GELU) is the model's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from omegaconf import OmegaConf
+
+from imontage.config.schema import ModelConfig
+from imontage.models import build_model
+from imontage.models.dit import PackedBatch, PackingSpec, Sample, Segment, pack_samples
+from imontage.parallel.engine import block_numel
+from imontage.parallel.plan import (
+    PRECISIONS,
+    Layout,
+    MicroBatch,
+    ModelShape,
+    PlanError,
+    activations,
+    communication_plan,
+    count_saved_tensors,
+    estimate_memory,
+    parameter_census,
+    zero3_traffic,
+)
+
+
+def preset(name: str) -> Any:
+    path = REPO / "configs" / "model" / f"{name}.yaml"
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+
+
+# ------------------------------------------------------------- what the GPU kernels save, on CPU
+class _Saving(torch.autograd.Function):
+    """Runs ``compute`` without recording it and saves ``keep(inputs, outputs)`` instead."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[..., Any], keep: Callable[..., tuple], *inputs: Any) -> Any:
+        with torch.no_grad():
+            out = compute(*inputs)
+        ctx.save_for_backward(*keep(inputs, out))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise NotImplementedError("gpu_kernel_savings is for counting what a forward pass keeps")
+
+
+def _fp32_rows(x: torch.Tensor, width: int = 1) -> torch.Tensor:
+    return torch.empty(*x.shape[:-1], width, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def gpu_kernel_savings() -> Iterator[None]:
+    """Attention, RoPE, RMSNorm and LayerNorm save what their CUDA kernels save (module docstring).
+
+    flash-attn: q, k, v, out and the fp32 log-sum-exp ``[h, n]``; the RoPE kernel: the positions;
+    the fused QK-norm + RoPE kernel: q, k, both weights and the positions; CUDA's fused RMSNorm:
+    input, fp32 rstd, weight; CUDA's LayerNorm: input, fp32 mean and rstd, weight, bias.
+    """
+    import imontage.models.dit.model as dit_model
+    import imontage.models.dit.rope as rope
+    import imontage.models.hunyuan_video.model as hunyuan_model
+    import imontage.models.wan.model as wan_model
+
+    attention_users = [m for m in (dit_model, wan_model, hunyuan_model) if hasattr(m, "varlen_attention")]
+    originals = {
+        **{(m, "varlen_attention"): m.varlen_attention for m in attention_users},
+        (rope, "multi_axis_rope"): rope.multi_axis_rope,
+        (rope, "qk_norm_rope"): rope.qk_norm_rope,
+        (F, "rms_norm"): F.rms_norm,
+        (F, "layer_norm"): F.layer_norm,
+    }
+    attend, rotate = originals[(dit_model, "varlen_attention")], originals[(rope, "multi_axis_rope")]
+    qk_rotate, rms_norm, layer_norm = rope.qk_norm_rope, F.rms_norm, F.layer_norm
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        def keep(inputs: tuple, out: torch.Tensor) -> tuple:
+            return (*inputs, out, torch.empty(q.shape[1], q.shape[0], dtype=torch.float32))
+
+        return _Saving.apply(lambda *t: attend(*t, *args, **kwargs), keep, q, k, v)
+
+    def multi_axis_rope(
+        q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *args: Any, **kw: Any
+    ) -> Any:
+        return _Saving.apply(lambda *t: rotate(*t, *args, **kw), lambda i, o: (i[2],), q, k, positions)
+
+    def qk_norm_rope(q: Any, k: Any, wq: Any, wk: Any, positions: Any, *args: Any, **kw: Any) -> Any:
+        return _Saving.apply(lambda *t: qk_rotate(*t, *args, **kw), lambda i, o: i, q, k, wq, wk, positions)
+
+    # The weights are inputs of the Function: a norm of a tensor that needs no gradient (the
+    # batch's) still saves for its weight's gradient.
+    def rms(x: torch.Tensor, shape: Any, weight: Any = None, eps: Any = None) -> Any:
+        def keep(inputs: tuple, out: torch.Tensor) -> tuple:
+            return (x, _fp32_rows(x), *inputs[1:])
+
+        params = [weight] if weight is not None else []
+        return _Saving.apply(lambda x, *w: rms_norm(x, shape, weight, eps), keep, x, *params)
+
+    def layer(x: torch.Tensor, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+        def keep(inputs: tuple, out: torch.Tensor) -> tuple:
+            return (x, _fp32_rows(x), _fp32_rows(x), *inputs[1:])
+
+        params = [t for t in (weight, bias) if t is not None]
+        return _Saving.apply(lambda x, *p: layer_norm(x, shape, weight, bias, eps), keep, x, *params)
+
+    replacements = {"multi_axis_rope": multi_axis_rope, "qk_norm_rope": qk_norm_rope}
+    replacements |= {"rms_norm": rms, "layer_norm": layer, "varlen_attention": attention}
+    for owner, name in originals:
+        setattr(owner, name, replacements[name])
+    try:
+        yield
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+
+
+def batch_tensors(batch: PackedBatch) -> list[torch.Tensor]:
+    """The batch's own tensors: the data pipeline's memory, not the step's."""
+    fields = (getattr(batch, f.name) for f in dataclasses.fields(batch))
+    return [value for value in fields if isinstance(value, torch.Tensor)]
+
+
+def block_scopes(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    names = ("blocks", "transformer_blocks", "single_transformer_blocks")
+    return {f"{name}.{i}": b for name in names for i, b in enumerate(getattr(model, name, []))}
+
+
+def measured_activations(model: torch.nn.Module, batch: PackedBatch) -> dict[str, int]:
+    """Bytes autograd keeps per block (``blocks.0``, ...) and ``outside`` them, for one forward pass."""
+    with gpu_kernel_savings(), count_saved_tensors(model, block_scopes(model), batch_tensors(batch)) as saved:
+        model(batch)
+    return saved.by_scope()
+
+
+def expected_by_scope(kept: Any, scopes: list[str]) -> dict[str, int]:
+    """The estimate's bytes for the scopes of :func:`measured_activations` (no checkpointing)."""
+    blocks = {b.name: b.bytes for b in kept.blocks}
+    expected = {"outside": kept.outside_bytes} | {scope: blocks[scope.rsplit(".", 1)[0]] for scope in scopes}
+    expected[f"{kept.blocks[0].name}.0"] += kept.view_bytes  # the first block keeps the whole embedding
+    return expected
+
+
+# ------------------------------------------------------------------------------ tiny models and batches
+def wan_case(variant: str) -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    """Wan: the shipped tiny preset (T2V, text padded to 16) or test_wan's tiny I2V; three samples."""
+    from test_wan import Variant, imontage_config, make_case, pack
+
+    cfg = preset("wan_tiny") if variant == "t2v" else imontage_config(Variant("i2v", text_len=12, i2v=True))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(3)
+    shapes, texts = [(1, 4, 4), (3, 4, 6), (1, 6, 2)], (3, 9, 5)
+    cases = [
+        make_case(gen, shape, n, variant == "i2v", per_token=True)
+        for shape, n in zip(shapes, texts, strict=True)
+    ]
+    batch = pack(cases, model)
+    image = batch.image_embeds.shape[0] * batch.image_embeds.shape[1] if batch.image_embeds is not None else 0
+    rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples, image)
+    return cfg, model, batch, rows
+
+
+def dit_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    from conftest import tiny_model_config
+    from test_parallelize import uneven_batch
+
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    batch = uneven_batch("montage")
+    batch = batch.replace(tokens=batch.tokens.detach())
+    rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples)
+    return cfg, build_model(cfg), batch, rows
+
+
+def hunyuan_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    """The shipped tiny HunyuanVideo (1 dual + 1 single block), three T2V samples, one timestep each."""
+    cfg = preset("hunyuan_video_tiny")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    samples = [
+        Sample(
+            [
+                Segment("text", data=torch.randn(n, cfg.text_dim, generator=gen)),
+                Segment("video", "target", torch.randn(cfg.in_channels, *shape, generator=gen)),
+            ],
+            pooled_text=torch.randn(cfg.hunyuan_video.pooled_projection_dim, generator=gen),
+            guidance=3.0,
+        )
+        for shape, n in zip([(1, 4, 4), (3, 4, 6), (1, 6, 2)], (3, 9, 5), strict=True)
+    ]
+    batch = pack_samples(samples, PackingSpec.from_model_config(cfg))
+    t = torch.tensor([0.2, 0.5, 0.8])[batch.sample_index()]
+    batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
+    rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples)
+    return cfg, build_model(cfg), batch, rows
+
+
+CASES = {
+    "dit": dit_case,
+    "wan_t2v": lambda: wan_case("t2v"),
+    "wan_i2v": lambda: wan_case("i2v"),
+    "hunyuan_video": hunyuan_case,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_activation_estimate_equals_what_autograd_keeps(case: str, precision: str) -> None:
+    cfg, model, batch, rows = CASES[case]()
+    e = PRECISIONS[precision].activation_bytes
+    model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    measured = measured_activations(model, batch)
+    kept = activations(ModelShape.from_config(cfg), rows, Layout(), e)
+    expected = expected_by_scope(kept, [s for s in measured if s != "outside"])
+    if precision == "fp32":  # there the model reads some of the batch's own fp32 tensors in place
+        measured.pop("outside"), expected.pop("outside")
+    assert measured == expected
+    # Checkpointed: outside, the inputs the blocks share and each one's own, and one block run again.
+    shape = ModelShape.from_config(cfg)
+    checkpointed = activations(shape, rows, Layout(activation_checkpointing=True), e)
+    residual = rows.tokens if case.startswith("wan") else rows.tokens + rows.text_tokens  # all streams
+    own = sum(b.count * b.input_bytes for b in checkpointed.blocks)
+    assert own == (shape.depth + shape.single_blocks) * residual * shape.hidden_size * e
+    shared = sum(s.bytes for s in checkpointed.shared_inputs)
+    modulation_rows = 0 if case == "hunyuan_video" else residual  # HunyuanVideo's rows index one table
+    assert shared == modulation_rows * 6 * shape.hidden_size * e
+    largest = max(v for k, v in measured.items() if k != "outside")
+    assert checkpointed.peak == kept.outside_bytes + shared + own + largest
+
+
+# ------------------------------------------------------------------------- parameters, by hand
+def wan_tiny_cut_per_block(cfg: Any) -> int:
+    """Elements Wan's tensor parallelism cuts in one block (they split evenly over TP ranks):
+    attn1 and attn2 to_q, to_k, to_v (weights, biases), to_out.0 weights, the norms across heads;
+    the FFN's first linear (weight, bias) and second weight."""
+    d, f = cfg.hidden_size, cfg.mlp_hidden_size
+    attention = 3 * (d * d + d) + d * d + 2 * d
+    return 2 * attention + (f * d + f) + d * f
+
+
+def test_parameter_bytes_of_the_tiny_wan_by_hand() -> None:
+    cfg = preset("wan_tiny")
+    model = build_model(cfg, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    cut = wan_tiny_cut_per_block(cfg)
+    # TP 2 on 2 GPUs: ZeRO over 1 rank, so each TP rank's share is its whole partition.
+    share, block_share = total - cfg.depth * cut // 2, block - cut // 2
+    shape, rows = ModelShape.from_config(cfg), MicroBatch(tokens=64, text_tokens=8)
+    estimate = estimate_memory(model, shape, rows, Layout(tensor=2, world=2))
+    terms = dict(estimate.terms())
+    assert estimate.census.rank == share and estimate.census.block == block_share
+    assert terms["bf16 weights, ZeRO-3 partition"] == 2 * share
+    assert terms["bf16 gradients, ZeRO-3 partition"] == 2 * share
+    assert terms["fp32 master weights"] == 4 * share
+    assert terms["fp32 Adam moments"] == 8 * share
+    assert terms["fp32 EMA"] == 4 * share
+    assert terms["bf16 weights gathered (≤ 3 blocks live)"] == 2 * min(3 * block_share, share)
+    assert terms["gradient reduce bucket (1 block)"] == 2 * block_share
+    states = 20 * share + 2 * min(3 * block_share, share) + 2 * block_share
+    assert estimate.total == states + terms["activations (peak)"]
+    # 8 GPUs at TP 2: ZeRO over the other 4; each parameter's partition is rounded up on its own.
+    wide = parameter_census(model, Layout(tensor=2, world=8))
+    split = {name: tensor_share(name, p, 2) for name, p in model.named_parameters()}
+    assert wide.trainable == sum(math.ceil(n / 4) for n in split.values()) and wide.frozen == 0
+    # ZeRO-3's own traffic per micro-batch, one rank of 4, ring: (4 − 1)/4 of each bf16 gather
+    # (forward and backward) and of the gradient reduce-scatter.
+    traffic = zero3_traffic(wide, Layout(tensor=2, world=8), PRECISIONS["bf16"])
+    assert traffic == {"all_gather": 2 * share * 2 * 3 / 4, "reduce_scatter": share * 2 * 3 / 4}
+    # fp32 training: the working copy is the master copy (DeepSpeed keeps no second one), no EMA.
+    fp32 = dict(estimate_memory(model, shape, rows, Layout(world=1), PRECISIONS["fp32"], ema=False).terms())
+    assert fp32["fp32 master weights"] == 0 and fp32["fp32 EMA"] == 0
+    assert fp32["fp32 weights, ZeRO-3 partition"] == 4 * total == fp32["fp32 gradients, ZeRO-3 partition"]
+
+
+def tensor_share(name: str, param: torch.Tensor, tensor: int) -> int:
+    from imontage.parallel.parallelize import tensor_split
+
+    split = tensor_split(name)
+    return param.numel() // tensor if split is not None else param.numel()
+
+
+def test_zero3_shards_over_data_and_context_ranks() -> None:
+    """The engine's ZeRO group is DP × CP (MegatronMPU): Ulysses ranks shard parameters too."""
+    model = build_model(preset("wan_tiny"), device="meta")
+    ulysses = parameter_census(model, Layout(context=2, world=8))
+    assert Layout(context=2, world=8).zero == 8
+    assert ulysses.trainable == sum(math.ceil(p.numel() / 8) for p in model.parameters())
+
+
+def test_frozen_parameters_cost_only_their_working_copy() -> None:
+    """What a frozen base (adapters trained alone) saves: no gradient, master copy or moments."""
+    cfg = preset("wan_tiny")
+    model = build_model(cfg, device="meta")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith("scale_shift_table"))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    terms = dict(estimate_memory(model, ModelShape.from_config(cfg), MicroBatch(64), Layout(world=1)).terms())
+    total = sum(p.numel() for p in model.parameters())
+    assert terms["bf16 weights, ZeRO-3 partition"] == 2 * total
+    assert terms["bf16 gradients, ZeRO-3 partition"] == 2 * trained
+    assert terms["fp32 Adam moments"] == 8 * trained and terms["fp32 master weights"] == 4 * trained
+
+
+@pytest.mark.parametrize("name", ["dit_tiny", "wan_tiny", "hunyuan_video_tiny"])
+def test_bucket_unit_is_the_engines(name: str) -> None:
+    """The estimate sizes ZeRO's buckets as zero3_config does (the largest block of the family's
+    block lists, HunyuanVideo's dual- and single-stream ones both, else the whole model)."""
+    model = build_model(preset(name), device="meta")
+    assert parameter_census(model, Layout()).block == block_numel(model)
+
+
+def test_layouts_the_model_cannot_take_are_refused() -> None:
+    cfg = preset("wan_tiny")
+    model = build_model(cfg, device="meta")
+    with pytest.raises(
+        ValueError, match="num_heads=2 is not divisible by tensor_parallel × context_parallel = 4 × 1"
+    ):
+        parameter_census(model, Layout(tensor=4, world=4))
+    with pytest.raises(
+        PlanError, match="num_heads=2 is not divisible by tensor_parallel × context_parallel = 1 × 4"
+    ):
+        estimate_memory(model, ModelShape.from_config(cfg), MicroBatch(64), Layout(context=4))
+    with pytest.raises(PlanError, match="sequence_parallel needs tensor_parallel > 1"):
+        Layout(sequence_parallel=True)
+    with pytest.raises(
+        PlanError, match="6 GPUs do not divide into tensor_parallel × context_parallel = 4 × 1"
+    ):
+        Layout(tensor=4, world=6)
+
+
+def test_plan_refuses_families_it_does_not_know(tmp_path: Path) -> None:
+    shape = ModelShape.from_config(preset("hunyuan_video_i2v_13b"))
+    with pytest.raises(PlanError, match="no communication plan for model family 'hunyuan_video'"):
+        communication_plan(shape, MicroBatch(1024, 256), Layout(tensor=2))
+    assert communication_plan(shape, MicroBatch(1024, 256), Layout(world=8)) == []  # nothing inside the model
+    cfg = OmegaConf.merge(preset("dit_tiny"), {"family": "flux"})
+    with pytest.raises(PlanError, match="model.family 'flux' is not one the plan knows"):
+        ModelShape.from_config(cfg)
+
+
+def test_adapters_are_refused_until_they_are_modelled() -> None:
+    """model.lora freezes the base: its parameters are counted (requires_grad), but what a frozen
+    base and the adapters keep and exchange is not modelled, so neither is guessed."""
+    cfg = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": ["blocks.*.attn1.to_q"]}})
+    shape = ModelShape.from_config(cfg)
+    census = parameter_census(build_model(cfg, device="meta"), Layout())
+    assert 0 < census.trainable < census.frozen  # the adapters train, the base is frozen
+    traffic = zero3_traffic(census, Layout(world=2), PRECISIONS["bf16"])
+    assert traffic["reduce_scatter"] == census.rank_trainable * 2 / 2  # only the adapters' gradients
+    assert traffic["all_gather"] == 2 * census.rank * 2 / 2  # every weight, forward and backward
+    with pytest.raises(PlanError, match="model.lora is set"):
+        activations(shape, MicroBatch(64), Layout(), 2)
+    with pytest.raises(PlanError, match="model.lora is set"):
+        communication_plan(shape, MicroBatch(64), Layout(tensor=2))
