@@ -55,10 +55,16 @@ def i2v_samples(count: int = 6) -> Samples:
     return out
 
 
-def write_conditioned_shards(folder: Path, shards: Sequence[Samples] | None = None, i2v: bool = True) -> str:
+def write_conditioned_shards(
+    folder: Path,
+    shards: Sequence[Samples] | None = None,
+    i2v: bool = True,
+    negative_prompt: str | None = None,
+) -> str:
     """Pixel shards (default: six :func:`i2v_samples` in two) encoded with pooled text and, with
     ``i2v``, image tokens and I2V condition latents into ``folder/latents``; returns the latent spec.
-    The I2V samples' latents are ``[4, 2, 4, 6]`` (the clip) and ``[4, 1, 4, 6]`` (the image)."""
+    The I2V samples' latents are ``[4, 2, 4, 6]`` (the clip) and ``[4, 1, 4, 6]`` (the image). With
+    ``negative_prompt``, ``folder/latents/negative.safetensors`` holds that text's embeddings."""
     models = save_tiny_encoders(folder / "models")
     clip = save_tiny_clip(folder / "models" / "clip")
     vision = save_tiny_clip_vision(folder / "models" / "clip_vision") if i2v else None
@@ -70,8 +76,16 @@ def write_conditioned_shards(folder: Path, shards: Sequence[Samples] | None = No
         models["vae"], models["text_encoder"], models["tokenizer"], str(clip), models["tokenizer"],
         image=None if vision is None else str(vision), i2v_condition=i2v,
     )  # fmt: skip
-    encode_shards(spec, folder / "latents", encoders, settings=EncodeSettings(), progress=False)
+    settings = EncodeSettings(negative_prompt=negative_prompt)
+    encode_shards(spec, folder / "latents", encoders, settings=settings, progress=False)
     return str(folder / "latents" / "pixels-*.tar")
 
 
-__all__ = ["IMAGE_DIM", "IMAGE_TOKENS", "POOLED_DIM", "save_tiny_clip_vision", "write_conditioned_shards"]
+__all__ = [
+    "IMAGE_DIM",
+    "IMAGE_TOKENS",
+    "POOLED_DIM",
+    "i2v_samples",
+    "save_tiny_clip_vision",
+    "write_conditioned_shards",
+]

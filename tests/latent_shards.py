@@ -87,13 +87,49 @@ def save_tiny_text_encoder(folder: Path) -> tuple[Path, Path]:
     return model_dir, tokenizer_dir
 
 
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>", "<unk>"]  # fmt: skip
+LLAMA_LAYERS = 3  # hidden_states holds 4: the embeddings, then each layer's (the last one normed)
+
+
+def save_tiny_llama(folder: Path) -> tuple[Path, Path]:
+    """(text encoder folder, tokenizer folder): a 3-layer random LlamaModel (hidden size TEXT_DIM) and a
+    word-level tokenizer with Llama 3's special tokens (one token each, ``<|begin_of_text|>`` first,
+    ``<|end_of_text|>`` padding on the right): the tiny stand-in for HunyuanVideo's ``text_encoder``."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    transformers = importlib.import_module("transformers")
+    vocab = {token: i for i, token in enumerate(LLAMA_SPECIALS)}
+    for word in [*WORDS, *map(str, range(10))]:
+        vocab[word] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.add_special_tokens([AddedToken(token, special=True) for token in LLAMA_SPECIALS])
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>", unk_token="<unk>", padding_side="right",
+    )  # fmt: skip
+    tokenizer_dir, model_dir = folder / "llama_tokenizer", folder / "llama"
+    tokenizer.save_pretrained(tokenizer_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=LLAMA_LAYERS,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=1,
+        bos_token_id=0, eos_token_id=4,
+    )  # fmt: skip
+    transformers.LlamaModel(config).save_pretrained(model_dir)
+    return model_dir, tokenizer_dir
+
+
 def save_tiny_clip(folder: Path) -> Path:
     """A 1-layer CLIP text model (pooled output of size POOLED_DIM) for the tokenizer of
-    :func:`save_tiny_text_encoder` (EOS id 1)."""
+    :func:`save_tiny_text_encoder` (EOS id 1), with CLIP-L's 77 positions (the pipelines pad to 77)."""
     transformers = importlib.import_module("transformers")
     config = transformers.CLIPTextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=POOLED_DIM, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=2, eos_token_id=1,
     )  # fmt: skip
     transformers.CLIPTextModel(config).save_pretrained(folder)
     return folder

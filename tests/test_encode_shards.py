@@ -8,6 +8,7 @@ packs them (``data.text_embeddings`` with precomputed text).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -35,6 +37,7 @@ from latent_shards import (
     pixel_samples,
     save_tiny_clip,
     save_tiny_encoders,
+    save_tiny_llama,
     save_tiny_vae,
     write_pixel_shards,
 )
@@ -296,6 +299,11 @@ def test_the_loader_packs_latent_shards_with_text_embeddings(latents: Path) -> N
 
 
 def test_pooled_text_from_a_second_encoder(tmp_path: Path, models: dict[str, str], pixels: str) -> None:
+    """The pooled vector is CLIP's pooler_output, as diffusers' HunyuanVideo pipelines compute it
+    (``_get_clip_prompt_embeds``); a projecting CLIP (text_embeds) is refused."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import HunyuanVideoPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     clip = str(save_tiny_clip(tmp_path / "clip"))
     encoders = Encoders.load(
         models["vae"], models["text_encoder"], models["tokenizer"], clip, models["tokenizer"]
@@ -309,9 +317,97 @@ def test_pooled_text_from_a_second_encoder(tmp_path: Path, models: dict[str, str
     pooled = torch.from_numpy(load(members["pooled_text.safetensors"])["pooled_text"])
     assert pooled.shape == (POOLED_DIM,)
     assert encoders.pooled is not None
-    tokens = encoders.pooled.tokenizer(record["text"], return_tensors="pt")
+    pipe = SimpleNamespace(tokenizer_2=encoders.pooled.tokenizer, text_encoder_2=encoders.pooled.model)
     with torch.no_grad():
-        torch.testing.assert_close(pooled, encoders.pooled.model(**tokens).pooler_output[0])
+        expected = HunyuanVideoPipeline._get_clip_prompt_embeds(
+            pipe, record["text"], device="cpu", dtype=torch.float32
+        )
+    torch.testing.assert_close(pooled, expected[0], rtol=0, atol=0)
+    projecting = tmp_path / "clip_projection"
+    CLIPTextModelWithProjection(CLIPTextModel.from_pretrained(clip).config).save_pretrained(projecting)
+    with pytest.raises(ValueError, match="pooler_output"):
+        Encoders.load(models["vae"], pooled=str(projecting), pooled_tokenizer=models["tokenizer"])
+
+
+def test_hunyuan_video_text_recipe_stores_what_its_pipeline_feeds_the_transformer(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    """``--text-recipe hunyuan_video``: the stored text embeddings are the valid rows of diffusers'
+    ``HunyuanVideoPipeline._get_llama_prompt_embeds`` (template, hidden_states[-3], crop) on the same
+    tiny Llama, the pooled vector its ``_get_clip_prompt_embeds``, the negative prompt's likewise; the
+    manifest records the recipe, and a rerun with another recipe is refused."""
+    import inspect
+
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+        DEFAULT_PROMPT_TEMPLATE,
+        HunyuanVideoPipeline,
+    )
+    from safetensors.torch import load, load_file
+
+    llama, llama_tokenizer = save_tiny_llama(tmp_path)
+    clip = str(save_tiny_clip(tmp_path / "clip"))
+    key, members, _ = pixel_samples()[0]  # two 32x32 images, "image sample 0 red circle"
+    spec = write_pixel_shards(tmp_path / "pixels", [[(key, members)]])
+    load_args = (models["vae"], str(llama), str(llama_tokenizer), clip, models["tokenizer"])
+    encoders = Encoders.load(*load_args, text_recipe="hunyuan_video")
+    settings, out = EncodeSettings(negative_prompt=""), tmp_path / "latents"
+    encode_shards(spec, out, encoders, settings=settings, progress=False)
+    raw = next(read_shard(str(out / "pixels-000000.tar")))
+    record = json.loads(raw.members["json"])
+    assert record["text_encoder"]["recipe"] == "hunyuan_video"
+    assert encoders.text is not None and encoders.pooled is not None
+    pipe = SimpleNamespace(tokenizer=encoders.text.tokenizer, text_encoder=encoders.text.model,
+                           tokenizer_2=encoders.pooled.tokenizer, text_encoder_2=encoders.pooled.model)  # fmt: skip
+
+    def pipeline(text: str, template: dict = DEFAULT_PROMPT_TEMPLATE) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            embeds, mask = HunyuanVideoPipeline._get_llama_prompt_embeds(
+                pipe, text, template, device=torch.device("cpu"), dtype=torch.float32
+            )  # [1, 256, E], [1, 256]: what the transformer reads, padded
+            pooled = HunyuanVideoPipeline._get_clip_prompt_embeds(
+                pipe, text, device="cpu", dtype=torch.float32
+            )
+        return embeds[0][mask[0].bool()], pooled[0]
+
+    text, pooled = pipeline(record["text"])
+    assert text.shape == (record["text_encoder"]["tokens"], TEXT_DIM)
+    torch.testing.assert_close(load(raw.members["text.safetensors"])["text_embedding"], text, rtol=0, atol=0)
+    torch.testing.assert_close(
+        load(raw.members["pooled_text.safetensors"])["pooled_text"], pooled, rtol=0, atol=0
+    )
+    negative = load_file(out / encode.NEGATIVE)
+    for name, expected in zip(("text_embedding", "pooled_text"), pipeline(""), strict=True):
+        torch.testing.assert_close(negative[name], expected, rtol=0, atol=0)
+    # The recipe's constants are the pipeline's defaults, and the manifest records them.
+    defaults = inspect.signature(HunyuanVideoPipeline._get_llama_prompt_embeds).parameters
+    recipe = encoders.text.recipe
+    assert recipe.hidden_state == -(defaults["num_hidden_layers_to_skip"].default + 1) == -3
+    assert encoders.text.max_length == defaults["max_sequence_length"].default == 256
+    manifest = json.loads((out / encode.MANIFEST).read_text())
+    assert manifest["text_encoder"]["recipe"] == {
+        "name": "hunyuan_video", "template": DEFAULT_PROMPT_TEMPLATE["template"],
+        "crop_start": DEFAULT_PROMPT_TEMPLATE["crop_start"], "hidden_state": -3, "pad": True,
+    }  # fmt: skip
+    assert manifest["settings"]["negative_prompt"] == ""
+    # crop_start drops the template's tokens: cropped where this tokenizer's template ends, the rows
+    # left are the prompt's words and the closing <|eot_id|>.
+    prefix = len(encoders.text.tokenizer(DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0])["input_ids"])
+    encoders.text.recipe = dataclasses.replace(recipe, crop_start=prefix)
+    words = "the blue square moves left"
+    own, _ = pipeline(words, {**DEFAULT_PROMPT_TEMPLATE, "crop_start": prefix})
+    torch.testing.assert_close(encoders.text.encode(words), own, rtol=0, atol=0)
+    assert own.shape == (len(words.split()) + 1, TEXT_DIM)
+    # hidden_states[-3], not the last hidden state (what the plain recipe stores) of the same tokens.
+    encoders.text.recipe = dataclasses.replace(recipe, hidden_state=None)
+    assert not torch.allclose(encoders.text.encode(record["text"]), text)
+    encoders.text.recipe = recipe
+    # Resumable: the same settings skip the finished shard; another recipe or negative prompt is refused.
+    [report] = encode_shards(spec, out, encoders, settings=settings, progress=False)
+    assert report.skipped
+    with pytest.raises(ValueError, match="encoded with other text_encoder"):
+        encode_shards(spec, out, Encoders.load(*load_args), settings=settings, progress=False)
+    with pytest.raises(ValueError, match="encoded with other settings"):
+        encode_shards(spec, out, encoders, settings=EncodeSettings(negative_prompt="blurry"), progress=False)
 
 
 def test_preference_pairs_keep_their_groups_and_anchors_move_to_latent_frames(models: dict[str, str]) -> None:

@@ -2,7 +2,8 @@
 
     python tools/encode_shards.py 'data/mine/shard-*.tar' --out data/mine_latents \\
         --vae models/wan/vae --text-encoder models/wan/text_encoder --tokenizer models/wan/tokenizer \\
-        [--pooled-text-encoder models/hv/text_encoder_2] [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
+        [--text-recipe hunyuan_video] [--pooled-text-encoder models/hv/text_encoder_2] [--negative-prompt ""]
+        [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
         [--image-encoder models/wan-i2v/image_encoder --image-processor models/wan-i2v/image_processor --i2v-condition]
 
 Each rank (``--rank``/``--world``, default ``RANK``/``WORLD_SIZE``) encodes whole input shards;
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from imontage.data.decode import DecodeOptions
-from imontage.data.encode import LATENT_DTYPES, Encoders, EncodeSettings, encode_shards
+from imontage.data.encode import LATENT_DTYPES, TEXT_RECIPES, Encoders, EncodeSettings, encode_shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +41,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="transformers text encoder folder (e.g. UMT5EncoderModel); none: no text embeddings",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the text encoder's)")
-    parser.add_argument("--max-text-length", type=int, default=512, help="tokens kept at most")
+    parser.add_argument(
+        "--text-recipe",
+        choices=TEXT_RECIPES,
+        default="last_hidden_state",
+        help="last_hidden_state (Wan's UMT5); hunyuan_video: HunyuanVideoPipeline's prompt template, "
+        "hidden_states[-3], the template's tokens cropped (its Llama text encoder)",
+    )
+    parser.add_argument(
+        "--max-text-length", type=int, help="tokens kept at most (default: the recipe's, 512 or 256)"
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        help="also encode this text (both text encoders) into OUT/negative.safetensors, for "
+        "imontage-sample --negative",
+    )
     parser.add_argument(
         "--pooled-text-encoder",
         help="a text encoder whose pooled output is stored too (HunyuanVideo: CLIP-L)",
@@ -86,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = DecodeOptions(
         max_frames=args.max_frames, frame_stride=args.frame_stride, max_pixels=args.max_pixels
     )
-    settings = EncodeSettings(options, args.latent_dtype, args.seed)
+    settings = EncodeSettings(options, args.latent_dtype, args.seed, args.negative_prompt)
     encoders = Encoders.load(
         args.vae,
         args.text_encoder,
@@ -102,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         image=args.image_encoder,
         image_processor=args.image_processor,
         i2v_condition=args.i2v_condition,
+        text_recipe=args.text_recipe,
     )
     reports = encode_shards(
         args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress

@@ -21,7 +21,10 @@ shards and without losing or duplicating a sample.
 VAEs: diffusers ``AutoencoderKLWan`` (normalised ``(z - latents_mean) / latents_std``, as the Wan
 pipelines do) and ``AutoencoderKLHunyuanVideo`` (``z · scaling_factor``), picked by the
 ``_class_name`` of the folder's ``config.json``. Text: a transformers encoder
-(``UMT5EncoderModel``, ...) and its tokenizer, from local folders. Nothing is downloaded and
+(``UMT5EncoderModel``, ...) and its tokenizer, from local folders, under a :class:`TextRecipe`: the
+last hidden state (Wan), or HunyuanVideo's (the prompt template, ``hidden_states[-3]``, the
+template's tokens cropped, as diffusers' ``HunyuanVideoPipeline`` computes it). The pooled text is
+the ``pooler_output`` diffusers' HunyuanVideo pipelines read from CLIP. Nothing is downloaded and
 nothing is loaded with pickle (``use_safetensors=True``).
 """
 
@@ -62,6 +65,8 @@ IMAGE_TENSOR = "image_embeds"
 IMAGE_MEMBER = "image_embeds.safetensors"
 CONDITION_TENSOR = "condition_latent"  # the tensor's name in a target's condition latent member
 MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was encoded with
+# OUT/negative.safetensors: the negative prompt's text_embedding and pooled_text (--negative-prompt)
+NEGATIVE = "negative.safetensors"
 VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -223,13 +228,63 @@ class VideoVAE:
 # the text encoder
 
 
-class TextEncoder:
-    """A transformers text encoder and its tokenizer: text -> ``[L, E]`` of its valid tokens."""
+@dataclass(frozen=True)
+class TextRecipe:
+    """How a text encoder's output becomes the stored text embeddings ``[L, E]``.
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512) -> None:
+    The text is put into ``template`` (``template.format(text)``), tokenised (truncated to
+    ``max_length + crop_start`` tokens; with ``pad``, padded to that length as well), run through
+    the encoder with its attention mask; the hidden state ``hidden_state`` (an index into
+    ``hidden_states``; None: ``last_hidden_state``) is taken, its first ``crop_start`` tokens (the
+    template's) dropped, and the attention-masked valid tokens kept.
+    """
+
+    name: str
+    template: str = "{}"
+    crop_start: int = 0
+    hidden_state: int | None = None
+    max_length: int = 512  # default truncation (after the crop), the family pipeline's
+    pad: bool = False  # pad to the truncation length, as the family's pipeline runs the encoder
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "template": self.template, "crop_start": self.crop_start,
+                "hidden_state": self.hidden_state, "pad": self.pad}  # fmt: skip
+
+    @classmethod
+    def named(cls, name: str) -> TextRecipe:
+        """The recipe ``name`` (one of :data:`TEXT_RECIPES`).
+
+        - ``last_hidden_state``: the text as it is, the last hidden state of its tokens (UMT5 for Wan).
+        - ``hunyuan_video``: what diffusers' ``HunyuanVideoPipeline._get_llama_prompt_embeds`` feeds the
+          transformer, with its defaults: the prompt in its ``DEFAULT_PROMPT_TEMPLATE`` (read from
+          diffusers; the manifest records it), ``crop_start`` 95, ``hidden_states[-(num_hidden_layers_to_skip
+          + 1)]`` with skip 2, ``max_sequence_length`` 256, padded to ``max_sequence_length + crop_start``.
+        """
+        if name == "last_hidden_state":
+            return cls(name)
+        if name == "hunyuan_video":
+            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+            template: dict[str, Any] = DEFAULT_PROMPT_TEMPLATE
+            # hidden_states[-(num_hidden_layers_to_skip + 1)], skip 2; max_sequence_length 256
+            return cls(name, str(template["template"]), int(template["crop_start"]), -3, 256, pad=True)
+        raise ValueError(f"text recipe '{name}' is not one of {', '.join(TEXT_RECIPES)}")
+
+
+TEXT_RECIPES = ("last_hidden_state", "hunyuan_video")
+
+
+class TextEncoder:
+    """A transformers text encoder and its tokenizer: text -> ``[L, E]`` of its valid tokens
+    (:class:`TextRecipe`), or one pooled vector ``[E]``."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, max_length: int = 512, recipe: TextRecipe | None = None
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.recipe = recipe or TextRecipe("last_hidden_state")
 
     @classmethod
     def load(
@@ -238,8 +293,10 @@ class TextEncoder:
         tokenizer_folder: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_length: int = 512,
+        max_length: int | None = None,
+        recipe: TextRecipe | None = None,
     ) -> TextEncoder:
+        """``max_length`` None: the recipe's."""
         transformers = importlib.import_module("transformers")
         config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
         architecture = (config.architectures or ["UMT5EncoderModel"])[0]
@@ -247,7 +304,10 @@ class TextEncoder:
             os.fspath(folder), use_safetensors=True, dtype=dtype
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_folder or folder))
-        return cls(model.to(device), tokenizer, max_length)
+        recipe = recipe or TextRecipe("last_hidden_state")
+        return cls(
+            model.to(device), tokenizer, recipe.max_length if max_length is None else max_length, recipe
+        )
 
     @property
     def name(self) -> str:
@@ -255,21 +315,45 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, text: str) -> torch.Tensor:
-        """``[L, E]`` float32: the last hidden states of the text's tokens (EOS included, no padding)."""
-        tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        """``[L, E]`` float32: the recipe's hidden states of the text's valid tokens (EOS included,
+        no padding, the template's leading tokens cropped)."""
+        recipe = self.recipe
+        tokens = self.tokenizer(
+            recipe.template.format(text),
+            truncation=True,
+            max_length=self.max_length + recipe.crop_start,
+            padding="max_length" if recipe.pad else False,
+            return_tensors="pt",
+        )
         device = next(self.model.parameters()).device
         mask = tokens["attention_mask"].to(device)
-        hidden = self.model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        return hidden[0, : int(mask.sum())].float().cpu()
+        output = self.model(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=mask,
+            output_hidden_states=recipe.hidden_state is not None,
+        )
+        hidden = (
+            output.last_hidden_state
+            if recipe.hidden_state is None
+            else output.hidden_states[recipe.hidden_state]
+        )
+        valid = mask[0, recipe.crop_start :].bool()
+        return hidden[0, recipe.crop_start :][valid].float().cpu()
 
     @torch.no_grad()
     def pool(self, text: str) -> torch.Tensor:
-        """``[E]`` float32: the model's pooled output (CLIP: the final-normed EOS state, projected)."""
-        tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        """``[E]`` float32: the model's ``pooler_output`` (CLIP: the final-normed EOS state), as diffusers'
+        HunyuanVideo pipelines' ``_get_clip_prompt_embeds`` runs it: padded to ``max_length``,
+        truncated, without an attention mask (CLIP's causal mask keeps padding out of the EOS state)."""
+        tokens = self.tokenizer(
+            text, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         device = next(self.model.parameters()).device
-        output = self.model(**{name: value.to(device) for name, value in tokens.items()})
-        pooled = getattr(output, "text_embeds", None)  # CLIPTextModelWithProjection
-        return (output.pooler_output if pooled is None else pooled)[0].float().cpu()
+        output = self.model(tokens["input_ids"].to(device), output_hidden_states=False)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is None:
+            raise ValueError(f"{self.name} gives no pooler_output, the pooled text HunyuanVideo reads")
+        return pooled[0].float().cpu()
 
 
 class ImageEncoder:
@@ -347,22 +431,37 @@ class Encoders:
         dtype: torch.dtype = torch.float32,
         sample_posterior: bool = False,
         tiling: bool = False,
-        max_text_length: int = 512,
+        max_text_length: int | None = None,
         max_pooled_length: int = 77,
         image: str | None = None,
         image_processor: str | None = None,
         i2v_condition: bool = False,
+        text_recipe: str = "last_hidden_state",
     ) -> Encoders:
+        """``max_text_length`` None: the text recipe's (:meth:`TextRecipe.named`)."""
         folders = {"vae": vae, "text_encoder": text, "tokenizer": tokenizer or text,
                    "pooled_text_encoder": pooled, "pooled_tokenizer": pooled_tokenizer or pooled}  # fmt: skip
         if image is not None:  # only then: the manifests of folders encoded before stay valid
             folders.update(image_encoder=image, image_processor=image_processor or image)
-        return cls(
-            VideoVAE.load(vae, device, dtype, sample_posterior, tiling),
-            None if text is None else TextEncoder.load(text, tokenizer, device, dtype, max_text_length),
+        recipe = TextRecipe.named(text_recipe)
+        if text is None and recipe.name != "last_hidden_state":
+            raise ValueError(f"text recipe '{recipe.name}' needs a text encoder (--text-encoder)")
+        pooled_encoder = (
             None
             if pooled is None
-            else TextEncoder.load(pooled, pooled_tokenizer, device, dtype, max_pooled_length),
+            else TextEncoder.load(pooled, pooled_tokenizer, device, dtype, max_pooled_length)
+        )
+        if pooled_encoder is not None and pooled_encoder.name.endswith("WithProjection"):
+            raise ValueError(
+                f"{pooled}: a {pooled_encoder.name} gives text_embeds (projected); HunyuanVideo's pooled text is "
+                "CLIPTextModel's pooler_output, as diffusers' pipelines read text_encoder_2: load it as CLIPTextModel"
+            )
+        return cls(
+            VideoVAE.load(vae, device, dtype, sample_posterior, tiling),
+            None
+            if text is None
+            else TextEncoder.load(text, tokenizer, device, dtype, max_text_length, recipe),
+            pooled_encoder,
             {name: None if path is None else os.path.abspath(path) for name, path in folders.items()},
             None if image is None else ImageEncoder.load(image, image_processor, device, dtype),
             i2v_condition,
@@ -375,6 +474,8 @@ class Encoders:
             for name, encoder in (("text_encoder", self.text), ("pooled_text_encoder", self.pooled))
         }
         # Written only when used, so that the manifests of folders encoded before stay valid.
+        if self.text is not None and self.text.recipe.name != "last_hidden_state":
+            texts["text_encoder"] = {**(texts["text_encoder"] or {}), "recipe": self.text.recipe.to_json()}
         if self.image is not None:
             texts["image_encoder"] = {"model": self.image.name, "tokens": "hidden_states[-2]"}
         if self.i2v_condition:
@@ -398,10 +499,15 @@ class EncodeSettings:
     options: DecodeOptions = field(default_factory=lambda: DecodeOptions(max_frames=1 << 30))
     latent_dtype: str = "float32"  # stored dtype of latents and text embeddings (float32, float16)
     seed: int = 0  # posterior sampling, per sample: seeded by (seed, key)
+    # Also encode this text as the folder's negative prompt, OUT/negative.safetensors (None: none).
+    negative_prompt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.options).items()}
-        return {"options": options, "latent_dtype": self.latent_dtype, "seed": self.seed}
+        out = {"options": options, "latent_dtype": self.latent_dtype, "seed": self.seed}
+        if self.negative_prompt is not None:  # only then: the manifests of folders encoded before stay valid
+            out["negative_prompt"] = self.negative_prompt
+        return out
 
 
 def _safetensors(name: str, tensor: torch.Tensor, dtype: str, metadata: dict[str, str]) -> bytes:
@@ -489,6 +595,8 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
             "tokens": int(embedding.shape[0]),
             "max_length": text.max_length,
         }
+        if text.recipe.name != "last_hidden_state":
+            result["text_encoder"]["recipe"] = text.recipe.name
     elif record.text_embedding is not None:  # no encoder given: the precomputed one travels along
         name = f"text.{extension(record.text_embedding)}"
         members[name] = raw.members[record.text_embedding]
@@ -644,6 +752,32 @@ def check_manifest(out: str | os.PathLike[str], manifest: dict[str, Any]) -> Non
     os.replace(partial, path)
 
 
+def write_negative(out: str | os.PathLike[str], encoders: Encoders, settings: EncodeSettings) -> Path:
+    """``OUT/negative.safetensors``: ``settings.negative_prompt`` through the text encoder (tensor
+    ``text_embedding``) and the pooled one (``pooled_text``), like every sample's text: what
+    ``imontage-sample --negative`` reads for true classifier-free guidance (diffusers' HunyuanVideo
+    pipelines encode their ``negative_prompt`` through both encoders). Written once, atomically."""
+    path = Path(out) / NEGATIVE
+    if encoders.text is None or settings.negative_prompt is None:
+        raise ValueError("a negative prompt needs a text encoder (--text-encoder)")
+    if path.exists():  # the manifest check guarantees the same prompt and encoders
+        return path
+    from safetensors.torch import save_file
+
+    tensors = {TEXT_TENSOR: encoders.text.encode(settings.negative_prompt)}
+    if encoders.pooled is not None:
+        tensors[POOLED_TENSOR] = encoders.pooled.pool(settings.negative_prompt)
+    dtype = LATENT_DTYPES[settings.latent_dtype]
+    partial = path.with_name(f"{NEGATIVE}.partial.{os.getpid()}")
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in tensors.items()},
+        partial,
+        metadata={"prompt": settings.negative_prompt},
+    )
+    os.replace(partial, path)
+    return path
+
+
 def rank_shards(urls: Sequence[str], rank: int, world: int) -> list[str]:
     """The input shards rank ``rank`` of ``world`` encodes: every ``world``-th, from the ``rank``-th."""
     if not 0 <= rank < world:
@@ -669,6 +803,8 @@ def encode_shards(
     urls = rank_shards(expand_shards(spec), rank, world)
     os.makedirs(out, exist_ok=True)
     check_manifest(out, encoders.manifest(settings))
+    if settings.negative_prompt is not None:
+        write_negative(out, encoders, settings)
     indexes = [read_sidecar(url) for url in urls]
     total = sum(len(index) for index in indexes if index) if all(indexes) else None
     reports = []

@@ -5,6 +5,15 @@ JSONL prompt file (``--prompts``), one object per line:
 ``{"text": "...", "conditions": ["a.png", ...], "targets": [[H, W], [T, H, W], ...]}``
 with image paths relative to the file. Targets of a prompt file have no ground truth.
 
+Classifier-free guidance (``--guidance``, default 3; 1 for HunyuanVideo, whose pipelines run no
+true CFG by default) needs an unconditional pass: ``--negative FILE`` runs it on a negative prompt's
+precomputed text and pooled text (``tools/encode_shards.py --negative-prompt`` writes
+``OUT/negative.safetensors``), as diffusers' HunyuanVideo pipelines run true CFG; ``--negative
+text-dropout`` (the default for the other families) drops each sample's text tokens and keeps its
+other inputs, as ``flow_matching.text_dropout`` trains. HunyuanVideo takes no default: a pooled text
+kept in an unconditional pass must be asked for. A guidance-distilled HunyuanVideo reads
+``--embedded-guidance`` (default: the run's ``flow_matching.embedded_guidance``, as it trained).
+
 ``--sar FRAMES`` generates one video of FRAMES frames, longer than the model's window, segment by
 segment (DreaMontage SAR, :mod:`imontage.sample.sar`): windows of ``--window`` frames, each
 conditioned on the last ``--context`` frames of the one before and on the ``--keyframe IDX=PATH``
@@ -29,9 +38,10 @@ from imontage.checkpoint import convert, zero3
 from imontage.data import load_image, preview_samples
 from imontage.models import build_model
 from imontage.models.dit import Sample, Segment
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.dit.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
+from imontage.objectives.flow_matching import clean_first_frame
 from imontage.sample.grid import make_grid, save_png
-from imontage.sample.sampler import sample_flow
+from imontage.sample.sampler import Negative, sample_flow
 from imontage.sample.sar import Keyframe, iter_sar, plan_video
 from imontage.train import checkpoint as ckpt
 from imontage.train.trainer import preview_rows, resolve_device
@@ -52,9 +62,9 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, PackingSpec]:
-    """The single-device model of a checkpoint (any family); a DeepSpeed one is consolidated in
-    memory, tensor by tensor."""
+def load_model_config(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, Any]:
+    """The single-device model of a checkpoint (any family) and its model config; a DeepSpeed one is
+    consolidated in memory, tensor by tensor."""
     if zero3.is_zero3_checkpoint(checkpoint):
         reader, model_cfg = convert.open_zero3(checkpoint)
         model = build_model(model_cfg)
@@ -62,7 +72,7 @@ def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[n
         with torch.no_grad():
             for name, tensor in convert.zero3_tensors(reader, "ema" if use_ema else "fp32"):
                 weights[name].copy_(tensor)
-        return model.to(device).eval(), PackingSpec.from_model_config(model_cfg)
+        return model.to(device).eval(), model_cfg
     tensors, state = ckpt.load_checkpoint(checkpoint)
     model_cfg = OmegaConf.create(state["model_config"])
     model = build_model(model_cfg)
@@ -72,7 +82,57 @@ def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[n
             raise KeyError(f"{checkpoint}: has no EMA weights; pass --no-ema")
         weights = {**weights, **tensors["ema"]}
     model.load_state_dict(weights)
-    return model.to(device).eval(), PackingSpec.from_model_config(model_cfg)
+    return model.to(device).eval(), model_cfg
+
+
+def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, PackingSpec]:
+    """The single-device model of a checkpoint and its packing spec (default embedded guidance)."""
+    model, model_cfg = load_model_config(checkpoint, use_ema, device)
+    return model, PackingSpec.from_model_config(model_cfg)
+
+
+def run_embedded_guidance(checkpoint: Path) -> float | None:
+    """``flow_matching.embedded_guidance`` of the run a checkpoint belongs to
+    (``RUN_DIR/config.yaml`` beside ``RUN_DIR/checkpoints/step_*``); None when unset or not found."""
+    config = checkpoint.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    value = OmegaConf.select(OmegaConf.load(config), "flow_matching.embedded_guidance")
+    return None if value is None else float(value)
+
+
+def embedded_guidance(args: argparse.Namespace, model_cfg: Any, checkpoint: Path) -> float | None:
+    """The distilled guidance scale to sample a guidance-embedding model at: ``--embedded-guidance``,
+    else the run's training value, else DEFAULT_EMBEDDED_GUIDANCE (None for a model without one,
+    which refuses the flag when the spec is built)."""
+    if args.embedded_guidance is not None:
+        return float(args.embedded_guidance)
+    family = str(getattr(model_cfg, "family", "dit"))
+    if family != "hunyuan_video" or not bool(model_cfg.hunyuan_video.guidance_embeds):
+        return None
+    value = run_embedded_guidance(checkpoint)
+    source = "the run's flow_matching.embedded_guidance" if value is not None else "the default"
+    value = DEFAULT_EMBEDDED_GUIDANCE if value is None else value
+    log.info("embedded guidance %g (%s; --embedded-guidance sets it)", value, source)
+    return value
+
+
+def guidance_inputs(args: argparse.Namespace, model_cfg: Any) -> tuple[float, Negative | None]:
+    """The CFG scale and the unconditional pass's negative (None: text dropout), per the module doc."""
+    hunyuan = str(getattr(model_cfg, "family", "dit")) == "hunyuan_video"
+    guidance = float(args.guidance) if args.guidance is not None else (1.0 if hunyuan else 3.0)
+    if guidance == 1.0:
+        return guidance, None
+    if args.negative is None and hunyuan:
+        raise ValueError(
+            f"--guidance {guidance:g} on HunyuanVideo: say what its unconditional pass is: --negative FILE "
+            "(a negative prompt's text_embedding and pooled_text, as diffusers' pipelines run true CFG; "
+            "tools/encode_shards.py --negative-prompt writes OUT/negative.safetensors) or --negative "
+            "text-dropout (text tokens dropped, the conditional pooled text kept, as text_dropout trains)"
+        )
+    if args.negative in (None, "text-dropout"):
+        return guidance, None
+    return guidance, Negative.load(args.negative)
 
 
 def read_prompts(path: Path, channels: int) -> list[Sample]:
@@ -137,6 +197,7 @@ def sar_rows(
     keyframes: list[Keyframe],
     size: tuple[int, int, int],
     device: torch.device,
+    guidance: float,
 ) -> list[list[list[torch.Tensor]]]:
     """Generate the ``--sar`` video; grid rows, one per segment: [its keyframes, its new frames]."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -150,7 +211,7 @@ def sar_rows(
         keyframes,
         args.text,
         args.steps,
-        args.guidance,
+        guidance,
         args.shift,
         generator,
         device,
@@ -186,7 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=8, help="samples to take from --data")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default 3; HunyuanVideo: 1, none)"
+    )
+    parser.add_argument(
+        "--negative",
+        metavar="FILE|text-dropout",
+        help="the unconditional pass: a negative prompt's embeddings (safetensors: text_embedding, "
+        "pooled_text), or text-dropout (the sample without its text tokens; default but for HunyuanVideo)",
+    )
+    parser.add_argument(
+        "--embedded-guidance",
+        type=float,
+        help="distilled guidance of a guidance-embedding HunyuanVideo (default: the run's "
+        "flow_matching.embedded_guidance, else 1; diffusers' T2V pipeline defaults to 6)",
+    )
     parser.add_argument("--shift", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights")
@@ -216,26 +291,45 @@ def main(argv: list[str] | None = None) -> int:
 
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
-        model, spec = load_model(checkpoint, not args.no_ema, device)
+        model, model_cfg = load_model_config(checkpoint, not args.no_ema, device)
+        spec = PackingSpec.from_model_config(model_cfg, embedded_guidance(args, model_cfg, checkpoint))
+        guidance, negative = guidance_inputs(args, model_cfg)
+        clean = clean_first_frame(model_cfg)  # token_replace: target videos keep their first frame
         if args.sar is not None:
+            if negative is not None:
+                raise ValueError(
+                    "--sar samples with text dropout's unconditional pass; --negative FILE is for --data"
+                )
             keyframes, size = sar_inputs(args, spec)
         elif args.data:
             # A model without a text encoder of its own (Wan, precomputed text) reads each
-            # sample's text_embedding member, as training does with data.text_embeddings.
+            # sample's text_embedding member, as training does with data.text_embeddings; the
+            # spec has the loader read what else the model takes (pooled text, guidance, conditions).
             embeddings = getattr(model, "text_encoder", None) is None
             data = OmegaConf.create({"shards": args.data, "text_embeddings": embeddings})
-            samples = preview_samples(data, args.num)
+            samples = preview_samples(data, args.num, spec)
+            if not samples:
+                raise ValueError(f"--data {args.data}: no sample there fits the model (or has what it reads)")
+        elif spec.pooled_text_dim or spec.image_embed_dim or spec.channel_condition:
+            raise ValueError(
+                "--prompts gives text and images only; this model reads precomputed per-sample inputs "
+                "(pooled text, image tokens, channel conditions): sample it from latent shards with --data"
+            )
         else:
             samples = read_prompts(args.prompts, spec.in_channels)
     except (OSError, KeyError, ValueError, RuntimeError) as error:  # bad inputs: say which, no traceback
         print(f"imontage-sample: {error}", file=sys.stderr)
         return 2
     if args.sar is not None:
-        save_png(make_grid(decode_rows(sar_rows(args, model, spec, keyframes, size, device), vae)), args.out)
+        rows = sar_rows(args, model, spec, keyframes, size, device, guidance)
+        save_png(make_grid(decode_rows(rows, vae)), args.out)
         print(f"wrote {args.out} ({args.sar} frames, {len(keyframes)} keyframes, from {checkpoint})")
         return 0
     generator = torch.Generator().manual_seed(args.seed)
-    outputs = sample_flow(model, samples, spec, args.steps, args.guidance, args.shift, generator, device)
+    outputs = sample_flow(
+        model, samples, spec, args.steps, guidance, args.shift, generator, device,
+        negative=negative, clean_first_frame=clean,
+    )  # fmt: skip
     rows = preview_rows(samples, outputs)
     if args.prompts:  # no ground truth: drop the zero placeholders
         rows = [row[:2] for row in rows]
