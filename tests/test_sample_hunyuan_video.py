@@ -164,3 +164,19 @@ def test_imontage_sample_samples_a_hunyuan_video_run(
     assert "--negative" in capsys.readouterr().err
     code, guided = sample("guided", "--guidance", "3", "--negative", str(root / "latents" / NEGATIVE))
     assert code == 0 and guided.read_bytes() != default.read_bytes()
+
+
+def test_training_previews_of_a_token_replace_run_keep_the_first_frame_clean(
+    root: Path, tmp_path: Path
+) -> None:
+    """The trainer's preview grids sample as the run trains: token_replace's first frame stays clean."""
+    from imontage.train.trainer import Trainer
+
+    overrides = [*HV, *I2V["token_replace"], f"data.shards={root / 'latents/pixels-*.tar'}",
+                 "data.text_embeddings=true", f"run_dir={tmp_path}", "train.sample.steps=2", "train.progress=false"]  # fmt: skip
+    trainer = Trainer(load_recipe(REPO / "configs/recipes/quickstart.yaml", overrides))
+    samples = preview_samples(trainer.cfg.data, 2, trainer.spec)
+    out = trainer.sample(samples, torch.Generator().manual_seed(0))
+    for sample, row in zip(samples, out, strict=True):
+        assert torch.equal(row[2][:, :1], sample.segments[2].data[:, :1])
+        assert not torch.equal(row[2][:, 1:], sample.segments[2].data[:, 1:])

@@ -31,7 +31,7 @@ from imontage.data import build_loader, preview_samples
 from imontage.models import build_model
 from imontage.models.dit.sequence import PackingSpec
 from imontage.objectives.flow_dpo import FlowDPO
-from imontage.objectives.flow_matching import FlowMatching
+from imontage.objectives.flow_matching import FlowMatching, clean_first_frame
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
 from imontage.train import checkpoint as ckpt
@@ -463,8 +463,9 @@ class Trainer:
     def sample(self, samples: list[Any], generator: torch.Generator) -> list[list[torch.Tensor | None]]:
         s = self.cfg.train.sample
         return sample_flow(
-            self.model, samples, self.spec, s.steps, s.guidance, s.shift, generator, self.device
-        )
+            self.model, samples, self.spec, s.steps, s.guidance, s.shift, generator, self.device,
+            clean_first_frame=clean_first_frame(self.cfg.model),  # token_replace: as it trains
+        )  # fmt: skip
 
 
 def preview_rows(
