@@ -118,4 +118,4 @@ def test_zero3_buckets_hold_the_largest_block_of_every_family(preset: str) -> No
     zero = zero3_config(model, grad_clip=1.0)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == largest
     assert largest < sum(p.numel() for p in model.parameters()) / 2
-    assert zero["stage3_param_persistence_threshold"] == 8 * int(cfg.hidden_size)
+    assert zero["stage3_param_persistence_threshold"] == 1  # resident vectors: the DiT's only (engine.py)

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.dit.model import DiT
+
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block of ``model``: the lists its family's parallel plan names
@@ -44,7 +46,10 @@ def zero3_config(
     One micro-batch per rank is one packed batch, so ``train_micro_batch_size_per_gpu`` is 1.
     """
     block = block_numel(model)
-    hidden = int(getattr(model, "hidden_size", 0))  # every family keeps its width there
+    # The DiT keeps its small vectors resident. The pretrained families do not (yet): with the same
+    # threshold HunyuanVideo's backward under TP=2+SP found a resident parameter empty
+    # (tests/test_diffusers_io.py, HunyuanVideo on zero3 tp2_sp); the cause is not pinned down.
+    hidden = model.hidden_size if isinstance(model, DiT) else 0
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gradient_accumulation_steps,
