@@ -150,8 +150,11 @@ def measured_activations(model: torch.nn.Module, batch: PackedBatch) -> dict[str
 
 def expected_by_scope(kept: Any, scopes: list[str]) -> dict[str, int]:
     """The estimate's bytes for the scopes of :func:`measured_activations` (no checkpointing)."""
-    blocks = {b.name: b.bytes for b in kept.blocks}
-    expected = {"outside": kept.outside_bytes} | {scope: blocks[scope.rsplit(".", 1)[0]] for scope in scopes}
+    blocks = {b.name: b for b in kept.blocks}
+    expected = {"outside": kept.outside_bytes}
+    for scope in scopes:
+        name, index = scope.rsplit(".", 1)
+        expected[scope] = blocks[name].first_bytes if index == "0" else blocks[name].bytes
     expected[f"{kept.blocks[0].name}.0"] += kept.view_bytes  # the first block keeps the whole embedding
     return expected
 
@@ -217,6 +220,24 @@ CASES = {
     "wan_i2v": lambda: wan_case("i2v"),
     "hunyuan_video": hunyuan_case,
 }
+# Adapters on every attention and FFN linear of the blocks (docs/lora.md's recipe; I2V: the image ones too).
+LORA_TARGETS = {
+    "dit": ["blocks.*.qkv", "blocks.*.proj", "blocks.*.fc1", "blocks.*.fc2"],
+    "wan_t2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.ffn.net.*"],
+    "wan_i2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.attn2.add_*", "blocks.*.ffn.net.*"],
+}
+
+
+def lora_case(case: str, rank: int = 3, **lora: Any) -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    """``CASES[case]`` with ``model.lora``: the same base weights, frozen, and adapters on LORA_TARGETS."""
+    cfg, _, batch, rows = CASES[case]()
+    cfg = OmegaConf.merge(cfg, {"lora": {"rank": rank, "targets": LORA_TARGETS[case], **lora}})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for name, param in model.named_parameters():  # B starts at 0: give the adapters an update
+        if name.endswith("lora_B.weight"):
+            torch.nn.init.normal_(param, std=0.1)
+    return cfg, model, batch, rows
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -242,6 +263,31 @@ def test_activation_estimate_equals_what_autograd_keeps(case: str, precision: st
     assert shared == modulation_rows * 6 * shape.hidden_size * e
     largest = max(v for k, v in measured.items() if k != "outside")
     assert checkpointed.peak == kept.outside_bytes + shared + own + largest
+
+
+@pytest.mark.parametrize(
+    "case, precision", [("dit", "bf16"), ("wan_t2v", "bf16"), ("wan_t2v", "fp32"), ("wan_i2v", "bf16")]
+)
+def test_lora_activation_estimate_equals_what_autograd_keeps(case: str, precision: str) -> None:
+    """A frozen base with adapters: exact per block (block 0 apart: its input needs no gradient)
+    and outside the blocks, and smaller than full fine-tuning's by what the frozen weights needed."""
+    cfg, model, batch, rows = lora_case(case)
+    e = PRECISIONS[precision].activation_bytes
+    model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    measured = measured_activations(model, batch)
+    shape = ModelShape.from_config(cfg)
+    kept = activations(shape, rows, Layout(), e)
+    expected = expected_by_scope(kept, [s for s in measured if s != "outside"])
+    if precision == "fp32":  # as above: the batch's own fp32 tensors are read in place
+        measured.pop("outside"), expected.pop("outside")
+    assert measured == expected
+    assert measured["blocks.0"] < measured["blocks.1"]  # the first block keeps nothing for its input
+    full = activations(dataclasses.replace(shape, lora_rank=0), rows, Layout(), e)
+    assert kept.peak < full.peak
+    # Each adapter adds its h = A x [rows, rank]: rank 6 keeps 3 more elements per adapted row.
+    wider = activations(dataclasses.replace(shape, lora_rank=6), rows, Layout(), e)
+    adapted_rows = sum(s.rows for s in kept.blocks[0].saved if s.name.endswith(".lora_h"))
+    assert wider.blocks[0].bytes - kept.blocks[0].bytes == adapted_rows * 3 * e
 
 
 # ------------------------------------------------------------------------- parameters, by hand
@@ -355,17 +401,40 @@ def test_plan_refuses_families_it_does_not_know(tmp_path: Path) -> None:
         ModelShape.from_config(cfg)
 
 
-def test_adapters_are_refused_until_they_are_modelled() -> None:
-    """model.lora freezes the base: its parameters are counted (requires_grad), but what a frozen
-    base and the adapters keep and exchange is not modelled, so neither is guessed."""
-    cfg = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": ["blocks.*.attn1.to_q"]}})
-    shape = ModelShape.from_config(cfg)
-    census = parameter_census(build_model(cfg, device="meta"), Layout())
-    assert 0 < census.trainable < census.frozen  # the adapters train, the base is frozen
+def test_lora_memory_terms_and_the_cases_not_modelled() -> None:
+    """A frozen base: the ZeRO-3 terms follow requires_grad, except the two DeepSpeed sizes by the
+    whole block (the reduce bucket is allocated at reduce_bucket_size, the gathers fetch the frozen
+    weights too); the cases whose activations are not modelled are refused, not guessed."""
+    cfg = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": LORA_TARGETS["wan_t2v"]}})
+    shape, module = ModelShape.from_config(cfg), build_model(cfg, device="meta")
+    estimate = estimate_memory(module, shape, MicroBatch(64, 8), Layout(world=2))
+    census, terms = estimate.census, dict(estimate.terms())
+    adapters = sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
+    assert census.rank_trainable == adapters and 0 < census.trainable < census.frozen
+    assert terms["bf16 gradients, ZeRO-3 partition"] == 2 * census.trainable
+    assert terms["gradient reduce bucket (1 block)"] == 2 * block_numel(module)  # frozen weights included
+    gathered = min(3 * block_numel(module), sum(p.numel() for p in module.parameters()))  # the frozen too
+    assert terms["bf16 weights gathered (≤ 3 blocks live)"] == 2 * gathered
     traffic = zero3_traffic(census, Layout(world=2), PRECISIONS["bf16"])
     assert traffic["reduce_scatter"] == census.rank_trainable * 2 / 2  # only the adapters' gradients
     assert traffic["all_gather"] == 2 * census.rank * 2 / 2  # every weight, forward and backward
-    with pytest.raises(PlanError, match="model.lora is set"):
-        activations(shape, MicroBatch(64), Layout(), 2)
-    with pytest.raises(PlanError, match="model.lora is set"):
+    refused = {
+        "under tensor parallelism": (cfg, Layout(tensor=2)),
+        "dropout=0.1": (OmegaConf.merge(cfg, {"lora": {"dropout": 0.1}}), Layout()),
+        "trainable": (OmegaConf.merge(cfg, {"lora": {"trainable": ["proj_out.*"]}}), Layout()),
+    }
+    for message, (variant, layout) in refused.items():
+        with pytest.raises(PlanError, match=f"does not model .*{message}"):
+            activations(ModelShape.from_config(variant), MicroBatch(64), layout, 2)
+    hunyuan = OmegaConf.merge(preset("hunyuan_video_tiny"), {"lora": {"rank": 4, "targets": ["*.attn.to_q"]}})
+    with pytest.raises(PlanError, match="adapters on the hunyuan_video family"):
+        activations(ModelShape.from_config(hunyuan), MicroBatch(64, 8), Layout(), 2)
+    with pytest.raises(PlanError, match="model.lora is set: the adapters' own collectives"):
         communication_plan(shape, MicroBatch(64), Layout(tensor=2))
+    # Other targets than the modelled ones are refused, naming a layer they adapt or leave out.
+    for targets, layer in ((["blocks.*.attn1.to_q"], "leave out blocks.0.attn1.to_k"), (["*"], "also adapt")):
+        odd = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": targets}})
+        with pytest.raises(PlanError, match=layer):
+            estimate_memory(
+                build_model(odd, device="meta"), ModelShape.from_config(odd), MicroBatch(64), Layout()
+            )

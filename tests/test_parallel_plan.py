@@ -17,7 +17,14 @@ import pytest
 import torch
 from conftest import REPO
 from distributed import run_ranks
-from test_parallel_memory import dit_case, expected_by_scope, hunyuan_case, measured_activations, wan_case
+from test_parallel_memory import (
+    dit_case,
+    expected_by_scope,
+    hunyuan_case,
+    lora_case,
+    measured_activations,
+    wan_case,
+)
 
 from imontage.parallel.parallelize import parallelize_model
 from imontage.parallel.plan import (
@@ -41,11 +48,13 @@ FAMILIES = {  # family: (layouts, variants); HunyuanVideo has no communication p
     "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
     "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
     "hunyuan_video": (["tp2", "tp2_sp", "ulysses2"], ["t2v"]),
+    "wan_lora": (["ulysses2"], ["t2v"]),  # a frozen base, adapters on every attention and FFN linear
 }
 
 
 def case(family: str, variant: str) -> tuple[Any, Any, Any, MicroBatch]:
-    return {"dit": dit_case, "wan": lambda: wan_case(variant), "hunyuan_video": hunyuan_case}[family]()
+    cases = {"dit": dit_case, "wan": lambda: wan_case(variant), "hunyuan_video": hunyuan_case}
+    return cases.get(family, lambda: lora_case(f"wan_{variant}"))()
 
 
 def counted_steps(rank: int, world_size: int) -> dict[str, dict]:
@@ -90,7 +99,7 @@ def test_plan_matches_what_a_real_step_exchanges_and_keeps() -> None:
                 cfg, _, _, rows = case(family, variant)
                 shape, key = ModelShape.from_config(cfg), f"{family} {name} {variant}"
                 planned = None
-                if family in COMMUNICATION_FAMILIES:
+                if shape.family in COMMUNICATION_FAMILIES:
                     planned = calls_by_op(communication_plan(shape, rows, layout))
                     assert planned, f"{key}: a parallel layout exchanges something"
                 kept = activations(shape, rows, layout, element_bytes=2)

@@ -5,6 +5,8 @@
     python tools/plan.py --model wan2.1_t2v_14b --tokens 32768 --gpus 8 --bf16 \\
         --parallel tp2_sp parallel.activation_checkpointing=true
     python tools/plan.py --model wan2.1_t2v_14b --tokens 32768 --gpus 8 --bf16 --compare dp-ac tp2-sp-ac cp4-ac
+    python tools/plan.py --model wan2.1_t2v_14b --tokens 32768 --gpus 8 --bf16 --no-ema model.lora.rank=64 \\
+        'model.lora.targets=[blocks.*.attn1.to_*,blocks.*.attn2.to_*,blocks.*.ffn.net.*]' --compare dp-ac cp2-ac
     python tools/plan.py --model hunyuan_video_i2v_13b --tokens 32768 --text-tokens 256 --gpus 8 --bf16 \\
         --parallel ulysses2 parallel.activation_checkpointing=true --memory-only
 
@@ -14,7 +16,10 @@ tokens of one micro-batch, ``--text-tokens`` each sample's text tokens (the DiT 
 sequence; Wan reads them as its cross-attention context, padded to ``model.wan.text_len``;
 HunyuanVideo runs them as its text stream). ``--compare`` prints one line per layout: ``dp`` (ZeRO-3
 only), or ``tpN``, ``cpN``, ``sp``, ``ac`` / ``noac`` joined by ``-`` (``tp4-sp-cp2-ac``) over the
-``--parallel`` file. The memory estimate and what it leaves out: ``imontage.parallel.plan.
+``--parallel`` file (put overrides before ``--compare``). LoRA: ``model.lora.rank=64
+'model.lora.targets=[blocks.*.attn1.to_*,blocks.*.attn2.to_*,blocks.*.ffn.net.*]'`` (the
+estimate models adapters on every attention and FFN linear of the blocks, DiT and Wan, without TP,
+and refuses other cases). The memory estimate and what it leaves out: ``imontage.parallel.plan.
 estimate_memory``; ZeRO-3's own collectives are not in the per-layer table (docs/parallel.md).
 """
 
@@ -32,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from imontage.config.schema import ModelConfig, ParallelConfig
 from imontage.models import build_model
+from imontage.models.lora import adapted_modules
 from imontage.parallel.plan import (
     PRECISIONS,
     Layout,
@@ -162,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         f"model {args.model} ({shape.family}): depth {shape.depth}, hidden {shape.hidden_size}, {shape.num_heads} heads; "
         f"{batch.tokens} visual + {batch.text_tokens} text tokens in {batch.samples} sample(s); "
         f"{'bf16' if args.bf16 else 'fp32'}"
+        + (
+            f"; LoRA rank {shape.lora_rank} on {sum(1 for _ in adapted_modules(module))} linears, base frozen"
+            if shape.lora_rank
+            else ""
+        )
     )
     if args.compare:
         print(compare(module, shape, batch, layout, args))

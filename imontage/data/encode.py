@@ -274,6 +274,17 @@ class TextRecipe:
 TEXT_RECIPES = ("last_hidden_state", "hunyuan_video")
 
 
+def pretrained_model(folder: str | os.PathLike[str], default: str, dtype: torch.dtype) -> Any:
+    """The transformers model of ``folder`` (the class its config names, else ``default``), from
+    safetensors only."""
+    transformers = importlib.import_module("transformers")
+    config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
+    architecture = (config.architectures or [default])[0]
+    return getattr(transformers, architecture).from_pretrained(
+        os.fspath(folder), use_safetensors=True, dtype=dtype
+    )
+
+
 class TextEncoder:
     """A transformers text encoder and its tokenizer: text -> ``[L, E]`` of its valid tokens
     (:class:`TextRecipe`), or one pooled vector ``[E]``."""
@@ -298,11 +309,7 @@ class TextEncoder:
     ) -> TextEncoder:
         """``max_length`` None: the recipe's."""
         transformers = importlib.import_module("transformers")
-        config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
-        architecture = (config.architectures or ["UMT5EncoderModel"])[0]
-        model = getattr(transformers, architecture).from_pretrained(
-            os.fspath(folder), use_safetensors=True, dtype=dtype
-        )
+        model = pretrained_model(folder, "UMT5EncoderModel", dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_folder or folder))
         recipe = recipe or TextRecipe("last_hidden_state")
         return cls(
@@ -376,11 +383,7 @@ class ImageEncoder:
         dtype: torch.dtype = torch.float32,
     ) -> ImageEncoder:
         transformers = importlib.import_module("transformers")
-        config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
-        architecture = (config.architectures or ["CLIPVisionModel"])[0]
-        model = getattr(transformers, architecture).from_pretrained(
-            os.fspath(folder), use_safetensors=True, dtype=dtype
-        )
+        model = pretrained_model(folder, "CLIPVisionModel", dtype)
         processor = transformers.CLIPImageProcessor.from_pretrained(os.fspath(processor_folder or folder))
         return cls(model.to(device), processor)
 

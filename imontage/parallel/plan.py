@@ -113,7 +113,15 @@ class ModelShape:
     refiner_blocks: int = 0  # HunyuanVideo: blocks of the text token refiner
     pooled_dim: int = 0  # HunyuanVideo: pooled text vector width
     guidance: bool = False  # HunyuanVideo: distilled guidance embedding
-    adapters: bool = False  # model.lora: a frozen base with adapters (not modelled yet)
+    # model.lora: a frozen base; rank > 0 adds adapters (see activations() for what is modelled)
+    lora_rank: int = 0
+    lora_dropout: float = 0.0
+    lora_trainable: bool = False  # model.lora.trainable lists parameters trained beside the adapters
+
+    @property
+    def adapters(self) -> bool:
+        """Whether ``model.lora`` freezes the base (adapters, or a partial fine-tuning list)."""
+        return self.lora_rank > 0 or self.lora_trainable
 
     @property
     def mlp(self) -> int:
@@ -131,7 +139,9 @@ class ModelShape:
         patch = math.prod(int(p) for p in cfg.patch_size)
         lora = getattr(cfg, "lora", None)
         common: dict[str, Any] = {
-            "adapters": lora is not None and (int(lora.rank) > 0 or bool(list(lora.trainable))),
+            "lora_rank": int(lora.rank) if lora is not None else 0,
+            "lora_dropout": float(lora.dropout) if lora is not None else 0.0,
+            "lora_trainable": lora is not None and bool(list(lora.trainable)),
             "hidden_size": int(cfg.hidden_size),
             "num_heads": int(cfg.num_heads),
             "depth": int(cfg.depth),
@@ -662,10 +672,21 @@ class BlockActivations:
     count: int
     saved: tuple[Saved, ...]  # without activation checkpointing
     inputs: tuple[Saved, ...]  # with it: the block's own inputs
+    # What the first block keeps when it differs (a frozen base: its input needs no gradient).
+    first: tuple[Saved, ...] | None = None
 
     @property
     def bytes(self) -> int:
         return sum(s.bytes for s in self.saved)
+
+    @property
+    def first_bytes(self) -> int:
+        return self.bytes if self.first is None else sum(s.bytes for s in self.first)
+
+    @property
+    def total_bytes(self) -> int:
+        """All ``count`` blocks, without checkpointing."""
+        return self.first_bytes + (self.count - 1) * self.bytes if self.count else 0
 
     @property
     def input_bytes(self) -> int:
@@ -700,13 +721,13 @@ class Activations:
     @property
     def peak(self) -> int:
         if not self.checkpointing:
-            return self.outside_bytes + self.view_bytes + sum(b.count * b.bytes for b in self.blocks)
+            return self.outside_bytes + self.view_bytes + sum(b.total_bytes for b in self.blocks)
         return (
             self.outside_bytes
             + self.view_bytes
             + sum(s.bytes for s in self.shared_inputs)
             + sum(b.count * b.input_bytes for b in self.blocks)
-            + max(b.bytes for b in self.blocks)
+            + max(max(b.bytes, b.first_bytes) for b in self.blocks)
         )
 
 
@@ -744,10 +765,86 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, element_by
     inputs; RMSNorm (the fused CUDA kernel) its input and the fp32 rstd; LayerNorm its input and
     fp32 mean and rstd. Integer tensors (positions, row indices: ≤ 24 bytes a token) are not counted.
     """
-    if model.adapters:  # a frozen linear keeps no input for its weight's gradient; adapters keep theirs
-        raise PlanError("model.lora is set: what adapters and a frozen base keep is not modelled yet")
     build = {"dit": _dit_activations, "wan": _wan_activations, "hunyuan_video": _hunyuan_activations}
+    if model.adapters:
+        _check_lora_modelled(model, layout)
+        return _with_adapters(build[model.family](model, batch, layout, element_bytes), model, batch, layout)
     return build[model.family](model, batch, layout, element_bytes)
+
+
+# ----------------------------------------------------------------------------- LoRA activations
+# The linears of one block that model.lora must adapt for the estimate to hold (every linear of the
+# blocks' attention and FFN, as docs/lora.md's recipe does); Wan I2V adds the image keys' and values'.
+LORA_BLOCK_LINEARS = {
+    "dit": ("qkv", "proj", "fc1", "fc2"),
+    "wan": tuple(f"attn{i}.to_{x}" for i in (1, 2) for x in ("q", "k", "v", "out.0"))
+    + ("ffn.net.0.proj", "ffn.net.2"),
+}
+LORA_IMAGE_LINEARS = ("attn2.add_k_proj", "attn2.add_v_proj")
+# What a frozen base no longer keeps, per family (names of the full fine-tuning lists): a linear
+# whose weight needs no gradient does not save its input (PyTorch saves mm's ``self`` only for the
+# weight's gradient); a product with a frozen modulation keeps the modulation for the other
+# factor's gradient but not that factor (norm.out · (1 + scale), the gated outputs).
+_LORA_DROPPED = {
+    "dit": ("norm1.out", "proj.out", "norm2.out", "fc2.out"),
+    "wan": ("norm1.out", "attn1.to_out.out", "norm3.out", "ffn.out", "ffn.out.float"),
+}
+# Block 0 reads the frozen embeddings: its input needs no gradient, so norm1 keeps nothing, nor
+# does its modulation product (neither factor needs a gradient).
+_LORA_FIRST_DROPPED = ("x", "x.float", "norm1.stats", "norm1.scale")
+# Outside the blocks every embedding is frozen and its input needs no gradient: nothing is kept but
+# the output layer's norm (for its input's gradient), the scale it is multiplied by, and the text
+# context the cross-attention keys' and values' adapters read in every block (Wan).
+_LORA_OUTSIDE = {
+    "dit": ("final.x", "final.norm.stats", "final.scale"),
+    "wan": ("text.context", "image.context", "head.x", "head.x.float", "head.norm.stats", "head.scale"),
+}
+
+
+def _check_lora_modelled(model: ModelShape, layout: Layout) -> None:
+    """Refuse the ``model.lora`` cases whose activations are not modelled (and measured)."""
+    what = None
+    if model.lora_trainable:
+        what = "model.lora.trainable (parameters trained beside the adapters)"
+    elif model.lora_rank == 0:
+        what = "model.lora without adapters"
+    elif model.family not in LORA_BLOCK_LINEARS:
+        what = f"adapters on the {model.family} family"
+    elif model.lora_dropout > 0:
+        what = f"model.lora.dropout={model.lora_dropout} (its masks and dropped inputs)"
+    elif layout.tensor > 1:
+        what = "adapters under tensor parallelism (their cut factors and gathered h)"
+    if what is not None:
+        raise PlanError(
+            f"model.lora: the activation estimate does not model {what} yet; it models adapters "
+            "(dropout 0) on every attention and FFN linear of the blocks, without TP"
+        )
+
+
+def lora_block_linears(model: ModelShape) -> tuple[str, ...]:
+    """The linears of one block the modelled ``model.lora`` adapts (:data:`LORA_BLOCK_LINEARS`)."""
+    return LORA_BLOCK_LINEARS[model.family] + (LORA_IMAGE_LINEARS if model.image_dim else ())
+
+
+def _with_adapters(full: Activations, model: ModelShape, batch: MicroBatch, layout: Layout) -> Activations:
+    """What autograd keeps with the base frozen and adapters on :func:`lora_block_linears`: the full
+    fine-tuning lists less what only the frozen weights' gradients needed, plus each adapter's
+    ``h = A x`` ``[rows, rank]`` (B's input; A's input ``x`` is the layer's, kept already)."""
+    (block,) = full.blocks
+    e = block.inputs[0].element_bytes
+    n, r = Shards.of(batch.sequence(model), layout).sequence, model.lora_rank
+    rows = dict.fromkeys(lora_block_linears(model), n)
+    if model.family == "wan":
+        image = batch.image_tokens if model.image_dim else 0
+        context = model.context_rows(batch)
+        rows |= {"attn2.to_k": context, "attn2.to_v": context}
+        rows |= dict.fromkeys(LORA_IMAGE_LINEARS, image) if model.image_dim else {}
+    adapters = tuple(Saved(f"{name}.lora_h", count, r, e) for name, count in rows.items() if count)
+    saved = tuple(s for s in block.saved if s.name not in _LORA_DROPPED[model.family]) + adapters
+    first = tuple(s for s in saved if s.name not in _LORA_FIRST_DROPPED)
+    blocks = (BlockActivations(block.name, block.count, saved, block.inputs, first),)
+    outside = tuple(s for s in full.outside if s.name in _LORA_OUTSIDE[model.family])
+    return Activations(blocks, outside, full.shared_inputs, full.checkpointing, full.first_block_view)
 
 
 def _dims(model: ModelShape, layout: Layout) -> tuple[int, int, int, int]:
@@ -1076,9 +1173,26 @@ def estimate_memory(
             f"model.num_heads={model.num_heads} is not divisible by tensor_parallel × context_parallel = "
             f"{layout.tensor} × {layout.context}: each rank needs whole heads"
         )
+    if model.adapters and model.lora_rank > 0 and model.family in LORA_BLOCK_LINEARS:
+        _check_lora_targets(module, model)
     census = parameter_census(module, layout)
     kept = activations(model, batch, layout, precision.activation_bytes)
     return MemoryEstimate(census, layout, precision, kept, ema)
+
+
+def _check_lora_targets(module: nn.Module, model: ModelShape) -> None:
+    """The adapters ``module`` carries must be the modelled ones (:func:`lora_block_linears`)."""
+    from imontage.models.lora import adapted_modules
+
+    adapted = {name for name, _ in adapted_modules(module)}
+    modelled = {f"blocks.{i}.{leaf}" for i in range(model.depth) for leaf in lora_block_linears(model)}
+    if adapted != modelled:
+        odd = sorted(adapted - modelled) or sorted(modelled - adapted)
+        raise PlanError(
+            f"model.lora.targets: the activation estimate models adapters on every attention and FFN "
+            f"linear of the blocks ({', '.join(f'blocks.*.{leaf}' for leaf in lora_block_linears(model))}) "
+            f"and no other; these targets {'also adapt' if adapted - modelled else 'leave out'} {odd[0]}"
+        )
 
 
 def zero3_traffic(census: ParameterCensus, layout: Layout, precision: Precision) -> dict[str, float]:
@@ -1129,7 +1243,9 @@ def format_memory(estimate: MemoryEstimate) -> str:
     lines += [f"  {name:<{width}} {value / 2**30:>9.2f} GiB" for name, value in estimate.terms()]
     lines.append(f"  {'total':<{width}} {estimate.total / 2**30:>9.2f} GiB")
     blocks = ", ".join(
-        f"{b.count} × {b.bytes / 2**30:.3f} GiB ({b.name}; checkpointed {b.input_bytes / 2**30:.3f})"
+        f"{b.count} × {b.bytes / 2**30:.3f} GiB ({b.name}; checkpointed {b.input_bytes / 2**30:.3f}"
+        + (f"; the first {b.first_bytes / 2**30:.3f}" if b.first is not None else "")
+        + ")"
         for b in kept.blocks
     )
     lines.append(f"  activations: outside the blocks {kept.outside_bytes / 2**30:.2f} GiB, blocks {blocks}")
