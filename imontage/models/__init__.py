@@ -12,7 +12,8 @@ from torch import nn
 def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
     """The single-device model of ``cfg`` (a ``ModelConfig``); ``device="meta"`` builds shapes only.
 
-With ``model.lora`` set, the adapters are added and the base frozen (:func:`~imontage.models.lora.apply_lora`).
+    With ``model.lora`` set, the adapters are added and the base frozen
+    (:func:`~imontage.models.lora.apply_lora`).
 
     Families are imported when asked for, so a DiT run never imports the pretrained families' code.
     """
