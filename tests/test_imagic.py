@@ -74,7 +74,7 @@ def tiny_model(seed: int = 0) -> tuple[DiT, PackingSpec]:
     return model.eval(), PackingSpec.from_model_config(cfg)
 
 
-def snapshot(model: DiT) -> dict[str, torch.Tensor]:
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 

@@ -14,6 +14,7 @@ from latent_shards import LATENT_CHANNELS, TEXT_DIM, save_tiny_vae, save_tiny_wa
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
+from test_imagic import snapshot
 
 from imontage.config.schema import ModelConfig
 from imontage.data import load_image
@@ -60,10 +61,6 @@ def tiny_wan() -> tuple[torch.nn.Module, PackingSpec]:
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, {"text_dim": TEXT_DIM})
     torch.manual_seed(0)
     return build_wan(cfg).eval(), PackingSpec.from_model_config(cfg)
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
 def test_stages_edit_a_latent_through_wans_text_features() -> None:

@@ -501,7 +501,7 @@ class Zero3Checkpoint:
         split = tensor_split(name)
         for tensor_rank in range(self.layout.tensor if split is not None else 1):
             placement = self.placements[tensor_rank][name]
-            joined = split is not None and type(split) is not TensorSplit and self.layout.tensor > 1
+            joined = split is not None and split.interleaved and self.layout.tensor > 1
             # A cut whose pieces interleave within each row (JoinedInputSplit) is assembled TP-local first.
             local = torch.empty(placement.shape, dtype=dtype) if joined else None
             destinations = (

@@ -56,7 +56,7 @@ returns the full output on every rank, so objectives and samplers do not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -89,6 +89,9 @@ class TensorSplit:
 
     dim: int
     parts: int = 1
+    # Whether a rank's pieces interleave within each row (JoinedInputSplit): its slice is not a
+    # run of whole columns, so a factor of another width cannot be cut by it.
+    interleaved: ClassVar[bool] = False
 
     def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         """Rank ``rank``'s slice of the single-device tensor ``full``."""
@@ -128,6 +131,7 @@ class JoinedInputSplit(TensorSplit):
     """
 
     dim: int = 1
+    interleaved: ClassVar[bool] = True
 
     def pieces(self, full: torch.Size | tuple[int, ...], rank: int, size: int) -> list[tuple[int, int]]:
         width, mlp = full[0], full[1] - full[0]
@@ -321,7 +325,7 @@ def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | Non
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B"):  # an adapter: cut as its layer says
         layer = tensor_split(".".join([*parts[:-2], "weight"]), plan)
-        if layer is None or (parts[-2] == "lora_A") != (layer.dim == 1) or type(layer) is not TensorSplit:
+        if layer is None or (parts[-2] == "lora_A") != (layer.dim == 1) or layer.interleaved:
             return None  # A of a column-parallel layer, B of a row-parallel one, A of a joined input
         return layer
     if len(parts) < 3:
@@ -621,7 +625,7 @@ def _move_adapter(
         partial += [a.weight] if sharded_input else []  # A sees only the rank's tokens
     else:  # row parallel: the rank's columns of A; B whole
         mode = "row"
-        if type(split) is TensorSplit:
+        if not split.interleaved:
             a = cut(a, split.shard(a.weight.detach(), rank, size))
         else:  # columns scattered over the input (JoinedInputSplit): A whole, applied to the rank's
             pieces = split.pieces(cast(nn.Linear, linear).weight.shape, rank, size)
