@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from imontage.untrusted import InputError
+
 # Shard-level problems: the shard's samples from that point on are unreachable.
 SHARD_REASONS = (
     "not_a_tar",  # the first header is not a tar header (or the file is empty)
@@ -29,16 +31,18 @@ SAMPLE_REASONS = (
     "format_mismatch",  # bytes not of the format the extension names, or a codec not allowed
     "too_many_pixels",  # an image (or video frame) over data.bad_data.max_pixels
     "too_many_frames",  # a video over data.bad_data.max_video_frames, caught before decoding
+    "non_finite",  # a latent, text embedding or other array member holding NaN or Inf
     "unpackable",  # does not fit the model: patch size, channels, layout or the token budget
 )
 REASONS = SHARD_REASONS + SAMPLE_REASONS
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad shard or sample; the message names the shard, the key (for samples) and the reason.
 
-    Constructible from the message alone, so that a DataLoader worker can re-raise it in the main
-    process with its type.
+    An :class:`~imontage.untrusted.InputError`: the tools and ``imontage-train`` print it as one
+    line and exit with status 2. Constructible from the message alone, so that a DataLoader worker
+    can re-raise it in the main process with its type.
     """
 
     def __init__(self, message: str, *, reason: str = "", shard: str = "", key: str | None = None) -> None:

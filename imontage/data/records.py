@@ -21,6 +21,7 @@ a segment's fields are checked strictly, since a misspelt one would change what 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,13 @@ class SampleRecord:
     segments: tuple[SegmentRecord, ...]
     pooled_text: str | None = None  # member with one pooled text vector [E] (HunyuanVideo's CLIP)
     image_embeds: str | None = None  # member with image-encoder tokens [L, E] (Wan 2.1 I2V's CLIP)
+
+    @property
+    def array_members(self) -> tuple[str, ...]:
+        """Its array members besides the latents: text embedding, pooled text, image tokens, condition latents."""
+        named = (self.text_embedding, self.pooled_text, self.image_embeds)
+        conditions = (segment.condition_latent for segment in self.segments)
+        return tuple(member for member in (*named, *conditions) if member is not None)
 
     @property
     def groups(self) -> tuple[str | None, ...]:
@@ -145,7 +153,7 @@ def _parse_segment(raw: RawSample, entry: Any, where: str) -> SegmentRecord:
     if group not in (None, *PREFERENCE_GROUPS):
         raise _Invalid("bad_json", f"{where}: group '{group}' is not one of {', '.join(PREFERENCE_GROUPS)}")
     fps = _field(entry, "fps", (int, float), where)
-    if fps is not None and fps <= 0:
+    if fps is not None and not (math.isfinite(fps) and fps > 0):  # json reads NaN and Infinity too
         raise _Invalid("bad_json", f"{where}: fps must be positive, got {fps}")
     tensor = _field(entry, "tensor", str, where)
     condition = _field(entry, "condition_latent", str, where)
@@ -162,8 +170,10 @@ def _parse(raw: RawSample) -> SampleRecord:
         raise _Invalid("bad_json", f"no '{RECORD_MEMBER}' member (members: {', '.join(sorted(raw.members))})")
     try:
         record = json.loads(raw.members[RECORD_MEMBER].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _Invalid("bad_json", f"member 'json' is not UTF-8 json ({error})") from error
+    except ValueError as error:  # not UTF-8, not json, or an integer of thousands of digits
+        raise _Invalid("bad_json", f"member 'json' is not UTF-8 json ({error})") from None
+    except RecursionError:
+        raise _Invalid("bad_json", "member 'json' is not UTF-8 json (nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get("segments"), list) or not record["segments"]:
         raise _Invalid("bad_json", "member 'json' must be an object with a non-empty 'segments' list")
     task = _field(record, "task", str, "member 'json'") or ""

@@ -31,6 +31,7 @@ _GLOB_CHARS = frozenset("*?[")
 _LIST_COMMA = re.compile(r",(?![^{]*\})")  # a comma not inside braces, where `{a,b}` alternatives live
 _KEY_AND_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # "dir/000123.0.png" -> ("dir/000123", "0.png")
 _GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 24  # member data is read in pieces of this many bytes at most
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
@@ -131,7 +132,8 @@ def _run_command(command: str) -> Iterator[BinaryIO]:
             returncode = _exit_status(process)
             if returncode not in (None, 0):
                 errors.seek(0)
-                message = errors.read()[-500:].decode("utf-8", "replace").strip()
+                lines = errors.read()[-500:].decode("utf-8", "replace").splitlines()
+                message = "; ".join(line.strip() for line in lines if line.strip())  # one line
                 detail = f"'{command}' exited with status {returncode}: {message}"
                 raise ShardProblem("read_error", detail) from problem
             raise
@@ -170,8 +172,23 @@ class TarMember:
     end: int  # byte offset just past its padded data
 
 
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer only where the stream ends. Read in chunks: a header may claim
+    any size, and one ``read(size)`` allocates all of it before the stream can say it is shorter."""
+    if size <= _READ_CHUNK:
+        return stream.read(size)
+    chunks, left = [], size
+    while left > 0:
+        chunk = stream.read(min(left, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _read_member_data(stream: BinaryIO, info: tarfile.TarInfo, size: int, offset: int) -> bytes:
-    data = stream.read(size)
+    data = _read_exactly(stream, size)
     if len(data) != size:
         member = info.name if info.type in _FILE_TYPES else None
         detail = f"the data stops at byte {offset + len(data)}, inside member '{info.name}'"
@@ -179,16 +196,34 @@ def _read_member_data(stream: BinaryIO, info: tarfile.TarInfo, size: int, offset
     return data
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"%d %s=%s\\n"`` records of a pax extended header."""
+def _pax_records(data: bytes, offset: int) -> dict[str, str]:
+    """``"%d %s=%s\\n"`` records of a pax extended header (at byte ``offset``); ``corrupt_tar`` when
+    a record's length or form is not that (a length that does not move on would loop forever)."""
     records, position = {}, 0
     while position < len(data):
-        length_text, _, _ = data[position:].partition(b" ")
-        length = int(length_text)
-        key, _, value = data[position + len(length_text) + 1 : position + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        length_text, space, _ = data[position : position + 21].partition(b" ")
+        length = int(length_text) if space and length_text.isdigit() else 0
+        record = data[position : position + length]
+        key, equals, value = record[len(length_text) + 1 : -1].partition(b"=")
+        if length <= len(length_text) + 1 or len(record) != length or not equals or record[-1:] != b"\n":
+            raise ShardProblem("corrupt_tar", f"invalid pax extended header at byte {offset}")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         position += length
     return records
+
+
+def _pax_size(pax: dict[str, str], info: tarfile.TarInfo, offset: int) -> int:
+    """The member's data size: the pax ``size`` record's, else its header's."""
+    text = pax.get("size")
+    if text is None:
+        if info.size < 0:  # base-256 sizes can be negative
+            raise ShardProblem("corrupt_tar", f"negative member size in the tar header at byte {offset}")
+        return info.size
+    if not (text.isascii() and text.isdigit()):
+        raise ShardProblem(
+            "corrupt_tar", f"pax size '{text[:40]}' of the member at byte {offset} is not a number"
+        )
+    return int(text)
 
 
 def _header(block: bytes, offset: int) -> tarfile.TarInfo:
@@ -224,12 +259,12 @@ def iter_tar(stream: BinaryIO, start: int = 0) -> Iterator[TarMember]:
         if block == _ZERO_BLOCK:
             return
         info = _header(block, offset)
-        size = int(pax.get("size", info.size))
+        size = _pax_size(pax, info, offset)
         padded = -(-size // BLOCK) * BLOCK
         data = _read_member_data(stream, info, padded, offset + BLOCK)[:size]
-        offset += BLOCK + padded
+        header_at, offset = offset, offset + BLOCK + padded
         if info.type == tarfile.XHDTYPE:
-            pax = _pax_records(data)
+            pax = _pax_records(data, header_at)
             continue
         if info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
