@@ -4,11 +4,13 @@
 
 Reads each shard's index (its ``.index.json`` when current, else the shard's json and media
 headers, with the loader's checks: a member whose bytes are not the format its extension names
-is a ``format_mismatch``). ``--validate`` also decodes every sample, as training would at its stored size, and
-exits with status 1 when any shard or sample has a problem; problems are listed by shard and
-key. ``--write-index`` writes the indexes beside local shards, or into ``--index-dir`` (by shard
-file name; the folder to give as ``data.index_dir``), so loaders need not read the shards to
-plan their epochs.
+is a ``format_mismatch``). ``--validate`` also decodes every sample, as training would at its
+stored size, loads every array member (``non_finite`` when one holds NaN or Inf), and exits with
+status 1 when any shard or sample has a problem; problems are listed by shard and key.
+``--write-index`` writes the indexes beside local shards, or into ``--index-dir`` (by shard file
+name; the folder to give as ``data.index_dir``), so loaders need not read the shards to plan
+their epochs; it replaces an index file that is not one. Anything that stops it (a spec naming
+no file, an index file that is not one) is one line on standard error and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imontage.data.decode import DecodeOptions, decode_item
-from imontage.data.index import ShardIndex, load_index, read_sidecar, write_index
+from imontage.data.decode import DecodeOptions, check_array_members, decode_item
+from imontage.data.index import ShardIndex, read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
+from imontage.data.records import parse_record
 from imontage.data.shards import ShardProblem, expand_shards, read_shard
+from imontage.untrusted import InputError
 
 _TOP = 12  # histogram rows printed
 
@@ -94,13 +98,20 @@ def add_index(report: Report, index: ShardIndex) -> None:
 
 
 def validate_shard(report: Report, index: ShardIndex, options: DecodeOptions) -> None:
-    """Decode every sample the index found readable; add the failures to the report."""
+    """Decode every sample the index found readable, as training would at its stored size, and
+    load every array member it names (training loads only those its model reads); add the
+    failures to the report. A sample whose headers say other than the index is one of them."""
     try:
         for entry, raw in zip(index.entries, read_shard(index.url), strict=False):
+            if raw.key != entry.key:
+                detail = f"expected sample '{entry.key}' here: the shard changed since it was indexed"
+                report.problem(DataError.of("corrupt_tar", index.url, raw.key, detail))
+                return
             if entry.problem:
                 continue
             try:
-                decode_item(raw, options)
+                decode_item(raw, options, facts=entry.facts)
+                check_array_members(raw, parse_record(raw).array_members)
             except DataError as error:
                 report.problem(error)
     except ShardProblem:
@@ -170,26 +181,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_index(url: str, index_dir: str, replace_broken: bool) -> tuple[ShardIndex, bool]:
+    """The shard's index, and whether it came from a current index file. An index file that is
+    not one is an :class:`InputError`, or with ``replace_broken`` passed over (and reported)."""
+    try:
+        index = read_sidecar(url, index_dir)
+    except InputError as error:
+        if not replace_broken:
+            raise
+        print(f"inspect_shards: {error}: writing it again", file=sys.stderr)
+        index = None
+    return (index, True) if index is not None else (scan_shard(url), False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        urls = expand_shards(args.shards)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"inspect_shards: {error}", file=sys.stderr)
-        return 2
     options = DecodeOptions(max_pixels=args.max_pixels, max_video_frames=args.max_video_frames)
     report = Report()
-    for url in tqdm(urls, desc="shards", unit="shard", disable=args.no_progress):
-        index = load_index(url, args.index_dir)
-        if args.write_index and read_sidecar(url, args.index_dir) is None:
-            write_index(index, args.index_dir)
-        add_index(report, index)
-        if args.validate:
-            validate_shard(report, index, options)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(report.to_json(), file, indent=2)
+    try:
+        urls = expand_shards(args.shards)
+        for url in tqdm(urls, desc="shards", unit="shard", disable=args.no_progress):
+            index, current = read_index(url, args.index_dir, replace_broken=args.write_index)
+            if args.write_index and not current:
+                write_index(index, args.index_dir)
+            add_index(report, index)
+            if args.validate:
+                validate_shard(report, index, options)
+        print(format_report(report))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as file:
+                json.dump(report.to_json(), file, indent=2)
+    except (InputError, ValueError, OSError) as error:  # a spec naming nothing, a broken index file
+        print(f"inspect_shards: {error}", file=sys.stderr)
+        return 2
     return 1 if args.validate and report.problems else 0
 
 

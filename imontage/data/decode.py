@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,17 @@ import torch
 from imontage.data import conditions, media
 from imontage.data.buckets import Size, frame_bucket, sample_frame_indices, target_size
 from imontage.data.problems import DataError
-from imontage.data.records import SampleRecord, SegmentRecord, extension, parse_record
+from imontage.data.records import (
+    PREFERENCE_GROUPS,
+    SEGMENT_KINDS,
+    SEGMENT_ROLES,
+    SampleRecord,
+    SegmentRecord,
+    extension,
+    parse_record,
+)
 from imontage.data.shards import RawSample
-from imontage.models.dit.positions import SegmentGrid, sample_positions
+from imontage.models.dit.positions import SegmentGrid, check_layout
 from imontage.models.dit.sequence import PackingSpec, Sample, Segment, patch_grid
 
 RGB_CHANNELS = 3
@@ -80,6 +89,11 @@ class SegmentFacts:
     width: int
     fps: float  # 0 when unknown
     condition_channels: int = 0  # channels C of the segment's condition_latent [C, T, H, W]; 0 without
+    member: str = ""  # the member holding it (a frame-image video's first frame), for messages
+
+    @classmethod
+    def from_json(cls, data: Any) -> SegmentFacts:
+        return cls(**_checked_fields(data, _SEGMENT_FACTS))
 
 
 @dataclass(frozen=True)
@@ -91,15 +105,74 @@ class SampleFacts:
     pooled_dim: int = 0  # width E of the pooled text vector [E]; 0 without one
     image_tokens: int = 0  # rows L of the image-encoder tokens [L, E]; 0 without them
     image_dim: int = 0  # their width E
+    embedding_dim: int = 0  # width E of the precomputed text embedding [L, E]; 0 without one
+    embedding_member: str = ""  # the member holding it
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SampleFacts:
-        segments = tuple(SegmentFacts(**segment) for segment in data["segments"])
-        return cls(data["task"], data["text_bytes"], data["embedding_rows"], segments,
-                   data["pooled_dim"], data["image_tokens"], data["image_dim"])  # fmt: skip
+    def from_json(cls, data: Any) -> SampleFacts:
+        """Facts as :meth:`to_json` wrote them; a ValueError naming the first field that is not
+        (an index file is read, not trusted)."""
+        fields = _checked_fields(data, _SAMPLE_FACTS)
+        segments = []
+        for number, segment in enumerate(fields.pop("segments")):
+            try:
+                segments.append(SegmentFacts.from_json(segment))
+            except ValueError as error:
+                raise ValueError(f"segments[{number}]: {error}") from None
+        return cls(segments=tuple(segments), **fields)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_size(value: Any) -> bool:
+    return _is_count(value) and value > 0
+
+
+def _one_of(*choices: object) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, (str, type(None))) and value in choices
+
+
+# What each field of the facts may hold, as an index file gives them.
+_SEGMENT_FACTS: dict[str, Callable[[Any], bool]] = {
+    "kind": _one_of(*SEGMENT_KINDS),
+    "role": _one_of(*SEGMENT_ROLES),
+    "group": _one_of(None, *PREFERENCE_GROUPS),
+    "anchor": lambda value: value is None or _is_count(value),
+    "channels": _is_size,
+    "frames": _is_count,
+    "height": _is_size,
+    "width": _is_size,
+    "fps": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    and math.isfinite(value) and value >= 0,
+    "condition_channels": _is_count,
+    "member": lambda value: isinstance(value, str),
+}  # fmt: skip
+_SAMPLE_FACTS: dict[str, Callable[[Any], bool]] = {
+    "task": lambda value: isinstance(value, str),
+    "text_bytes": _is_count,
+    "embedding_rows": _is_count,
+    "segments": lambda value: isinstance(value, list) and len(value) > 0,
+    "pooled_dim": _is_count,
+    "image_tokens": _is_count,
+    "image_dim": _is_count,
+    "embedding_dim": _is_count,
+    "embedding_member": lambda value: isinstance(value, str),
+}
+
+
+def _checked_fields(data: Any, checks: dict[str, Callable[[Any], bool]]) -> dict[str, Any]:
+    """``data``, a JSON object of exactly the fields of ``checks``, each passing its check."""
+    if not isinstance(data, dict) or set(data) != set(checks):
+        raise ValueError(f"expected an object of the fields {', '.join(checks)}")
+    for name, check in checks.items():
+        if not check(data[name]):
+            raise ValueError(f"field '{name}' cannot be {str(data[name])[:60]!r}")
+    return dict(data)
 
 
 def _media_error(raw: RawSample, member: str, error: media.MediaError) -> DataError:
@@ -143,7 +216,7 @@ def _segment_facts(raw: RawSample, segment: SegmentRecord) -> SegmentFacts:
             raise _media_error(raw, segment.condition_latent, error)
         condition = shape[0]
     return SegmentFacts(segment.kind, segment.role, segment.group, segment.anchor, channels, frames,
-                        height, width, fps, condition)  # fmt: skip
+                        height, width, fps, condition, segment.members[0])  # fmt: skip
 
 
 def _array_shape(raw: RawSample, member: str, dims: int, what: str) -> tuple[int, ...]:
@@ -171,14 +244,41 @@ def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
             segments.append(_segment_facts(raw, segment))
         except media.MediaError as error:
             raise _media_error(raw, segment.members[0], error) from None
-    (embedding_rows, _) = _rows(raw, record.text_embedding, 2, "a text embedding is [L, E]")
+    embedding_rows, embedding_dim = _rows(raw, record.text_embedding, 2, "a text embedding is [L, E]")
     (pooled_dim,) = _rows(raw, record.pooled_text, 1, "a pooled text vector is [E]")
     image_tokens, image_dim = _rows(raw, record.image_embeds, 2, "image embeddings are [L, E]")
     facts = SampleFacts(
         record.task, len(record.text.encode("utf-8")), embedding_rows, tuple(segments),
-        pooled_dim, image_tokens, image_dim,
+        pooled_dim, image_tokens, image_dim, embedding_dim, record.text_embedding or "",
     )  # fmt: skip
     return record, facts
+
+
+def facts_difference(indexed: SampleFacts, found: SampleFacts, record: SampleRecord) -> str:
+    """The first difference between a sample's facts in an index and from its own headers,
+    naming the member (or json field) it lies in."""
+    if len(indexed.segments) != len(found.segments):
+        return (
+            f"member 'json' has {len(found.segments)} segments where the index says {len(indexed.segments)}"
+        )
+    for index, (said, true) in enumerate(zip(indexed.segments, found.segments, strict=True)):
+        for name in _differing_fields(said, true):
+            where = record.segments[index].condition_latent if name == "condition_channels" else true.member
+            return f"segment {index}, member '{where}': {name} {getattr(true, name)!r}, the index says {getattr(said, name)!r}"
+    members = {"embedding_rows": record.text_embedding, "embedding_dim": record.text_embedding,
+               "pooled_dim": record.pooled_text, "image_tokens": record.image_embeds, "image_dim": record.image_embeds}  # fmt: skip
+    for name in _differing_fields(indexed, found):
+        where = f"member '{members[name]}'" if members.get(name) else "member 'json'"
+        return f"{where}: {name} {getattr(found, name)!r}, the index says {getattr(indexed, name)!r}"
+    return "the facts differ"
+
+
+def _differing_fields(said: Any, true: Any) -> list[str]:
+    return [
+        f.name
+        for f in dataclasses.fields(said)
+        if f.name != "segments" and getattr(said, f.name) != getattr(true, f.name)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +355,13 @@ def _text_tokens(facts: SampleFacts, options: DecodeOptions, spec: PackingSpec |
         raise _Reject(
             "unpackable", "data.text_embeddings is on, but the sample has no 'text_embedding' member"
         )
+    width = spec.text_embed_dim if spec and options.text_embeddings else 0
+    if width and facts.embedding_dim != width:
+        raise _Reject(
+            "unpackable",
+            f"'text_embedding': member '{facts.embedding_member}' has width {facts.embedding_dim}, "
+            f"the model takes {width} (model.text_dim)",
+        )
     rows = facts.embedding_rows if options.text_embeddings else facts.text_bytes
     return min(rows, spec.max_text_len) if spec else rows
 
@@ -270,21 +377,22 @@ def _sample_tokens(
     if spec is None:
         return 0
     grids = [SegmentGrid("text", "condition", (text_tokens, 1, 1))] if text_tokens else []
-    for segment, plan in zip(facts.segments, plans, strict=True):
+    for index, (segment, plan) in enumerate(zip(facts.segments, plans, strict=True)):
         if segment.group not in (None, group):
             continue
+        where = f"segment {index}, member '{segment.member}'"
         if plan.shape[0] != spec.in_channels:
             raise _Reject(
                 "unpackable",
-                f"{segment.kind} has {plan.shape[0]} channels, the model takes {spec.in_channels}",
+                f"{where}: {segment.kind} has {plan.shape[0]} channels, the model takes {spec.in_channels}",
             )
         try:
             grid = patch_grid(plan.shape, spec.patch_size)
         except ValueError as error:
-            raise _Reject("unpackable", str(error)) from None
+            raise _Reject("unpackable", f"{where}: {error}") from None
         grids.append(SegmentGrid(segment.kind, segment.role, grid, segment.anchor))
-    try:
-        sample_positions(spec.layout, grids, spec.virtual_frames, spec.head_window, spec.tail_window)
+    try:  # positions are built only for the batch, from decoded data: nothing here allocates
+        check_layout(spec.layout, grids)
     except ValueError as error:
         raise _Reject("unpackable", f"layout {spec.layout}: {error}") from None
     return sum(grid.num_tokens for grid in grids)
@@ -309,7 +417,8 @@ def plan_item(
 
     Without ``spec`` (previews) the model checks are left out and the token count is 0. Given
     ``tokens`` (what a :class:`~imontage.data.catalog.Catalog` worked out from the same facts),
-    the model checks, which build every position, are not made again.
+    the model checks are not made again. Nothing here allocates by the facts' sizes: the token
+    count is arithmetic, and the layout is checked without building positions.
     """
     groups = ("win", "lose") if any(segment.group for segment in facts.segments) else (None,)
     try:
@@ -364,7 +473,9 @@ def _decode_segment(
         frames = []
         for i in plan.frame_indices:
             member = segment.members[i]
-            frames.append(media.decode_image(raw.members[member], (height, width), extension(member)))
+            frames.append(
+                media.decode_image(raw.members[member], (height, width), extension(member), max_pixels)
+            )
     except media.MediaError as error:
         raise _media_error(raw, member, error) from None
     return _to_tensor(np.stack(frames))
@@ -372,13 +483,8 @@ def _decode_segment(
 
 def _text_segment(raw: RawSample, record: SampleRecord, options: DecodeOptions) -> Segment | None:
     if options.text_embeddings:
-        member = record.text_embedding
-        assert member is not None  # plan_item rejected samples without one
-        try:
-            embedding = media.load_array(raw.members[member], extension(member))
-        except media.MediaError as error:
-            raise _media_error(raw, member, error) from None
-        return Segment("text", data=torch.from_numpy(embedding))
+        assert record.text_embedding is not None  # plan_item rejected samples without one
+        return Segment("text", data=_array(raw, record.text_embedding))  # [L, E]
     return Segment("text", text=record.text) if record.text else None
 
 
@@ -387,6 +493,15 @@ def _array(raw: RawSample, member: str) -> torch.Tensor:
         return torch.from_numpy(media.load_array(raw.members[member], extension(member)))
     except media.MediaError as error:
         raise _media_error(raw, member, error) from None
+
+
+def check_array_members(raw: RawSample, members: Iterable[str]) -> None:
+    """Load each of ``members`` (array members of the sample): a :class:`DataError` for one that
+    does not load or holds NaN or Inf (``non_finite``). Training loads only those its model reads;
+    ``tools/inspect_shards.py --validate`` checks all of a record's (``SampleRecord.array_members``),
+    the encoder those it carries over."""
+    for member in members:
+        _array(raw, member)
 
 
 def _sample_inputs(raw: RawSample, record: SampleRecord, spec: PackingSpec | None) -> dict[str, Any]:
@@ -441,14 +556,18 @@ def decode_item(
 ) -> DecodedItem:
     """Decode one raw sample into its training sample(s); a :class:`DataError` names what is wrong.
 
-    ``facts`` (from a shard index) saves reading the headers again, and ``tokens`` (the sample's
-    count in a catalog) checking them against the model again (see :func:`plan_item`).
+    ``facts`` (from a shard index) and ``tokens`` (the sample's count in a catalog) save checking
+    them against the model again (see :func:`plan_item`); the sample's own headers must give the
+    same facts, or it is ``unpackable`` (the index is out of date or not the shard's), since its
+    batch was planned from them.
     """
-    if facts is None:
-        record, facts = inspect_sample(raw)
-    else:
-        record = parse_record(raw)
-    plan = plan_item(facts, options, spec, raw.url, raw.key, tokens)
+    record, found = inspect_sample(raw)
+    if facts is not None and found != facts:
+        detail = (
+            f"{facts_difference(facts, found, record)}: its shard index is out of date or not this shard's"
+        )
+        raise DataError.of("unpackable", raw.url, raw.key, detail)
+    plan = plan_item(found, options, spec, raw.url, raw.key, tokens)
     visual = [
         Segment(
             segment.kind,

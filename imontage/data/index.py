@@ -22,18 +22,23 @@ import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from imontage.data.decode import SampleFacts, inspect_sample
-from imontage.data.problems import DataError
+from imontage.data.problems import SAMPLE_REASONS, SHARD_REASONS, DataError
 from imontage.data.shards import PIPE_PREFIX, RawSample, ShardProblem, is_local, iter_samples, open_shard
+from imontage.untrusted import InputError, read_json
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # 2: facts of pooled text, image tokens and condition latents
+# 2: facts of pooled text, image tokens and condition latents; 3: text embedding widths, member names
+INDEX_VERSION = 3
+INDEX_MAX_BYTES = 1 << 28  # an index file larger than this is not read (a shard of 10^5 samples: ~30 MB)
 SIDECAR_SUFFIX = ".index.json"
+_INDEX_FIELDS = frozenset({"version", "file_size", "file_mtime_ns", "problem", "message", "samples"})
 
 
 @dataclass
@@ -56,9 +61,26 @@ class IndexEntry:
         ]
 
     @classmethod
-    def from_json(cls, row: list[Any]) -> IndexEntry:
+    def from_json(cls, row: Any) -> IndexEntry:
+        """A row as :meth:`to_json` wrote it; a ValueError saying what is not."""
+        if not isinstance(row, list) or len(row) != 6:
+            raise ValueError("expected [key, offset, nbytes, problem, message, facts]")
         key, offset, nbytes, problem, message, facts = row
-        return cls(key, offset, nbytes, problem, message, facts and SampleFacts.from_json(facts))
+        if not isinstance(key, str) or not isinstance(message, str):
+            raise ValueError("the key and the message must be strings")
+        if (
+            not all(isinstance(n, int) and not isinstance(n, bool) for n in (offset, nbytes))
+            or offset < 0
+            or nbytes <= 0
+        ):
+            raise ValueError(f"offset {offset!r} and size {nbytes!r} must be whole numbers, the size above 0")
+        if problem not in (None, *SAMPLE_REASONS):
+            raise ValueError(f"problem {str(problem)[:40]!r} is not a sample problem")
+        if (problem is None) == (facts is None):
+            raise ValueError("a sample has either a problem or facts")
+        return cls(
+            key, offset, nbytes, problem, message, None if facts is None else SampleFacts.from_json(facts)
+        )
 
 
 @dataclass
@@ -84,9 +106,35 @@ class ShardIndex:
         }
 
     @classmethod
-    def from_json(cls, url: str, data: dict[str, Any]) -> ShardIndex:
-        entries = [IndexEntry.from_json(row) for row in data["samples"]]
-        return cls(url, entries, data["problem"], data["message"], data["file_size"], data["file_mtime_ns"])
+    def from_json(cls, url: str, data: Any) -> ShardIndex:
+        """An index as :meth:`to_json` wrote it (of any version: the caller checks it); a ValueError
+        saying what is not. Entries must lie one after the other in the shard (inside the file,
+        for a local one)."""
+        if not isinstance(data, dict) or set(data) != _INDEX_FIELDS:
+            raise ValueError(f"expected an object of the fields {', '.join(sorted(_INDEX_FIELDS))}")
+        size, mtime, samples = data["file_size"], data["file_mtime_ns"], data["samples"]
+        if not all(
+            value is None or (isinstance(value, int) and not isinstance(value, bool))
+            for value in (size, mtime)
+        ):
+            raise ValueError("file_size and file_mtime_ns must be whole numbers or null")
+        if data["problem"] not in (None, *SHARD_REASONS) or not isinstance(data["message"], str):
+            raise ValueError(f"problem {str(data['problem'])[:40]!r} is not a shard problem")
+        if not isinstance(samples, list):
+            raise ValueError("samples must be a list")
+        entries, end = [], 0
+        for number, row in enumerate(samples):
+            try:
+                entry = IndexEntry.from_json(row)
+                if entry.offset < end or (size is not None and entry.offset + entry.nbytes > size):
+                    raise ValueError(
+                        f"bytes {entry.offset}..{entry.offset + entry.nbytes} overlap the sample before or pass the file's end"
+                    )
+            except ValueError as error:
+                raise ValueError(f"samples[{number}]: {error}") from None
+            entries.append(entry)
+            end = entry.offset + entry.nbytes
+        return cls(url, entries, data["problem"], data["message"], size, mtime)
 
     def problems(self) -> Iterator[DataError]:
         """The shard's problems in stored order, its shard-level problem last."""
@@ -168,20 +216,27 @@ def read_sidecar(url: str, index_dir: str = "") -> ShardIndex | None:
 
     Current: written by this index version and, for a local shard, from a file of the shard's
     present size and mtime. A command's output cannot be checked ahead; reading it checks every
-    key against the index instead.
+    key against the index instead, and decoding a sample checks its facts against its headers.
+    A file that is not an index (an error page, JSON of another shape) is an
+    :class:`~imontage.untrusted.InputError` naming it.
     """
     path = index_path(url, index_dir)
     if path is None or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as file:
-        data = json.load(file)
-    stale = data.get("version") != INDEX_VERSION
-    if is_local(url):
-        stale = stale or (data["file_size"], data["file_mtime_ns"]) != _file_stat(url)
+    data = read_json(Path(path), dict, INDEX_MAX_BYTES)
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{path}: not a shard index (no version); remove it to index {url} again")
+    stale = version != INDEX_VERSION
+    if is_local(url) and not stale:
+        stale = (data.get("file_size"), data.get("file_mtime_ns")) != _file_stat(url)
     if stale:
         log.warning("%s is out of date (version, size or mtime of %s changed): indexing again", path, url)
         return None
-    return ShardIndex.from_json(url, data)
+    try:
+        return ShardIndex.from_json(url, data)
+    except ValueError as error:
+        raise InputError(f"{path}: not a shard index of {url}: {error}") from None
 
 
 def load_index(url: str, index_dir: str = "") -> ShardIndex:

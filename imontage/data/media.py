@@ -15,7 +15,7 @@ video's codec must be one of :data:`VIDEO_CODECS`; anything else is a ``format_m
 from __future__ import annotations
 
 import io
-import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from imontage.data.buckets import Size, fit_image, fit_pixels
+from imontage.untrusted import InputError, parse_json
 
 # Pixel caps are ours (data.bad_data.max_pixels), checked on the header before decoding; Pillow's
 # own decompression-bomb guard would stop larger images with a less useful error.
@@ -94,10 +95,20 @@ def image_size(data: bytes, suffix: str | None = None) -> Size:
         raise MediaError(f"not a readable image ({error})") from error
 
 
-def decode_image(data: bytes, size: Size, suffix: str | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, size: Size, suffix: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB pixels of an image of the format ``suffix`` names, resized and
-    centre-cropped to ``size``."""
+    centre-cropped to ``size``. An image over ``max_pixels`` by its own header (whatever an index
+    said of it) is refused before Pillow allocates it (``too_many_pixels``)."""
     name = _pillow_format(data, suffix)
+    if max_pixels is not None:
+        height, width = image_size(data, suffix)
+        if height * width > max_pixels:
+            raise MediaError(
+                f"image of {height}x{width} pixels, over data.bad_data.max_pixels={max_pixels}",
+                reason="too_many_pixels",
+            )
     try:
         with Image.open(io.BytesIO(data), formats=[name]) as image:
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free when the bucket is that much smaller.
@@ -241,15 +252,51 @@ def check_format(data: bytes, suffix: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # arrays: latents and text embeddings
+#
+# Only float arrays are read. The shape a header claims must account for the member's bytes
+# exactly, checked before anything is allocated: a 100-byte member cannot claim gigabytes, and
+# the facts an index records from a header are the array's true shape.
 
 
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
+# safetensors dtypes: item sizes, for checking every tensor's claim against the bytes; the float
+# ones can be read, as little-endian numpy dtypes.
+_SAFETENSORS_ITEM_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+SAFETENSORS_FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
 
 
-def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+@dataclass(frozen=True)
+class ArrayHeader:
+    """A float array's shape and dtype, and where its values lie in the member's bytes."""
+
+    name: str  # "the array" (.npy) or "tensor 'latent'" (.safetensors), for messages
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # of its first value
+
+
+def _check_claim(shape: Any, itemsize: int, nbytes: int, what: str) -> tuple[int, ...]:
+    """``shape`` (a header's claim) as a tuple, if it holds values filling exactly ``nbytes``."""
+    if not isinstance(shape, (list, tuple)) or not all(map(_is_size, shape)):
+        raise MediaError(f"{what}: shape {shape!r} is not a list of sizes")
+    claimed = math.prod(shape) * itemsize
+    if claimed == 0:
+        raise MediaError(f"{what}: shape {list(shape)} holds no values")
+    if claimed != nbytes:
+        raise MediaError(
+            f"{what}: shape {list(shape)} of {itemsize}-byte values needs {claimed:,} bytes, "
+            f"{nbytes:,} are there"
+        )
+    return tuple(shape)
+
+
+def _npy_header(data: bytes) -> ArrayHeader:
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
@@ -261,49 +308,110 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
         raise MediaError(f"not a .npy array ({error})") from error
     if dtype.hasobject:
         raise MediaError("an object array, which only pickle can load", reason="unsafe_member")
-    return tuple(shape), dtype
+    if dtype.kind != "f":
+        raise MediaError(f"the array's dtype {dtype} is not a float dtype")
+    offset = stream.tell()
+    shape = _check_claim(shape, dtype.itemsize, len(data) - offset, "the array")
+    return ArrayHeader("the array", shape, dtype, offset)
 
 
-def _safetensors_header(data: bytes) -> dict[str, dict]:
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+SafetensorsEntry = tuple[str, tuple[int, ...], int]  # (dtype, shape, offset of its first value)
+
+
+def _safetensors_tensors(data: bytes) -> dict[str, SafetensorsEntry]:
+    """Every tensor of a ``.safetensors`` member, checked against its bytes: a known dtype, and
+    data offsets that tile the data exactly, each with the size its shape claims (what the
+    safetensors library itself demands)."""
+    if len(data) < 8:
+        raise MediaError("not a .safetensors file (shorter than its 8-byte header length)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise MediaError(
+            f"not a .safetensors file (it claims a {length:,}-byte header in {len(data):,} bytes)"
+        )
     try:
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + length])
-    except (struct.error, ValueError) as error:
-        raise MediaError(f"not a .safetensors file ({error})") from error
-    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+        header = parse_json(data[8 : 8 + length], "its header")
+    except InputError as error:
+        raise MediaError(f"not a .safetensors file ({error})") from None
+    if not isinstance(header, dict):
+        raise MediaError("not a .safetensors file (its header is not a JSON object)")
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or entry.get("dtype") not in _SAFETENSORS_ITEM_SIZES
+            or not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)))
+        ):
+            raise MediaError(f"tensor '{name}': not a tensor entry (a known dtype, two data_offsets)")
+        entries.append((offsets[0], offsets[1], name, entry))
+    start, end, tensors = 8 + length, 0, {}
+    for begin, stop, name, entry in sorted(entries):
+        if begin != end or stop < begin:
+            raise MediaError(
+                f"tensor '{name}': data_offsets [{begin}, {stop}] do not follow on at byte {end}"
+            )
+        itemsize = _SAFETENSORS_ITEM_SIZES[entry["dtype"]]
+        shape = _check_claim(entry.get("shape"), itemsize, stop - begin, f"tensor '{name}'")
+        tensors[name] = (entry["dtype"], shape, start + begin)
+        end = stop
+    if end != len(data) - start:
+        raise MediaError(f"its tensors cover {end:,} of its {len(data) - start:,} data bytes")
+    return tensors
 
 
-def _safetensors_name(header: dict[str, dict], tensor: str | None) -> str:
+def _safetensors_name(names: Sequence[str], tensor: str | None) -> str:
     if tensor is None:
-        if len(header) != 1:
-            raise MediaError(f"holds tensors {sorted(header)}: the segment must name one with 'tensor'")
-        return next(iter(header))
-    if tensor not in header:
-        raise MediaError(f"has no tensor '{tensor}' (tensors: {', '.join(sorted(header))})")
+        if len(names) != 1:
+            raise MediaError(f"holds tensors {sorted(names)}: the segment must name one with 'tensor'")
+        return names[0]
+    if tensor not in names:
+        raise MediaError(f"has no tensor '{tensor}' (tensors: {', '.join(sorted(names))})")
     return tensor
 
 
-def array_shape(data: bytes, suffix: str, tensor: str | None = None) -> tuple[int, ...]:
-    """The shape of a ``.npy`` or ``.safetensors`` member, from its header."""
+def array_header(data: bytes, suffix: str, tensor: str | None = None) -> ArrayHeader:
+    """The float array of a ``.npy`` member, or of tensor ``tensor`` of a ``.safetensors`` member
+    (its only one when None), from its header, checked against the member's bytes."""
     if suffix == "npy":
-        return _npy_header(data)[0]
-    header = _safetensors_header(data)
-    return tuple(int(n) for n in header[_safetensors_name(header, tensor)]["shape"])
+        return _npy_header(data)
+    tensors = _safetensors_tensors(data)
+    name = _safetensors_name(list(tensors), tensor)
+    dtype, shape, offset = tensors[name]
+    if dtype not in SAFETENSORS_FLOATS:
+        raise MediaError(f"tensor '{name}': dtype {dtype} is not one of {', '.join(SAFETENSORS_FLOATS)}")
+    return ArrayHeader(f"tensor '{name}'", shape, np.dtype(SAFETENSORS_FLOATS[dtype]), offset)
+
+
+def array_shape(data: bytes, suffix: str, tensor: str | None = None) -> tuple[int, ...]:
+    """The shape of a ``.npy`` or ``.safetensors`` member, from its header (see :func:`array_header`)."""
+    return array_header(data, suffix, tensor).shape
 
 
 def load_array(data: bytes, suffix: str, tensor: str | None = None) -> np.ndarray:
-    """The array of a ``.npy`` (never unpickled) or ``.safetensors`` member, as float32."""
+    """The array of a ``.npy`` (never unpickled) or ``.safetensors`` member, as float32; a
+    ``non_finite`` :class:`MediaError` when it holds NaN or infinite values (as float32)."""
+    header = array_header(data, suffix, tensor)
     try:
         if suffix == "npy":
-            _npy_header(data)  # rejects object arrays as unsafe_member
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            stored = np.load(io.BytesIO(data), allow_pickle=False)
         else:
-            from safetensors.numpy import load
-
-            arrays = load(data)
-            array = arrays[_safetensors_name({name: {} for name in arrays}, tensor)]
-    except MediaError:
-        raise
-    except Exception as error:
+            count = math.prod(header.shape)
+            stored = np.frombuffer(data, header.dtype, count, header.offset).reshape(header.shape)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: infinite, counted below
+            array = np.array(stored, dtype=np.float32)  # a copy: frombuffer's view is read-only
+    except ValueError as error:
         raise MediaError(f"cannot load the array ({error})") from error
-    return np.asarray(array, dtype=np.float32)
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise MediaError(
+            f"{header.name} of shape {list(array.shape)} holds {bad:,} NaN or infinite values",
+            reason="non_finite",
+        )
+    return array

@@ -101,14 +101,26 @@ def shared_positions(segments: Sequence[SegmentGrid]) -> torch.Tensor:
     The target takes t = 0..T'−1; a condition frame or clip anchored at target frame f takes
     t = f + i, on the target's own (h, w) grid.
     """
-    targets = [seg for seg in segments if not seg.is_text and seg.role == "target"]
-    if len(targets) != 1:
-        raise ValueError(f"shared layout: expected exactly one target segment, got {len(targets)}")
-    target = targets[0]
+    _check_shared(segments)
 
     def frame(index: int, seg: SegmentGrid) -> torch.Tensor:
         if seg.role == "target":
             return grid_coordinates(seg.grid)
+        assert seg.anchor is not None  # _check_shared
+        return grid_coordinates(seg.grid, t_offset=seg.anchor)
+
+    return _assemble(segments, frame)
+
+
+def _check_shared(segments: Sequence[SegmentGrid]) -> None:
+    """One target, and every condition anchored inside it on its (h, w) grid."""
+    targets = [seg for seg in segments if not seg.is_text and seg.role == "target"]
+    if len(targets) != 1:
+        raise ValueError(f"shared layout: expected exactly one target segment, got {len(targets)}")
+    target = targets[0]
+    for index, seg in enumerate(segments):
+        if seg.is_text or seg.role == "target":
+            continue
         if seg.anchor is None:
             raise ValueError(f"shared layout: condition segment {index} has no anchor frame")
         if seg.grid[1:] != target.grid[1:]:
@@ -121,9 +133,6 @@ def shared_positions(segments: Sequence[SegmentGrid]) -> torch.Tensor:
                 f"shared layout: condition segment {index} spans frames {seg.anchor}.."
                 f"{seg.anchor + seg.grid[0] - 1}, outside the target's 0..{target.grid[0] - 1}"
             )
-        return grid_coordinates(seg.grid, t_offset=seg.anchor)
-
-    return _assemble(segments, frame)
 
 
 def editverse4d_positions(segments: Sequence[SegmentGrid]) -> torch.Tensor:
@@ -146,6 +155,22 @@ def editverse4d_positions(segments: Sequence[SegmentGrid]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.int32)
 
 
+LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
+
+
+def check_layout(layout: str, segments: Sequence[SegmentGrid]) -> None:
+    """Raise the ValueError :func:`sample_positions` would raise for ``segments``, building
+    nothing: a data loader checks a sample's grids so before any of its tokens exist."""
+    if layout not in LAYOUTS:
+        raise _unknown_layout(layout)
+    if layout == "shared":
+        _check_shared(segments)
+
+
+def _unknown_layout(layout: str) -> ValueError:
+    return ValueError(f"unknown position layout '{layout}' (layouts: {', '.join(LAYOUTS)})")
+
+
 def sample_positions(
     layout: str,
     segments: Sequence[SegmentGrid],
@@ -162,4 +187,4 @@ def sample_positions(
         return shared_positions(segments)
     if layout == "editverse4d":
         return editverse4d_positions(segments)
-    raise ValueError(f"unknown position layout '{layout}' (layouts: video3d, montage, shared, editverse4d)")
+    raise _unknown_layout(layout)

@@ -209,6 +209,7 @@ class PackingSpec:
     image_embed_dim: int = 0  # Sample.image_embeds [L, E] of this width (Wan 2.1 I2V: CLIP image tokens)
     guidance: float | None = None  # Sample.guidance of every sample (guidance-distilled HunyuanVideo)
     channel_condition: str = ""  # one of CHANNEL_CONDITIONS: how each target's channel condition is built
+    text_embed_dim: int = 0  # width E of precomputed text embeddings [L, E] (model.text_dim); 0: byte text
 
     @classmethod
     def from_model_config(cls, cfg: Any, guidance: float | None = None) -> PackingSpec:
@@ -227,6 +228,7 @@ class PackingSpec:
             virtual_frames=int(cfg.positions.virtual_frames),
             head_window=int(cfg.positions.head_window),
             tail_window=int(cfg.positions.tail_window),
+            text_embed_dim=int(cfg.text_dim) if str(cfg.text_encoder) == "precomputed" else 0,
             **model_inputs(cfg, guidance),
         )
 
