@@ -7,8 +7,12 @@
         [--image-encoder models/wan-i2v/image_encoder --image-processor models/wan-i2v/image_processor --i2v-condition]
 
 Each rank (``--rank``/``--world``, default ``RANK``/``WORLD_SIZE``) encodes whole input shards;
-finished output shards are skipped on a rerun. Train on the result with
-``data.text_embeddings=true model.text_encoder=precomputed``; see docs/data.md, "Latent shards".
+finished output shards are skipped on a rerun. Samples it cannot encode (bad data, a latent that
+does not divide into ``--patch-size``, NaN or Inf out of a model) are left out, named in the log and
+counted in the last line. Train on the result with ``data.text_embeddings=true
+model.text_encoder=precomputed``; see docs/data.md, "Latent shards". Anything that stops it (a spec
+naming no file, a model folder that is not one, an index file that is not one) is one line on
+standard error and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,15 +20,34 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
 from imontage.data.decode import DecodeOptions
-from imontage.data.encode import LATENT_DTYPES, TEXT_RECIPES, Encoders, EncodeSettings, encode_shards
+from imontage.data.encode import (
+    DEFAULT_PATCH_SIZE,
+    LATENT_DTYPES,
+    TEXT_RECIPES,
+    Encoders,
+    EncodeSettings,
+    ShardReport,
+    encode_shards,
+)
+from imontage.untrusted import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def patch_size(text: str) -> tuple[int, int, int]:
+    """``"1,2,2"`` -> ``(1, 2, 2)``."""
+    sizes = text.split(",")
+    if len(sizes) != 3 or not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a patch size like 1,2,2 (pt,ph,pw)")
+    pt, ph, pw = (int(size) for size in sizes)
+    return pt, ph, pw
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,19 +112,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument(
+        "--patch-size",
+        type=patch_size,
+        default=DEFAULT_PATCH_SIZE,
+        help="pt,ph,pw of the model the latents are for; a latent that does not divide into them is "
+        "left out (default: 1,2,2, every shipped latent preset's)",
+    )
+    parser.add_argument(
         "--max-pixels", type=int, default=1 << 24, help="larger images and frames are left out"
     )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def encode(args: argparse.Namespace) -> list[ShardReport]:
+    """Load the models and encode this rank's shards; their reports."""
     options = DecodeOptions(
         max_frames=args.max_frames, frame_stride=args.frame_stride, max_pixels=args.max_pixels
     )
-    settings = EncodeSettings(options, args.latent_dtype, args.seed, args.negative_prompt)
+    settings = EncodeSettings(
+        options, args.latent_dtype, args.seed, args.negative_prompt, patch_size=args.patch_size
+    )
     encoders = Encoders.load(
         args.vae,
         args.text_encoder,
@@ -119,16 +150,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         i2v_condition=args.i2v_condition,
         text_recipe=args.text_recipe,
     )
-    reports = encode_shards(
+    return encode_shards(
         args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        reports = encode(args)
+    except (InputError, ValueError, OSError) as error:  # InputError: a broken index file, say
+        print(f"encode_shards: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     problems: Counter = sum((report.problems for report in reports), Counter())
     done = [r for r in reports if not r.skipped]
     print(
         f"rank {args.rank}/{args.world}: {len(done)} shards encoded ({sum(r.samples for r in done)} samples), "
         f"{len(reports) - len(done)} already done; left out: {dict(problems) or 'none'}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,11 +48,13 @@ import torch
 from tqdm import tqdm
 
 from imontage.data import media
-from imontage.data.decode import DecodeOptions, decode_item
+from imontage.data.decode import DecodeOptions, check_array_members, decode_item
 from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
+from imontage.models.dit.sequence import patch_grid
+from imontage.untrusted import read_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was 
 NEGATIVE = "negative.safetensors"
 VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DEFAULT_PATCH_SIZE = (1, 2, 2)  # (pt, ph, pw) of every shipped latent preset (configs/model/)
 
 
 def latent_member(index: int, suffix: str = "safetensors") -> str:
@@ -196,6 +199,11 @@ class VideoVAE:
             raise ValueError(f"{height}x{width} pixels is smaller than the VAE's {self.spatial}-pixel cell")
         top, left = (height - keep_h) // 2, (width - keep_w) // 2
         return pixels[:, :keep_t, top : top + keep_h, left : left + keep_w]
+
+    def latent_shape(self, pixels: Sequence[int]) -> tuple[int, int, int, int]:
+        """``[C, T', H', W']`` of the latent of fitted pixels ``[3, T, H, W]`` (see :meth:`fit`)."""
+        _, frames, height, width = pixels
+        return self.channels, 1 + (frames - 1) // self.temporal, height // self.spatial, width // self.spatial
 
     @torch.no_grad()
     def encode(
@@ -504,19 +512,49 @@ class EncodeSettings:
     seed: int = 0  # posterior sampling, per sample: seeded by (seed, key)
     # Also encode this text as the folder's negative prompt, OUT/negative.safetensors (None: none).
     negative_prompt: str | None = None
+    # (pt, ph, pw) of the model the latents are for: a latent that does not divide into them is left
+    # out (unpackable), as training would skip it. Every shipped latent preset patchifies by (1, 2, 2).
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
 
     def to_json(self) -> dict[str, Any]:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.options).items()}
         out = {"options": options, "latent_dtype": self.latent_dtype, "seed": self.seed}
-        if self.negative_prompt is not None:  # only then: the manifests of folders encoded before stay valid
+        # Only when set: the manifests of folders encoded before stay valid.
+        if self.negative_prompt is not None:
             out["negative_prompt"] = self.negative_prompt
+        if tuple(self.patch_size) != DEFAULT_PATCH_SIZE:
+            out["patch_size"] = list(self.patch_size)
         return out
 
 
-def _safetensors(name: str, tensor: torch.Tensor, dtype: str, metadata: dict[str, str]) -> bytes:
+def _safetensors(
+    raw: RawSample, member: str, name: str, tensor: torch.Tensor, dtype: str, metadata: dict[str, str]
+) -> bytes:
+    """``tensor`` as the bytes of ``member`` (its tensor ``name``, stored as ``dtype``); a
+    ``non_finite`` :class:`DataError` when it holds NaN or Inf as stored (a model that overflowed,
+    or float16 that could not hold a value), which training would never read."""
     from safetensors.torch import save
 
-    return save({name: tensor.to(LATENT_DTYPES[dtype]).contiguous()}, metadata=metadata)
+    stored = tensor.to(LATENT_DTYPES[dtype]).contiguous()
+    bad = int((~torch.isfinite(stored)).sum())
+    if bad:
+        detail = f"member '{member}': tensor '{name}' {list(stored.shape)} holds {bad:,} NaN or infinite values as {dtype}"
+        raise DataError.of("non_finite", raw.url, raw.key, detail)
+    return save({name: stored}, metadata=metadata)
+
+
+def _check_patches(
+    raw: RawSample, index: int, member: str, shape: Sequence[int], patch_size: Sequence[int]
+) -> None:
+    """Segment ``index``'s latent ``[C, T', H', W']`` must divide into the model's patches."""
+    try:
+        patch_grid(shape, patch_size)
+    except ValueError:
+        detail = (
+            f"segment {index}, member '{member}': its latent {list(shape)} does not divide into the model's "
+            f"patches {tuple(patch_size)} (--patch-size), so no model could train on it"
+        )
+        raise DataError.of("unpackable", raw.url, raw.key, detail) from None
 
 
 def _generator(settings: EncodeSettings, key: str, device: torch.device) -> torch.Generator:
@@ -542,6 +580,14 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
     vae, text = encoders.vae, encoders.text
     record = parse_record(raw)
     source = json.loads(raw.members["json"].decode("utf-8"))
+    # Members carried over as they are must load, finite, as training will read them.
+    own = (
+        (record.text_embedding, text),
+        (record.pooled_text, encoders.pooled),
+        (record.image_embeds, encoders.image),
+    )
+    conditions = [segment.condition_latent for segment in record.segments if segment.condition_latent]
+    check_array_members(raw, [member for member, encoder in own if member and encoder is None] + conditions)
     generator = _generator(settings, raw.key, vae.device) if vae.sample_posterior else None
     members: dict[str, bytes] = {}
     segments: list[dict[str, Any]] = []
@@ -555,8 +601,11 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         if entry.group is not None:
             out["group"] = entry.group
         if entry.kind == "latent":  # already a latent: kept as stored (its normalisation is its own)
+            _check_patches(raw, index, entry.members[0], data.shape, settings.patch_size)
             out["member"] = latent_member(index)
-            members[out["member"]] = _safetensors(LATENT_TENSOR, data, settings.latent_dtype, {})
+            members[out["member"]] = _safetensors(
+                raw, out["member"], LATENT_TENSOR, data, settings.latent_dtype, {}
+            )
             if entry.anchor is not None:
                 out["anchor"] = entry.anchor
             if entry.condition_latent is not None:  # travels along, like the latent it lies over
@@ -568,10 +617,11 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
                 pixels = vae.fit(data)
             except ValueError as error:
                 raise DataError.of("unpackable", raw.url, raw.key, f"segment {index}: {error}") from None
+            _check_patches(raw, index, entry.members[0], vae.latent_shape(pixels.shape), settings.patch_size)
             latent = vae.encode(pixels, generator)  # [C, T', H', W']
             out["member"] = latent_member(index)
             members[out["member"]] = _safetensors(
-                LATENT_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
+                raw, out["member"], LATENT_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
             )
             if entry.anchor is not None:  # pixel frame f lies in latent frame ceil(f / temporal)
                 out["anchor"] = -(-entry.anchor // vae.temporal)
@@ -591,7 +641,9 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
     }
     if text is not None:
         embedding = text.encode(record.text)  # [L, E]
-        members[TEXT_MEMBER] = _safetensors(TEXT_TENSOR, embedding, settings.latent_dtype, {})
+        members[TEXT_MEMBER] = _safetensors(
+            raw, TEXT_MEMBER, TEXT_TENSOR, embedding, settings.latent_dtype, {}
+        )
         result["text_embedding"] = TEXT_MEMBER
         result["text_encoder"] = {
             "model": text.name,
@@ -617,7 +669,9 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         result["image_encoder"] = {"model": encoders.image.name, "tokens": image_tokens}
     if encoders.pooled is not None:
         pooled = encoders.pooled.pool(record.text)  # [E]
-        members[POOLED_MEMBER] = _safetensors(POOLED_TENSOR, pooled, settings.latent_dtype, {})
+        members[POOLED_MEMBER] = _safetensors(
+            raw, POOLED_MEMBER, POOLED_TENSOR, pooled, settings.latent_dtype, {}
+        )
         result["pooled_text"] = POOLED_MEMBER
         result["pooled_text_encoder"] = {
             "model": encoders.pooled.name,
@@ -649,7 +703,9 @@ def _encode_image_condition(
         )
     if encoders.image is not None:
         tokens = encoders.image.encode(pixels)  # [L, E]
-        members[IMAGE_MEMBER] = _safetensors(IMAGE_TENSOR, tokens, settings.latent_dtype, {})
+        members[IMAGE_MEMBER] = _safetensors(
+            raw, IMAGE_MEMBER, IMAGE_TENSOR, tokens, settings.latent_dtype, {}
+        )
     count = 0 if encoders.image is None else int(tokens.shape[0])
     if not encoders.i2v_condition:
         return count
@@ -668,7 +724,7 @@ def _encode_image_condition(
         latent = encoders.vae.i2v_condition(pixels, target.shape[1])  # [C, T', H', W']
         out["condition_latent"] = condition_member(index)
         members[out["condition_latent"]] = _safetensors(
-            CONDITION_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
+            raw, out["condition_latent"], CONDITION_TENSOR, latent.cpu(), settings.latent_dtype, norm_meta
         )
     return count
 
@@ -742,7 +798,7 @@ def check_manifest(out: str | os.PathLike[str], manifest: dict[str, Any]) -> Non
     """Write ``OUT/encode.json``, or check that the shards already there were made the same way."""
     path = Path(out) / MANIFEST
     if path.exists():
-        existing = json.loads(path.read_text(encoding="utf-8"))
+        existing = read_json(path, dict)
         if existing != manifest:
             differ = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
             raise ValueError(
