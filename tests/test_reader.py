@@ -178,7 +178,7 @@ def test_decode_edit_montage_and_video(shard_dir: Path) -> None:
     [video] = decode_sample(raws["000002"], spec=SPEC)
     condition, target = video.segments[1].data, video.segments[2].data
     assert condition is not None and target is not None
-    assert tuple(condition.shape) == (3, 1, 24, 32) and tuple(target.shape) == (3, 4, 24, 32)
+    assert tuple(condition.shape) == (3, 1, 32, 32) and tuple(target.shape) == (3, 4, 32, 32)
     # Frame 2 of the video is member 3.png, as x/127.5 - 1 of its RGB pixels.
     pixels = np.asarray(Image.open(io.BytesIO(raws["000002"].members["3.png"])).convert("RGB"))  # [H, W, 3]
     assert torch.equal(target[:, 2], torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)

@@ -24,6 +24,7 @@ from imontage.data.synthetic import (
     EDIT_SHAPE_SIZE,
     MOVE_STEP,
     QUADRANTS,
+    VIDEO_CANVAS,
     Shape,
     edit_example,
     make_sample,
@@ -246,7 +247,7 @@ def test_video_frames_move_as_the_caption_says() -> None:
             ["1.png", "2.png", "3.png", "4.png"],
         )
         frames = [png_pixels(members[f"{i}.png"]) for i in range(5)]
-        assert {frame.shape for frame in frames} == {(24, 32, 3)}
+        assert {frame.shape for frame in frames} == {(*VIDEO_CANVAS, 3)}
         steps = np.diff([shape_centre(frame, colour) for frame in frames], axis=0)  # [4, 2] (dy, dx)
         dx, dy = DIRECTIONS[direction]
         assert np.allclose(steps, steps[0]), "velocity is constant"

@@ -7,8 +7,13 @@ Three tasks, each small enough to train on a laptop CPU and exact enough to chec
   instruction names exactly one shape and fully determines the target.
 - ``montage``: 1-2 shapes moving at constant velocity on a 32x48 canvas; 2-3 frames are
   conditions and the next 1-2 frames are targets, all as separate images.
-- ``video``: the first 24x32 frame of one moving shape is the condition image; the next 4
+- ``video``: the first 32x32 frame of one moving shape is the condition image; the next 4
   frames are one target video segment.
+
+Every canvas is a multiple of 16 pixels on each side, so that every shipped model preset trains
+on it: in pixels (``dit_tiny`` patchifies by 4) and as latents of a VAE that compresses 8x
+spatially (Wan, HunyuanVideo), patchified by (1, 2, 2) (``wan_tiny``, ``hunyuan_video_tiny``, the
+1B-14B presets). ``tests/test_synthetic_data.py`` checks this against ``configs/model/``.
 
 One preference task, for flow DPO (not in the default mix; ``--tasks edit_pair``):
 
@@ -72,7 +77,7 @@ QUADRANTS: dict[str, tuple[int, int]] = {
 }
 MONTAGE_CANVAS = (32, 48)
 MONTAGE_SHAPE_SIZE = 10
-VIDEO_CANVAS = (24, 32)
+VIDEO_CANVAS = (32, 32)
 VIDEO_SHAPE_SIZE = 8
 VIDEO_TARGET_FRAMES = 4
 
