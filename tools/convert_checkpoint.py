@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from imontage.checkpoint import convert
 from imontage.checkpoint import diffusers as diffusers_io
-from imontage.config import RecipeError, load_recipe
-from imontage.train import checkpoint as ckpt
+from imontage.config import load_recipe
+from imontage.untrusted import InputError
 
 UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             run_inspect(args)
         else:
             print(f"{args.checkpoint}: {convert.verify(args.checkpoint)}")
-    except (convert.ConversionError, ckpt.CheckpointError, RecipeError, OSError) as error:
+    except (InputError, OSError) as error:  # conversions, checkpoints, recipes and JSON: each names its file
         print(f"convert_checkpoint.py {args.command}: {error}", file=sys.stderr)
         return 2
     return 0

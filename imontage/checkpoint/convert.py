@@ -36,6 +36,7 @@ from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tenso
 from imontage.config.schema import ModelConfig
 from imontage.models import build_model
 from imontage.train import checkpoint as ckpt
+from imontage.untrusted import InputError, field, parse_json, read_json, string_map
 
 FORMAT = "imontage-consolidated/1"
 DIFFUSERS_CONFIG = "config.json"
@@ -43,9 +44,14 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 CLASS_NAME = "ImontageDiT"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+# A LoRA run's checkpoints leave its frozen base out; where no base folder is at hand to count its
+# tensors, a model config read from the checkpoint may describe at most this many (the largest
+# public model of any family has under 2,000).
+MAX_TENSORS_WITHOUT_BASE = 20_000
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A checkpoint that cannot be converted; the message names the file and, where known, the tensor."""
 
 
@@ -57,31 +63,100 @@ class TensorSource:
     key: str
 
 
+MAX_CONFIG_INT = 2**31 - 1  # no size of a model config read from a file is larger
+
+
 def model_config(values: Mapping[str, Any], where: str) -> Any:
-    """A validated ModelConfig node from plain values (an unknown key is an error naming ``where``)."""
+    """A validated ModelConfig node from plain values (an unknown key, or a size no model has, is
+    an error naming the key and ``where``)."""
+    if not isinstance(values, Mapping):
+        raise ConversionError(f"{where}: the model config is {type(values).__name__}, not an object")
+    _check_sizes(values, where)
     try:
         return OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(values))
     except Exception as error:
-        raise ConversionError(f"{where}: not a model config: {error}") from error
+        raise ConversionError(f"{where}: not a model config: {str(error).splitlines()[0]}") from None
 
 
-def expected_shapes(cfg: Any, adapters: bool = True) -> dict[str, tuple[int, ...]]:
+def _check_sizes(values: Any, where: str, prefix: str = "") -> None:
+    """Every integer of a model config read from a file is in [-MAX_CONFIG_INT, MAX_CONFIG_INT]."""
+    items = (
+        values.items()
+        if isinstance(values, Mapping)
+        else enumerate(values)
+        if isinstance(values, list)
+        else ()
+    )
+    for key, value in items:
+        name = (
+            f"{prefix}.{key}"
+            if prefix and isinstance(key, str)
+            else f"{prefix}[{key}]"
+            if prefix
+            else str(key)
+        )
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            raise ConversionError(f"{where}: model config key '{name}': {value} is larger than any model's")
+        _check_sizes(value, where, name)
+
+
+def tensor_budget(cfg: Any, offered: int) -> int:
+    """The most parameters and buffers the model of ``cfg`` may register when built for a source
+    that offers ``offered`` tensors: twice those (non-persistent buffers and wrapped layers also
+    register), plus, for a LoRA run, its frozen base (which its checkpoints leave out): the
+    tensors of its ``model.init_from_diffusers`` folder, or :data:`MAX_TENSORS_WITHOUT_BASE`."""
+    from imontage.models.lora import lora_enabled
+
+    base = 0
+    if lora_enabled(cfg.lora):
+        folder = Path(str(cfg.init_from_diffusers or ""))
+        if str(folder) and (folder / DIFFUSERS_CONFIG).is_file():
+            from imontage.checkpoint.diffusers import weight_sources
+
+            base = len(weight_sources(folder))
+        else:
+            base = MAX_TENSORS_WITHOUT_BASE
+    return 2 * (offered + base) + 64
+
+
+def _meta_model(cfg: Any, offered: int, where: str) -> torch.nn.Module:
+    return build_model(cfg, device="meta", max_tensors=tensor_budget(cfg, offered), where=where)
+
+
+def expected_shapes(
+    cfg: Any, adapters: bool = True, *, offered: int, where: str
+) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer of the model ``cfg`` describes, built on the meta device;
-    ``adapters=False``: the base model's alone (what a diffusers folder holds), without LoRA's."""
+    ``adapters=False``: the base model's alone (what a diffusers folder holds), without LoRA's.
+
+    ``offered``: how many tensors the source whose config this is holds (``where``): the build
+    stops early when the config describes far more (:func:`tensor_budget`).
+    """
     from imontage.models.lora import is_adapter
 
-    shapes = build_model(cfg, device="meta").state_dict().items()
+    shapes = _meta_model(cfg, offered, where).state_dict().items()
     return {name: tuple(t.shape) for name, t in shapes if adapters or not is_adapter(name)}
 
 
-def checkpoint_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(cfg: Any, *, offered: int, where: str) -> dict[str, tuple[int, ...]]:
     """What a training checkpoint of ``cfg`` holds: every tensor, less a frozen base (``model.lora``:
-    adapters, listed trainable parameters and buffers only)."""
+    adapters, listed trainable parameters and buffers only). ``offered``, ``where``: as
+    :func:`expected_shapes`."""
     from imontage.models.lora import frozen_names
 
-    model = build_model(cfg, device="meta")
+    model = _meta_model(cfg, offered, where)
     frozen = frozen_names(model)
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in frozen}
+
+
+def read_state(checkpoint: Path) -> tuple[dict[str, Any], Any]:
+    """A training checkpoint's ``state.json`` and its model config, the keys conversions read checked."""
+    file = checkpoint / ckpt.STATE_FILE
+    if not file.is_file():
+        raise ConversionError(f"{file}: no such file (not a training checkpoint)")
+    state = read_json(file)
+    field(state, "step", int, file)
+    return state, model_config(field(state, "model_config", dict, file), str(file))
 
 
 def _open(path: Path) -> Any:
@@ -185,19 +260,25 @@ def consolidate(
         ckpt.verify_checkpoint(checkpoint)
     if zero3.is_zero3_checkpoint(checkpoint):
         return _consolidate_zero3(checkpoint, out, weights, dtype)
-    state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
-    cfg = model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
-    shapes = checkpoint_shapes(cfg)
+    state, cfg = read_state(checkpoint)
     sources = _file_sources(checkpoint / "model.safetensors")
     if weights == "ema":
-        ema_file = checkpoint / "ema.safetensors"
-        if not ema_file.is_file():
-            raise ConversionError(f"{ema_file}: no such file (this run kept no EMA; use weights=live)")
-        sources.update(_file_sources(ema_file))  # EMA covers the parameters; buffers stay the model's
+        sources.update(
+            _file_sources(ema_file(checkpoint))
+        )  # EMA covers the parameters; buffers stay the model's
+    shapes = checkpoint_shapes(cfg, offered=len(sources), where=str(checkpoint / ckpt.STATE_FILE))
     _check_layout(sources, shapes, str(checkpoint))
     return _write(
         out, sources, DTYPES[dtype] if dtype else None, _consolidated_metadata(cfg, state["step"], weights)
     )
+
+
+def ema_file(checkpoint: Path) -> Path:
+    """A single-device checkpoint's EMA weights (``--weights ema``), which a run without EMA lacks."""
+    file = checkpoint / "ema.safetensors"
+    if not file.is_file():
+        raise ConversionError(f"{file}: no such file (this run kept no EMA; use --weights live)")
+    return file
 
 
 def _consolidated_metadata(cfg: Any, step: int, weights: str, **extra: str) -> dict[str, str]:
@@ -212,15 +293,13 @@ def _consolidated_metadata(cfg: Any, step: int, weights: str, **extra: str) -> d
 
 def open_zero3(checkpoint: Path) -> tuple[zero3.Zero3Checkpoint, Any]:
     """A validated ZeRO-3 checkpoint reader and its model config."""
-    state_file = checkpoint / ckpt.STATE_FILE
-    if not state_file.is_file():
-        raise ConversionError(f"{state_file}: no such file")
-    state = json.loads(state_file.read_text())
-    cfg = model_config(state.get("model_config", {}), str(state_file))
+    _, cfg = read_state(checkpoint)
     try:
-        return zero3.Zero3Checkpoint(checkpoint, checkpoint_shapes(cfg)), cfg
+        offered = zero3.offered_tensors(checkpoint)
+        shapes = checkpoint_shapes(cfg, offered=offered, where=str(checkpoint / ckpt.STATE_FILE))
+        return zero3.Zero3Checkpoint(checkpoint, shapes), cfg
     except zero3.Zero3Error as error:
-        raise ConversionError(str(error)) from error
+        raise ConversionError(str(error)) from None
 
 
 def zero3_tensors(
@@ -408,8 +487,9 @@ def _data_rank_states(
     states, tensors = [], {}
     for data_rank in range(layout.data):
         rank = layout.global_rank(0, data_rank * layout.context)
-        own = json.loads((checkpoint / zero3.rank_state_name(rank)).read_text())
-        states.append({"loader": own["loader"], "rng": own["rng"]})
+        file = checkpoint / zero3.rank_state_name(rank)
+        own = read_json(file)
+        states.append({"loader": field(own, "loader", dict, file), "rng": field(own, "rng", dict, file)})
         file = checkpoint / zero3.rank_tensors_name(rank)
         with _open(file) as handle:
             for key in handle.keys():  # noqa: SIM118
@@ -428,14 +508,18 @@ def read_consolidated(path: Path) -> tuple[Any, dict[str, str]]:
         raise ConversionError(
             f"{path}: not a consolidated imontage checkpoint (format {metadata.get('format')!r})"
         )
-    return model_config(json.loads(metadata["model_config"]), str(path)), metadata
+    if "model_config" not in metadata:
+        raise ConversionError(f"{path}: metadata key 'model_config' missing")
+    return model_config(
+        parse_json(metadata["model_config"], f"{path}: metadata key 'model_config'"), str(path)
+    ), metadata
 
 
 def load_consolidated(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     """A single-device DiT with the weights of a consolidated file."""
     cfg, _ = read_consolidated(path)
     sources = _file_sources(path)
-    _check_layout(sources, expected_shapes(cfg), str(path))
+    _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(path)), str(path))
     model = build_model(cfg, device=device)
     model.load_state_dict({name: _read(source) for name, source in sources.items()})
     return model, cfg
@@ -455,18 +539,18 @@ def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
         yield from diffusers.model_weights(path, cfg)
         return
-    shapes = expected_shapes(cfg)
     if path.is_dir() and zero3.is_zero3_checkpoint(path):
         try:
+            shapes = expected_shapes(cfg, offered=zero3.offered_tensors(path), where=str(path))
             reader = zero3.Zero3Checkpoint(path, shapes)
         except zero3.Zero3Error as error:
-            raise ConversionError(str(error)) from error
+            raise ConversionError(str(error)) from None
         for name, tensor in zero3_tensors(reader, "fp32", desc=f"weights of {path.name}"):
             yield name, tensor.clone()
         return
     file = path / f"model{ckpt.TENSORS_SUFFIX}" if path.is_dir() else path  # the "model" tensor group
     sources = _file_sources(file)
-    _check_layout(sources, shapes, str(file))
+    _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(file)), str(file))
     for name, source in sources.items():
         yield name, _read(source)
 
@@ -515,18 +599,41 @@ def _shard_names(sources: Mapping[str, TensorSource], max_bytes: int) -> Iterato
 
 
 def diffusers_sources(folder: Path) -> dict[str, TensorSource]:
+    """Where every tensor of a diffusers-style folder lives: its index's shards, or the one weights file."""
     index = folder / DIFFUSERS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        sources = {}
-        for name, file in weight_map.items():
-            if Path(file).name != file:
-                raise ConversionError(f"{index}: shard name '{file}' is not a plain file name")
-            if not (folder / file).is_file():
-                raise ConversionError(f"{folder / file}: no such file (named by {index} for tensor '{name}')")
-            sources[name] = TensorSource(folder / file, name)
-        return sources
+        return index_sources(index)
     return _file_sources(folder / DIFFUSERS_WEIGHTS)
+
+
+def refuse_pickle(file: Path, why: str = "") -> None:
+    """Refuses, unopened, a weights file whose name says it is a pickle."""
+    if file.suffix in PICKLE_SUFFIXES or file.name.endswith(
+        tuple(s + ".index.json" for s in PICKLE_SUFFIXES)
+    ):
+        raise ConversionError(
+            f"{file}: a pickle checkpoint{why}; imontage reads safetensors only and never unpickles "
+            "(save the model with diffusers' save_pretrained(safe_serialization=True))"
+        )
+
+
+def index_sources(index: Path) -> dict[str, TensorSource]:
+    """The tensors a safetensors index (``*.safetensors.index.json``) puts in its folder's shards:
+    each shard a plain ``.safetensors`` file name beside the index, checked to exist."""
+    weight_map = string_map(field(read_json(index), "weight_map", dict, index), index, "weight_map")
+    sources = {}
+    for name, file in weight_map.items():
+        if Path(file).name != file or file in (".", ".."):
+            raise ConversionError(f"{index}: shard name {file!r} of tensor '{name}' is not a plain file name")
+        refuse_pickle(index.parent / file, f" (named by {index} for tensor '{name}')")
+        if not file.endswith(".safetensors"):
+            raise ConversionError(f"{index}: shard '{file}' of tensor '{name}' is not a .safetensors file")
+        if not (index.parent / file).is_file():
+            raise ConversionError(
+                f"{index.parent / file}: no such file (named by {index} for tensor '{name}')"
+            )
+        sources[name] = TensorSource(index.parent / file, name)
+    return sources
 
 
 def import_diffusers(folder: Path, out: Path) -> Path:
@@ -534,12 +641,12 @@ def import_diffusers(folder: Path, out: Path) -> Path:
     config_file = folder / DIFFUSERS_CONFIG
     if not config_file.is_file():
         raise ConversionError(f"{config_file}: no such file")
-    values = json.loads(config_file.read_text())
+    values = read_json(config_file)
     if values.pop("_class_name", None) != CLASS_NAME:
         raise ConversionError(f"{config_file}: _class_name is not {CLASS_NAME}")
     cfg = model_config(values, str(config_file))
     sources = diffusers_sources(folder)
-    _check_layout(sources, expected_shapes(cfg), str(folder))
+    _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(config_file)), str(folder))
     first = next(iter(sources.values())).file
     metadata = {k: v for k, v in _metadata(first).items() if k in ("step", "weights")}
     metadata.update(format=FORMAT, model_config=json.dumps(OmegaConf.to_container(cfg, resolve=True)))
@@ -565,13 +672,11 @@ def inspect(path: Path) -> dict[str, Any]:
             "layout": reader.layout.as_dict(),
         }
     if (path / ckpt.MANIFEST).is_file():
-        state = json.loads((path / ckpt.STATE_FILE).read_text())
-        kind, config, step = "training checkpoint", state["model_config"], state["step"]
+        state, cfg = read_state(path)
+        kind, config, step = "training checkpoint", OmegaConf.to_container(cfg), state["step"]
         sources = _file_sources(path / "model.safetensors")
     elif (path / DIFFUSERS_CONFIG).is_file():
-        config = {
-            k: v for k, v in json.loads((path / DIFFUSERS_CONFIG).read_text()).items() if k != "_class_name"
-        }
+        config = {k: v for k, v in read_json(path / DIFFUSERS_CONFIG).items() if k != "_class_name"}
         sources = diffusers_sources(path)
         kind, step = "diffusers folder", _metadata(next(iter(sources.values())).file).get("step")
     else:

@@ -30,13 +30,13 @@ from imontage.checkpoint import convert, zero3
 from imontage.checkpoint.convert import ConversionError, TensorSource
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
 from imontage.train import checkpoint as ckpt
+from imontage.untrusted import parse_json, read_json, string_map
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 CLASS_FAMILIES = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan_video"}
 FAMILY_CLASSES = {family: name for name, family in CLASS_FAMILIES.items()}
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 DIFFUSERS_VERSION = "0.42.1"  # the version the families were measured against (DESIGN.md)
 MAX_SHARD_BYTES = 10 * 2**30  # save_pretrained's default max_shard_size ("10GB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,19 +81,14 @@ class DiffusersFolder:
 def read_class(folder: Path) -> tuple[dict[str, Any], str]:
     """(config.json, family) of a folder; reads config.json only."""
     if folder.is_file():
-        _refuse_pickle(folder)
+        convert.refuse_pickle(folder)
         raise ConversionError(f"{folder}: a file; a diffusers model is a folder (config.json + weights)")
     config_file = folder / CONFIG
     if not config_file.is_file():
         raise ConversionError(f"{config_file}: no such file (not a diffusers model folder)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as error:
-        raise ConversionError(f"{config_file}: not JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_file}: not a JSON object")
+    config = read_json(config_file)
     name = config.get("_class_name")
-    if name not in CLASS_FAMILIES:
+    if not isinstance(name, str) or name not in CLASS_FAMILIES:
         raise ConversionError(
             f"{config_file}: key '_class_name': {name!r} is not one of {', '.join(CLASS_FAMILIES)}"
         )
@@ -135,43 +130,15 @@ def check_model_config(folder: Path, model_cfg: Any) -> None:
         )
 
 
-def _refuse_pickle(file: Path, why: str = "") -> None:
-    if file.suffix in PICKLE_SUFFIXES or file.name.endswith(
-        tuple(s + ".index.json" for s in PICKLE_SUFFIXES)
-    ):
-        raise ConversionError(
-            f"{file}: a pickle checkpoint{why}; imontage reads safetensors only and never unpickles "
-            "(save the model with diffusers' save_pretrained(safe_serialization=True))"
-        )
-
-
 def weight_sources(folder: Path) -> dict[str, TensorSource]:
     """Where every tensor of a folder lives: its index's shards, or the one weights file."""
     index = folder / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConversionError(f"{index}: not a safetensors index (no 'weight_map': {error!r})") from error
-        sources = {}
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file:
-                raise ConversionError(
-                    f"{index}: shard name {file!r} of tensor '{name}' is not a plain file name"
-                )
-            _refuse_pickle(folder / file, f" (named by {index} for tensor '{name}')")
-            if not file.endswith(".safetensors"):
-                raise ConversionError(
-                    f"{index}: shard '{file}' of tensor '{name}' is not a .safetensors file"
-                )
-            if not (folder / file).is_file():
-                raise ConversionError(f"{folder / file}: no such file (named by {index} for tensor '{name}')")
-            sources[name] = TensorSource(folder / file, name)
-        return sources
+        return convert.index_sources(index)
     if (folder / WEIGHTS).is_file():
         return convert._file_sources(folder / WEIGHTS)
     for file in sorted(folder.iterdir()):
-        _refuse_pickle(file, " and no safetensors weights beside it")
+        convert.refuse_pickle(file, " and no safetensors weights beside it")
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     raise ConversionError(
         f"{folder / WEIGHTS}: no such file, and no {INDEX}"
@@ -205,21 +172,30 @@ def _by_file(sources: Mapping[str, TensorSource]) -> dict[Path, list[str]]:
     return files
 
 
-def read_folder(folder: Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> DiffusersFolder:
+def read_folder(
+    folder: Path, expected: Mapping[str, tuple[int, ...]] | None = None, model_cfg: Any = None
+) -> DiffusersFolder:
     """A folder's config and tensor locations, checked against ``expected`` (name -> shape; by
-    default the shapes of the imontage model its config builds)."""
+    default the shapes of the imontage model ``model_cfg`` describes, or else its config does).
+
+    The model is built on the meta device only after the folder's tensors are counted, and stops
+    early if its config describes far more (:func:`imontage.checkpoint.convert.tensor_budget`).
+    """
     folder = Path(folder)
-    config, family, model_cfg = read_model_config(folder)
+    config, family, folder_cfg = read_model_config(folder)
     located = weight_sources(folder)
     sources = {
         name: located[name] for names in _by_file(located).values() for name in names
     }  # shard by shard
     shapes, dtypes = _headers(sources)
     if expected is None:
-        expected = convert.expected_shapes(model_cfg, adapters=False)
+        expected = convert.expected_shapes(
+            folder_cfg if model_cfg is None else model_cfg, adapters=False, offered=len(sources),
+            where=str(folder / CONFIG),
+        )  # fmt: skip
     index = folder / INDEX
     check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
-    return DiffusersFolder(folder, config["_class_name"], family, config, model_cfg, sources, shapes, dtypes)
+    return DiffusersFolder(folder, config["_class_name"], family, config, folder_cfg, sources, shapes, dtypes)
 
 
 def check_tensors(
@@ -271,7 +247,7 @@ def model_weights(folder: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Ten
     model ``model_cfg`` describes, floating ones as float32, after checking the folder's config
     and every name and shape."""
     check_model_config(folder, model_cfg)
-    read = read_folder(folder, convert.expected_shapes(model_cfg, adapters=False))
+    read = read_folder(folder, model_cfg=model_cfg)
     for name, tensor in folder_tensors(read, desc=f"weights of {folder.name}"):
         yield name, tensor.float() if tensor.is_floating_point() else tensor
 
@@ -342,16 +318,10 @@ def _source_weights(source: Path, weights: str, verify: bool) -> _Weights:
         kind = "ema" if weights == "ema" else "fp32"
         layout = {name: (shape, torch.float32) for name, shape in reader.expected.items()}
         return _Weights(cfg, layout, convert.zero3_tensors(reader, kind, desc=f"{kind} of {source.name}"), {})
-    state_file = source / ckpt.STATE_FILE
-    if not state_file.is_file():
-        raise ConversionError(f"{state_file}: no such file (not a consolidated file or training checkpoint)")
-    cfg = convert.model_config(json.loads(state_file.read_text())["model_config"], str(state_file))
+    _, cfg = convert.read_state(source)
     sources = convert._file_sources(source / "model.safetensors")
     if weights == "ema":
-        ema = source / "ema.safetensors"
-        if not ema.is_file():
-            raise ConversionError(f"{ema}: no such file (this run kept no EMA; use weights=live)")
-        sources.update(convert._file_sources(ema))
+        sources.update(convert._file_sources(convert.ema_file(source)))
     return _Weights(cfg, _layout(sources), convert._stream_sources(sources), {})
 
 
@@ -364,7 +334,8 @@ def _recorded_dtypes(cfg: Any, metadata: Mapping[str, str]) -> dict[str, str]:
     """The dtypes of the folder the weights came from: recorded at import, or read from the
     recipe's ``model.init_from_diffusers`` folder when it is still there; else none."""
     if "diffusers_dtypes" in metadata:
-        return dict(json.loads(metadata["diffusers_dtypes"]))
+        where = "metadata key 'diffusers_dtypes'"
+        return string_map(parse_json(metadata["diffusers_dtypes"], where), where, "diffusers_dtypes")
     origin = str(getattr(cfg, "init_from_diffusers", "") or "")
     if origin and Path(origin).is_dir():
         return _headers(weight_sources(Path(origin)))[1]
@@ -421,8 +392,9 @@ def export_folder(
             f"{source}: its model config has no {FAMILY_CLASSES[family]} equivalent: {error}"
         ) from error
     shapes = {name: shape for name, (shape, _) in got.layout.items()}
-    check_tensors(source, {n: TensorSource(source, n) for n in got.layout}, shapes,
-                  expected if expected is not None else convert.expected_shapes(cfg, adapters=False))  # fmt: skip
+    if expected is None:
+        expected = convert.expected_shapes(cfg, adapters=False, offered=len(got.layout), where=str(source))
+    check_tensors(source, {n: TensorSource(source, n) for n in got.layout}, shapes, expected)
     recorded = _recorded_dtypes(cfg, got.metadata)
     layout = {}
     for name, (shape, stored) in got.layout.items():
@@ -434,9 +406,12 @@ def export_folder(
                 target = _NAMES[recorded[name]]
         layout[name] = (shape, target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    version = json.loads(got.metadata.get("diffusers_config", "{}")).get(
-        "_diffusers_version", DIFFUSERS_VERSION
+    imported = parse_json(
+        got.metadata.get("diffusers_config", "{}"), f"{source}: metadata key 'diffusers_config'"
     )
+    version = imported.get("_diffusers_version", DIFFUSERS_VERSION) if isinstance(imported, dict) else None
+    if not isinstance(version, str):
+        raise ConversionError(f"{source}: metadata key 'diffusers_config' holds no diffusers version string")
     full = {"_class_name": FAMILY_CLASSES[family], "_diffusers_version": version, **config}
     shards = _plan_shards(layout, max_shard_bytes)
     for stale in [out_dir / WEIGHTS, out_dir / INDEX, *out_dir.glob("diffusion_pytorch_model-*.safetensors")]:

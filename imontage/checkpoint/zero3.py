@@ -36,7 +36,6 @@ tensor plus one chunk.
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import mmap
 import os
@@ -51,12 +50,13 @@ import torch
 
 from imontage.parallel.parallelize import TensorSplit, tensor_split
 from imontage.train import checkpoint as ckpt
+from imontage.untrusted import InputError, field, parse_json, read_json
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq", "ema")
 CHUNK_BYTES = 4 * 2**20  # values read through a buffer (a cast, a column slice) at a time
 
 
-class Zero3Error(ValueError):
+class Zero3Error(InputError):
     """A ZeRO-3 checkpoint that cannot be read; the message names the file and, where known, the tensor."""
 
 
@@ -101,9 +101,9 @@ def is_zero3_checkpoint(path: Path) -> bool:
     if not state.is_file():
         return False
     try:
-        return "layout" in json.loads(state.read_text())
-    except ValueError:
-        return False
+        return "layout" in read_json(state)
+    except InputError:
+        return False  # not JSON: the single-device readers say what is wrong with it
 
 
 def partition_numel(numel: int, world: int) -> int:
@@ -158,6 +158,18 @@ def load_pt(path: Path, mmap: bool = True) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise Zero3Error(f"{path}: holds a {type(loaded).__name__}, not a DeepSpeed state dict")
     return loaded
+
+
+def offered_tensors(path: Path) -> int:
+    """How many tensors a ZeRO-3 checkpoint holds (TP rank 0's parameters and the buffers it
+    names), read before any model is built to compare them with."""
+    states = load_pt(path / model_states_name(0, 0))
+    groups, buffers = states.get("param_shapes"), states.get("buffer_names", [])
+    if not isinstance(groups, list) or not all(isinstance(group, Mapping) for group in groups):
+        raise Zero3Error(
+            f"{path / model_states_name(0, 0)}: no 'param_shapes' (not a ZeRO-3 model-states file)"
+        )
+    return sum(len(group) for group in groups) + (len(buffers) if isinstance(buffers, list) else 0)
 
 
 def model_states_name(zero_rank: int, tensor_rank: int) -> str:
@@ -280,16 +292,25 @@ class _RankTensors:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
+            self.size = path.stat().st_size
             with path.open("rb") as file:
                 (length,) = struct.unpack("<Q", file.read(8))
-                header = json.loads(file.read(length))
-        except (OSError, struct.error, ValueError) as error:
+                if length > self.size - 8:  # checked before the header is read
+                    raise Zero3Error(f"{path}: its header claims {length} bytes, the file has {self.size}")
+                header = parse_json(file.read(length), path)
+        except (OSError, struct.error) as error:
             raise Zero3Error(f"{path}: not a readable safetensors file ({error})") from error
+        if not isinstance(header, dict):
+            raise Zero3Error(f"{path}: not a safetensors file (its header is not a JSON object)")
         self.data_start = 8 + length
         header.pop("__metadata__", None)
         self.header: dict[str, Any] = header
-        self.size = path.stat().st_size
-        declared = self.data_start + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        try:
+            declared = self.data_start + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+            for key in header:
+                self.shape(key)
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise Zero3Error(f"{path}: not a safetensors header ({type(error).__name__}: {error})") from None
         if declared != self.size:
             raise Zero3Error(
                 f"{path}: its header declares {declared} bytes, the file has {self.size} (truncated?)"
@@ -371,8 +392,9 @@ class Zero3Checkpoint:
         state_file = path / ckpt.STATE_FILE
         if not state_file.is_file():
             raise Zero3Error(f"{state_file}: no such file")
-        self.state = json.loads(state_file.read_text())
-        self.layout = Layout.from_state(self.state.get("layout", {}), str(state_file))
+        self.state = read_json(state_file)
+        field(self.state, "step", int, state_file)
+        self.layout = Layout.from_state(field(self.state, "layout", dict, state_file), str(state_file))
         if self.layout.zero_stage != 3:
             raise Zero3Error(
                 f"{state_file}: ZeRO stage {self.layout.zero_stage}; only ZeRO-3 checkpoints are read here"

@@ -36,11 +36,12 @@ from imontage.config.schema import (
 )
 from imontage.imagic.config import check_imagic
 from imontage.models.dit.sequence import model_inputs
+from imontage.untrusted import InputError
 
 COMMAND_LINE = "<command line>"
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot run: an unknown key, a wrong type, a missing or invalid value."""
 
 

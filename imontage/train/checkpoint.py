@@ -39,8 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
+
+from imontage.untrusted import InputError, parse_json
 
 CHECKPOINT_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -56,7 +59,7 @@ _TENSOR_TAG = "__tensor__"
 _TUPLE_TAG = "__tuple__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that is incomplete, corrupt or unreadable; the message names the file at fault."""
 
 
@@ -292,11 +295,13 @@ def _prune(root: Path, written: Path, keep_last: int) -> None:
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_bytes())
+        manifest = parse_json(manifest_path.read_bytes(), manifest_path)
     except FileNotFoundError:
         raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise CheckpointError(f"{manifest_path}: unreadable ({e})") from e
+    except InputError as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({str(e).removeprefix(f'{manifest_path}: ')})") from None
     if not _is_manifest(manifest):
         raise CheckpointError(f"{manifest_path}: not a format-{MANIFEST_FORMAT} checkpoint manifest")
     return manifest
@@ -342,12 +347,15 @@ def _manifest_of(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_record(file: Path, size: int, digest: str, record: dict[str, Any]) -> None:
-    manifest_path = file.parent / MANIFEST
+def _check_size(file: Path, size: int, record: dict[str, Any]) -> None:
+    """Before anything is hashed or read: a file of the wrong size fails at once, whatever its size."""
     if size != record["bytes"]:
-        raise CheckpointError(f"{file}: {size} bytes, {manifest_path} says {record['bytes']}")
+        raise CheckpointError(f"{file}: {size} bytes, {file.parent / MANIFEST} says {record['bytes']}")
+
+
+def _check_digest(file: Path, digest: str, record: dict[str, Any]) -> None:
     if digest != record["sha256"]:
-        raise CheckpointError(f"{file}: sha256 differs from {manifest_path}")
+        raise CheckpointError(f"{file}: sha256 differs from {file.parent / MANIFEST}")
 
 
 def _verified_manifest(path: Path) -> dict[str, Any]:
@@ -356,7 +364,9 @@ def _verified_manifest(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in {path / MANIFEST} but missing")
-        _check_record(file, file.stat().st_size, _sha256(file), record)  # streamed: large shards stay on disk
+        _check_size(file, file.stat().st_size, record)
+    for name, record in manifest["files"].items():  # sizes all right: now the hashes, streamed
+        _check_digest(path / name, _sha256(path / name), record)
     return manifest
 
 
@@ -443,17 +453,29 @@ def read_files(path: Path, names: list[str]) -> dict[str, Any]:
         if record is None:
             raise CheckpointError(f"{file}: not listed in {path / MANIFEST}")
         try:
+            _check_size(file, file.stat().st_size, record)
             data = file.read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"{file}: listed in {path / MANIFEST} but missing") from None
-        _check_record(file, len(data), hashlib.sha256(data).hexdigest(), record)
-        if name.endswith(TENSORS_SUFFIX):
-            contents[name] = safetensors_load(data)
-        elif name.endswith(".json"):
-            contents[name] = json.loads(data)
-        else:
-            contents[name] = data
+        _check_size(file, len(data), record)
+        _check_digest(file, hashlib.sha256(data).hexdigest(), record)
+        contents[name] = _decode_file(file, data)
     return contents
+
+
+def _decode_file(file: Path, data: bytes) -> Any:
+    """A checkpoint file's bytes by the format its name declares: tensors, JSON, or the bytes."""
+    if file.name.endswith(TENSORS_SUFFIX):
+        try:
+            return safetensors_load(data)
+        except (SafetensorError, ValueError) as error:
+            raise CheckpointError(f"{file}: not a safetensors file ({error})") from None
+    if file.name.endswith(".json"):
+        try:
+            return parse_json(data, file)
+        except InputError as error:
+            raise CheckpointError(str(error)) from None
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------

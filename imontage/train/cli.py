@@ -33,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after validation: a bad recipe fails fast.
     from imontage.train.resilience import ExitCode, NumericalFault
     from imontage.train.trainer import RunStopped, train
+    from imontage.untrusted import InputError
 
     try:
         run_dir = train(cfg)
+    except InputError as error:  # a checkpoint, diffusers folder or shard that is not what it claims
+        print(f"imontage-train: {error}", file=sys.stderr)
+        return 2
     except RunStopped as stop:
         print(f"imontage-train: {stop}", file=sys.stderr)
         return stop.exit_code

@@ -419,15 +419,25 @@ class Trainer:
             # one it is the seeded initialisation the model was built with).
             log.info("frozen base from %s (model.init_from_diffusers)", self.cfg.model.init_from_diffusers)
             self.backend.init_weights(Path(self.cfg.model.init_from_diffusers))
-        shared, own, rng_tensors = self.backend.load(path)
-        ckpt.restore_rng_state(rng_tensors, own["rng"])
-        self.generator.set_state(rng_tensors["trainer_generator"])
-        self.step = int(shared["step"])
-        if "faults" in shared:
-            self.guard.load_state_dict(shared["faults"]["nonfinite"])
-            self.spikes.load_state_dict(shared["faults"]["spikes"])
-        self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"], "path": path}
-        log.info("resumed from %s at step %d (stage %s)", path, self.step, shared["stage_name"])
+        try:
+            shared, own, rng_tensors = self.backend.load(path)
+            ckpt.restore_rng_state(rng_tensors, own["rng"])
+            self.generator.set_state(rng_tensors["trainer_generator"])
+            self.step = int(shared["step"])
+            if "faults" in shared:
+                self.guard.load_state_dict(shared["faults"]["nonfinite"])
+                self.spikes.load_state_dict(shared["faults"]["spikes"])
+            self._resumed = {"stage_index": int(shared["stage_index"]), "loader": own["loader"], "path": path}
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            if isinstance(error, ckpt.CheckpointError):
+                raise
+            # The manifest vouches for the bytes, not for what they say: a checkpoint written by
+            # hand (or by another version) that lacks a key or holds a tensor of another shape.
+            raise ckpt.CheckpointError(
+                f"{path}: cannot resume from it: {ckpt.STATE_FILE} or its tensors do not hold what "
+                f"this run needs ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+        log.info("resumed from %s at step %d (stage %s)", path, self.step, shared.get("stage_name"))
 
     def stage_entry_checkpoint(self, stage: Stage) -> Path:
         """The previous stage's final checkpoint, where ``stage=NAME`` starts (every stage saves at its end)."""
