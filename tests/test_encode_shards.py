@@ -55,7 +55,9 @@ from imontage.data.encode import (
 from imontage.data.index import read_sidecar
 from imontage.data.loader import StreamLoader
 from imontage.data.problems import DataError
-from imontage.data.shards import RawSample, expand_shards, read_shard
+from imontage.data.shards import RawSample, ShardWriter, expand_shards, read_shard
+from imontage.data.synthetic import write_shards as write_synthetic
+from imontage.data.testing import image_bytes, latent_sample, non_finite_samples
 from imontage.models.dit.sequence import PackingSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,3 +456,53 @@ def test_imontage_sample_decodes_latent_rows_with_its_vae(models: dict[str, str]
     assert conditions[0].shape == (3, 5, 32, 48) and made[0] is pixels
     rows = [[[latent]]]
     assert decode_rows(rows, None) is rows
+
+
+def test_samples_no_model_could_train_on_are_left_out_named_and_counted(
+    tmp_path: Path,
+    models: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 24x32 image (a Wan latent of 3x4, which the (1, 2, 2) patches of every latent preset do not
+    divide), a latent segment holding NaN, and a text embedding carried over with Inf in it: left out,
+    named in the log and counted in the tool's last line, beside a sample that is encoded."""
+    good = latent_sample(0, segments=[{"role": "target", "kind": "image", "member": "0.png"}])
+    samples = {
+        "good": {**good, "0.png": image_bytes(32, 48)},
+        "odd": {**good, "0.png": image_bytes(24, 32)},
+        "nan-latent": non_finite_samples()["nan-latent"],
+        "inf-text": {**non_finite_samples()["inf-text-float16"]},
+    }
+    with ShardWriter(tmp_path / "in-000000.tar") as writer:
+        for key, members in samples.items():
+            writer.add_sample(key, members)
+    tool = runpy.run_path(str(REPO / "tools" / "encode_shards.py"), run_name="encode_shards")
+    argv = [
+        str(tmp_path / "in-*.tar"),
+        "--out",
+        str(tmp_path / "out"),
+        "--vae",
+        models["vae"],
+        "--no-progress",
+    ]
+    assert tool["main"](argv) == 0
+    assert "left out: {'unpackable': 1, 'non_finite': 2}" in capsys.readouterr().out
+    assert samples_of(str(tmp_path / "out" / "*.tar")) == {"in-000000.tar": ["good"]}
+    left_out = [record.getMessage() for record in caplog.records if "left out" in record.getMessage()]
+    assert any(
+        "sample 'odd': unpackable: segment 0, member '0.png': its latent [4, 1, 3, 4] does not divide into "
+        "the model's patches (1, 2, 2)" in line
+        for line in left_out
+    ), left_out
+    assert any("sample 'nan-latent': non_finite: member '1.safetensors'" in line for line in left_out)
+    assert any("sample 'inf-text': non_finite: member 'text.safetensors'" in line for line in left_out)
+
+
+def test_the_default_synthetic_data_encodes_whole(tmp_path: Path, models: dict[str, str]) -> None:
+    """Every task of tools/make_synthetic.py's default mix, through a VAE of 8x spatial compression:
+    nothing left out (the 24x32 clips it made before gave 3x4 latents, which no preset patchifies)."""
+    write_synthetic(tmp_path / "in", samples=3, per_shard=3, seed=0, progress=False)
+    encoders = Encoders.load(models["vae"], models["text_encoder"], models["tokenizer"])
+    [report] = encode_shards(str(tmp_path / "in" / "train-*.tar"), tmp_path / "out", encoders, progress=False)
+    assert (report.samples, dict(report.problems)) == (3, {})

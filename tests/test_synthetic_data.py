@@ -285,3 +285,22 @@ def test_cli_writes_shards_and_prints_the_summary(tmp_path: Path) -> None:
         command[:-4] + ["--tasks", "edit,paint"], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "paint" in bad.stderr
+
+
+LATENT_SCALE = 8  # spatial compression of the VAEs the latent presets train behind (Wan, HunyuanVideo)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs/model").glob("*.yaml")))
+def test_every_shipped_preset_can_patchify_every_task(preset: str) -> None:
+    """Every image and frame of every task divides into the preset's patches: in pixels for a
+    pixel model (3 channels, dit_tiny), as a latent of 1/8 the size for the others."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "configs/model" / f"{preset}.yaml")
+    _, ph, pw = cfg.patch_size
+    scale = 1 if cfg.in_channels == 3 else LATENT_SCALE
+    for index, task in enumerate(("edit", "montage", "video", "edit_pair")):
+        _, members = make_sample(index, 0, task)
+        for name, data in members.items():
+            height, width, _ = png_pixels(data).shape
+            assert height % (scale * ph) == 0 and width % (scale * pw) == 0, (task, name, height, width)

@@ -36,6 +36,7 @@ from imontage.data.encode import (
     ShardReport,
     encode_shards,
 )
+from imontage.data.shards import expand_shards
 from imontage.untrusted import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,6 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def encode(args: argparse.Namespace) -> list[ShardReport]:
     """Load the models and encode this rank's shards; their reports."""
+    expand_shards(args.shards)  # a spec naming no file fails before the models load
     options = DecodeOptions(
         max_frames=args.max_frames, frame_stride=args.frame_stride, max_pixels=args.max_pixels
     )

@@ -33,7 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imontage.data.index import scan_shard, write_index
-from imontage.data.media import MediaError, check_format
+from imontage.data.media import MediaError, check_format, load_array
 from imontage.data.records import (
     ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -74,7 +74,9 @@ class Sample:
         return sum(512 + -(-len(data) // 512) * 512 for data in self.members.values())
 
 
-def _read_file(base: Path, path: Any, allowed: tuple[str, ...], where: str) -> tuple[str, bytes]:
+def _read_file(
+    base: Path, path: Any, allowed: tuple[str, ...], where: str, tensor: str | None = None
+) -> tuple[str, bytes]:
     if not isinstance(path, str):
         raise ManifestError(f"{where}: expected a path, got {path!r}")
     suffix = extension(path)
@@ -87,10 +89,14 @@ def _read_file(base: Path, path: Any, allowed: tuple[str, ...], where: str) -> t
     except OSError as error:
         raise ManifestError(f"{where}: cannot read {base / path} ({error.strerror})") from error
     try:
-        check_format(data, suffix)  # the loader's check: the bytes are what the extension says
+        # The loader's checks: the bytes are what the extension says; an array holds no NaN or Inf
+        # (which only decoding finds: the index could not count it).
+        check_format(data, suffix)
+        if suffix in ARRAY_EXTENSIONS:
+            load_array(data, suffix, tensor)
     except MediaError as error:
-        if error.reason == "format_mismatch":
-            raise ManifestError(f"{where}: {path}: format_mismatch: {error}") from None
+        if error.reason in ("format_mismatch", "non_finite"):
+            raise ManifestError(f"{where}: {path}: {error.reason}: {error}") from None
         # other problems (a broken file) are written, and counted by the shard index
     return suffix, data
 
@@ -113,7 +119,8 @@ def _segment(base: Path, index: int, entry: Any, members: dict[str, bytes], wher
             names.append(f"{index}.{number}.{suffix}")
             members[names[-1]] = data
         return {**record, "frames": names}
-    suffix, data = _read_file(base, entry.get("path"), _KIND_EXTENSIONS[entry["kind"]], where)
+    tensor = entry.get("tensor") if isinstance(entry.get("tensor"), str) else None
+    suffix, data = _read_file(base, entry.get("path"), _KIND_EXTENSIONS[entry["kind"]], where, tensor)
     members[f"{index}.{suffix}"] = data
     return {**record, "member": f"{index}.{suffix}"}
 
@@ -134,21 +141,26 @@ def manifest_sample(base: Path, line: dict[str, Any], number: int, where: str) -
     record["segments"] = [
         _segment(base, i, entry, members, f"{where}, segment {i}") for i, entry in enumerate(segments)
     ]
-    members["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    try:
+        members["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate, written as a json escape
+        raise ManifestError(f"{where}: text that is not Unicode ({error.reason})") from None
     return Sample(key, record["task"], members)
 
 
 def read_manifest(path: Path) -> Iterator[Sample]:
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
+    with path.open("rb") as lines:  # json.loads decodes each line, and names one that is not UTF-8
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
             where = f"{path}:{number}"
             try:
                 line = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ManifestError(f"{where}: not json ({error})") from error
+            except ValueError as error:
+                raise ManifestError(f"{where}: not json ({error})") from None
+            except RecursionError:
+                raise ManifestError(f"{where}: not json (nested too deeply to read)") from None
             if not isinstance(line, dict):
                 raise ManifestError(f"{where}: expected an object")
             sample = manifest_sample(path.parent, line, number, where)

@@ -227,16 +227,17 @@ def read_sidecar(url: str, index_dir: str = "") -> ShardIndex | None:
     version = data.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InputError(f"{path}: not a shard index (no version); remove it to index {url} again")
-    stale = version != INDEX_VERSION
-    if is_local(url) and not stale:
-        stale = (data.get("file_size"), data.get("file_mtime_ns")) != _file_stat(url)
-    if stale:
-        log.warning("%s is out of date (version, size or mtime of %s changed): indexing again", path, url)
+    if version != INDEX_VERSION:  # another layout, not checked against this one
+        log.warning("%s is of index version %d, not %d: indexing %s again", path, version, INDEX_VERSION, url)
         return None
     try:
-        return ShardIndex.from_json(url, data)
+        index = ShardIndex.from_json(url, data)
     except ValueError as error:
         raise InputError(f"{path}: not a shard index of {url}: {error}") from None
+    if is_local(url) and (index.file_size, index.file_mtime_ns) != _file_stat(url):
+        log.warning("%s is out of date (the size or mtime of %s changed): indexing again", path, url)
+        return None
+    return index
 
 
 def load_index(url: str, index_dir: str = "") -> ShardIndex:

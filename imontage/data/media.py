@@ -357,6 +357,10 @@ def _safetensors_tensors(data: bytes) -> dict[str, SafetensorsEntry]:
             raise MediaError(
                 f"tensor '{name}': data_offsets [{begin}, {stop}] do not follow on at byte {end}"
             )
+        if stop > len(data) - start:
+            raise MediaError(
+                f"tensor '{name}': data_offsets [{begin}, {stop}] pass the end of its {len(data) - start:,} data bytes"
+            )
         itemsize = _SAFETENSORS_ITEM_SIZES[entry["dtype"]]
         shape = _check_claim(entry.get("shape"), itemsize, stop - begin, f"tensor '{name}'")
         tensors[name] = (entry["dtype"], shape, start + begin)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import zlib
 from collections.abc import Sequence
@@ -279,3 +280,131 @@ def write_hostile_shards(out: str | Path) -> list[str]:
             writer.add_sample(key, members)
         writer.add_sample("good1", _image_sample("good1"))
     return [str(path)]
+
+
+# ---------------------------------------------------------------------------------------------
+# latent samples; members whose headers claim sizes their bytes do not hold; NaN and Inf
+
+LATENT_SHAPE = (4, 1, 4, 4)  # [C, T, H, W] of each latent segment of latent_sample
+TEXT_SHAPE = (5, 16)  # [L, E] of its text embedding
+HUGE = (4, 64, 4096, 4096)  # a latent of 4 Gi values: 16 GiB as float32, 268 M tokens at (1, 2, 2)
+
+
+def array_bytes(array: np.ndarray, fmt: str = "safetensors", tensor: str = "x") -> bytes:
+    """``array`` as a ``.npy`` member, or a ``.safetensors`` one holding it as ``tensor``."""
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+    from safetensors.numpy import save
+
+    return save({tensor: array})
+
+
+def npy_claiming(shape: Sequence[int], payload: bytes = bytes(100), descr: str = "<f4") -> bytes:
+    """A ``.npy`` whose header claims ``shape`` of ``descr`` values, followed by ``payload`` only."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(buffer, header)  # type: ignore[no-untyped-call]
+    return buffer.getvalue() + payload
+
+
+def safetensors_claiming(
+    header: dict[str, Any] | bytes, payload: bytes = bytes(100), header_length: int | None = None
+) -> bytes:
+    """A ``.safetensors`` of ``header`` (name -> dtype, shape, data_offsets; or its bytes) followed by
+    ``payload`` only; ``header_length``: the length it claims for its header instead of the true one."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(text) if header_length is None else header_length
+    return length.to_bytes(8, "little") + text + payload
+
+
+def png_claiming(height: int, width: int) -> bytes:
+    """A PNG whose IHDR chunk claims ``height`` x ``width`` RGB pixels, with the pixel data of a few."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    size = height.to_bytes(4, "big") + width.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+    pixels = zlib.compress(bytes(64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", size) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def tar_member_claiming(name: str, size: int) -> bytes:
+    """A tar header of member ``name`` claiming ``size`` bytes of data, which do not follow."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def latent_segments(
+    condition: str = "0.safetensors", target: str = "1.safetensors", condition_latent: str | None = None
+) -> list[dict[str, Any]]:
+    """The json segments of a latent sample: a condition and a target latent (with its condition latent)."""
+    extra = {} if condition_latent is None else {"condition_latent": condition_latent}
+    return [{"role": "condition", "kind": "latent", "member": condition},
+            {"role": "target", "kind": "latent", "member": target, **extra}]  # fmt: skip
+
+
+def latent_sample(seed: int, members: dict[str, bytes] | None = None, **fields: Any) -> dict[str, bytes]:
+    """A latent sample: condition ``0.safetensors`` and target ``1.safetensors`` (LATENT_SHAPE) and
+    text embedding ``text.safetensors`` (TEXT_SHAPE); ``members`` replace or add members, ``fields``
+    set json fields (``segments``: :func:`latent_segments`)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "0.safetensors": rng.standard_normal(LATENT_SHAPE, dtype=np.float32),
+        "1.safetensors": rng.standard_normal(LATENT_SHAPE, dtype=np.float32),
+        "text.safetensors": rng.standard_normal(TEXT_SHAPE, dtype=np.float32),
+    }
+    record = {"task": "latent", "text": f"latent sample {seed}", "text_embedding": "text.safetensors",
+              "segments": latent_segments(), **fields}  # fmt: skip
+    out = {name: array_bytes(array) for name, array in arrays.items()}
+    return {**out, **(members or {}), "json": json.dumps(record).encode()}
+
+
+def size_claim_samples() -> dict[str, dict[str, bytes]]:
+    """Latent samples each holding one member whose header claims far more than its bytes hold,
+    by key. Each is ``undecodable`` from its header alone, naming the member."""
+    huge = {"dtype": "F32", "shape": list(HUGE), "data_offsets": [0, 4 * math.prod(HUGE)]}
+    past_end = {"dtype": "F32", "shape": list(LATENT_SHAPE), "data_offsets": [0, 1 << 40]}
+    npy_target, condition = latent_segments(target="1.npy"), latent_segments(condition_latent="c.safetensors")
+    return {
+        "npy-latent": latent_sample(1, {"1.npy": npy_claiming(HUGE)}, segments=npy_target),
+        "npy-negative-shape": latent_sample(2, {"1.npy": npy_claiming((-4, -1, 64, 64))}, segments=npy_target),
+        "safetensors-latent": latent_sample(3, {"1.safetensors": safetensors_claiming({"x": huge})}),
+        "safetensors-header-length": latent_sample(4, {"1.safetensors": safetensors_claiming({}, header_length=1 << 62)}),
+        "safetensors-offsets": latent_sample(5, {"1.safetensors": safetensors_claiming({"x": past_end})}),
+        "safetensors-deep-header": latent_sample(6, {"1.safetensors": safetensors_claiming(b"[" * 100_000 + b"]" * 100_000)}),
+        "text-rows": latent_sample(7, {"text.npy": npy_claiming((10**9, 16))}, text_embedding="text.npy"),
+        "pooled-text": latent_sample(8, {"pooled.npy": npy_claiming((1 << 40,))}, pooled_text="pooled.npy"),
+        "image-embeds": latent_sample(9, {"image.npy": npy_claiming((1 << 20, 1 << 20))}, image_embeds="image.npy"),
+        "condition-latent": latent_sample(10, {"c.safetensors": safetensors_claiming({"x": huge})}, segments=condition),
+    }  # fmt: skip
+
+
+def non_finite_samples() -> dict[str, dict[str, bytes]]:
+    """Latent samples with NaN or Inf in one array member, by key: the latents and the text
+    embedding every latent model reads, and members only some models read (pooled text, condition
+    latents)."""
+
+    def with_value(shape: Sequence[int], value: float, dtype: Any = np.float32) -> np.ndarray:
+        array = np.zeros(shape, dtype)
+        array.flat[1] = value
+        return array
+
+    npy_condition, condition = (
+        latent_segments(condition="0.npy"),
+        latent_segments(condition_latent="c.safetensors"),
+    )
+    return {
+        "nan-latent": latent_sample(21, {"1.safetensors": array_bytes(with_value(LATENT_SHAPE, np.nan))}),
+        "inf-latent-npy": latent_sample(22, {"0.npy": array_bytes(with_value(LATENT_SHAPE, np.inf), "npy")}, segments=npy_condition),
+        "nan-text": latent_sample(23, {"text.safetensors": array_bytes(with_value(TEXT_SHAPE, np.nan))}),
+        "inf-text-float16": latent_sample(24, {"text.safetensors": array_bytes(with_value(TEXT_SHAPE, -np.inf, np.float16))}),
+        # finite as float64, infinite as the float32 that training reads
+        "overflow-text": latent_sample(25, {"text.safetensors": array_bytes(with_value(TEXT_SHAPE, 1e300, np.float64))}),
+        "nan-pooled": latent_sample(26, {"pooled.npy": array_bytes(with_value((8,), np.nan), "npy")}, pooled_text="pooled.npy"),
+        "nan-condition": latent_sample(27, {"c.safetensors": array_bytes(with_value(LATENT_SHAPE, np.nan))}, segments=condition),
+    }  # fmt: skip
