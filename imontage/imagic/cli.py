@@ -5,6 +5,9 @@
     imontage-imagic RUN_DIR_OR_CHECKPOINT_OR_DIFFUSERS_FOLDER (--image IMG.png --vae VAE | --latent Z) \\
         --text-embedding E.safetensors --out grid.png [--vae VAE] ...          (a latent model: Wan 2.1)
 
+A LoRA run is read with its frozen base, as ``imontage-sample`` reads it (``--base`` gives another),
+and edited with its adapters folded into that base: Imagic fine-tunes every weight.
+
 ``key=value`` overrides address the ``imagic:`` section (``embedding.steps=50``, with or without
 the ``imagic.`` prefix). The grid is one row: the input, then one panel per eta; a latent model's
 panels are decoded by ``--vae`` when it is given.
@@ -36,7 +39,8 @@ from imontage.imagic.edit import (
 )
 from imontage.models import build_model
 from imontage.models.dit import PackingSpec
-from imontage.sample.cli import load_model, resolve_checkpoint
+from imontage.models.lora import merge_lora
+from imontage.sample.cli import add_base_argument, load_model, resolve_checkpoint
 from imontage.sample.grid import save_png
 from imontage.train.trainer import resolve_device
 
@@ -116,22 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eta", help="comma-separated eta values (overrides the config's imagic.eta)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_base_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the imagic section")
     return parser
 
 
 def load_editable_model(
-    path: Path, use_ema: bool, device: torch.device
+    path: Path, use_ema: bool, device: torch.device, base: Path | None = None
 ) -> tuple[nn.Module, PackingSpec, Path]:
     """(model, its packing, where it came from): a training checkpoint (``path`` or a run directory's
-    latest), or a diffusers transformer folder (``config.json`` + safetensors) of a pretrained family."""
+    latest), or a diffusers transformer folder (``config.json`` + safetensors) of a pretrained family.
+
+    A LoRA run's model is its base with the adapters folded in (``W + scale · B A``), every weight
+    trainable: Imagic fine-tunes the whole model, as it does a full run's. ``base``: the LoRA run's
+    frozen base, when not its own (``imontage-sample --base``).
+    """
     if not (path / "config.json").is_file():
         checkpoint = resolve_checkpoint(path)
-        model, spec = load_model(checkpoint, use_ema, device)
+        model, spec = load_model(checkpoint, use_ema, device, base)
+        merge_lora(model)
+        model.requires_grad_(True)
         return model, spec, checkpoint
     from imontage.checkpoint.diffusers import load_into, read_model_config
 
+    if base is not None:
+        raise ValueError(f"--base {base}: {path} is a diffusers folder, not a LoRA run")
     if use_ema:
         raise ValueError(
             f"{path}: a diffusers folder holds one set of weights, no EMA: set imagic.use_ema=false"
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         etas = [] if args.eta is None else [f"eta=[{','.join(map(str, parse_etas(args.eta)))}]"]
         cfg = load_imagic_config(args.config, [*args.overrides, *etas])
         device = resolve_device(args.device)
-        model, spec, checkpoint = load_editable_model(args.checkpoint, cfg.use_ema, device)
+        model, spec, checkpoint = load_editable_model(args.checkpoint, cfg.use_ema, device, args.base)
         try:  # Imagic optimises the model's text features [L, E]: the DiT's and Wan's
             text_width(model)
         except ValueError as error:

@@ -55,6 +55,14 @@ def lora_enabled(cfg: Any) -> bool:
     return int(cfg.rank) > 0 or bool(list(cfg.trainable))
 
 
+def base_model_config(cfg: Any) -> Any:
+    """The model config (a ``ModelConfig`` node) of a LoRA model's base: ``model.lora`` at its
+    defaults, so that the model built from it has no adapters and nothing frozen."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"lora": OmegaConf.structured(LoraConfig)})
+
+
 def is_adapter(name: str) -> bool:
     """Whether the parameter ``name`` belongs to an adapter (``…lora_A.weight``, ``…lora_B.weight``)."""
     return any(f".{adapter}." in f".{name}" for adapter in ADAPTER_NAMES)

@@ -5,6 +5,11 @@ JSONL prompt file (``--prompts``), one object per line:
 ``{"text": "...", "conditions": ["a.png", ...], "targets": [[H, W], [T, H, W], ...]}``
 with image paths relative to the file. Targets of a prompt file have no ground truth.
 
+A LoRA run's checkpoint (``model.lora``) holds its adapters, not its frozen base: the base is read
+as the trainer reads it on resume, from the run's ``model.init_from_diffusers`` (without one, the
+run's seeded initialisation, its seed from ``RUN_DIR/config.yaml``), or from ``--base`` (a diffusers
+folder, a consolidated file or a full run's checkpoint); the adapters then act as in training.
+
 Classifier-free guidance (``--guidance``, default 3; 1 for HunyuanVideo, whose pipelines run no
 true CFG by default) needs an unconditional pass: ``--negative FILE`` runs it on a negative prompt's
 precomputed text and pooled text (``tools/encode_shards.py --negative-prompt`` writes
@@ -27,6 +32,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +41,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from imontage.checkpoint import convert, zero3
+from imontage.checkpoint.convert import ConversionError
 from imontage.data import load_image, preview_samples
 from imontage.models import build_model
 from imontage.models.dit import Sample, Segment
 from imontage.models.dit.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
+from imontage.models.lora import base_model_config, frozen_names, lora_enabled
 from imontage.objectives.flow_matching import clean_first_frame
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import Negative, sample_flow
@@ -62,42 +70,141 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_model_config(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, Any]:
-    """The single-device model of a checkpoint (any family) and its model config; a DeepSpeed one is
-    consolidated in memory, tensor by tensor."""
+def run_config(checkpoint: Path) -> Any:
+    """``RUN_DIR/config.yaml`` (the resolved recipe) of the run a checkpoint belongs to, beside
+    ``RUN_DIR/checkpoints/step_*``; None when it is not there."""
+    config = checkpoint.parent.parent / "config.yaml"
+    return OmegaConf.load(config) if config.is_file() else None
+
+
+def checkpoint_tensors(
+    checkpoint: Path, use_ema: bool
+) -> tuple[Any, Iterator[tuple[str, torch.Tensor]], Path]:
+    """(model config, (name, single-device tensor) of every tensor the checkpoint holds, the file that
+    names them). A DeepSpeed checkpoint is consolidated in memory, tensor by tensor (each valid until
+    the next is asked for)."""
     if zero3.is_zero3_checkpoint(checkpoint):
-        reader, model_cfg = convert.open_zero3(checkpoint)
-        model = build_model(model_cfg)
-        weights = model.state_dict()
-        with torch.no_grad():
-            for name, tensor in convert.zero3_tensors(reader, "ema" if use_ema else "fp32"):
-                weights[name].copy_(tensor)
-        return model.to(device).eval(), model_cfg
+        reader, model_cfg = convert.open_zero3(checkpoint)  # its names checked against the config
+        return model_cfg, convert.zero3_tensors(reader, "ema" if use_ema else "fp32"), checkpoint
     tensors, state = ckpt.load_checkpoint(checkpoint)
-    model_cfg = OmegaConf.create(state["model_config"])
-    model = build_model(model_cfg)
+    model_cfg = convert.model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
     weights = tensors["model"]
     if use_ema:
         if "ema" not in tensors:
             raise KeyError(f"{checkpoint}: has no EMA weights; pass --no-ema")
         weights = {**weights, **tensors["ema"]}
-    model.load_state_dict(weights)
+    return model_cfg, iter(weights.items()), checkpoint / f"model{ckpt.TENSORS_SUFFIX}"
+
+
+def frozen_base(checkpoint: Path, model_cfg: Any, base: Path | None) -> Path | int:
+    """Where the frozen base of a LoRA run's checkpoint (which holds its trainable tensors only)
+    comes from, as the trainer reads it on resume: ``base`` (``--base``), else the run's
+    ``model.init_from_diffusers``, else the seed the run built its model with (``RUN_DIR/config.yaml``)."""
+    if base is not None:
+        return base
+    if model_cfg.init_from_diffusers:
+        return Path(str(model_cfg.init_from_diffusers))
+    config = run_config(checkpoint)
+    if config is None:
+        raise ValueError(
+            f"{checkpoint.parent.parent / 'config.yaml'}: no such file; {checkpoint} is a LoRA run's "
+            "checkpoint (adapters only) whose base is the run's seeded initialisation (no "
+            "model.init_from_diffusers), and that file holds the seed: give the base with --base"
+        )
+    return int(OmegaConf.select(config, "seed", default=0))
+
+
+def load_frozen_base(model: nn.Module, model_cfg: Any, base: Path, checkpoint: Path, origin: str) -> None:
+    """Every tensor of a LoRA run's base into ``model``, from anything ``convert.model_weights``
+    reads (a diffusers folder, a consolidated file, a full run's checkpoint); errors name the file
+    and where the base was named (``origin``)."""
+    targets = model.state_dict(keep_vars=True)
+    try:
+        with torch.no_grad():
+            for name, tensor in convert.model_weights(base, base_model_config(model_cfg)):
+                targets[name].copy_(tensor)
+    except ConversionError as error:
+        raise ConversionError(
+            f"{error} (the frozen base of the LoRA run of {checkpoint}, from its {origin}; --base reads another)"
+        ) from error
+
+
+def load_trained(
+    model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: Path, frozen: set[str]
+) -> None:
+    """A checkpoint's tensors into ``model``: exactly its tensors less the ``frozen`` base, each of
+    the model's shape; errors name the tensor and ``where``."""
+    targets = model.state_dict(keep_vars=True)
+    expected = {name for name in targets if name not in frozen}
+    what = "trainable tensor (model.lora)" if frozen else "tensor"
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in expected:
+                raise ckpt.CheckpointError(
+                    f"{where}: tensor '{name}' names no {what} of the model its state.json describes"
+                )
+            if tuple(tensor.shape) != tuple(targets[name].shape):
+                raise ckpt.CheckpointError(
+                    f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, the model's is "
+                    f"{tuple(targets[name].shape)}"
+                )
+            targets[name].copy_(tensor)
+            seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        raise ckpt.CheckpointError(
+            f"{where}: {what} '{missing[0]}' missing (and {len(missing) - 1} more) for its model"
+        )
+
+
+def load_model_config(
+    checkpoint: Path, use_ema: bool, device: torch.device, base: Path | None = None
+) -> tuple[nn.Module, Any]:
+    """The single-device model of a checkpoint (any family, any layout) and its model config.
+
+    A LoRA run's checkpoint holds its adapters (and ``model.lora.trainable`` parameters) alone: the
+    model is its frozen base (:func:`frozen_base`) with them on it, as the run computed. ``base``
+    (``--base``) is for a LoRA run only.
+    """
+    model_cfg, tensors, where = checkpoint_tensors(checkpoint, use_ema)
+    lora = lora_enabled(model_cfg.lora)
+    if base is not None and not lora:
+        raise ValueError(f"--base {base}: {checkpoint} is not a LoRA run's; it holds every weight itself")
+    source = frozen_base(checkpoint, model_cfg, base) if lora else 0
+    with torch.random.fork_rng(devices=[]):  # the run's seeded initialisation, leaving the caller's RNG
+        torch.manual_seed(source if isinstance(source, int) else 0)
+        model = build_model(model_cfg)
+    # The checkpoint's tensors first: a bad checkpoint fails before the base is read.
+    load_trained(model, tensors, where, frozen_names(model))
+    if isinstance(source, Path):
+        origin = "--base" if base is not None else "model.init_from_diffusers"
+        load_frozen_base(model, model_cfg, source, checkpoint, origin)
     return model.to(device).eval(), model_cfg
 
 
-def load_model(checkpoint: Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, PackingSpec]:
+def load_model(
+    checkpoint: Path, use_ema: bool, device: torch.device, base: Path | None = None
+) -> tuple[nn.Module, PackingSpec]:
     """The single-device model of a checkpoint and its packing spec (default embedded guidance)."""
-    model, model_cfg = load_model_config(checkpoint, use_ema, device)
+    model, model_cfg = load_model_config(checkpoint, use_ema, device, base)
     return model, PackingSpec.from_model_config(model_cfg)
 
 
+def add_base_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="a LoRA run's frozen base (a diffusers folder, a consolidated file or a full run's "
+        "checkpoint); default: the run's model.init_from_diffusers, else its seeded initialisation",
+    )
+
+
 def run_embedded_guidance(checkpoint: Path) -> float | None:
-    """``flow_matching.embedded_guidance`` of the run a checkpoint belongs to
-    (``RUN_DIR/config.yaml`` beside ``RUN_DIR/checkpoints/step_*``); None when unset or not found."""
-    config = checkpoint.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    value = OmegaConf.select(OmegaConf.load(config), "flow_matching.embedded_guidance")
+    """``flow_matching.embedded_guidance`` of the run a checkpoint belongs to; None when unset or
+    the run's config.yaml is not found."""
+    config = run_config(checkpoint)
+    value = None if config is None else OmegaConf.select(config, "flow_matching.embedded_guidance")
     return None if value is None else float(value)
 
 
@@ -265,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shift", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights")
+    add_base_argument(parser)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--vae",
@@ -291,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
-        model, model_cfg = load_model_config(checkpoint, not args.no_ema, device)
+        model, model_cfg = load_model_config(checkpoint, not args.no_ema, device, args.base)
         spec = PackingSpec.from_model_config(model_cfg, embedded_guidance(args, model_cfg, checkpoint))
         guidance, negative = guidance_inputs(args, model_cfg)
         clean = clean_first_frame(model_cfg)  # token_replace: target videos keep their first frame
