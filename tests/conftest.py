@@ -50,3 +50,24 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
         check=True,
     )
     return f"{out}/train-*.tar"
+
+
+@pytest.fixture(scope="session")
+def wan_lora_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, DictConfig]:
+    """(diffusers folder, final checkpoint, recipe) of a LoRA run on a tiny random Wan: 3 steps of
+    the local engine from model.init_from_diffusers (test_lora_export.train_wan_lora)."""
+    from test_lora_export import train_wan_lora
+
+    return train_wan_lora(tmp_path_factory.mktemp("wan_lora"))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def pooled_text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two image-to-video samples (a 32x48 image, then a 5-frame clip: latents [4, 1, 4, 6] and
+    [4, 2, 4, 6]) with UMT5 text, CLIP pooled text, and the empty negative prompt's, encoded once:
+    ``ROOT/latents/pixels-*.tar``, ``ROOT/latents/negative.safetensors``, ``ROOT/models/vae``."""
+    from conditioned_shards import i2v_samples, write_conditioned_shards
+
+    folder = tmp_path_factory.mktemp("pooled_text_shards")
+    write_conditioned_shards(folder, [i2v_samples(2)], i2v=False, negative_prompt="")
+    return folder

@@ -26,12 +26,11 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=2",
         "optim.lr=3e-2", "optim.warmup_steps=0", "train.ema_decay=0"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
-    """(diffusers folder, the run's final checkpoint, its recipe)."""
+def train_wan_lora(root: Path) -> tuple[Path, Path, object]:
+    """(diffusers folder, the run's final checkpoint, its recipe): the session fixture ``wan_lora_run``
+    (conftest.py), shared with the tests that sample LoRA runs."""
     from latent_shards import TEXT_DIM, write_latent_shards
 
-    root = tmp_path_factory.mktemp("lora_export")
     folder = wan_tiny_folder(root / "transformer", text_dim=TEXT_DIM)[0]
     overrides = [
         *folder_training_overrides(folder, write_latent_shards(root / "latents"), root / "run", "single"),
@@ -80,12 +79,14 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual / scale, expected / scale, rtol=1e-5, atol=1e-5)
 
 
-def test_exported_adapters_load_into_diffusers_and_merge_into_its_weights(lora_run, tmp_path: Path) -> None:
+def test_exported_adapters_load_into_diffusers_and_merge_into_its_weights(
+    wan_lora_run, tmp_path: Path
+) -> None:
     from diffusers import WanTransformer3DModel
 
     from tools.convert_checkpoint import main as tool
 
-    folder, checkpoint, cfg = lora_run
+    folder, checkpoint, cfg = wan_lora_run
     model = imontage_with_adapters(folder, checkpoint, cfg)
     inputs, expected = one_sample(model)
 
@@ -122,12 +123,12 @@ def test_exported_adapters_load_into_diffusers_and_merge_into_its_weights(lora_r
         close(WanTransformer3DModel.from_pretrained(merged).eval()(**inputs)[0][0], expected)
 
 
-def test_adapters_beside_trained_parameters_have_no_lora_file(tmp_path: Path, lora_run) -> None:
+def test_adapters_beside_trained_parameters_have_no_lora_file(tmp_path: Path, wan_lora_run) -> None:
     """A run with model.lora.trainable is refused by export-lora, naming a parameter."""
     from imontage.checkpoint.convert import ConversionError
     from imontage.checkpoint.lora import export_lora
 
-    folder, _, _ = lora_run
+    folder, _, _ = wan_lora_run
     from latent_shards import write_latent_shards
 
     overrides = [*folder_training_overrides(folder, write_latent_shards(tmp_path / "latents"), tmp_path / "run", "single"),

@@ -172,3 +172,16 @@ def test_zero3_lora_from_a_diffusers_folder_resumes_bit_for_bit(tmp_path: Path) 
     assert set(exported) == {f"{PREFIX}.{name}" for name in tail["adapters"]}
     for name, tensor in tail["adapters"].items():
         assert torch.equal(exported[f"{PREFIX}.{name}"].to(tensor.dtype), tensor), name
+
+    # imontage-sample reads the ZeRO-3 checkpoint on its frozen base: the folder's tensors (what the
+    # run's bf16 partitions held) and the adapters' fp32 masters, which the module's bf16 copies round.
+    from test_diffusers_io import stored_tensors
+
+    from imontage.sample.cli import load_model_config
+
+    model, _ = load_model_config(resumed / "checkpoints/step_000004", False, torch.device("cpu"))
+    weights = model.state_dict()
+    for name, tensor in stored_tensors(folder).items():
+        assert torch.equal(weights[name], tensor.float()), name
+    for name, tensor in tail["adapters"].items():
+        assert torch.equal(weights[name].to(tensor.dtype), tensor), name

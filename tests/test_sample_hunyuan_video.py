@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conditioned_shards import POOLED_DIM, i2v_samples, write_conditioned_shards
+from conditioned_shards import POOLED_DIM
 from conftest import REPO
 from latent_shards import LATENT_CHANNELS, TEXT_DIM
 from omegaconf import OmegaConf
@@ -37,12 +37,9 @@ I2V = {
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two image-to-video samples (a 32x48 image, then a 5-frame clip: latents [4, 1, 4, 6] and
-    [4, 2, 4, 6]) with UMT5 text, CLIP pooled text, and the empty negative prompt's."""
-    folder = tmp_path_factory.mktemp("hv_sample")
-    write_conditioned_shards(folder, [i2v_samples(2)], i2v=False, negative_prompt="")
-    return folder
+def root(pooled_text_shards: Path) -> Path:
+    """The session's two image-to-video samples with pooled text (conftest.py)."""
+    return pooled_text_shards
 
 
 class Recorded(nn.Module):
