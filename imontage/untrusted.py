@@ -74,5 +74,7 @@ def string_map(values: Any, where: str | Path, key: str) -> dict[str, str]:
         raise InputError(f"{where}: key '{key}' is {type(values).__name__}, expected an object of names")
     for name, value in values.items():
         if not isinstance(value, str):
-            raise InputError(f"{where}: key '{key}': entry '{name}' is {type(value).__name__}, expected a string")
+            raise InputError(
+                f"{where}: key '{key}': entry '{name}' is {type(value).__name__}, expected a string"
+            )
     return values

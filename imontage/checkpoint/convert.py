@@ -546,13 +546,22 @@ def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
         except zero3.Zero3Error as error:
             raise ConversionError(str(error)) from None
         for name, tensor in zero3_tensors(reader, "fp32", desc=f"weights of {path.name}"):
-            yield name, tensor.clone()
+            yield name, finite(tensor, name, path).clone()
         return
     file = path / f"model{ckpt.TENSORS_SUFFIX}" if path.is_dir() else path  # the "model" tensor group
     sources = _file_sources(file)
     _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(file)), str(file))
     for name, source in sources.items():
-        yield name, _read(source)
+        yield name, finite(_read(source), name, file)
+
+
+def finite(tensor: torch.Tensor, name: str, file: Path) -> torch.Tensor:
+    """``tensor``, unless it is floating and holds NaN or Inf: weights a run would start from, and
+    would turn every loss into NaN, are refused naming the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ConversionError(f"{file}: tensor '{name}' holds {bad:,} NaN or Inf value(s)")
+    return tensor
 
 
 # ------------------------------------------------------------------------------- export / import

@@ -221,14 +221,15 @@ def check_tensors(
 
 
 def folder_tensors(folder: DiffusersFolder, desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor as stored) of every tensor, shard by shard, one tensor in memory at a time."""
+    """(name, tensor as stored) of every tensor, shard by shard, one tensor in memory at a time;
+    pretrained weights with NaN or Inf are refused, naming the tensor."""
     with tqdm(
         total=len(folder.sources), desc=desc or f"reading {folder.path.name}", unit="tensor", leave=False
     ) as bar:
         for file, names in _by_file(folder.sources).items():
             with convert._open(file) as handle:
                 for name in names:
-                    yield name, handle.get_tensor(folder.sources[name].key)
+                    yield name, convert.finite(handle.get_tensor(folder.sources[name].key), name, file)
                     bar.update()
 
 

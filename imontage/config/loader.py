@@ -145,11 +145,23 @@ class _Layers:
         return node
 
     def origin(self, key: str) -> str:
-        missing = object()
         for source, node in reversed(self._layers):
-            if OmegaConf.select(node, key, default=missing) is not missing:
+            if _sets(OmegaConf.to_container(node, resolve=False), key):
                 return source
         return "<schema default>"
+
+
+def _sets(values: Any, key: str) -> bool:
+    """``values`` (a plain container) holds the dotted ``key`` (``stages[1].steps`` or ``stages.1.steps``),
+    looked up without resolving any interpolation."""
+    for part in key.replace("[", ".").replace("]", "").split("."):
+        if isinstance(values, dict) and part in values:
+            values = values[part]
+        elif isinstance(values, list) and part.isdigit() and int(part) < len(values):
+            values = values[int(part)]
+        else:
+            return False
+    return True
 
 
 def _stage_index(cfg: DictConfig, selector: str) -> int:
@@ -207,6 +219,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = _merge(cfg, layers.add(COMMAND_LINE, cli), COMMAND_LINE)
     cfg = _merge_cli_stages(cfg, stage_dotlist, layers)
 
+    check_interpolations(cfg, layers.origin)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise RecipeError(
@@ -216,6 +229,59 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     validate(cfg, layers.origin)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def check_interpolations(cfg: DictConfig, origin: Callable[[str], str]) -> None:
+    """Every ``${...}`` resolves: a loop (``a: ${b}``, ``b: ${a}``), a key that points nowhere or an
+    unset ``${oc.env:...}`` is a :class:`RecipeError` naming the key and the file that set it."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except (OmegaConfBaseException, RecursionError) as error:
+        key = str(getattr(error, "full_key", "") or "")
+        reason = (
+            "the interpolation loops" if isinstance(error, RecursionError) else str(error).splitlines()[0]
+        )
+        raise RecipeError(f"{origin(key) if key else '<recipe>'}: key '{key}': {reason}") from None
+
+
+def run_config_yaml(cfg: DictConfig) -> str:
+    """The recipe as run (``RUN_DIR/config.yaml``): every value resolved, except those that come
+    from the environment (``${oc.env:...}``, directly or through other keys), which keep their
+    interpolation: a token in the environment must not end up in a run folder people share."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    leaves = dict(_leaves(raw))
+    from_env = {key for key, value in leaves.items() if isinstance(value, str) and "oc.env" in value}
+    grew = True
+    while grew:  # keys that interpolate an environment-derived key are environment-derived too
+        grown = {
+            key
+            for key, value in leaves.items()
+            if key not in from_env and isinstance(value, str) and any(f"${{{k}}}" in value for k in from_env)
+        }
+        from_env |= grown
+        grew = bool(grown)
+    out = OmegaConf.create(resolved)
+    for key in from_env:
+        OmegaConf.update(out, key, leaves[key], force_add=True)
+    return OmegaConf.to_yaml(out)
+
+
+def _leaves(values: Any, prefix: str = "") -> Any:
+    """(dotted key, value) of every leaf of a plain container (list items as ``key.0``, as
+    OmegaConf.update and ``${...}`` address them)."""
+    items = (
+        values.items()
+        if isinstance(values, dict)
+        else enumerate(values)
+        if isinstance(values, list)
+        else None
+    )
+    if items is None:
+        yield prefix, values
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def stage_section(cfg: DictConfig, index: int, section: str, source: str = "") -> DictConfig:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from imontage.config.loader import stage_section
+from imontage.config.loader import run_config_yaml, stage_section
 from imontage.data import build_loader, preview_samples
 from imontage.models import build_model
 from imontage.models.dit.sequence import PackingSpec
@@ -40,6 +40,7 @@ from imontage.train.logger import NullLogger, RunLogger
 from imontage.train.resilience import (
     LossSpikeDetector,
     NonFiniteGuard,
+    NumericalFault,
     StopSignals,
     agree_to_stop,
     max_requeues,
@@ -131,7 +132,7 @@ class Trainer:
         self.logger: RunLogger | NullLogger = NullLogger()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+            (self.run_dir / "config.yaml").write_text(run_config_yaml(cfg), encoding="utf-8")
             self.logger = RunLogger(self.run_dir)
 
     # ----------------------------------------------------------------------------------- loop
@@ -188,6 +189,7 @@ class Trainer:
             disable=not (self.cfg.train.progress and self.is_main),
             dynamic_ncols=True,
         )
+        started = self.step
         with bar:
             while self.step < stage.last_step and not self.stop_requested():
                 metrics = self.train_step()
@@ -197,6 +199,14 @@ class Trainer:
                 self.after_step(metrics)
                 self.after_first_step()
                 self.preempted = agree_to_stop(self.signals.requested, self.device)
+        ran = self.step - started
+        if ran and self.guard.consecutive >= ran and not self.preempted:
+            # Fewer bad steps than max_consecutive_skips, but no good one: saving would pass off the
+            # weights the stage started from as its result, and exit 0.
+            raise NumericalFault(
+                f"stage {stage.name}: all {ran} step(s) run had a non-finite loss or gradient and were "
+                "skipped, so nothing was trained (the data or the weights hold NaN or Inf?); not saving"
+            )
         if self.saved_step != self.step:  # the periodic save may have just written this step
             self.save_checkpoint()
         self.finish_data(stage)
