@@ -24,13 +24,14 @@ from conftest import REPO, tiny_model_config
 from test_data_tools import inspect_shards
 
 from imontage.data import build_loader
-from imontage.data.decode import inspect_sample
+from imontage.data.decode import DecodeOptions, decode_item, inspect_sample, plan_item
 from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardWriter, tar_member_info
 from imontage.data.testing import (
     HUGE,
     array_bytes,
+    image_bytes,
     latent_sample,
     latent_segments,
     png_claiming,
@@ -111,6 +112,25 @@ def test_a_float_array_of_other_dtypes_or_no_values_is_undecodable() -> None:
         raw = RawSample(name, "s.tar", latent_sample(0, members, segments=segments), 0, 0)
         with pytest.raises(DataError, match=r"undecodable: member '(1|text)\.\w+': .*(dtype|no values)"):
             inspect_sample(raw)
+
+
+def test_frame_claims_are_capped_before_anything_is_listed() -> None:
+    """200,000 frames named by a json of a few megabytes read one image header, and are over the
+    frame cap before any frame index is listed; a frame rate too small to divide by samples what
+    there is."""
+    segment = {"role": "target", "kind": "video", "frames": ["0.png"] * 200_000, "fps": 8}
+    many = {"0.png": image_bytes(8, 8), "json": record("video", "", [segment])}
+    started = time.perf_counter()
+    _, facts = inspect_sample(RawSample("many", "s.tar", many, 0, 0))
+    with pytest.raises(DataError, match="too_many_frames: video of 200000 frames"):
+        plan_item(facts, DecodeOptions(), None, "s.tar", "many")
+    slow = {**many, "json": record("video", "", [{**segment, "frames": ["0.png"] * 3, "fps": 1e-320}])}
+    options = DecodeOptions(frame_sampling="fps", max_frames=4)
+    assert (
+        decode_item(RawSample("slow", "s.tar", slow, 0, 0), options).samples[0].segments[-1].data.shape[1]
+        == 4
+    )
+    assert time.perf_counter() - started < 2.0
 
 
 def pax_record(key: str, value: str) -> bytes:

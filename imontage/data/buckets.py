@@ -58,10 +58,12 @@ def sample_frame_indices(
 ) -> list[int]:
     """Frame indices to decode: every ``stride``-th frame, or frames ``1/fps`` seconds apart; at most ``max_frames``."""
     if sampling == "stride":
-        return list(range(0, num_frames, stride))[:max_frames]
+        return list(range(0, num_frames, stride)[:max_frames])  # the range sliced: no list of every frame
     if sampling == "fps":
         step = source_fps / fps  # source frames per sampled frame
-        count = min(max_frames, math.floor((num_frames - 1) / step) + 1) if num_frames else 0
+        # Compared before dividing: a frame rate from a header can be small enough to overflow it.
+        reach = max_frames if num_frames - 1 >= step * max_frames else math.floor((num_frames - 1) / step) + 1
+        count = reach if num_frames else 0
         return [round(k * step) for k in range(count)]
     raise ValueError(f"unknown frame sampling '{sampling}' (stride, fps)")
 

@@ -192,7 +192,7 @@ def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int,
         info = media.video_info(raw.members[first], extension(first))
         return RGB_CHANNELS, info.frames, info.height, info.width, info.fps
     sizes = set()
-    for name in segment.members:
+    for name in dict.fromkeys(segment.members):  # a frame listed many times is read once
         try:
             sizes.add(media.image_size(raw.members[name], extension(name)))
         except media.MediaError as error:
@@ -205,6 +205,10 @@ def _media_shape(raw: RawSample, segment: SegmentRecord) -> tuple[int, int, int,
 
 def _segment_facts(raw: RawSample, segment: SegmentRecord) -> SegmentFacts:
     channels, frames, height, width, fps = _media_shape(raw, segment)
+    if min(channels, height, width) <= 0:
+        raise media.MediaError(
+            f"a {segment.kind} of {channels} channels, {height}x{width}: nothing to train on"
+        )
     condition = 0
     if segment.condition_latent is not None:
         shape = _array_shape(raw, segment.condition_latent, 4, "a condition_latent is [C, T, H, W]")

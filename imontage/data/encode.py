@@ -885,16 +885,26 @@ def decode_latent_sample(raw: RawSample, vae: VideoVAE) -> list[torch.Tensor | N
     """Pixels ``[3, T, H, W]`` of each latent segment of an encoded sample (None for one stored
     as a latent in the input), undoing the normalisation its json records."""
     record = parse_record(raw)
-    meta = json.loads(raw.members["json"].decode("utf-8"))["latent"]
-    if meta["vae"] != vae.class_name:
-        raise ValueError(f"sample '{raw.key}' was encoded by {meta['vae']}, not {vae.class_name}")
-    norm = LatentNorm.from_json(meta["normalization"])
+    try:
+        meta = json.loads(raw.members["json"].decode("utf-8"))["latent"]
+        encoded_by, norm = meta["vae"], LatentNorm.from_json(meta["normalization"])
+        encoded = [shape["pixels"] is not None for shape in meta["segments"]]
+        if len(encoded) != len(record.segments):
+            raise ValueError(f"{len(encoded)} segments in 'latent', {len(record.segments)} in 'segments'")
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"member 'json' holds no 'latent' record of tools/encode_shards.py ({error!r})"
+        raise DataError.of("bad_json", raw.url, raw.key, detail) from None
+    if encoded_by != vae.class_name:
+        raise ValueError(f"sample '{raw.key}' was encoded by {encoded_by}, not {vae.class_name}")
     pixels: list[torch.Tensor | None] = []
-    for segment, shape in zip(record.segments, meta["segments"], strict=True):
-        if shape["pixels"] is None:
+    for segment, was_encoded in zip(record.segments, encoded, strict=True):
+        if not was_encoded:
             pixels.append(None)
             continue
         member = segment.members[0]
-        stored = media.load_array(raw.members[member], extension(member), segment.tensor)
+        try:
+            stored = media.load_array(raw.members[member], extension(member), segment.tensor)
+        except media.MediaError as error:
+            raise DataError.of(error.reason, raw.url, raw.key, f"member '{member}': {error}") from None
         pixels.append(vae.decode(torch.from_numpy(np.ascontiguousarray(stored)), norm))
     return pixels
