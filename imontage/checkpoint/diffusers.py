@@ -98,9 +98,10 @@ def read_class(folder: Path) -> tuple[dict[str, Any], str]:
 def read_model_config(folder: Path) -> tuple[dict[str, Any], str, Any]:
     """(config.json, family, imontage ModelConfig) of a folder."""
     config, family = read_class(folder)
+    convert.check_sizes(config, str(folder / CONFIG))  # before any size is multiplied into another
     try:
         values = family_module(family).model_config_from_diffusers(config)
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, OverflowError) as error:
         raise ConversionError(f"{folder / CONFIG}: {error}") from error
     return config, family, convert.model_config(values, str(folder / CONFIG))
 
