@@ -318,7 +318,9 @@ class _RankTensors:
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key not in self.header:
-            raise Zero3Error(f"{self.path}: tensor '{key}' missing (this run kept no EMA? use weights=live)")
+            raise Zero3Error(
+                f"{self.path}: tensor '{key}' missing (this run kept no EMA? use --weights live)"
+            )
         return tuple(int(n) for n in self.header[key]["shape"])
 
     def locate(self, key: str) -> tuple[torch.dtype, int]:
