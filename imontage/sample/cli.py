@@ -70,11 +70,18 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def run_config(checkpoint: Path) -> Any:
-    """``RUN_DIR/config.yaml`` (the resolved recipe) of the run a checkpoint belongs to, beside
-    ``RUN_DIR/checkpoints/step_*``; None when it is not there."""
+def run_setting(checkpoint: Path, key: str) -> Any:
+    """``key`` of ``RUN_DIR/config.yaml``, the resolved recipe the run a checkpoint belongs to saved
+    beside ``RUN_DIR/checkpoints/step_*``; None when unset. FileNotFoundError when the file is not
+    there; ValueError naming the file and key when it does not read."""
     config = checkpoint.parent.parent / "config.yaml"
-    return OmegaConf.load(config) if config.is_file() else None
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: no such file")
+    try:
+        return OmegaConf.select(OmegaConf.load(config), key)
+    except Exception as error:  # yaml.YAMLError, an interpolation that fails: the file and the reason
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{config}: key '{key}': {reason}") from error
 
 
 def checkpoint_tensors(
@@ -104,14 +111,15 @@ def frozen_base(checkpoint: Path, model_cfg: Any, base: Path | None) -> Path | i
         return base
     if model_cfg.init_from_diffusers:
         return Path(str(model_cfg.init_from_diffusers))
-    config = run_config(checkpoint)
-    if config is None:
-        raise ValueError(
-            f"{checkpoint.parent.parent / 'config.yaml'}: no such file; {checkpoint} is a LoRA run's "
-            "checkpoint (adapters only) whose base is the run's seeded initialisation (no "
-            "model.init_from_diffusers), and that file holds the seed: give the base with --base"
-        )
-    return int(OmegaConf.select(config, "seed", default=0))
+    try:
+        seed = run_setting(checkpoint, "seed")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error}; {checkpoint} is a LoRA run's checkpoint (adapters only) whose base is the run's "
+            "seeded initialisation (no model.init_from_diffusers), and that file holds the seed: give "
+            "the base with --base"
+        ) from None
+    return 0 if seed is None else int(seed)
 
 
 def load_frozen_base(model: nn.Module, model_cfg: Any, base: Path, checkpoint: Path, origin: str) -> None:
@@ -203,8 +211,10 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
 def run_embedded_guidance(checkpoint: Path) -> float | None:
     """``flow_matching.embedded_guidance`` of the run a checkpoint belongs to; None when unset or
     the run's config.yaml is not found."""
-    config = run_config(checkpoint)
-    value = None if config is None else OmegaConf.select(config, "flow_matching.embedded_guidance")
+    try:
+        value = run_setting(checkpoint, "flow_matching.embedded_guidance")
+    except FileNotFoundError:
+        return None
     return None if value is None else float(value)
 
 
