@@ -24,6 +24,8 @@ from typing import BinaryIO, cast
 
 import braceexpand
 
+from imontage.untrusted import InputError
+
 PIPE_PREFIX = "pipe:"
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -53,6 +55,10 @@ def _split_top_level(spec: str) -> list[str]:
     return [item.strip() for item in _LIST_COMMA.split(spec) if item.strip()]
 
 
+class ShardSpecError(InputError, FileNotFoundError):
+    """A shard spec (``data.shards``) that names no file, or a range with holes."""
+
+
 def _expand_item(item: str) -> list[str]:
     """The shards one spec item names: brace expansions, each a glob, a path that must exist, or a command."""
     if item.startswith(PIPE_PREFIX):
@@ -65,9 +71,9 @@ def _expand_item(item: str) -> list[str]:
             paths.append(pattern)
         elif pattern != item:
             # A range with holes would silently train on part of the data.
-            raise FileNotFoundError(f"shard spec item '{item}': {pattern} does not exist")
+            raise ShardSpecError(f"shard spec item '{item}': {pattern} does not exist")
     if not paths:
-        raise FileNotFoundError(f"shard spec item '{item}' matches no file")
+        raise ShardSpecError(f"shard spec item '{item}' matches no file")
     return paths
 
 
