@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from imontage.checkpoint import convert
 from imontage.checkpoint.convert import ConversionError
-from imontage.models.lora import is_adapter, lora_enabled
+from imontage.models.lora import base_model_config, is_adapter, lora_enabled
 
 PREFIX = "transformer"  # the pipeline component diffusers' loaders give the transformer's keys
 
@@ -50,7 +50,8 @@ def export_lora(source: Path, out: Path, weights: str = "ema", verify: bool = Tr
     """The adapters of ``source`` (a LoRA run's training checkpoint, any layout, or its consolidated
     file) as a diffusers LoRA safetensors file (module docstring)."""
     cfg, tensors = _trainable(source, weights, verify)
-    others = sorted(name for name in tensors if not is_adapter(name) and name in _parameter_names(cfg))
+    parameters = _parameter_names(cfg, len(tensors), str(source))
+    others = sorted(name for name in tensors if not is_adapter(name) and name in parameters)
     if others:
         raise ConversionError(
             f"{source}: trains '{others[0]}' (and {len(others) - 1} more) beside its adapters "
@@ -73,10 +74,12 @@ def export_lora(source: Path, out: Path, weights: str = "ema", verify: bool = Tr
     return out
 
 
-def _parameter_names(cfg: Any) -> set[str]:
+def _parameter_names(cfg: Any, offered: int, where: str) -> set[str]:
+    """The parameters of the model ``cfg`` (read from ``where``, which holds ``offered`` tensors)."""
     from imontage.models import build_model
 
-    return {name for name, _ in build_model(cfg, device="meta").named_parameters()}
+    model = build_model(cfg, device="meta", max_tensors=convert.tensor_budget(cfg, offered), where=where)
+    return {name for name, _ in model.named_parameters()}
 
 
 def merged_weights(
@@ -96,10 +99,8 @@ def merged_weights(
             f"model.init_from_diffusers={cfg.init_from_diffusers!r} is not a folder here"
         )
     scale = _scale(cfg)
-    plain = convert.model_config(
-        {**_as_dict(cfg), "lora": {}}, str(source)
-    )  # the merged model has no adapters
-    read = diffusers.read_folder(folder, convert.expected_shapes(plain))
+    plain = base_model_config(cfg)  # the merged model has no adapters
+    read = diffusers.read_folder(folder, model_cfg=plain)
     diffusers.check_model_config(folder, plain)
     layout = {name: (read.shapes[name], diffusers._NAMES[read.dtypes[name]]) for name in read.sources}
 
@@ -115,11 +116,3 @@ def merged_weights(
                 yield name, tensor
 
     return plain, merged(), layout
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(values, dict)
-    return {str(key): value for key, value in values.items()}

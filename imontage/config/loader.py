@@ -262,6 +262,7 @@ def run_config_yaml(cfg: DictConfig) -> str:
         from_env |= grown
         grew = bool(grown)
     out = OmegaConf.create(resolved)
+    assert isinstance(out, DictConfig)
     for key in from_env:
         OmegaConf.update(out, key, leaves[key], force_add=True)
     return OmegaConf.to_yaml(out)
