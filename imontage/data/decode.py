@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,25 +259,31 @@ def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
 
 
 def facts_difference(indexed: SampleFacts, found: SampleFacts, record: SampleRecord) -> str:
-    """The first difference between a sample's facts in an index and from its own headers,
-    naming the member (or json field) it lies in."""
+    """The first fact in which a sample's index differs from its own headers (which differ), naming
+    the member (or the json) it is a fact of."""
     if len(indexed.segments) != len(found.segments):
-        return (
-            f"member 'json' has {len(found.segments)} segments where the index says {len(indexed.segments)}"
-        )
+        return f"member 'json' has {len(found.segments)} segments, the index says {len(indexed.segments)}"
+    where, name, true, said = next(_differences(indexed, found, record))
+    return f"{where}: {name} {true!r}, the index says {said!r}"
+
+
+def _differences(
+    indexed: SampleFacts, found: SampleFacts, record: SampleRecord
+) -> Iterator[tuple[str, str, Any, Any]]:
+    """(where, field, found value, indexed value) of each fact that differs, segments first."""
     for index, (said, true) in enumerate(zip(indexed.segments, found.segments, strict=True)):
         for name in _differing_fields(said, true):
-            where = record.segments[index].condition_latent if name == "condition_channels" else true.member
-            return f"segment {index}, member '{where}': {name} {getattr(true, name)!r}, the index says {getattr(said, name)!r}"
+            member = record.segments[index].condition_latent if name == "condition_channels" else true.member
+            yield f"segment {index}, member '{member}'", name, getattr(true, name), getattr(said, name)
     members = {"embedding_rows": record.text_embedding, "embedding_dim": record.text_embedding,
                "pooled_dim": record.pooled_text, "image_tokens": record.image_embeds, "image_dim": record.image_embeds}  # fmt: skip
     for name in _differing_fields(indexed, found):
         where = f"member '{members[name]}'" if members.get(name) else "member 'json'"
-        return f"{where}: {name} {getattr(found, name)!r}, the index says {getattr(indexed, name)!r}"
-    return "the facts differ"
+        yield where, name, getattr(found, name), getattr(indexed, name)
 
 
 def _differing_fields(said: Any, true: Any) -> list[str]:
+    """The fields of two facts of a kind that differ, but their segments."""
     return [
         f.name
         for f in dataclasses.fields(said)

@@ -281,10 +281,14 @@ class ArrayHeader:
     offset: int  # of its first value
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_claim(shape: Any, itemsize: int, nbytes: int, what: str) -> tuple[int, ...]:
     """``shape`` (a header's claim) as a tuple, if it holds values filling exactly ``nbytes``."""
-    if not isinstance(shape, (list, tuple)) or not all(map(_is_size, shape)):
-        raise MediaError(f"{what}: shape {shape!r} is not a list of sizes")
+    if not isinstance(shape, (list, tuple)) or not all(map(_is_count, shape)):
+        raise MediaError(f"{what}: shape {str(shape)[:80]} is not a list of sizes")
     claimed = math.prod(shape) * itemsize
     if claimed == 0:
         raise MediaError(f"{what}: shape {list(shape)} holds no values")
@@ -315,10 +319,6 @@ def _npy_header(data: bytes) -> ArrayHeader:
     return ArrayHeader("the array", shape, dtype, offset)
 
 
-def _is_size(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 SafetensorsEntry = tuple[str, tuple[int, ...], int]  # (dtype, shape, offset of its first value)
 
 
@@ -347,7 +347,7 @@ def _safetensors_tensors(data: bytes) -> dict[str, SafetensorsEntry]:
         if (
             not isinstance(entry, dict)
             or entry.get("dtype") not in _SAFETENSORS_ITEM_SIZES
-            or not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)))
+            or not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)))
         ):
             raise MediaError(f"tensor '{name}': not a tensor entry (a known dtype, two data_offsets)")
         entries.append((offsets[0], offsets[1], name, entry))
