@@ -22,7 +22,6 @@ from torch.profiler import ProfilerActivity, profile
 from imontage.config import load_recipe
 from imontage.data.shards import ShardWriter, read_shard
 from imontage.data.synthetic import (
-    VIDEO_CANVAS,
     VIDEO_SHAPE_SIZE,
     VIDEO_TARGET_FRAMES,
     motion_example,
@@ -45,7 +44,10 @@ from imontage.sample.sar import (
 )
 from imontage.train.trainer import train
 
-SIZE = (3, *VIDEO_CANVAS)  # (C, H, W) of the synthetic video task: 24x32 frames
+# (H, W) of the clips drawn here: the synthetic video task's motion at the 24x32 its canvas had when
+# the keyframe test's steps and margins were measured (the task's own canvas is now 32x32).
+CANVAS = (24, 32)
+SIZE = (3, *CANVAS)  # (C, H, W)
 WINDOW = 5  # the synthetic clips: the task's 5 frames
 
 
@@ -87,9 +89,9 @@ def shared_spec(**changes: object) -> PackingSpec:
 
 
 def test_segment_sample_conditions_share_the_targets_positions() -> None:
-    keyframe = Keyframe(7, torch.rand(3, 1, *VIDEO_CANVAS))
+    keyframe = Keyframe(7, torch.rand(3, 1, *CANVAS))
     segment = plan_segments(15, WINDOW, 1, [(7, 1)])[1]  # frames 4..8, keyframe at local frame 3
-    context = torch.rand(3, 1, *VIDEO_CANVAS)
+    context = torch.rand(3, 1, *CANVAS)
     sample = segment_sample(segment, [keyframe], context, SIZE, "a red circle moves left")
     batch = pack_samples([sample], shared_spec())
     text, clip, key, target = (batch.positions[span.start : span.start + span.length] for span in batch.spans)
@@ -133,7 +135,7 @@ class FrameCounter(nn.Module):
 def test_segments_are_stitched_from_their_new_frames_with_the_last_frames_as_context() -> None:
     spec = shared_spec()
     video = sample_sar(FrameCounter(), spec, 11, SIZE, 4, 2, steps=3)  # segments 0-3, 2-5, 4-7, 6-9, 8-10
-    expected = STEP * torch.arange(11.0)[None, :, None, None].expand(3, 11, *VIDEO_CANVAS)
+    expected = STEP * torch.arange(11.0)[None, :, None, None].expand(3, 11, *CANVAS)
     torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
 
 
@@ -155,12 +157,12 @@ class SharedPositionCopier(nn.Module):
 
 
 def test_keyframes_and_clips_land_on_their_frames_in_every_segment() -> None:
-    keys = [torch.rand(3, n, *VIDEO_CANVAS) * 2 - 1 for n in (1, 4, 1)]
+    keys = [torch.rand(3, n, *CANVAS) * 2 - 1 for n in (1, 4, 1)]
     keyframes = [
         Keyframe(frame, data) for frame, data in zip((1, 3, 12), keys, strict=True)
     ]  # 3..6 spans 0|1
     video = sample_sar(SharedPositionCopier(), shared_spec(), 15, SIZE, WINDOW, 1, keyframes, steps=2)
-    expected = torch.zeros(3, 15, *VIDEO_CANVAS)
+    expected = torch.zeros(3, 15, *CANVAS)
     for keyframe in keyframes:
         expected[:, keyframe.frame : keyframe.frame + keyframe.num_frames] = keyframe.data
     torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
@@ -188,7 +190,7 @@ def test_peak_memory_of_a_video_three_windows_long_is_that_of_one_window(tmp_pat
     torch.manual_seed(0)
     cfg = tiny_model_config(positions={"layout": "shared"}, hidden_size=64, mlp_hidden_size=256)
     model, spec = build_dit(cfg).eval(), PackingSpec.from_model_config(cfg)
-    frames = [torch.rand(3, 1, *VIDEO_CANVAS) * 2 - 1 for _ in range(3)]
+    frames = [torch.rand(3, 1, *CANVAS) * 2 - 1 for _ in range(3)]
     keyframes = [Keyframe(frame, data) for frame, data in zip((2, 7, 12), frames, strict=True)]
     text = "the red circle moves right"
     settings = {"steps": 3, "guidance": 2.0}  # the unconditional pass too
@@ -200,7 +202,7 @@ def test_peak_memory_of_a_video_three_windows_long_is_that_of_one_window(tmp_pat
                 Segment("text", text=text),
                 Segment("image", "condition", frames[0], anchor=0),
                 Segment("image", "condition", frames[1], anchor=3),
-                Segment("video", "target", torch.zeros(3, frames_, *VIDEO_CANVAS)),
+                Segment("video", "target", torch.zeros(3, frames_, *CANVAS)),
             ]
         )
 
@@ -215,7 +217,7 @@ def test_peak_memory_of_a_video_three_windows_long_is_that_of_one_window(tmp_pat
         tmp_path / "sar.json",
     )
     kept.append(video)
-    assert video.shape == (3, total, *VIDEO_CANVAS)
+    assert video.shape == (3, total, *CANVAS)
 
     def stream() -> int:  # frames handed on as they come (to a file, say): nothing is stitched
         count = 0
@@ -313,9 +315,7 @@ def pixels(frame: np.ndarray) -> torch.Tensor:
 
 def long_motion(seed: int) -> tuple[str, list[torch.Tensor]]:
     """15 frames of one shape moving a pixel a frame, longer than any clip the model saw."""
-    example = motion_example(
-        random.Random(seed), VIDEO_CANVAS, 1, 3 * WINDOW, VIDEO_SHAPE_SIZE, (1, 1), "the"
-    )
+    example = motion_example(random.Random(seed), CANVAS, 1, 3 * WINDOW, VIDEO_SHAPE_SIZE, (1, 1), "the")
     return example.caption, [pixels(frame) for frame in render_frames(example)]
 
 
@@ -345,7 +345,7 @@ def test_cli_samples_a_long_video_from_keyframes(short_run: Path, tmp_path: Path
     ]
     assert cli.main([*common, "--sar", "15", "--text", caption]) == 0
     grid = np.asarray(Image.open(out))
-    assert grid.shape[0] == 4 * VIDEO_CANVAS[0] + 5 * 4  # one row per segment, 4-pixel gaps
+    assert grid.shape[0] == 4 * CANVAS[0] + 5 * 4  # one row per segment, 4-pixel gaps
     assert cli.main([*common, "--sar", "12"]) == 2  # keyframe 12 lies outside a 12-frame video
 
 
@@ -362,7 +362,7 @@ def anchored_clip(index: int) -> Sample:
     """Clip ``index`` of the synthetic video task (5 frames), laid out as :func:`anchored_video_shards`
     lays it out but with three keyframes: drawn in memory, as the trainer would decode it."""
     rng = sample_rng(0, index)
-    example = motion_example(rng, VIDEO_CANVAS, 1, 1 + VIDEO_TARGET_FRAMES, VIDEO_SHAPE_SIZE, (2, 3), "the")
+    example = motion_example(rng, CANVAS, 1, 1 + VIDEO_TARGET_FRAMES, VIDEO_SHAPE_SIZE, (2, 3), "the")
     video = torch.cat([pixels(frame) for frame in render_frames(example)], dim=1)  # [3, 5, H, W]
     segments = [Segment("text", text=example.caption)]
     context = rng.choice((0, 1, 2))
