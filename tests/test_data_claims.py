@@ -380,10 +380,14 @@ def test_write_index_replaces_a_broken_index_file(indexed_shard: str, tmp_path: 
 
 def test_the_command_line_tools_end_in_one_line_and_status_2(indexed_shard: str, tmp_path: Path) -> None:
     """The scripts as run: an index file nested past Python's recursion limit (inspect_shards, and
-    imontage-train on it), an index dir holding a list; a spec naming no file. No traceback."""
+    imontage-train on it), an index dir holding a list; a spec naming no file, a VAE folder whose
+    config.json is not JSON (encode_shards). No traceback."""
     index_dir = tmp_path / "indexes"
     index_dir.mkdir()
     (index_dir / "indexed.tar.index.json").write_bytes(b"[]")
+    vae = tmp_path / "vae"  # a model folder whose config.json is an error page
+    vae.mkdir()
+    (vae / "config.json").write_text("<html>403 Forbidden</html>")
     deep = Path(indexed_shard + ".index.json")
     deep.write_bytes(b'{"version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     runs = {
@@ -392,6 +396,7 @@ def test_the_command_line_tools_end_in_one_line_and_status_2(indexed_shard: str,
             "tools/inspect_shards.py", f"pipe:cat {indexed_shard}", "--index-dir", str(index_dir), "--no-progress",
         ],
         "matches no file": ["tools/encode_shards.py", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "o"), "--vae", "v"],
+        str(vae / "config.json"): ["tools/encode_shards.py", indexed_shard, "--out", str(tmp_path / "o"), "--vae", str(vae)],
         f"imontage-train: {deep}": [
             "-m", "imontage.train.cli", "configs/recipes/quickstart.yaml", f"data.shards={indexed_shard}",
             f"run_dir={tmp_path / 'run'}", "train.progress=false",

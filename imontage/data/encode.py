@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from imontage import untrusted
 from imontage.data import media
 from imontage.data.decode import DecodeOptions, check_array_members, decode_item
 from imontage.data.index import read_sidecar, scan_shard, write_index
@@ -54,7 +55,6 @@ from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
 from imontage.models.dit.sequence import patch_grid
-from imontage.untrusted import read_json
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ class LatentNorm:
 
 def vae_class_name(folder: str | os.PathLike[str]) -> str:
     config = Path(folder) / "config.json"
-    try:
-        name = json.loads(config.read_text(encoding="utf-8"))["_class_name"]
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{config}: not a diffusers model folder with a _class_name ({error})") from error
+    name = untrusted.field(untrusted.read_json(config, dict), "_class_name", str, config)
     if name not in VAE_CLASSES:
         raise ValueError(f"{config}: VAE class {name} is not one of {', '.join(VAE_CLASSES)}")
     return str(name)
@@ -798,7 +795,7 @@ def check_manifest(out: str | os.PathLike[str], manifest: dict[str, Any]) -> Non
     """Write ``OUT/encode.json``, or check that the shards already there were made the same way."""
     path = Path(out) / MANIFEST
     if path.exists():
-        existing = read_json(path, dict)
+        existing = untrusted.read_json(path, dict)
         if existing != manifest:
             differ = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
             raise ValueError(
