@@ -305,7 +305,7 @@ def npy_claiming(shape: Sequence[int], payload: bytes = bytes(100), descr: str =
     """A ``.npy`` whose header claims ``shape`` of ``descr`` values, followed by ``payload`` only."""
     buffer = io.BytesIO()
     header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
-    np.lib.format.write_array_header_1_0(buffer, header)  # type: ignore[no-untyped-call]
+    np.lib.format.write_array_header_1_0(buffer, header)
     return buffer.getvalue() + payload
 
 
