@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from imontage.checkpoint import convert
 from imontage.config import load_recipe
+from imontage.models import packing_spec
 from imontage.train import checkpoint as ckpt
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"
@@ -53,10 +54,9 @@ def overrides(run_dir: Path, shards: str, layout: str, *extra: str) -> list[str]
 def fixed_batch(cfg) -> object:
     """Two preview samples, packed, their target tokens half noised (t = 0.5)."""
     from imontage.data import preview_samples
-    from imontage.models.dit import pack_samples
-    from imontage.models.dit.sequence import PackingSpec
+    from imontage.models.common import pack_samples
 
-    spec = PackingSpec.from_model_config(cfg.model)
+    spec = packing_spec(cfg.model)
     batch = pack_samples(preview_samples(cfg.data, 2, spec), spec)
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(batch.tokens.shape, generator=generator)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from imontage.checkpoint import convert
-from imontage.models.dit import build_dit
+from imontage.models.dit.model import build_dit
 from imontage.train import checkpoint as ckpt
 
 

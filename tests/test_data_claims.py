@@ -39,7 +39,8 @@ from imontage.data.testing import (
     size_claim_samples,
     tar_member_claiming,
 )
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models import packing_spec
+from imontage.models.common.sequence import PackingSpec
 from imontage.untrusted import InputError
 
 SPEC = PackingSpec(in_channels=4, patch_size=(1, 2, 2), max_text_len=32, layout="video3d", text_embed_dim=16)
@@ -180,7 +181,7 @@ CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
     from imontage.data import build_loader
-    from imontage.models.dit.sequence import PackingSpec
+    from imontage.models.common.sequence import PackingSpec
     sys.path.insert(0, "tools")
     import inspect_shards
 
@@ -299,9 +300,9 @@ def test_a_text_embedding_of_another_width_is_unpackable_before_decoding(tmp_pat
 
 
 def test_the_model_config_gives_the_text_width() -> None:
-    assert PackingSpec.from_model_config(tiny_model_config()).text_embed_dim == 0  # byte text: no width
+    assert packing_spec(tiny_model_config()).text_embed_dim == 0  # byte text: no width
     precomputed = tiny_model_config(text_encoder="precomputed", text_dim=24)
-    assert PackingSpec.from_model_config(precomputed).text_embed_dim == 24
+    assert packing_spec(precomputed).text_embed_dim == 24
 
 
 # ---------------------------------------------------------------------------------------------

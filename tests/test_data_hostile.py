@@ -33,7 +33,7 @@ from imontage.data.testing import (
     video_bytes,
     write_hostile_shards,
 )
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.common.sequence import PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")
 # Ghostscript (EPS), djpeg (JpegImagePlugin.load_djpeg), netpbm (GIF saving), viewers and

@@ -19,7 +19,7 @@ from imontage.data.loader import StreamLoader
 from imontage.data.plan import Sharding, allowed_skips, guaranteed_batches, plan_epoch
 from imontage.data.shards import RawSample, expand_shards
 from imontage.data.testing import MIXED_BUCKETS, write_mixed_shards
-from imontage.models.dit.sequence import PackedBatch, PackingSpec
+from imontage.models.common.sequence import PackedBatch, PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")
 SHARD_SIZES = [3, 17, 8, 25, 11]  # 64 samples in 5 shards of unequal size

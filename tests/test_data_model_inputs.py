@@ -24,7 +24,8 @@ from imontage.data import build_loader
 from imontage.data.decode import DecodeOptions, decode_item
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardWriter
-from imontage.models.dit.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
+from imontage.models import packing_spec
+from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
 
 C, T, H, W = 4, 3, 4, 6  # latent channels and a target video's latent frames, height, width
 BASE = PackingSpec(in_channels=C, patch_size=(1, 2, 2), max_text_len=16, layout="video3d")
@@ -191,15 +192,13 @@ def test_the_recipe_refuses_a_guidance_scale_the_model_cannot_take() -> None:
             [*hunyuan, "model.hunyuan_video.guidance_embeds=false", "flow_matching.embedded_guidance=6"],
         )
     cfg = load_recipe(quickstart, hunyuan)
-    assert PackingSpec.from_model_config(cfg.model).guidance == DEFAULT_EMBEDDED_GUIDANCE == 1.0
-    assert PackingSpec.from_model_config(cfg.model, 6.0).guidance == 6.0
+    assert packing_spec(cfg.model).guidance == DEFAULT_EMBEDDED_GUIDANCE == 1.0
+    assert packing_spec(cfg.model, 6.0).guidance == 6.0
     latent_concat = [*hunyuan, "model.hunyuan_video.image_condition_type=latent_concat"]
     with pytest.raises(
         RecipeError,
         match=r"key 'model.in_channels'.*takes 9 channels \(4 latent \+ 4 image latent \+ 1 mask\)",
     ):
         load_recipe(quickstart, latent_concat)
-    spec = PackingSpec.from_model_config(
-        load_recipe(quickstart, [*latent_concat, "model.in_channels=9"]).model
-    )
+    spec = packing_spec(load_recipe(quickstart, [*latent_concat, "model.in_channels=9"]).model)
     assert (spec.in_channels, spec.channel_condition, spec.pooled_text_dim) == (4, "latent_concat", 12)

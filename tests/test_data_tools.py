@@ -19,7 +19,7 @@ from imontage.data import index as index_module
 from imontage.data.index import read_sidecar
 from imontage.data.loader import StreamLoader
 from imontage.data.testing import image_bytes, video_bytes, write_bad_shards
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.common.sequence import PackingSpec
 
 
 def load_tool(name: str) -> ModuleType:

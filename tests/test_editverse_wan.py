@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 
 from imontage.config import RecipeError, load_recipe
 from imontage.config.schema import ModelConfig
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples
-from imontage.models.wan import build_wan
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
 from imontage.models.wan.diffusers_config import CLASS_NAME, diffusers_config
+from imontage.models.wan.model import build_wan
 
 RECIPE = REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml"
 TEXT_DIM = 16
@@ -40,7 +41,7 @@ def wan_output(bands: list[int], layout: str) -> tuple[torch.Tensor, torch.Tenso
     cfg = tiny_wan_config(rope={"bands": bands}, positions={"layout": layout})
     torch.manual_seed(0)
     model = build_wan(cfg).eval()
-    batch = pack_samples([edit_sample()], PackingSpec.from_model_config(cfg))
+    batch = pack_samples([edit_sample()], packing_spec(cfg))
     timesteps = torch.where(batch.target_mask, 0.7, 0.0)  # the target noised, the sources clean
     with torch.no_grad():
         return batch.positions, model(batch.replace(timesteps=timesteps))

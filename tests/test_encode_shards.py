@@ -58,7 +58,7 @@ from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardWriter, expand_shards, read_shard
 from imontage.data.synthetic import write_shards as write_synthetic
 from imontage.data.testing import image_bytes, latent_sample, non_finite_samples
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.common.sequence import PackingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {key: expected for key, _, expected in pixel_samples()}

@@ -25,7 +25,9 @@ from distributed import run_ranks
 from imontage.config import load_recipe
 from imontage.config.loader import RecipeError, stage_section
 from imontage.data import build_loader
-from imontage.models.dit import PackingSpec, Sample, Segment, build_dit, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.dit.model import build_dit
 from imontage.objectives.flow_dpo import FlowDPO, PairError, check_pairs, dpo_loss, noise_pairs, sample_errors
 from imontage.objectives.flow_matching import masked_mse
 from imontage.train import checkpoint as ckpt
@@ -80,7 +82,7 @@ def pair_samples(same_targets: bool = False) -> list[Sample]:
 
 
 def pairs_batch(same_targets: bool = False):
-    return pack_samples(pair_samples(same_targets), PackingSpec.from_model_config(tiny_model_config()))
+    return pack_samples(pair_samples(same_targets), packing_spec(tiny_model_config()))
 
 
 def tiny_dit(seed: int) -> torch.nn.Module:
@@ -187,7 +189,7 @@ def test_with_policy_equal_to_reference_the_loss_is_log2_and_only_the_policy_get
 def test_batches_that_are_not_preference_pairs_are_refused() -> None:
     objective = FlowDPO(10.0)
     objective.reference = tiny_dit(1)
-    spec = PackingSpec.from_model_config(tiny_model_config())
+    spec = packing_spec(tiny_model_config())
     samples = pair_samples()
     with pytest.raises(PairError, match="got a batch of 3 samples"):
         objective(tiny_dit(0), pack_samples(samples[:3], spec), torch.Generator())
@@ -235,7 +237,7 @@ def test_loader_packs_each_pair_winner_then_loser_into_one_batch(
     shards: dict[str, str], tmp_path: Path
 ) -> None:
     cfg = load_recipe(RECIPE, recipe_overrides(tmp_path, shards, "data.max_tokens=900", "data.batch_size=5"))
-    loader = build_loader(stage_section(cfg, 1, "data"), PackingSpec.from_model_config(cfg.model))
+    loader = build_loader(stage_section(cfg, 1, "data"), packing_spec(cfg.model))
     sizes = []
     for _ in range(8):  # two epochs of 8 pairs
         batch = next(loader)

@@ -3,7 +3,8 @@
 import torch
 from conftest import tiny_model_config
 
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
 from imontage.objectives.flow_matching import (
     FlowMatching,
     masked_mse,
@@ -25,7 +26,7 @@ def two_samples() -> list[Sample]:
 
 
 def packed():
-    return pack_samples(two_samples(), PackingSpec.from_model_config(tiny_model_config()))
+    return pack_samples(two_samples(), packing_spec(tiny_model_config()))
 
 
 def test_noising_follows_the_formula_on_targets_and_leaves_conditions_clean() -> None:
@@ -81,7 +82,7 @@ def test_dropping_text_removes_exactly_those_tokens() -> None:
 
 
 def test_objective_is_deterministic_for_a_generator_state() -> None:
-    from imontage.models.dit import DiT
+    from imontage.models.dit.model import DiT
 
     cfg = tiny_model_config()
     model = DiT(cfg)

@@ -11,8 +11,8 @@ from conftest import REPO
 from torch import nn
 
 from imontage.config import load_recipe
-from imontage.models import build_model
-from imontage.models.dit.sequence import PackedBatch, PackingSpec, Sample, Segment, pack_samples
+from imontage.models import build_model, packing_spec
+from imontage.models.common.sequence import PackedBatch, Sample, Segment, pack_samples
 from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching
 
@@ -51,7 +51,7 @@ def token_replace_case() -> tuple[nn.Module, PackedBatch, torch.Tensor, torch.Te
                pooled_text=torch.randn(pooled, generator=g), guidance=1.0)
         for frames in (3, 1)
     ]  # fmt: skip
-    batch = pack_samples(samples, PackingSpec.from_model_config(cfg.model))
+    batch = pack_samples(samples, packing_spec(cfg.model))
     video = next(span for span in batch.spans if span.shape[1:2] == (3,))
     first = torch.zeros_like(batch.target_mask)
     first[video.start : video.start + 2 * 3] = True  # frame 0: 2x3 patches of 4x6

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from imontage.checkpoint import convert
 from imontage.checkpoint import diffusers as dio
-from imontage.models.dit import build_dit
+from imontage.models.dit.model import build_dit
 from imontage.train import checkpoint as ckpt
 from imontage.train import cli as train_cli
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from imontage.config import load_recipe
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model
-from imontage.models.dit.sequence import PackedBatch, PackingSpec, Sample, Segment, pack_samples, patchify
-from imontage.models.hunyuan_video import HunyuanVideoTransformer, build_hunyuan_video
+from imontage.models import build_model, packing_spec
+from imontage.models.common.sequence import PackedBatch, Sample, Segment, pack_samples, patchify
 from imontage.models.hunyuan_video.diffusers_config import diffusers_config, model_config_from_diffusers
+from imontage.models.hunyuan_video.model import HunyuanVideoTransformer, build_hunyuan_video
 
 QUICKSTART = REPO / "configs/recipes/quickstart.yaml"
 PATCH = (1, 2, 2)
@@ -143,7 +143,7 @@ class Case:
 
 def packed(cases: list[Case], layout: str = "video3d") -> PackedBatch:
     """The cases packed, each token at its sample's timestep (token_replace: first frame at 0)."""
-    spec = PackingSpec.from_model_config(tiny_config(cases[0].variant, layout))
+    spec = packing_spec(tiny_config(cases[0].variant, layout))
     batch = pack_samples([case.sample() for case in cases], spec)
     t = torch.tensor([case.t for case in cases])[batch.sample_index()]
     t = torch.where(batch.target_mask, t, torch.zeros_like(t))
@@ -228,7 +228,7 @@ def test_montage_positions_reach_the_rope(tmp_path: Path) -> None:
     model = imported(reference, tmp_path)
     n_in, n_out = 5, 6
     sample, sizes = montage_case(torch.Generator().manual_seed(7), n_in, n_out)
-    batch = pack_samples([sample], PackingSpec.from_model_config(tiny_config("t2v", "montage")))
+    batch = pack_samples([sample], packing_spec(tiny_config("t2v", "montage")))
     t = 0.4
     batch = batch.replace(timesteps=torch.where(batch.is_text, 0.0, t))  # diffusers has one timestep
 
@@ -262,7 +262,7 @@ def test_montage_positions_reach_the_rope(tmp_path: Path) -> None:
         )[0]
         expected = expected[0].reshape(LATENT, 1, 2, n, 2).permute(3, 0, 1, 2, 4).reshape(n, -1)
         close(out[~batch.is_text], expected)
-        video3d = pack_samples([sample], PackingSpec.from_model_config(tiny_config("t2v"))).positions
+        video3d = pack_samples([sample], packing_spec(tiny_config("t2v"))).positions
         wrong = model(batch.replace(positions=video3d))[~batch.is_text]
         # As trained: clean conditions at timestep 0, the targets noised.
         trained = model(batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0)))
@@ -344,7 +344,7 @@ def test_every_parameter_learns_and_checkpointing_gives_the_same_gradients() -> 
 def test_samples_without_text_run() -> None:
     """Text dropout removes a sample's text rows; a batch may have none at all."""
     model = build_model(tiny_config("t2v"))
-    spec = PackingSpec.from_model_config(tiny_config("t2v"))
+    spec = packing_spec(tiny_config("t2v"))
     case = Case("t2v", torch.Generator().manual_seed(10), 2, 4, 4, 3, t=0.5, guidance=5.0)
     silent = case.sample()
     silent.segments = silent.segments[1:]  # the video alone

@@ -30,7 +30,9 @@ from imontage.imagic.edit import (
     target_text_embedding,
     with_text_embedding,
 )
-from imontage.models.dit import DiT, PackingSpec, build_dit
+from imontage.models import packing_spec
+from imontage.models.common import PackingSpec
+from imontage.models.dit.model import DiT, build_dit
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample.grid import GAP, SEPARATOR, to_frames
 from imontage.train.trainer import train
@@ -71,7 +73,7 @@ def tiny_model(seed: int = 0) -> tuple[DiT, PackingSpec]:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval(), PackingSpec.from_model_config(cfg)
+    return model.eval(), packing_spec(cfg)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

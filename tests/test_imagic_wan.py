@@ -30,8 +30,9 @@ from imontage.imagic.edit import (
     reconstruction_loss,
     sample_edits,
 )
-from imontage.models.dit import PackingSpec
-from imontage.models.wan import build_wan
+from imontage.models import packing_spec
+from imontage.models.common import PackingSpec
+from imontage.models.wan.model import build_wan
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample.grid import GAP, SEPARATOR
 
@@ -60,7 +61,7 @@ def tiny_wan() -> tuple[torch.nn.Module, PackingSpec]:
     preset = OmegaConf.load(REPO / "configs/model/wan_tiny.yaml")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, {"text_dim": TEXT_DIM})
     torch.manual_seed(0)
-    return build_wan(cfg).eval(), PackingSpec.from_model_config(cfg)
+    return build_wan(cfg).eval(), packing_spec(cfg)
 
 
 def test_stages_edit_a_latent_through_wans_text_features() -> None:

@@ -17,7 +17,7 @@ from test_diffusers_io import folder_training_overrides, wan_tiny_folder
 
 from imontage.config import load_recipe
 from imontage.models import build_model
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples
+from imontage.models.common import PackingSpec, Sample, Segment, pack_samples
 from imontage.train.trainer import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs/recipes/quickstart.yaml"
@@ -59,7 +59,7 @@ def one_sample(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
     """diffusers' keyword inputs of one sample and imontage's output on it ``[C, T, H, W]``."""
     from latent_shards import TEXT_DIM
 
-    from imontage.models.dit.sequence import unpatchify_segments
+    from imontage.models.common.sequence import unpatchify_segments
 
     g = torch.Generator().manual_seed(11)
     latents, text, t = torch.randn(4, 2, 4, 4, generator=g), torch.randn(5, TEXT_DIM, generator=g), 0.6

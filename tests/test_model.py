@@ -6,8 +6,10 @@ from conftest import REPO, tiny_model_config
 from torch import nn
 
 from imontage.config import load_recipe
-from imontage.models.dit import DiT, PackingSpec, Sample, Segment, build_dit, count_parameters, pack_samples
-from imontage.models.dit.sequence import unpatchify_segments
+from imontage.models import count_parameters, packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.common.sequence import unpatchify_segments
+from imontage.models.dit.model import DiT, build_dit
 
 
 def randomised(model: DiT, seed: int = 0) -> DiT:
@@ -36,7 +38,7 @@ def test_outputs_have_the_shape_of_every_input_segment() -> None:
     cfg = tiny_model_config()
     g = torch.Generator().manual_seed(0)
     samples = mixed_samples(g)
-    batch = pack_samples(samples, PackingSpec.from_model_config(cfg))
+    batch = pack_samples(samples, packing_spec(cfg))
     out = randomised(DiT(cfg))(batch)
     assert out.shape == batch.tokens.shape
     per_segment = unpatchify_segments(out, batch, cfg.patch_size)
@@ -51,7 +53,7 @@ def test_outputs_have_the_shape_of_every_input_segment() -> None:
 def test_no_token_influences_another_sample() -> None:
     cfg = tiny_model_config()
     g = torch.Generator().manual_seed(1)
-    batch = pack_samples(mixed_samples(g), PackingSpec.from_model_config(cfg))
+    batch = pack_samples(mixed_samples(g), packing_spec(cfg))
     batch.tokens.requires_grad_(True)
     model = randomised(DiT(cfg))
     out = model(batch)
@@ -67,7 +69,7 @@ def test_packing_does_not_change_a_samples_output() -> None:
     cfg = tiny_model_config()
     g = torch.Generator().manual_seed(2)
     samples = mixed_samples(g)
-    spec = PackingSpec.from_model_config(cfg)
+    spec = packing_spec(cfg)
     model = randomised(DiT(cfg))
     packed = model(pack_samples(samples, spec))
     alone = torch.cat([model(pack_samples([s], spec)) for s in samples])
@@ -76,7 +78,7 @@ def test_packing_does_not_change_a_samples_output() -> None:
 
 def test_timestep_is_per_token_and_clean_tokens_use_zero() -> None:
     cfg = tiny_model_config()
-    spec = PackingSpec.from_model_config(cfg)
+    spec = packing_spec(cfg)
     g = torch.Generator().manual_seed(3)
     batch = pack_samples(mixed_samples(g), spec)
     model = randomised(DiT(cfg))
@@ -86,7 +88,7 @@ def test_timestep_is_per_token_and_clean_tokens_use_zero() -> None:
 
 def test_precomputed_text_embeddings() -> None:
     cfg = tiny_model_config(text_encoder="precomputed")
-    spec = PackingSpec.from_model_config(cfg)
+    spec = packing_spec(cfg)
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(5, cfg.text_dim, generator=g)
     sample = Sample(
@@ -105,20 +107,20 @@ def test_a_fresh_model_starts_as_identity_blocks_and_zero_output() -> None:
     """adaLN-zero: every block's gates and the output layer start at zero."""
     cfg = tiny_model_config()
     model = DiT(cfg)
-    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(5)), PackingSpec.from_model_config(cfg))
+    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(5)), packing_spec(cfg))
     assert torch.count_nonzero(model(batch)) == 0
 
 
 def test_explicit_flash_backend_without_flash_attn_is_an_error() -> None:
     cfg = tiny_model_config(attention_backend="flash")
-    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(6)), PackingSpec.from_model_config(cfg))
+    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(6)), packing_spec(cfg))
     with pytest.raises(RuntimeError, match="flash-attn"):
         DiT(cfg)(batch)
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
     cfg = tiny_model_config()
-    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(7)), PackingSpec.from_model_config(cfg))
+    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(7)), packing_spec(cfg))
     grads = []
     for checkpointing in (False, True):
         model = randomised(DiT(cfg))
@@ -141,7 +143,7 @@ def test_preset_parameter_counts_are_within_3_percent(preset: str) -> None:
 def test_data_prediction_returns_the_velocity_of_its_clean_estimate() -> None:
     """prediction=data: the network predicts x0 and forward returns (x_t − x0) / max(t, t_min)."""
     cfg = tiny_model_config(prediction="data", min_timestep=0.05)
-    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(8)), PackingSpec.from_model_config(cfg))
+    batch = pack_samples(mixed_samples(torch.Generator().manual_seed(8)), packing_spec(cfg))
     t = torch.rand(batch.tokens.shape[0], generator=torch.Generator().manual_seed(9))
     batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
     model = DiT(cfg)  # a fresh model's last layer outputs 0, so x0 = 0 and the velocity is x_t / t

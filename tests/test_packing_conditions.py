@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples
-from imontage.models.dit.sequence import patchify
+from imontage.models.common import PackingSpec, Sample, Segment, pack_samples
+from imontage.models.common.sequence import patchify
 from imontage.objectives.flow_matching import select_tokens
 from imontage.parallel.collectives import pad_packed_batch
 

@@ -4,8 +4,9 @@ import torch
 from conftest import tiny_model_config
 from distributed import run_ranks
 
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples
-from imontage.models.dit.attention import varlen_attention
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.common.attention import varlen_attention
 from imontage.parallel.collectives import (
     GatherFromSequenceShards,
     HeadsToSequence,
@@ -86,7 +87,7 @@ def test_scatter_and_gather_sequence_shards() -> None:
 
 
 def test_padding_is_its_own_sequence_and_never_a_target() -> None:
-    spec = PackingSpec.from_model_config(tiny_model_config())
+    spec = packing_spec(tiny_model_config())
     g = torch.Generator().manual_seed(0)
     sample = Sample(
         [Segment("text", text="abc"), Segment("image", "target", torch.randn(3, 1, 8, 4, generator=g))]

@@ -19,14 +19,14 @@ from distributed import run_ranks
 from test_hunyuan_video import Case, montage_case, packed, tiny_config
 from test_wan import Variant, imontage_config, make_case, pack, randomised
 
-from imontage.models.dit import PackedBatch, PackingSpec, pack_samples
-from imontage.models.hunyuan_video import build_hunyuan_video
-from imontage.models.wan import build_wan
+from imontage.models import packing_spec
+from imontage.models.common import PackedBatch, pack_samples
+from imontage.models.common.parallel_plan import JoinedInputSplit, TensorSplit
+from imontage.models.hunyuan_video.family import PARALLEL_PLAN as HUNYUAN_VIDEO_PLAN
+from imontage.models.hunyuan_video.model import build_hunyuan_video
+from imontage.models.wan.family import PARALLEL_PLAN as WAN_PLAN
+from imontage.models.wan.model import build_wan
 from imontage.parallel.parallelize import (
-    HUNYUAN_VIDEO_PLAN,
-    WAN_PLAN,
-    JoinedInputSplit,
-    TensorSplit,
     check_layout,
     family_plan,
     parallelize_model,
@@ -77,7 +77,7 @@ def uneven_batch(family: str, variant: str, model: Any) -> PackedBatch:
     elif variant == "montage":
         sample, _ = montage_case(gen, 5, 6)
         video = Case("t2v", gen, 3, 6, 2, text_len=9, t=0.7, guidance=4.0).sample()
-        spec = PackingSpec.from_model_config(tiny_config("t2v", "montage"))
+        spec = packing_spec(tiny_config("t2v", "montage"))
         batch = pack_samples([dataclasses.replace(sample, guidance=2.0), video], spec)
         t = torch.rand(batch.tokens.shape[0], generator=gen)
         batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
@@ -259,7 +259,7 @@ def test_impossible_layouts_are_refused(family: str, tensor: int, context: int, 
 
 
 class Unplanned(torch.nn.Module):
-    """A family without a FamilyPlan (the others' work in progress, say)."""
+    """A model of no registered family (work in progress, say): no record, so no parallel plan."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,11 +267,10 @@ class Unplanned(torch.nn.Module):
         self.gradient_checkpointing = False
 
 
-def test_a_family_without_a_plan_runs_alone_and_is_refused_in_parallel() -> None:
+def test_a_model_of_no_family_runs_alone_and_is_refused_in_parallel() -> None:
     model = parallelize_model(Unplanned(), 1, 1, activation_checkpointing=True)
     assert model.gradient_checkpointing
     with pytest.raises(
-        ValueError,
-        match="no parallel plan for a Unplanned: parallelize_model knows DiT, WanTransformer, HunyuanVideoTransformer",
+        ValueError, match=r"a Unplanned is not the model of any family \(dit, wan, hunyuan_video\)"
     ):
         parallelize_model(Unplanned(), 2, 1)

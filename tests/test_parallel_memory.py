@@ -22,8 +22,8 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model
-from imontage.models.dit import PackedBatch, PackingSpec, Sample, Segment, pack_samples
+from imontage.models import build_model, packing_spec
+from imontage.models.common import PackedBatch, Sample, Segment, pack_samples
 from imontage.parallel.engine import block_numel
 from imontage.parallel.plan import (
     PRECISIONS,
@@ -73,12 +73,16 @@ def gpu_kernel_savings() -> Iterator[None]:
     the fused QK-norm + RoPE kernel: q, k, both weights and the positions; CUDA's fused RMSNorm:
     input, fp32 rstd, weight; CUDA's LayerNorm: input, fp32 mean and rstd, weight, bias.
     """
-    import imontage.models.dit.model as dit_model
-    import imontage.models.dit.rope as rope
+    import imontage.models.common.attention as common_attention
+    import imontage.models.common.rope as rope
     import imontage.models.hunyuan_video.model as hunyuan_model
     import imontage.models.wan.model as wan_model
 
-    attention_users = [m for m in (dit_model, wan_model, hunyuan_model) if hasattr(m, "varlen_attention")]
+    # CoreAttention (the DiT's and Wan's self-attention) calls it in its module; the families'
+    # other attentions call it where they import it.
+    attention_users = [
+        m for m in (common_attention, wan_model, hunyuan_model) if hasattr(m, "varlen_attention")
+    ]
     originals = {
         **{(m, "varlen_attention"): m.varlen_attention for m in attention_users},
         (rope, "multi_axis_rope"): rope.multi_axis_rope,
@@ -86,7 +90,7 @@ def gpu_kernel_savings() -> Iterator[None]:
         (F, "rms_norm"): F.rms_norm,
         (F, "layer_norm"): F.layer_norm,
     }
-    attend, rotate = originals[(dit_model, "varlen_attention")], originals[(rope, "multi_axis_rope")]
+    attend, rotate = originals[(common_attention, "varlen_attention")], originals[(rope, "multi_axis_rope")]
     qk_rotate, rms_norm, layer_norm = rope.qk_norm_rope, F.rms_norm, F.layer_norm
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -207,7 +211,7 @@ def hunyuan_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
         )
         for shape, n in zip([(1, 4, 4), (3, 4, 6), (1, 6, 2)], (3, 9, 5), strict=True)
     ]
-    batch = pack_samples(samples, PackingSpec.from_model_config(cfg))
+    batch = pack_samples(samples, packing_spec(cfg))
     t = torch.tensor([0.2, 0.5, 0.8])[batch.sample_index()]
     batch = batch.replace(timesteps=torch.where(batch.target_mask, t, 0.0))
     rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples)

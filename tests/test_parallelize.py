@@ -12,7 +12,9 @@ import torch
 from conftest import tiny_model_config
 from distributed import run_ranks
 
-from imontage.models.dit import DiT, PackingSpec, Sample, Segment, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.dit.model import DiT
 from imontage.parallel.parallelize import TensorSplit, check_layout, parallelize_dit, tensor_split
 
 TOLERANCE = {"rtol": 1e-4, "atol": 2e-5}
@@ -41,9 +43,7 @@ def uneven_batch(layout: str):
         Sample([Segment("text", text="clip"), seg("video", "target", 3, 8, 8)]),
         Sample([seg("image", "condition", 1, 4, 8), seg("image", "condition", 1, 8, 4), seg("image", "target", 1, 8, 8)]),
     ]  # fmt: skip
-    batch = pack_samples(
-        samples, PackingSpec.from_model_config(tiny_model_config(positions={"layout": layout}))
-    )
+    batch = pack_samples(samples, packing_spec(tiny_model_config(positions={"layout": layout})))
     timesteps = torch.rand(batch.tokens.shape[0], generator=g) * batch.target_mask
     return batch.replace(timesteps=timesteps, tokens=batch.tokens.clone().requires_grad_(True))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imontage.models.dit.positions import (
+from imontage.models.common.positions import (
     SegmentGrid,
     editverse4d_positions,
     grid_coordinates,

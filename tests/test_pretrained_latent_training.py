@@ -24,7 +24,8 @@ from imontage.data.encode import Encoders, EncodeSettings, encode_sample
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, expand_shards, read_shard
 from imontage.data.testing import image_bytes, record
-from imontage.models.dit.sequence import PackingSpec, patchify
+from imontage.models import packing_spec
+from imontage.models.common.sequence import patchify
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import train
 
@@ -122,7 +123,7 @@ def test_image_to_video_encoding_leaves_out_samples_it_cannot_condition(root: Pa
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_loader_feeds_each_family_what_it_reads(family: str, root: Path, tmp_path: Path) -> None:
     cfg = recipe(family, root, tmp_path)
-    spec = PackingSpec.from_model_config(cfg.model, cfg.flow_matching.embedded_guidance)
+    spec = packing_spec(cfg.model, cfg.flow_matching.embedded_guidance)
     loader = build_loader(cfg.data, spec)
     batch = next(loader)
     assert loader.last is not None

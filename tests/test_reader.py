@@ -20,7 +20,7 @@ from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, iter_samples, iter_tar, read_shard
 from imontage.data.synthetic import write_shards
 from imontage.data.testing import broken_png, image_bytes, pattern, video_bytes
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.common.sequence import PackingSpec
 
 NUM_SAMPLES = 24  # 4 shards of 7, 7, 7, 3 samples
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=64, layout="montage")

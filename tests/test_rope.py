@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from imontage.models.dit.rope import apply_rope, rope_angles
+from imontage.kernels.rope.reference import apply_rope, rope_angles
 
 THETA = (10000.0, 500.0, 10000.0, 2000.0)
 

@@ -26,8 +26,11 @@ from torch import nn
 
 import imontage.kernels.rope.ops as rope_ops
 from imontage.kernels.rope import multi_axis_rope, qk_norm_rope, rope_launch
-from imontage.models.dit import DiT, PackingSpec, Sample, Segment, pack_samples
-from imontage.models.dit.rope import MultiAxisRope, apply_rope
+from imontage.kernels.rope.reference import apply_rope
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.common.rope import MultiAxisRope
+from imontage.models.dit.model import DiT
 
 THETA4 = (10000.0, 500.0, 10000.0, 2000.0)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -396,7 +399,7 @@ def test_model_attention_uses_the_fused_kernel_and_matches_the_reference(
     sample = Sample(
         [Segment("text", text="a cat"), Segment("image", "target", torch.randn(3, 1, 16, 12, generator=g))]
     )
-    batch = pack_samples([sample], PackingSpec.from_model_config(cfg))
+    batch = pack_samples([sample], packing_spec(cfg))
     model = DiT(cfg)
     with torch.no_grad():
         for p in model.parameters():

@@ -20,8 +20,8 @@ from torch import nn
 from imontage.config import load_recipe
 from imontage.data import preview_samples
 from imontage.data.encode import NEGATIVE
-from imontage.models import build_model
-from imontage.models.dit.sequence import PackedBatch, PackingSpec
+from imontage.models import build_model, packing_spec
+from imontage.models.common.sequence import PackedBatch, PackingSpec
 from imontage.sample.cli import main as sample_main
 from imontage.sample.grid import GAP, SEPARATOR
 from imontage.sample.sampler import Negative, sample_flow
@@ -60,7 +60,7 @@ def setup(
     """(the tiny random HunyuanVideo, its spec, the shards' samples as the loader reads them)."""
     cfg = load_recipe(REPO / "configs/recipes/quickstart.yaml", [*HV, *overrides])
     torch.manual_seed(0)
-    spec = PackingSpec.from_model_config(cfg.model, guidance)
+    spec = packing_spec(cfg.model, guidance)
     data = OmegaConf.create({"shards": str(root / "latents/pixels-*.tar"), "text_embeddings": True})
     return Recorded(build_model(cfg.model).eval()), spec, preview_samples(data, 2, spec)
 

@@ -29,7 +29,9 @@ from imontage.data.synthetic import (
     sample_rng,
     write_shards,
 )
-from imontage.models.dit import PackedBatch, PackingSpec, Sample, Segment, build_dit, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import PackedBatch, PackingSpec, Sample, Segment, pack_samples
+from imontage.models.dit.model import build_dit
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample import cli
 from imontage.sample.sampler import sample_flow
@@ -85,7 +87,7 @@ def test_plan_rejects_bad_windows_and_keyframes(args: tuple, match: str) -> None
 
 
 def shared_spec(**changes: object) -> PackingSpec:
-    return PackingSpec.from_model_config(tiny_model_config(positions={"layout": "shared"}, **changes))
+    return packing_spec(tiny_model_config(positions={"layout": "shared"}, **changes))
 
 
 def test_segment_sample_conditions_share_the_targets_positions() -> None:
@@ -104,7 +106,7 @@ def test_segment_sample_conditions_share_the_targets_positions() -> None:
 
 def test_sar_refuses_models_and_keyframes_it_cannot_condition() -> None:
     with pytest.raises(ValueError, match="shared layout; the model uses model.positions.layout=montage"):
-        plan_video(PackingSpec.from_model_config(tiny_model_config()), 15, SIZE, WINDOW, 1)
+        plan_video(packing_spec(tiny_model_config()), 15, SIZE, WINDOW, 1)
     with pytest.raises(ValueError, match=r"keyframe 0 \(frame 3\) has shape \(3, 1, 24, 24\)"):
         plan_video(shared_spec(), 15, SIZE, WINDOW, 1, [Keyframe(3, torch.zeros(3, 1, 24, 24))])
 
@@ -189,7 +191,7 @@ def peak_allocated(fn, trace: Path) -> tuple[int, object]:  # noqa: ANN001
 def test_peak_memory_of_a_video_three_windows_long_is_that_of_one_window(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = tiny_model_config(positions={"layout": "shared"}, hidden_size=64, mlp_hidden_size=256)
-    model, spec = build_dit(cfg).eval(), PackingSpec.from_model_config(cfg)
+    model, spec = build_dit(cfg).eval(), packing_spec(cfg)
     frames = [torch.rand(3, 1, *CANVAS) * 2 - 1 for _ in range(3)]
     keyframes = [Keyframe(frame, data) for frame, data in zip((2, 7, 12), frames, strict=True)]
     text = "the red circle moves right"
@@ -394,7 +396,7 @@ def test_keyframes_appear_at_their_frames_in_a_video_three_windows_long() -> Non
         text_dim=32,
         prediction="data",
     )
-    model, spec = build_dit(cfg), PackingSpec.from_model_config(cfg)
+    model, spec = build_dit(cfg), packing_spec(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     objective, generator, batch_size = FlowMatching(), torch.Generator().manual_seed(0), 8
     for step in range(KEYFRAME_STEPS):

@@ -22,18 +22,17 @@ from safetensors.torch import load_file
 from imontage.checkpoint.diffusers import build_diffusers_model
 from imontage.config import load_recipe
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model
-from imontage.models.dit import (
+from imontage.models import build_model, count_parameters, packing_spec
+from imontage.models.common import (
     PackedBatch,
     PackingSpec,
     Sample,
     Segment,
-    count_parameters,
     pack_samples,
     unpatchify_segments,
 )
-from imontage.models.dit.attention import varlen_attention
-from imontage.models.wan import WanTransformer, build_wan
+from imontage.models.common.attention import varlen_attention
+from imontage.models.wan.model import WanTransformer, build_wan
 
 RTOL = 1e-5
 
@@ -294,7 +293,7 @@ def test_tiny_preset_builds_and_runs() -> None:
             Segment("video", role="target", data=torch.randn(cfg.in_channels, 2, 4, 4, generator=gen)),
         ]
     )
-    batch = pack_samples([sample], PackingSpec.from_model_config(cfg))
+    batch = pack_samples([sample], packing_spec(cfg))
     batch = batch.replace(timesteps=torch.where(batch.is_text, 0.0, 0.5))
     out = model(batch)
     assert out.shape == (batch.is_text.shape[0], cfg.wan.out_channels * 4)

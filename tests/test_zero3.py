@@ -5,7 +5,9 @@ import torch
 from conftest import tiny_model_config
 from distributed import run_ranks
 
-from imontage.models.dit import DiT, PackingSpec, Sample, Segment, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.dit.model import DiT
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.parallel.engine import block_numel, zero3_config
 
@@ -17,7 +19,7 @@ def micro_batch(step: int, rank: int):
     sizes = [(8, 8), (8, 12)] if rank == 0 else [(12, 8)]  # the ranks' batches differ in size and count
     samples = [Sample([Segment("text", text=f"sample {step}"), Segment("image", "condition", torch.randn(3, 1, h, w, generator=g)),
                        Segment("image", "target", torch.randn(3, 1, h, w, generator=g))]) for h, w in sizes]  # fmt: skip
-    return pack_samples(samples, PackingSpec.from_model_config(tiny_model_config()))
+    return pack_samples(samples, packing_spec(tiny_model_config()))
 
 
 def loss_of(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:

@@ -13,8 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model
-from imontage.models.dit import count_parameters
+from imontage.models import build_model, count_parameters
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 

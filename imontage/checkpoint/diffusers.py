@@ -1,7 +1,7 @@
 """diffusers model folders of the pretrained families <-> imontage models and checkpoints.
 
 A pretrained family's imontage module has the parameter names and shapes of the diffusers class
-it reimplements (``WanTransformer3DModel`` -> family ``wan``, ``HunyuanVideoTransformer3DModel`` ->
+it reimplements (its record names the class: ``WanTransformer3DModel`` for ``wan``, ``HunyuanVideoTransformer3DModel`` for
 ``hunyuan_video``), so importing streams tensors by name and exporting writes the same names back.
 
 A folder is what diffusers' ``save_pretrained`` writes: ``config.json`` (``_class_name``, the
@@ -29,14 +29,13 @@ from tqdm import tqdm
 from imontage.checkpoint import convert, zero3
 from imontage.checkpoint.convert import ConversionError, TensorSource
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
+from imontage.models import registry
 from imontage.train import checkpoint as ckpt
 from imontage.untrusted import parse_json, read_json, string_map
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
-CLASS_FAMILIES = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan_video"}
-FAMILY_CLASSES = {family: name for name, family in CLASS_FAMILIES.items()}
 DIFFUSERS_VERSION = "0.42.1"  # the version the families were measured against (DESIGN.md)
 MAX_SHARD_BYTES = 10 * 2**30  # save_pretrained's default max_shard_size ("10GB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,12 +46,18 @@ WEIGHT_KINDS = ("ema", "live")
 
 
 def family_module(family: str) -> ModuleType:
-    """``imontage.models.<family>.diffusers_config``: ``model_config_from_diffusers`` and ``diffusers_config``."""
-    if family not in FAMILY_CLASSES:
-        raise ConversionError(
-            f"model.family '{family}' has no diffusers class (those that do: {', '.join(FAMILY_CLASSES)})"
-        )
-    return importlib.import_module(f"imontage.models.{family}.diffusers_config")
+    """A family's diffusers config mapping (``model_config_from_diffusers``, ``diffusers_config``)."""
+    record = registry.family(family)
+    if record.diffusers_config is None:
+        known = ", ".join(name for name, r in registry.FAMILIES.items() if r.diffusers_config is not None)
+        raise ConversionError(f"model.family '{family}' has no diffusers class (those that do: {known})")
+    return record.diffusers_config()
+
+
+def diffusers_class(family: str) -> str:
+    """The name diffusers gives the transformer class of ``family`` (its record's first)."""
+    family_module(family)  # an error for a family without one
+    return registry.family(family).diffusers_classes[0]
 
 
 def build_diffusers_model(model_cfg: Any) -> torch.nn.Module:
@@ -60,7 +65,7 @@ def build_diffusers_model(model_cfg: Any) -> torch.nn.Module:
     weights: the reference that imontage's model is compared with in tests and benchmarks."""
     family = str(model_cfg.family)
     config = family_module(family).diffusers_config(model_cfg)
-    cls = getattr(importlib.import_module("diffusers"), FAMILY_CLASSES[family])
+    cls = getattr(importlib.import_module("diffusers"), diffusers_class(family))
     return cls(**{key: value for key, value in config.items() if not key.startswith("_")})
 
 
@@ -88,11 +93,11 @@ def read_class(folder: Path) -> tuple[dict[str, Any], str]:
         raise ConversionError(f"{config_file}: no such file (not a diffusers model folder)")
     config = read_json(config_file)
     name = config.get("_class_name")
-    if not isinstance(name, str) or name not in CLASS_FAMILIES:
-        raise ConversionError(
-            f"{config_file}: key '_class_name': {name!r} is not one of {', '.join(CLASS_FAMILIES)}"
-        )
-    return config, CLASS_FAMILIES[name]
+    record = registry.diffusers_family(name) if isinstance(name, str) else None
+    if record is None:
+        known = ", ".join(c for r in registry.FAMILIES.values() for c in r.diffusers_classes)
+        raise ConversionError(f"{config_file}: key '_class_name': {name!r} is not one of {known}")
+    return config, record.name
 
 
 def read_model_config(folder: Path) -> tuple[dict[str, Any], str, Any]:
@@ -286,10 +291,9 @@ def model_config_yaml(model_cfg: Any, source: Path) -> str:
     """The model config as a ``configs/model/*.yaml`` preset."""
     values = OmegaConf.to_container(model_cfg, resolve=True)
     assert isinstance(values, dict)
-    other = "hunyuan_video" if values["family"] == "wan" else "wan"
-    values.pop(other, None)  # the other family's section only holds defaults
-    if values["family"] == "dit":
-        values.pop("wan", None)
+    for name in registry.FAMILIES:
+        if name != values["family"]:
+            values.pop(name, None)  # the other families' sections only hold defaults
     if not values.get("init_from_diffusers"):
         values.pop("init_from_diffusers", None)
     header = f"# Imported from {source} (tools/convert_checkpoint.py import-diffusers).\n"
@@ -391,7 +395,7 @@ def export_folder(
         config = module.diffusers_config(cfg)
     except (ValueError, KeyError, TypeError) as error:
         raise ConversionError(
-            f"{source}: its model config has no {FAMILY_CLASSES[family]} equivalent: {error}"
+            f"{source}: its model config has no {diffusers_class(family)} equivalent: {error}"
         ) from error
     shapes = {name: shape for name, (shape, _) in got.layout.items()}
     if expected is None:
@@ -414,7 +418,7 @@ def export_folder(
     version = imported.get("_diffusers_version", DIFFUSERS_VERSION) if isinstance(imported, dict) else None
     if not isinstance(version, str):
         raise ConversionError(f"{source}: metadata key 'diffusers_config' holds no diffusers version string")
-    full = {"_class_name": FAMILY_CLASSES[family], "_diffusers_version": version, **config}
+    full = {"_class_name": diffusers_class(family), "_diffusers_version": version, **config}
     shards = _plan_shards(layout, max_shard_bytes)
     for stale in [out_dir / WEIGHTS, out_dir / INDEX, *out_dir.glob("diffusion_pytorch_model-*.safetensors")]:
         stale.unlink(missing_ok=True)  # a previous export's files would confuse from_pretrained

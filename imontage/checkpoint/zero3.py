@@ -20,7 +20,7 @@ parameter is either that partition, or the whole TP-local tensor for the small p
 keeps resident on every rank (``ds_persist``); the two are told apart by shape (a partition is
 1-D with ``p`` elements; the whole tensor has the parameter's shape), so no extra metadata is
 needed. TP-split parameters are put back together as
-:data:`imontage.parallel.parallelize.TENSOR_PARALLEL_SPLITS` cut them; the others are the same on
+:class:`~imontage.models.common.parallel_plan.FamilyPlan` of its family cuts them; the others are the same on
 every TP rank and come from TP rank 0.
 
 Memory: DeepSpeed's ``.pt`` files are opened with ``torch.load(mmap=True, weights_only=True)``:
@@ -48,7 +48,8 @@ from typing import Any
 
 import torch
 
-from imontage.parallel.parallelize import TensorSplit, tensor_split
+from imontage.models.common.parallel_plan import TensorSplit
+from imontage.parallel.parallelize import tensor_split
 from imontage.train import checkpoint as ckpt
 from imontage.untrusted import InputError, field, parse_json, read_json
 

@@ -21,9 +21,7 @@ from imontage.config.schema import (
     ENGINES,
     FRAME_SAMPLINGS,
     GROUPS,
-    HUNYUAN_IMAGE_CONDITIONS,
     LR_SCHEDULES,
-    MODEL_FAMILIES,
     NONFINITE_MODES,
     OBJECTIVES,
     PAIR_LAYOUTS,
@@ -35,7 +33,8 @@ from imontage.config.schema import (
     StageConfig,
 )
 from imontage.imagic.config import check_imagic
-from imontage.models.dit.sequence import model_inputs
+from imontage.models import packing_spec
+from imontage.models.registry import FAMILIES, family
 from imontage.untrusted import InputError
 
 COMMAND_LINE = "<command line>"
@@ -312,24 +311,22 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
     """
     source = origin
     model = cfg.model
-    _check_choice(model.family, MODEL_FAMILIES, "model.family", source)
-    _check_choice(
-        model.hunyuan_video.image_condition_type,
-        HUNYUAN_IMAGE_CONDITIONS,
-        "model.hunyuan_video.image_condition_type",
-        source,
-    )
+    _check_choice(model.family, tuple(FAMILIES), "model.family", source)
+    record = family(model)
+    for key, reason in record.validate(model):
+        _check(False, f"model.{key}", source, reason)
     _check(
-        model.family == "dit" or model.text_encoder == "precomputed",
+        not record.precomputed_text or model.text_encoder == "precomputed",
         "model.text_encoder",
         source,
         f"family {model.family} reads precomputed text embeddings: set text_encoder: precomputed",
     )
     _check(
-        model.family == "dit" or model.prediction == "velocity",
+        model.prediction in record.predictions,
         "model.prediction",
         source,
-        f"family {model.family} predicts the velocity, as it was pretrained to: prediction: data is for dit only",
+        f"family {model.family} predicts the {' or the '.join(record.predictions)}, as it was pretrained to: "
+        f"{model.prediction!r} is not for it",
     )
     _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
     if model.init_from_diffusers:
@@ -438,7 +435,7 @@ def _validate_model_inputs(cfg: DictConfig, source: Origin) -> None:
     channel condition, and an embedded guidance scale only for a model with a guidance embedding."""
     guidance = cfg.flow_matching.embedded_guidance
     try:
-        model_inputs(cfg.model, guidance)
+        packing_spec(cfg.model, guidance)
     except ValueError as error:
         key = "flow_matching.embedded_guidance" if "embedded_guidance" in str(error) else "model.in_channels"
         raise RecipeError(f"{source(key)}: key '{key}': {error}") from error

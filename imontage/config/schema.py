@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
 from imontage.imagic.config import ImagicConfig
-from imontage.models.hunyuan_video.config import HunyuanVideoConfig
 from imontage.models.lora import LoraConfig
-from imontage.models.wan.config import WanConfig
+from imontage.models.registry import DEFAULT_FAMILY, FAMILIES
 
-MODEL_FAMILIES = ("dit", "wan", "hunyuan_video")
-HUNYUAN_IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")
 PAIR_LAYOUTS = ("half", "interleaved")
 POSITION_LAYOUTS = ("video3d", "montage", "shared", "editverse4d")
 TEXT_ENCODERS = ("byte", "precomputed")
@@ -52,9 +49,12 @@ class PositionConfig:
 
 
 @dataclass
-class ModelConfig:
-    # "dit": imontage's own DiT; "wan": Wan 2.1; "hunyuan_video": HunyuanVideo (imontage/models/<family>).
-    family: str = "dit"
+class SharedModelConfig:
+    """The keys of the ``model`` section every family reads; :data:`ModelConfig` adds each
+    registered family's own section (``model.<family>``, only read by that family)."""
+
+    # A family of imontage.models.registry: "dit" (imontage's own DiT), "wan", "hunyuan_video", ...
+    family: str = DEFAULT_FAMILY
     in_channels: int = MISSING
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     hidden_size: int = MISSING
@@ -74,14 +74,27 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     positions: PositionConfig = field(default_factory=PositionConfig)
     stated_params: float = 0.0  # the size a preset is named for; 0 when it claims none
-    wan: WanConfig = field(default_factory=WanConfig)  # family "wan" only
-    hunyuan_video: HunyuanVideoConfig = field(default_factory=HunyuanVideoConfig)  # "hunyuan_video" only
     # A diffusers model folder (config.json + diffusion_pytorch_model*.safetensors) of this family's
     # class that the first stage starts from (a stage's own init_from wins); "" = none.
     init_from_diffusers: str = ""
     # Low-rank adapters and partial fine-tuning (imontage/models/lora.py): with a rank or a
     # trainable list, the base model is frozen and only adapters and listed parameters train.
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+if TYPE_CHECKING:
+    ModelConfig = SharedModelConfig
+else:
+    # The shared keys, then model.<family> for each registered family that has keys of its own.
+    ModelConfig = dataclasses.make_dataclass(
+        "ModelConfig",
+        [
+            (name, record.config_section, field(default_factory=record.config_section))
+            for name, record in FAMILIES.items()
+            if record.config_section is not None
+        ],
+        bases=(SharedModelConfig,),
+    )
 
 
 @dataclass
@@ -179,7 +192,7 @@ class FlowMatchingConfig:
     text_dropout: float = 0.1  # probability of training a sample without its text (for CFG)
     # The distilled guidance scale fed to a model with a guidance embedding (HunyuanVideo T2V's
     # guidance_embeds), per sample; null: 1.0, what finetrainers and musubi-tuner fine-tune it at
-    # (imontage.models.dit.sequence.DEFAULT_EMBEDDED_GUIDANCE). A model without one refuses a value.
+    # (imontage.models.common.sequence.DEFAULT_EMBEDDED_GUIDANCE). A model without one refuses a value.
     embedded_guidance: float | None = None
 
 

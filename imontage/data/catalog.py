@@ -14,7 +14,7 @@ import numpy as np
 from imontage.data.decode import DecodeOptions, plan_item
 from imontage.data.index import IndexEntry, ShardIndex, load_indexes
 from imontage.data.problems import DataError
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models.common.sequence import PackingSpec
 
 
 @dataclass(frozen=True)

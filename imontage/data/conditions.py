@@ -1,6 +1,6 @@
 """What a pretrained family reads besides the packed tokens: checked from a sample's facts, built at decode.
 
-:class:`~imontage.models.dit.sequence.PackingSpec` (from the model config) says what the model
+:class:`~imontage.models.common.sequence.PackingSpec` (from the model config) says what the model
 needs: a pooled text vector per sample (HunyuanVideo), image-encoder tokens per sample (Wan 2.1
 I2V), a distilled guidance scale (guidance-embedding HunyuanVideo) and a channel condition over
 each target segment (Wan 2.1 I2V, HunyuanVideo-I2V ``latent_concat``). :func:`check_model_inputs`
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from imontage.models.dit.sequence import WAN_MASK_CHANNELS, PackingSpec
+from imontage.models.common.sequence import WAN_MASK_CHANNELS, PackingSpec
 
 if TYPE_CHECKING:
     from imontage.data.decode import SampleFacts

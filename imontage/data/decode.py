@@ -34,8 +34,8 @@ from imontage.data.records import (
     parse_record,
 )
 from imontage.data.shards import RawSample
-from imontage.models.dit.positions import SegmentGrid, check_layout
-from imontage.models.dit.sequence import PackingSpec, Sample, Segment, patch_grid
+from imontage.models.common.positions import SegmentGrid, check_layout
+from imontage.models.common.sequence import PackingSpec, Sample, Segment, patch_grid
 
 RGB_CHANNELS = 3
 Shape = tuple[int, int, int, int]  # [C, T, H, W]

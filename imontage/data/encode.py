@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from imontage.models.registry import FAMILIES
 from imontage import untrusted
 from imontage.data import media
 from imontage.data.decode import DecodeOptions, check_array_members, decode_item
@@ -54,7 +55,7 @@ from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
-from imontage.models.dit.sequence import patch_grid
+from imontage.models.common.sequence import patch_grid
 
 log = logging.getLogger(__name__)
 
@@ -260,23 +261,24 @@ class TextRecipe:
         """The recipe ``name`` (one of :data:`TEXT_RECIPES`).
 
         - ``last_hidden_state``: the text as it is, the last hidden state of its tokens (UMT5 for Wan).
-        - ``hunyuan_video``: what diffusers' ``HunyuanVideoPipeline._get_llama_prompt_embeds`` feeds the
-          transformer, with its defaults: the prompt in its ``DEFAULT_PROMPT_TEMPLATE`` (read from
-          diffusers; the manifest records it), ``crop_start`` 95, ``hidden_states[-(num_hidden_layers_to_skip
-          + 1)]`` with skip 2, ``max_sequence_length`` 256, padded to ``max_sequence_length + crop_start``.
+        - a family's name: what that family's pipeline feeds its transformer
+          (``ModelFamily.text_encoding``; HunyuanVideo: its Llama prompt template, ``crop_start`` 95,
+          the third-to-last hidden state, 256 tokens, padded).
         """
         if name == "last_hidden_state":
             return cls(name)
-        if name == "hunyuan_video":
-            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+        record = FAMILIES.get(name)
+        if record is None or record.text_encoding is None:
+            raise ValueError(f"text recipe '{name}' is not one of {', '.join(TEXT_RECIPES)}")
+        encoding = record.text_encoding()
+        return cls(
+            name, encoding.template, encoding.crop_start, encoding.hidden_state, encoding.max_length,
+            pad=encoding.pad,
+        )  # fmt: skip
 
-            template: dict[str, Any] = DEFAULT_PROMPT_TEMPLATE
-            # hidden_states[-(num_hidden_layers_to_skip + 1)], skip 2; max_sequence_length 256
-            return cls(name, str(template["template"]), int(template["crop_start"]), -3, 256, pad=True)
-        raise ValueError(f"text recipe '{name}' is not one of {', '.join(TEXT_RECIPES)}")
 
-
-TEXT_RECIPES = ("last_hidden_state", "hunyuan_video")
+# The plain one, then one per family that says how its pipeline encodes text.
+TEXT_RECIPES = ("last_hidden_state", *(n for n, r in FAMILIES.items() if r.text_encoding is not None))
 
 
 def pretrained_model(folder: str | os.PathLike[str], default: str, dtype: torch.dtype) -> Any:

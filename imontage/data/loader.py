@@ -31,7 +31,7 @@ from imontage.data.plan import Sharding, plan_epoch
 from imontage.data.problems import DataError, DataStats
 from imontage.data.shards import ShardProblem, expand_shards, read_shard
 from imontage.data.stream import StreamSettings, WorkerBatch, WorkerStream
-from imontage.models.dit.sequence import PackedBatch, PackingSpec, Sample
+from imontage.models.common.sequence import PackedBatch, PackingSpec, Sample
 
 STATE_VERSION = 1
 

@@ -41,7 +41,7 @@ from imontage.data.plan import (
 )
 from imontage.data.problems import SAMPLE_REASONS, DataError, DataExhausted, DataStats, SkipBudgetExceeded
 from imontage.data.shards import RawSample, ShardProblem, is_local, iter_samples, open_shard
-from imontage.models.dit.sequence import PackedBatch, PackingSpec, pack_samples
+from imontage.models.common.sequence import PackedBatch, PackingSpec, pack_samples
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from imontage.imagic.edit import (
     target_text_embedding,
     text_width,
 )
-from imontage.models import build_model
-from imontage.models.dit import PackingSpec
+from imontage.models import build_model, packing_spec
+from imontage.models.common import PackingSpec
 from imontage.models.lora import merge_lora
 from imontage.sample.cli import add_base_argument, load_model, resolve_checkpoint
 from imontage.sample.grid import save_png
@@ -153,7 +153,7 @@ def load_editable_model(
     _, _, model_cfg = read_model_config(path)
     model = build_model(model_cfg)
     load_into(model, path)
-    return model.to(device).eval(), PackingSpec.from_model_config(model_cfg), path
+    return model.to(device).eval(), packing_spec(model_cfg), path
 
 
 def read_image(path: Path, spec: PackingSpec, size: list[int], vae: Any = None) -> torch.Tensor:

@@ -30,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from imontage.imagic.config import ImagicConfig, ImagicSampleConfig, PhaseConfig
-from imontage.models.dit import DiT, PackedBatch, PackingSpec, Sample, Segment, pack_samples
-from imontage.models.dit.sequence import byte_tokenize, patch_grid
+from imontage.models.common import PackedBatch, PackingSpec, Sample, Segment, pack_samples
+from imontage.models.common.sequence import byte_tokenize, patch_grid
+from imontage.models.registry import FAMILIES, family_of_module
 from imontage.objectives.flow_matching import FlowMatching
 from imontage.sample.grid import make_grid
 from imontage.sample.sampler import sample_flow
@@ -55,16 +56,15 @@ def model_device(model: nn.Module) -> torch.device:
 def text_width(model: nn.Module) -> int:
     """``E`` of the text features ``[L, E]`` the model reads from ``batch.text_embeds``.
 
-    Imagic edits through that path, which the DiT and Wan read alone; HunyuanVideo also takes a
-    pooled CLIP vector per sample, which an optimised ``[L, E]`` embedding would not move with it.
+    Imagic edits through that path, which a family names (``ModelFamily.imagic_text_width``) when
+    the model reads it alone; HunyuanVideo also takes a pooled CLIP vector per sample, which an
+    optimised ``[L, E]`` embedding would not move with it.
     """
-    if isinstance(model, DiT):
-        return int(model.text_proj[0].in_features)  # type: ignore[arg-type]
-    from imontage.models.wan import WanTransformer  # deferred: a DiT edit never imports the families
-
-    if isinstance(model, WanTransformer):
-        return int(model.condition_embedder.text_embedder.linear_1.in_features)
-    raise ValueError(f"Imagic edits with dit- and wan-family models; this one is {type(model).__name__}")
+    record = family_of_module(model)
+    if record.imagic_text_width is None:
+        editable = ", ".join(name for name, r in FAMILIES.items() if r.imagic_text_width is not None)
+        raise ValueError(f"Imagic edits with {editable} models; this one is a {record.name} model")
+    return record.imagic_text_width(model)
 
 
 def target_text_embedding(model: nn.Module, text: str, spec: PackingSpec) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Models trained by imontage, one package per family; :func:`build_model` picks by ``model.family``."""
+"""Models trained by imontage: one package per family (its record in ``family.py``, listed by
+:mod:`imontage.models.registry`), what every family shares in :mod:`imontage.models.common`, and
+the two questions the rest asks of a model config: :func:`build_model` and :func:`packing_spec`."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +15,8 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
+from imontage.models.registry import family
 from imontage.untrusted import InputError
 
 
@@ -60,26 +64,16 @@ def tensor_limit(limit: int, where: str) -> Iterator[None]:
 def build_model(
     cfg: Any, device: torch.device | str | None = None, max_tensors: int | None = None, where: str = ""
 ) -> nn.Module:
-    """The single-device model of ``cfg`` (a ``ModelConfig``); ``device="meta"`` builds shapes only.
+    """The single-device model of ``cfg`` (a ``ModelConfig``), built by its family's record;
+    ``device="meta"`` builds shapes only.
 
     ``max_tensors``: for a config read from a file (``where``), the most parameters and buffers
     the build may register (:func:`tensor_limit`) before it stops with :class:`ModelTooLarge`.
 
     With ``model.lora`` set, the adapters are added and the base frozen
     (:func:`~imontage.models.lora.apply_lora`).
-
-    Families are imported when asked for, so a DiT run never imports the pretrained families' code.
     """
-    family = str(getattr(cfg, "family", "dit"))
-    build: Callable[[Any, torch.device | str | None], nn.Module]
-    if family == "dit":
-        from imontage.models.dit import build_dit as build
-    elif family == "wan":
-        from imontage.models.wan import build_wan as build
-    elif family == "hunyuan_video":
-        from imontage.models.hunyuan_video import build_hunyuan_video as build
-    else:
-        raise ValueError(f"model.family '{family}' is not one of dit, wan, hunyuan_video")
+    build = family(cfg).build
     limit = contextlib.nullcontext() if max_tensors is None else tensor_limit(max_tensors, where or "model")
     with limit:
         model = build(cfg, device)
@@ -90,3 +84,41 @@ def build_model(
             if lora_enabled(lora):  # frozen base, adapters and the listed parameters trainable
                 apply_lora(model, lora)
     return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def packing_spec(cfg: Any, guidance: float | None = None) -> PackingSpec:
+    """What packing needs to know of the model of ``cfg`` (a ``ModelConfig``, dataclass or node).
+
+    ``guidance``: the distilled guidance scale fed to a model with a guidance embedding
+    (``flow_matching.embedded_guidance``; None: :data:`DEFAULT_EMBEDDED_GUIDANCE`); a model
+    without one refuses a value. A ValueError names what cannot be built (channel counts that
+    match no condition of the family, say).
+    """
+    record = family(cfg)
+    inputs = record.model_inputs(cfg)
+    if not inputs.guidance_embedding and guidance is not None:
+        raise ValueError(
+            f"flow_matching.embedded_guidance={guidance}, but the model (family {record.name}) has no "
+            "guidance embedding to feed it to"
+        )
+    pt, ph, pw = (int(p) for p in cfg.patch_size)
+    return PackingSpec(
+        in_channels=record.latent_channels(cfg),
+        patch_size=(pt, ph, pw),
+        max_text_len=int(cfg.max_text_len),
+        layout=str(cfg.positions.layout),
+        virtual_frames=int(cfg.positions.virtual_frames),
+        head_window=int(cfg.positions.head_window),
+        tail_window=int(cfg.positions.tail_window),
+        pooled_text_dim=inputs.pooled_text_dim,
+        image_embed_dim=inputs.image_embed_dim,
+        guidance=(DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance))
+        if inputs.guidance_embedding
+        else None,
+        channel_condition=inputs.channel_condition,
+        text_embed_dim=int(cfg.text_dim) if str(cfg.text_encoder) == "precomputed" else 0,
+    )

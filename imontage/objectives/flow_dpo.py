@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imontage.models.dit.sequence import PackedBatch
+from imontage.models.common.sequence import PackedBatch
 from imontage.objectives.flow_matching import (
     FlowMatchingOutput,
     clean_first_frame,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imontage.models.dit.sequence import PackedBatch
+from imontage.models.common.sequence import PackedBatch
+from imontage.models.registry import family
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -39,16 +40,9 @@ def sample_timesteps(
 
 
 def clean_first_frame(model_cfg: Any) -> bool:
-    """Whether the model keeps each target video's first latent frame clean (HunyuanVideo token_replace)."""
-    family = str(getattr(model_cfg, "family", "dit"))
-    if family != "hunyuan_video" or str(model_cfg.hunyuan_video.image_condition_type) != "token_replace":
-        return False
-    if int(model_cfg.patch_size[0]) != 1:
-        raise ValueError(
-            f"image_condition_type token_replace keeps one latent frame clean: it needs patch_size[0] = 1, "
-            f"got {model_cfg.patch_size[0]}"
-        )
-    return True
+    """Whether the model keeps each target video's first latent frame clean (its family says:
+    HunyuanVideo-I2V's token_replace); a ValueError names a config that cannot."""
+    return family(model_cfg).clean_first_frame(model_cfg)
 
 
 def first_frame_mask(batch: PackedBatch) -> torch.Tensor:

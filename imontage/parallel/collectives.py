@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from imontage.models.dit.sequence import SAMPLE_FIELDS, PackedBatch
+from imontage.models.common.sequence import SAMPLE_FIELDS, PackedBatch
 
 
 def _size(group: ProcessGroup | None) -> int:

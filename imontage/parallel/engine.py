@@ -12,18 +12,15 @@ from typing import Any
 
 from torch import nn
 
-from imontage.models.dit.model import DiT
+from imontage.models.registry import family_of_module
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block of ``model``: the lists its family's parallel plan names
-    (HunyuanVideo's dual- and single-stream blocks), else ``model.blocks``."""
-    from imontage.parallel.parallelize import family_plan, model_blocks
+    (HunyuanVideo's dual- and single-stream blocks)."""
+    from imontage.parallel.parallelize import model_blocks
 
-    try:
-        return [block for block, _ in model_blocks(model, family_plan(model))]
-    except ValueError:  # a family without a plan
-        return list(getattr(model, "blocks", None) or [])
+    return [block for block, _ in model_blocks(model, family_of_module(model).parallel_plan)]
 
 
 def block_numel(model: nn.Module) -> int:
@@ -49,7 +46,7 @@ def zero3_config(
     # The DiT keeps its small vectors resident. The pretrained families do not (yet): with the same
     # threshold HunyuanVideo's backward under TP=2+SP found a resident parameter empty
     # (tests/test_diffusers_io.py, HunyuanVideo on zero3 tp2_sp); the cause is not pinned down.
-    hidden = model.hidden_size if isinstance(model, DiT) else 0
+    resident_below = family_of_module(model).zero3_resident_below(model)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -65,8 +62,8 @@ def zero3_config(
             # Fetch the next block while this one runs; reduce one block's gradients at a time.
             "stage3_prefetch_bucket_size": block,
             "reduce_bucket_size": block,
-            # Vectors up to a few model widths (norms, biases, the [6, d] adaLN offset) stay whole.
-            "stage3_param_persistence_threshold": max(8 * hidden, 1),
+            # Small tensors the family names (norms, biases, the [6, d] adaLN offset) stay whole.
+            "stage3_param_persistence_threshold": max(resident_below, 1),
             "stage3_max_live_parameters": 3 * block,
             "stage3_max_reuse_distance": 3 * block,
         },

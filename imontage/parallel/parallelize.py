@@ -1,11 +1,10 @@
 """``parallelize_model``: tensor, sequence and Ulysses parallelism applied to a built single-device model.
 
 One entry point for every model family (the DiT, Wan 2.1, HunyuanVideo); ``parallelize_dit`` is the
-same function under the name the trainer calls. A family differs only in its :class:`FamilyPlan`:
-for each list of blocks (HunyuanVideo has two), which weights are cut how
-(:data:`TENSOR_PARALLEL_SPLITS`, :data:`WAN_TENSOR_PARALLEL_SPLITS`, :data:`HUNYUAN_DUAL_SPLITS`,
-:data:`HUNYUAN_SINGLE_SPLITS`), which modules hold the heads and the self-attention, and which
-whole parameters see part of the work.
+same function under the name the trainer calls. A family differs only in the :class:`FamilyPlan`
+its record holds (``imontage/models/<family>/family.py``): for each list of blocks (HunyuanVideo
+has two), which weights are cut how (:class:`TensorSplit`), which modules hold the heads and the
+self-attention, and which whole parameters see part of the work.
 The layer replacement, the gradient hooks and the token layout (:class:`ShardedTokens`) are shared.
 
 The model is built on one device first, from the seed, so TP=1 and TP=N start from the same
@@ -55,20 +54,22 @@ returns the full output on every rank, so objectives and samplers do not change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from imontage.models.dit.model import DiT
-from imontage.models.dit.sequence import PackedBatch
-from imontage.models.hunyuan_video.model import HunyuanVideoTransformer
+from imontage.models.common.parallel_plan import (
+    BlockPlan,
+    FamilyPlan,
+    TensorSplit,
+)
+from imontage.models.common.sequence import PackedBatch
+from imontage.models.common.token_layout import SampleTokenLayout
 from imontage.models.lora import ColumnsLinear, LoraUpdate, has_adapter, set_adapter
-from imontage.models.token_layout import SampleTokenLayout
-from imontage.models.wan.model import WanTransformer
+from imontage.models.registry import FAMILIES, family_of_module
 from imontage.parallel.collectives import (
     GatherFromSequenceShards,
     HeadsToSequence,
@@ -79,227 +80,11 @@ from imontage.parallel.collectives import (
 )
 
 
-@dataclass(frozen=True)
-class TensorSplit:
-    """How a weight is cut over TP ranks: along ``dim``, in ``parts`` equal parts cut separately.
-
-    ``qkv`` holds q, k and v one after the other (``parts=3``): each is cut into TP slices, and
-    rank r keeps slice r of each, so its columns are its own heads of q, k and v.
-    """
-
-    dim: int
-    parts: int = 1
-    # Whether a rank's pieces interleave within each row (JoinedInputSplit): its slice is not a
-    # run of whole columns, so a factor of another width cannot be cut by it.
-    interleaved: ClassVar[bool] = False
-
-    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-        """Rank ``rank``'s slice of the single-device tensor ``full``."""
-        if full.shape[self.dim] % (self.parts * size):
-            raise ValueError(
-                f"dimension {self.dim} of size {full.shape[self.dim]} does not split into "
-                f"{self.parts} part(s) × {size} tensor-parallel ranks"
-            )
-        slices = [part.chunk(size, self.dim)[rank] for part in full.chunk(self.parts, self.dim)]
-        return torch.cat(slices, self.dim)
-
-    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
-        """The single-device tensor from every rank's slice, in rank order."""
-        parts = [shard.chunk(self.parts, self.dim) for shard in shards]  # [rank][part]
-        return torch.cat([torch.cat([p[i] for p in parts], self.dim) for i in range(self.parts)], self.dim)
-
-    def pieces(self, full: torch.Size | tuple[int, ...], rank: int, size: int) -> list[tuple[int, int]]:
-        """(start, length) along ``dim`` of ``full`` of each piece rank ``rank`` keeps, in its order."""
-        part, local = full[self.dim] // self.parts, full[self.dim] // (self.parts * size)
-        return [(p * part + rank * local, local) for p in range(self.parts)]
-
-    def place(self, out: torch.Tensor, local: torch.Tensor, rank: int, size: int) -> None:
-        """Write rank ``rank``'s slice ``local`` into its place in the single-device tensor ``out``."""
-        at = 0
-        for start, length in self.pieces(out.shape, rank, size):
-            out.narrow(self.dim, start, length).copy_(local.narrow(self.dim, at, length))
-            at += length
-
-
-@dataclass(frozen=True)
-class JoinedInputSplit(TensorSplit):
-    """A row-parallel weight whose input joins two column-parallel outputs: ``[attention | MLP]``.
-
-    HunyuanVideo's single-stream ``proj_out`` ``[d, d + F]`` reads the attention output (``d``
-    features, as wide as its rows) beside the MLP's (``F``): rank r keeps its slice of each, so its
-    columns meet its own heads and its own MLP features.
-    """
-
-    dim: int = 1
-    interleaved: ClassVar[bool] = True
-
-    def pieces(self, full: torch.Size | tuple[int, ...], rank: int, size: int) -> list[tuple[int, int]]:
-        width, mlp = full[0], full[1] - full[0]
-        if width % size or mlp % size:
-            raise ValueError(
-                f"attention width {width} and MLP width {mlp} must each split over {size} TP ranks"
-            )
-        return [(rank * width // size, width // size), (width + rank * mlp // size, mlp // size)]
-
-    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-        return torch.cat(
-            [full.narrow(1, start, n) for start, n in self.pieces(full.shape, rank, size)], dim=1
-        )
-
-    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
-        width = shards[0].shape[0] // len(shards)  # each rank's attention columns
-        return torch.cat(
-            [torch.cat([s[:, :width] for s in shards], 1), torch.cat([s[:, width:] for s in shards], 1)], 1
-        )
-
-
-ROWS, COLUMNS = TensorSplit(0), TensorSplit(1)
-
-
-def _linears(splits: dict[str, TensorSplit], cut: TensorSplit, *paths: str) -> dict[str, TensorSplit]:
-    """``splits`` with each linear of ``paths`` cut by ``cut`` (a row cut takes the bias too)."""
-    for path in paths:
-        splits[f"{path}.weight"] = cut
-        if cut.dim == 0:
-            splits[f"{path}.bias"] = cut
-    return splits
-
-
-# Keyed by a block parameter's name inside its block; the rest are whole on every rank.
-TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = {
-    "qkv.weight": TensorSplit(0, parts=3),  # [3·H·Dh, d]: output rows
-    "qkv.bias": TensorSplit(0, parts=3),
-    "proj.weight": COLUMNS,  # [d, H·Dh]: input columns
-    "fc1.weight": ROWS,  # [F, d]
-    "fc1.bias": ROWS,
-    "fc2.weight": COLUMNS,  # [d, F]
-}
-
-
-def _wan_splits() -> dict[str, TensorSplit]:
-    splits: dict[str, TensorSplit] = {}
-    for attention in ("attn1", "attn2"):  # to_q, to_k, to_v: [H·Dh, d], output rows head-major
-        _linears(splits, ROWS, *(f"{attention}.{linear}" for linear in ("to_q", "to_k", "to_v")))
-        _linears(splits, COLUMNS, f"{attention}.to_out.0")  # [d, H·Dh]
-        splits |= {f"{attention}.norm_q.weight": ROWS, f"{attention}.norm_k.weight": ROWS}  # [H·Dh]
-    _linears(splits, ROWS, "attn2.add_k_proj", "attn2.add_v_proj")  # I2V: the image tokens' keys, values
-    splits["attn2.norm_added_k.weight"] = ROWS
-    return _linears(_linears(splits, ROWS, "ffn.net.0.proj"), COLUMNS, "ffn.net.2")
-
-
-# Wan 2.1's blocks, by diffusers' parameter names (an I2V block has the add_* entries too).
-WAN_TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = _wan_splits()
-
-# HunyuanVideo's dual-stream blocks (each stream its own linears) and single-stream blocks.
-HUNYUAN_DUAL_SPLITS: dict[str, TensorSplit] = _linears(
-    _linears(
-        {},
-        ROWS,
-        *(f"attn.{linear}" for linear in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
-        "ff.net.0.proj",
-        "ff_context.net.0.proj",
-    ),
-    COLUMNS,
-    "attn.to_out.0",
-    "attn.to_add_out",
-    "ff.net.2",
-    "ff_context.net.2",
-)
-HUNYUAN_SINGLE_SPLITS: dict[str, TensorSplit] = _linears(
-    {"proj_out.weight": JoinedInputSplit()}, ROWS, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"
-)
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """What parallelization needs to know of one kind of block; every name is inside the block.
-
-    ``splits``: how each cut weight is cut (a ``Linear`` cut along dim 0 becomes column parallel,
-    along dim 1 row parallel; an ``RMSNorm`` weight cut becomes a :class:`HeadShardedRMSNorm`).
-    """
-
-    splits: dict[str, TensorSplit]
-    heads: str  # the module whose ``num_heads`` counts the heads ("": the block itself)
-    head_modules: tuple[str, ...]  # modules whose ``num_heads`` becomes the rank's share under TP
-    mlp: str  # the first MLP linear: its ``out_features`` is the MLP width
-    self_attentions: tuple[str, ...]  # modules whose ``core_attention`` Ulysses wraps
-    # Column-parallel linears whose input is whole on every rank (Wan's text and image context):
-    # never sequence-sharded, so never all-gathered.
-    whole_inputs: tuple[str, ...] = ()
-    head_partial: tuple[str, ...] = ()  # whole parameters that see only the rank's heads
-    token_partial: tuple[str, ...] = ()  # whole parameters that see only the rank's tokens under SP
-
-
-@dataclass(frozen=True)
-class FamilyPlan:
-    """A family's blocks by the name of the ``ModuleList`` holding them, each with its plan."""
-
-    blocks: dict[str, BlockPlan]
-
-
-DIT_PLAN = FamilyPlan(
-    {
-        "blocks": BlockPlan(
-            TENSOR_PARALLEL_SPLITS,
-            heads="",
-            head_modules=(),
-            mlp="fc1",
-            self_attentions=("",),
-            head_partial=("q_norm.weight", "k_norm.weight"),  # per-head QK-norm: one weight for all heads
-            token_partial=("modulation",),
-        )
-    }
-)
-WAN_PLAN = FamilyPlan(
-    {
-        "blocks": BlockPlan(
-            WAN_TENSOR_PARALLEL_SPLITS,
-            heads="attn1",
-            head_modules=("attn1", "attn2"),
-            mlp="ffn.net.0.proj",
-            self_attentions=("attn1",),  # the cross-attention runs on the rank's own query tokens
-            whole_inputs=("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj"),
-            token_partial=("scale_shift_table", "norm2.weight", "norm2.bias"),
-        )
-    }
-)
-_MODULATION = ("linear.weight", "linear.bias")
-HUNYUAN_VIDEO_PLAN = FamilyPlan(
-    {
-        "transformer_blocks": BlockPlan(
-            HUNYUAN_DUAL_SPLITS,
-            heads="attn",
-            head_modules=("attn",),
-            mlp="ff.net.0.proj",
-            self_attentions=("attn",),  # the joint attention of both streams
-            head_partial=tuple(
-                f"attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-            ),
-            token_partial=tuple(f"{m}.{p}" for m in ("norm1", "norm1_context") for p in _MODULATION),
-        ),
-        "single_transformer_blocks": BlockPlan(
-            HUNYUAN_SINGLE_SPLITS,
-            heads="attn",
-            head_modules=("attn",),
-            mlp="proj_mlp",
-            self_attentions=("attn",),
-            head_partial=("attn.norm_q.weight", "attn.norm_k.weight"),
-            token_partial=tuple(f"norm.{p}" for p in _MODULATION),
-        ),
-    }
-)
-FAMILY_PLANS: dict[type[nn.Module], FamilyPlan] = {
-    DiT: DIT_PLAN,
-    WanTransformer: WAN_PLAN,
-    HunyuanVideoTransformer: HUNYUAN_VIDEO_PLAN,
-}
-
-
 def _check_plans_apart() -> None:
     """tensor_split looks in every family's table: one block list's names must not mean two cuts."""
     seen: dict[tuple[str, str], TensorSplit] = {}
-    for plan in FAMILY_PLANS.values():
-        for blocks, block_plan in plan.blocks.items():
+    for record in FAMILIES.values():
+        for blocks, block_plan in record.parallel_plan.blocks.items():
             for name, split in block_plan.splits.items():
                 if seen.setdefault((blocks, name), split) != split:
                     raise AssertionError(f"{blocks}.N.{name} is cut two ways by two families' plans")
@@ -309,12 +94,8 @@ _check_plans_apart()
 
 
 def family_plan(model: nn.Module) -> FamilyPlan:
-    """The :class:`FamilyPlan` of ``model``'s family; an error for a family that has none."""
-    for family, plan in FAMILY_PLANS.items():
-        if isinstance(model, family):
-            return plan
-    known = ", ".join(family.__name__ for family in FAMILY_PLANS)
-    raise ValueError(f"no parallel plan for a {type(model).__name__}: parallelize_model knows {known}")
+    """The :class:`FamilyPlan` of ``model``'s family (its record in :mod:`imontage.models.registry`)."""
+    return family_of_module(model).parallel_plan
 
 
 def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | None:
@@ -331,7 +112,7 @@ def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | Non
     if len(parts) < 3:
         return None
     blocks, inner = parts[0], ".".join(parts[2:])
-    plans = [plan] if plan is not None else list(FAMILY_PLANS.values())
+    plans = [plan] if plan is not None else [record.parallel_plan for record in FAMILIES.values()]
     return next(
         (
             p.blocks[blocks].splits[inner]
@@ -680,7 +461,7 @@ def parallelize_model(
 ) -> Any:
     """Apply TP, SP, Ulysses and activation checkpointing to ``model`` in place (module docstring).
 
-    ``model``: any family of :data:`FAMILY_PLANS`. megatron-core's ``parallel_state`` must be
+    ``model``: the model of any registered family (:mod:`imontage.models.registry`). megatron-core's ``parallel_state`` must be
     initialised with the same sizes (:func:`imontage.parallel.state.init_process_groups`).
     """
     from megatron.core import parallel_state

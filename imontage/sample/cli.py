@@ -43,10 +43,11 @@ from torch import nn
 from imontage.checkpoint import convert, zero3
 from imontage.checkpoint.convert import ConversionError
 from imontage.data import load_image, preview_samples
-from imontage.models import build_model
-from imontage.models.dit import Sample, Segment
-from imontage.models.dit.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
+from imontage.models import build_model, packing_spec
+from imontage.models.common import Sample, Segment
+from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
 from imontage.models.lora import base_model_config, frozen_names, lora_enabled
+from imontage.models.registry import family
 from imontage.objectives.flow_matching import clean_first_frame
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import Negative, sample_flow
@@ -196,7 +197,7 @@ def load_model(
 ) -> tuple[nn.Module, PackingSpec]:
     """The single-device model of a checkpoint and its packing spec (default embedded guidance)."""
     model, model_cfg = load_model_config(checkpoint, use_ema, device, base)
-    return model, PackingSpec.from_model_config(model_cfg)
+    return model, packing_spec(model_cfg)
 
 
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
@@ -224,8 +225,7 @@ def embedded_guidance(args: argparse.Namespace, model_cfg: Any, checkpoint: Path
     which refuses the flag when the spec is built)."""
     if args.embedded_guidance is not None:
         return float(args.embedded_guidance)
-    family = str(getattr(model_cfg, "family", "dit"))
-    if family != "hunyuan_video" or not bool(model_cfg.hunyuan_video.guidance_embeds):
+    if not family(model_cfg).model_inputs(model_cfg).guidance_embedding:
         return None
     value = run_embedded_guidance(checkpoint)
     source = "the run's flow_matching.embedded_guidance" if value is not None else "the default"
@@ -236,13 +236,13 @@ def embedded_guidance(args: argparse.Namespace, model_cfg: Any, checkpoint: Path
 
 def guidance_inputs(args: argparse.Namespace, model_cfg: Any) -> tuple[float, Negative | None]:
     """The CFG scale and the unconditional pass's negative (None: text dropout), per the module doc."""
-    hunyuan = str(getattr(model_cfg, "family", "dit")) == "hunyuan_video"
-    guidance = float(args.guidance) if args.guidance is not None else (1.0 if hunyuan else 3.0)
+    record = family(model_cfg)
+    guidance = float(args.guidance) if args.guidance is not None else record.sampling.guidance
     if guidance == 1.0:
         return guidance, None
-    if args.negative is None and hunyuan:
+    if args.negative is None and record.sampling.negative_required:
         raise ValueError(
-            f"--guidance {guidance:g} on HunyuanVideo: say what its unconditional pass is: --negative FILE "
+            f"--guidance {guidance:g} on {record.name}: say what its unconditional pass is: --negative FILE "
             "(a negative prompt's text_embedding and pooled_text, as diffusers' pipelines run true CFG; "
             "tools/encode_shards.py --negative-prompt writes OUT/negative.safetensors) or --negative "
             "text-dropout (text tokens dropped, the conditional pooled text kept, as text_dropout trains)"
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, model_cfg = load_model_config(checkpoint, not args.no_ema, device, args.base)
-        spec = PackingSpec.from_model_config(model_cfg, embedded_guidance(args, model_cfg, checkpoint))
+        spec = packing_spec(model_cfg, embedded_guidance(args, model_cfg, checkpoint))
         guidance, negative = guidance_inputs(args, model_cfg)
         clean = clean_first_frame(model_cfg)  # token_replace: target videos keep their first frame
         if args.sar is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from imontage.models.dit.sequence import (
+from imontage.models.common.sequence import (
     PackedBatch,
     PackingSpec,
     Sample,

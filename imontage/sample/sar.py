@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imontage.models.dit.sequence import PackingSpec, Sample, Segment
+from imontage.models.common.sequence import PackingSpec, Sample, Segment
 from imontage.sample.sampler import sample_flow
 
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,9 +32,6 @@ from torch import nn
 from imontage.models.lora import BaseWithoutAdapters, adapted_modules, frozen_names
 from imontage.train import checkpoint as ckpt
 from imontage.train.ema import EMA
-
-if TYPE_CHECKING:
-    from imontage.models.dit import DiT
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +269,7 @@ class DeepSpeedBackend:
         self.data_world_size = parallel_state.get_data_parallel_world_size()
         self.data_group = parallel_state.get_data_parallel_group()
         parallelize_dit(
-            cast("DiT", model.to(device)),
+            model.to(device),
             parallel.tensor_parallel,
             parallel.context_parallel,
             parallel.sequence_parallel,

@@ -301,7 +301,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise CheckpointError(f"{manifest_path}: unreadable ({e})") from e
     except InputError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable ({str(e).removeprefix(f'{manifest_path}: ')})") from None
+        raise CheckpointError(
+            f"{manifest_path}: unreadable ({str(e).removeprefix(f'{manifest_path}: ')})"
+        ) from None
     if not _is_manifest(manifest):
         raise CheckpointError(f"{manifest_path}: not a format-{MANIFEST_FORMAT} checkpoint manifest")
     return manifest

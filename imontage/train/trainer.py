@@ -28,8 +28,7 @@ from tqdm import tqdm
 
 from imontage.config.loader import run_config_yaml, stage_section
 from imontage.data import build_loader, preview_samples
-from imontage.models import build_model
-from imontage.models.dit.sequence import PackingSpec
+from imontage.models import build_model, packing_spec
 from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching, clean_first_frame
 from imontage.sample.grid import make_grid, save_png
@@ -113,7 +112,7 @@ class Trainer:
         self.is_main = self.backend.rank == 0
         # What the loader decodes for the model: its channels, layout and per-sample inputs (pooled
         # text, image tokens, channel conditions, and the distilled guidance scale it trains at).
-        self.spec = PackingSpec.from_model_config(cfg.model, cfg.flow_matching.embedded_guidance)
+        self.spec = packing_spec(cfg.model, cfg.flow_matching.embedded_guidance)
         # Noise, t and text dropout: the same within a TP/CP group, different across DP ranks.
         self.generator = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_STRIDE * self.backend.data_rank)
         self.stages = build_stages(cfg)

@@ -2,7 +2,7 @@
 
 ``multi_axis_rope`` rotates q and k by per-token integer positions on 1 to 4 axes;
 ``qk_norm_rope`` applies per-head RMSNorm to q and k first, in the same launch. Both dispatch: CUDA
-tensors run the kernels, CPU tensors the PyTorch reference in :mod:`imontage.models.dit.rope` unless
+tensors run the kernels, CPU tensors the PyTorch reference (``reference.py``) unless
 ``TRITON_INTERPRET=1``. See docs/kernels.md.
 """
 

@@ -12,7 +12,7 @@ Layers, bottom up:
   ``register_autograd``; the in-place one, which cannot, goes through :class:`RopeInplaceFunction`.
 - :func:`multi_axis_rope` and :func:`qk_norm_rope` are the entry points the model calls. They validate
   once, accept packed ``[N, H, D]`` or ``[B, S, H, D]`` activations, and dispatch: CUDA tensors run the
-  kernel; CPU tensors run the PyTorch reference (:mod:`imontage.models.dit.rope`) unless
+  kernel; CPU tensors run the PyTorch reference (``reference.py``) unless
   ``TRITON_INTERPRET=1``, in which case the kernel runs through Triton's interpreter (how CI tests it).
 """
 
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .reference import apply_rope
 
 PAIR_LAYOUTS = ("half", "interleaved")
 MAX_AXES = 4
@@ -481,8 +483,6 @@ def multi_axis_rope(
     _check_activations(q, k, positions, len(bands))
     positions = positions.reshape(-1, len(bands))  # [N, A]
     if not kernel_enabled(q):
-        from imontage.models.dit.rope import apply_rope  # the reference imports this package
-
         q_out = apply_rope(_tokens_view(q), positions, bands, theta, pair_layout).view(q.shape)
         k_out = apply_rope(_tokens_view(k), positions, bands, theta, pair_layout).view(k.shape)
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
@@ -522,8 +522,6 @@ def qk_norm_rope(
     _check_norm_weights(q_weight, k_weight, head_dim, q.device)
     positions = positions.reshape(-1, len(bands))  # [N, A]
     if not kernel_enabled(q):
-        from imontage.models.dit.rope import apply_rope  # the reference imports this package
-
         q_normed = F.rms_norm(_tokens_view(q), (head_dim,), q_weight, eps)
         k_normed = F.rms_norm(_tokens_view(k), (head_dim,), k_weight, eps)
         q_out = apply_rope(q_normed, positions, bands, theta, pair_layout)

@@ -80,7 +80,7 @@ def save_initialised(rank: int, world_size: int, options: list[str], root: str) 
     from omegaconf import OmegaConf
 
     from imontage.config import load_recipe
-    from imontage.models.dit import build_dit
+    from imontage.models.dit.model import build_dit
     from imontage.train.backends import build_backend
 
     cfg = load_recipe(RECIPE, options)

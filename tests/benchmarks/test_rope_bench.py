@@ -8,7 +8,7 @@ For every shape, and for the rotation alone (``rope``) and per-head RMSNorm + ro
 
 - ``triton``: the fused kernel (``imontage.kernels.rope``); for ``qk_norm_rope`` also
   ``triton-separate``: ``F.rms_norm`` then the rotation kernel, the unfused pair the fused kernel replaces;
-- ``eager``: the reference the tests use, ``imontage.models.dit.rope.apply_rope`` (after ``F.rms_norm``);
+- ``eager``: the reference the tests use, ``imontage.models.common.rope.apply_rope`` (after ``F.rms_norm``);
 - ``compile``: ``torch.compile`` of that reference (inductor).
 
 Bandwidth counts the bytes an op must move (q and k read and written, plus positions and weights; the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imontage.kernels.rope import multi_axis_rope, qk_norm_rope
-from imontage.models.dit.rope import apply_rope
+from imontage.kernels.rope.reference import apply_rope
 
 pytestmark = pytest.mark.benchmark
 

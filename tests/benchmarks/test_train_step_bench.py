@@ -31,7 +31,9 @@ import torch
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models.dit import DiT, PackingSpec, Sample, Segment, pack_samples
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples
+from imontage.models.dit.model import DiT
 from imontage.objectives.flow_matching import FlowMatching
 
 pytestmark = pytest.mark.benchmark
@@ -72,7 +74,7 @@ def packed_batch(cfg: ModelConfig, case: Case, device: torch.device):
         )
         clip = torch.randn(channels, case.frames, case.latent_hw, case.latent_hw, generator=g)
         samples.append(Sample([text, Segment("video", "target", clip)]))
-    return pack_samples(samples, PackingSpec.from_model_config(cfg)).to(device)
+    return pack_samples(samples, packing_spec(cfg)).to(device)
 
 
 def model_flops(model: DiT, batch) -> float:

@@ -41,9 +41,10 @@ import torch
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models.dit import PackingSpec, Sample, Segment, pack_samples, unpatchify_segments
-from imontage.models.dit.attention import resolve_backend
-from imontage.models.wan import WanTransformer, build_wan
+from imontage.models import packing_spec
+from imontage.models.common import Sample, Segment, pack_samples, unpatchify_segments
+from imontage.models.common.attention import resolve_backend
+from imontage.models.wan.model import WanTransformer, build_wan
 
 from .test_train_step_bench import REPO, peak_flops, synchronize
 
@@ -97,7 +98,7 @@ def make_inputs(cfg: ModelConfig, case: Case, device: torch.device, dtype: torch
     t = 0.5  # one timestep for the sample, as Wan 2.1 trains
     batch = pack_samples(
         [Sample([Segment("text", data=text), Segment("video", "target", clip)])],
-        PackingSpec.from_model_config(cfg),
+        packing_spec(cfg),
     )
     batch = batch.replace(timesteps=torch.where(batch.is_text, 0.0, t)).to(device)
     text_len = int(cfg.wan.text_len) or case.text_tokens

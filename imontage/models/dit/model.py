@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imontage.models.dit.attention import varlen_attention
-from imontage.models.dit.rope import MultiAxisRope
-from imontage.models.dit.sequence import BYTE_VOCAB, PackedBatch
-
-FREQUENCY_DIM = 256
+from imontage.models.common.attention import CoreAttention
+from imontage.models.common.embeddings import FREQUENCY_DIM, timestep_frequencies
+from imontage.models.common.rope import MultiAxisRope
+from imontage.models.common.sequence import BYTE_VOCAB, PackedBatch
+from imontage.models.common.token_layout import TokenLayout
 
 
 class ByteTextEncoder(nn.Module):
@@ -42,16 +42,6 @@ class ByteTextEncoder(nn.Module):
         return self.byte_embedding(ids) + self.index_embedding(index)  # [N, dim]
 
 
-def timestep_frequencies(
-    t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0
-) -> torch.Tensor:
-    """Sinusoidal features of ``t`` in [0, 1] (scaled to [0, 1000]): ``[N]`` -> ``[N, dim]``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -64,53 +54,6 @@ class TimestepEmbedder(nn.Module):
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
-
-
-class CoreAttention(nn.Module):
-    """Softmax attention of ``[n, h, Dh]`` q, k, v, block-diagonal by ``cu_seqlens``.
-
-    A module of its own so that Ulysses can wrap it with its all-to-alls (``imontage.parallel``).
-    """
-
-    def __init__(self, backend: str) -> None:
-        super().__init__()
-        self.backend = backend
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        bounds: tuple[int, ...],
-    ) -> torch.Tensor:
-        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend, bounds)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}"
-
-
-class TokenLayout:
-    """Where the tokens of a forward pass live: on one device, every rank holds all of them.
-
-    ``imontage.parallel`` replaces it with a layout that pads the packed sequence, gives each rank
-    its shard and gathers the output; the model calls these four methods and nothing else.
-    """
-
-    def shard_batch(self, batch: PackedBatch) -> PackedBatch:
-        """This rank's tokens; ``cu_seqlens`` stays that of the whole packed sequence."""
-        return batch
-
-    def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, modulation
-
-    def exit_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def gather_output(self, out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """Every token's output, ``[N, ·]`` for the ``N`` tokens of ``batch``."""
-        return out
 
 
 class DiTBlock(nn.Module):
@@ -282,10 +225,6 @@ class DiT(nn.Module):
             t = batch.timesteps.clamp(min=self.min_timestep)[:, None]
             out = (batch.tokens.to(out.dtype) - out) / t
         return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_dit(cfg: Any, device: torch.device | str | None = None) -> DiT:

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imontage.models.dit.attention import varlen_attention
-from imontage.models.dit.model import timestep_frequencies
-from imontage.models.dit.rope import MultiAxisRope
-from imontage.models.dit.sequence import PackedBatch
-from imontage.models.feed_forward import FeedForward
-from imontage.models.token_layout import SampleTokenLayout, select_rows, sequence_bounds
+from imontage.models.common.attention import varlen_attention
+from imontage.models.common.embeddings import timestep_frequencies
+from imontage.models.common.feed_forward import FeedForward
+from imontage.models.common.rope import MultiAxisRope
+from imontage.models.common.sequence import PackedBatch
+from imontage.models.common.token_layout import SampleTokenLayout, select_rows, sequence_bounds
 
 FREQUENCY_DIM = 256
 REFINER_MLP_RATIO = 4.0  # diffusers' HunyuanVideoTokenRefiner keeps its default, whatever mlp_ratio is

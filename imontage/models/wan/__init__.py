@@ -1,5 +1,2 @@
-"""Wan 2.1 (text- and image-to-video) as an imontage model family; weights load from diffusers by name."""
-
-from imontage.models.wan.model import WanTransformer, build_wan
-
-__all__ = ["WanTransformer", "build_wan"]
+"""Wan 2.1 (text- and image-to-video) as an imontage model family: its record in ``family.py``, its
+model (``model.py``, weights loadable from diffusers by name) imported only when built."""

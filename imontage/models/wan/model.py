@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imontage.models.dit.attention import varlen_attention
-from imontage.models.dit.model import CoreAttention, timestep_frequencies
-from imontage.models.dit.rope import MultiAxisRope
-from imontage.models.dit.sequence import PackedBatch
-from imontage.models.feed_forward import FeedForward
-from imontage.models.token_layout import SampleTokenLayout, select_rows, sequence_bounds
+from imontage.models.common.attention import CoreAttention, varlen_attention
+from imontage.models.common.embeddings import timestep_frequencies
+from imontage.models.common.feed_forward import FeedForward
+from imontage.models.common.rope import MultiAxisRope
+from imontage.models.common.sequence import PackedBatch
+from imontage.models.common.token_layout import SampleTokenLayout, select_rows, sequence_bounds
 
 
 @dataclass

@@ -15,8 +15,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imontage.models.dit.model import TokenLayout
-from imontage.models.dit.sequence import PackedBatch
+from imontage.models.common.sequence import PackedBatch
+
+
+class TokenLayout:
+    """Where the tokens of a forward pass live: on one device, every rank holds all of them.
+
+    ``imontage.parallel`` replaces it with a layout that pads the packed sequence, gives each rank
+    its shard and gathers the output; the model calls these four methods and nothing else.
+    """
+
+    def shard_batch(self, batch: PackedBatch) -> PackedBatch:
+        """This rank's tokens; ``cu_seqlens`` stays that of the whole packed sequence."""
+        return batch
+
+    def enter_blocks(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, modulation
+
+    def exit_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_output(self, out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Every token's output, ``[N, ·]`` for the ``N`` tokens of ``batch``."""
+        return out
 
 
 def sequence_bounds(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

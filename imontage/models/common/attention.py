@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,28 @@ def varlen_attention(
         ks, vs = (t[start_k:end_k].transpose(0, 1).unsqueeze(0) for t in (k, v))
         outputs.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
     return torch.cat(outputs) if outputs else torch.empty_like(q)
+
+
+class CoreAttention(nn.Module):
+    """Softmax attention of ``[n, h, Dh]`` q, k, v, block-diagonal by ``cu_seqlens``.
+
+    A module of its own so that Ulysses can wrap it with its all-to-alls (``imontage.parallel``).
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        bounds: tuple[int, ...],
+    ) -> torch.Tensor:
+        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend, bounds)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"

@@ -12,11 +12,10 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from imontage.models.dit.positions import SegmentGrid, sample_positions
+from imontage.models.common.positions import SegmentGrid, sample_positions
 
 VISUAL_KINDS = ("image", "video", "latent")
 KINDS = ("text", *VISUAL_KINDS)
@@ -211,27 +210,6 @@ class PackingSpec:
     channel_condition: str = ""  # one of CHANNEL_CONDITIONS: how each target's channel condition is built
     text_embed_dim: int = 0  # width E of precomputed text embeddings [L, E] (model.text_dim); 0: byte text
 
-    @classmethod
-    def from_model_config(cls, cfg: Any, guidance: float | None = None) -> PackingSpec:
-        """From a :class:`~imontage.config.schema.ModelConfig` (dataclass or OmegaConf node).
-
-        ``guidance``: the distilled guidance scale fed to a model with a guidance embedding
-        (``flow_matching.embedded_guidance``; None: :data:`DEFAULT_EMBEDDED_GUIDANCE`); a model
-        without one refuses a value.
-        """
-        pt, ph, pw = (int(p) for p in cfg.patch_size)
-        return cls(
-            in_channels=latent_channels(cfg),
-            patch_size=(pt, ph, pw),
-            max_text_len=int(cfg.max_text_len),
-            layout=str(cfg.positions.layout),
-            virtual_frames=int(cfg.positions.virtual_frames),
-            head_window=int(cfg.positions.head_window),
-            tail_window=int(cfg.positions.tail_window),
-            text_embed_dim=int(cfg.text_dim) if str(cfg.text_encoder) == "precomputed" else 0,
-            **model_inputs(cfg, guidance),
-        )
-
 
 # Channel conditions a model may take, laid over each target segment [C', T, H, W]:
 #   "wan_i2v": 4 first-frame mask channels, then the latent of the condition image followed by
@@ -239,68 +217,11 @@ class PackingSpec:
 #   "latent_concat": the condition image's latent on frame 0 (zeros after), then 1 mask channel
 #              (diffusers' HunyuanVideoImageToVideoPipeline, image_condition_type latent_concat).
 CHANNEL_CONDITIONS = ("", "wan_i2v", "latent_concat")
-WAN_MASK_CHANNELS = 4  # Wan's VAE packs 4 pixel frames into a latent frame: one mask channel each
+WAN_MASK_CHANNELS = 4  # "wan_i2v": Wan's VAE packs 4 pixel frames into a latent frame, a mask channel each
 # The distilled guidance a guidance-embedding model is trained at unless the recipe says otherwise:
 # finetrainers (models/hunyuan_video/base_specification.py: forward(guidance=1.0), fed ×1000 like
 # diffusers' pipeline) and musubi-tuner (--guidance_scale, default 1.0) fine-tune HunyuanVideo at 1.0.
 DEFAULT_EMBEDDED_GUIDANCE = 1.0
-
-
-def model_inputs(cfg: Any, guidance: float | None = None) -> dict[str, Any]:
-    """The per-sample inputs and channel condition a model config asks the data for (PackingSpec fields).
-
-    A ValueError names what cannot be built: channel counts that match no known condition, or a
-    guidance scale for a model without a guidance embedding.
-    """
-    family = str(getattr(cfg, "family", "dit"))
-    inputs: dict[str, Any] = {
-        "pooled_text_dim": 0,
-        "image_embed_dim": 0,
-        "guidance": None,
-        "channel_condition": "",
-    }
-    has_guidance = False
-    if family == "wan":
-        inputs["image_embed_dim"] = int(cfg.wan.image_dim)
-        latent, extra = int(cfg.wan.out_channels), int(cfg.in_channels) - int(cfg.wan.out_channels)
-        if extra == WAN_MASK_CHANNELS + latent:
-            inputs["channel_condition"] = "wan_i2v"
-        elif extra != 0:
-            raise ValueError(
-                f"model.in_channels={cfg.in_channels}: a Wan model takes its {latent} latent channels, plus "
-                f"{WAN_MASK_CHANNELS} mask + {latent} condition channels for image-to-video ({2 * latent + 4})"
-            )
-    elif family == "hunyuan_video":
-        hv = cfg.hunyuan_video
-        inputs["pooled_text_dim"] = int(hv.pooled_projection_dim)
-        has_guidance = bool(hv.guidance_embeds)
-        latent = int(hv.out_channels)
-        expected = 2 * latent + 1 if str(hv.image_condition_type) == "latent_concat" else latent
-        if int(cfg.in_channels) != expected:
-            raise ValueError(
-                f"model.in_channels={cfg.in_channels}: HunyuanVideo with image_condition_type "
-                f"'{hv.image_condition_type}' takes {expected} channels"
-                + (f" ({latent} latent + {latent} image latent + 1 mask)" if expected != latent else "")
-            )
-        if str(hv.image_condition_type) == "latent_concat":
-            inputs["channel_condition"] = "latent_concat"
-    if has_guidance:
-        inputs["guidance"] = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance)
-    elif guidance is not None:
-        raise ValueError(
-            f"flow_matching.embedded_guidance={guidance}, but the model (family {family}) has no guidance "
-            "embedding to feed it to"
-        )
-    return inputs
-
-
-def latent_channels(cfg: Any) -> int:
-    """Channels of the visual segments a model takes: for the pretrained families the latent's
-    (``out_channels``); an image-to-video input's extra channels arrive as channel conditions."""
-    family = str(getattr(cfg, "family", "dit"))
-    if family == "dit":
-        return int(cfg.in_channels)
-    return int(getattr(cfg, family).out_channels)
 
 
 def _segment_rows(segment: Segment, spec: PackingSpec, where: str) -> tuple[torch.Tensor, SegmentGrid]:

@@ -1,0 +1,97 @@
+"""The record a model family registers: everything the rest of imontage asks of a family.
+
+A family is one folder under ``imontage/models/`` (the own DiT, Wan 2.1, HunyuanVideo, ...) whose
+``family.py`` exports one :class:`ModelFamily`; :mod:`imontage.models.registry` lists them. The
+trainer, the recipe schema and validation, parallelization, diffusers import and export, sampling,
+Imagic and the latent encoder look a family up there by ``model.family`` (or by the built module)
+and never branch on its name: adding a family is its folder and one registration line.
+
+Records are light to import: what needs the family's model code (building it, its module class)
+is a function that imports it when called, so a DiT run never imports the pretrained families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from imontage.models.common.parallel_plan import FamilyPlan
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model reads besides tokens, as the data must supply it (``PackingSpec`` fields).
+
+    ``channel_condition``: the condition laid over each target segment as extra channels (one of
+    :data:`imontage.models.common.sequence.CHANNEL_CONDITIONS`); ``guidance_embedding``: whether
+    the model takes a distilled-guidance scale per sample.
+    """
+
+    pooled_text_dim: int = 0
+    image_embed_dim: int = 0
+    channel_condition: str = ""
+    guidance_embedding: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How ``imontage-sample`` samples a family unless told otherwise."""
+
+    guidance: float = 3.0  # classifier-free guidance scale
+    # The unconditional pass must be named (--negative): the family was pretrained with a
+    # negative prompt rather than with text dropout.
+    negative_required: bool = False
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How ``encode_shards.py --text-recipe <family>`` turns a prompt into what the family's
+    pipeline feeds its transformer (a template around the prompt, the hidden state taken, the
+    template's tokens cropped, the length padded to)."""
+
+    template: str
+    crop_start: int
+    hidden_state: int  # index into the encoder's hidden states (-1: the last)
+    max_length: int
+    pad: bool = True
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family (module docstring). Keys named here are of the recipe's ``model`` section."""
+
+    name: str  # model.family
+    summary: str  # what it is, in a line
+    build: Callable[[Any, Any], nn.Module]  # (model config, device) -> the single-device model
+    model_class: str  # the class build returns, "package.module.ClassName" (not imported to name it)
+    parallel_plan: FamilyPlan  # its tensor-parallel cuts and sequence plan, block list by block list
+    # Keys of its own section ``model.<name>`` (a dataclass), None when it has none.
+    config_section: type | None = None
+    # What it reads besides tokens, from a model config; ValueError names a key it cannot build.
+    model_inputs: Callable[[Any], ModelInputs] = field(default=lambda cfg: ModelInputs())
+    # Channels of the visual segments it takes (the latent's; I2V's extra ones are channel conditions).
+    latent_channels: Callable[[Any], int] = field(default=lambda cfg: int(cfg.in_channels))
+    # Whether each target video's first latent frame stays clean (HunyuanVideo-I2V token_replace).
+    clean_first_frame: Callable[[Any], bool] = field(default=lambda cfg: False)
+    # (key, reason) for each family-specific value a recipe may not set.
+    validate: Callable[[Any], list[tuple[str, str]]] = field(default=lambda cfg: [])
+    precomputed_text: bool = False  # reads text embeddings, not the built-in byte encoder
+    predictions: tuple[str, ...] = ("velocity", "data")  # what model.prediction may be
+    # diffusers' class name(s) of its transformer -> the module mapping config.json to a model
+    # config and back (``model_config_from_diffusers``, ``diffusers_config``), imported when asked.
+    diffusers_classes: tuple[str, ...] = ()
+    diffusers_config: Callable[[], ModuleType] | None = None
+    sampling: SamplingDefaults = SamplingDefaults()
+    text_encoding: Callable[[], TextEncoding] | None = None  # encode_shards.py --text-recipe <name>
+    # ZeRO-3 keeps parameters of fewer elements than this resident on every rank (0: none).
+    zero3_resident_below: Callable[[nn.Module], int] = field(default=lambda module: 0)
+    # Width of the text features Imagic optimises (None: the family has no single text path to edit).
+    imagic_text_width: Callable[[nn.Module], int] | None = None
+
+    def is_model(self, module: nn.Module) -> bool:
+        """Whether ``module`` is (a subclass of) this family's model; imports nothing."""
+        return any(f"{cls.__module__}.{cls.__qualname__}" == self.model_class for cls in type(module).__mro__)

@@ -1,0 +1,153 @@
+"""HunyuanVideo (text- and image-to-video) as a model family: the record :mod:`imontage.models.registry` lists."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from imontage.models.common.family import ModelFamily, ModelInputs, SamplingDefaults, TextEncoding
+from imontage.models.common.parallel_plan import (
+    COLUMNS,
+    ROWS,
+    BlockPlan,
+    FamilyPlan,
+    JoinedInputSplit,
+    TensorSplit,
+    linears,
+)
+from imontage.models.hunyuan_video.config import HunyuanVideoConfig
+
+IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")  # model.hunyuan_video.image_condition_type
+
+# The dual-stream blocks (each stream its own linears) and the single-stream blocks.
+DUAL_SPLITS: dict[str, TensorSplit] = linears(
+    linears(
+        {},
+        ROWS,
+        *(f"attn.{linear}" for linear in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
+        "ff.net.0.proj",
+        "ff_context.net.0.proj",
+    ),
+    COLUMNS,
+    "attn.to_out.0",
+    "attn.to_add_out",
+    "ff.net.2",
+    "ff_context.net.2",
+)
+SINGLE_SPLITS: dict[str, TensorSplit] = linears(
+    {"proj_out.weight": JoinedInputSplit()}, ROWS, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"
+)
+_MODULATION = ("linear.weight", "linear.bias")
+PARALLEL_PLAN = FamilyPlan(
+    {
+        "transformer_blocks": BlockPlan(
+            DUAL_SPLITS,
+            heads="attn",
+            head_modules=("attn",),
+            mlp="ff.net.0.proj",
+            self_attentions=("attn",),  # the joint attention of both streams
+            head_partial=tuple(
+                f"attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+            ),
+            token_partial=tuple(f"{m}.{p}" for m in ("norm1", "norm1_context") for p in _MODULATION),
+        ),
+        "single_transformer_blocks": BlockPlan(
+            SINGLE_SPLITS,
+            heads="attn",
+            head_modules=("attn",),
+            mlp="proj_mlp",
+            self_attentions=("attn",),
+            head_partial=("attn.norm_q.weight", "attn.norm_k.weight"),
+            token_partial=tuple(f"norm.{p}" for p in _MODULATION),
+        ),
+    }
+)
+
+
+def model_inputs(cfg: Any) -> ModelInputs:
+    """The pooled CLIP text vector, the distilled-guidance embedding, and for ``latent_concat`` I2V
+    the condition image's latent + 1 mask channel (diffusers' HunyuanVideoImageToVideoPipeline)."""
+    hv = cfg.hunyuan_video
+    latent, condition = int(hv.out_channels), str(hv.image_condition_type)
+    expected = 2 * latent + 1 if condition == "latent_concat" else latent
+    if int(cfg.in_channels) != expected:
+        raise ValueError(
+            f"model.in_channels={cfg.in_channels}: HunyuanVideo with image_condition_type "
+            f"'{condition}' takes {expected} channels"
+            + (f" ({latent} latent + {latent} image latent + 1 mask)" if expected != latent else "")
+        )
+    return ModelInputs(
+        pooled_text_dim=int(hv.pooled_projection_dim),
+        channel_condition="latent_concat" if condition == "latent_concat" else "",
+        guidance_embedding=bool(hv.guidance_embeds),
+    )
+
+
+def clean_first_frame(cfg: Any) -> bool:
+    """``token_replace`` I2V keeps each target video's first latent frame clean, modulated at t = 0."""
+    if str(cfg.hunyuan_video.image_condition_type) != "token_replace":
+        return False
+    if int(cfg.patch_size[0]) != 1:
+        raise ValueError(
+            f"image_condition_type token_replace keeps one latent frame clean: it needs patch_size[0] = 1, "
+            f"got {cfg.patch_size[0]}"
+        )
+    return True
+
+
+def validate(cfg: Any) -> list[tuple[str, str]]:
+    condition = str(cfg.hunyuan_video.image_condition_type)
+    if condition not in IMAGE_CONDITIONS:
+        return [
+            (
+                "hunyuan_video.image_condition_type",
+                f"'{condition}' is not one of {', '.join(IMAGE_CONDITIONS)}",
+            )
+        ]
+    return []
+
+
+def text_encoding() -> TextEncoding:
+    """What diffusers' ``HunyuanVideoPipeline._get_llama_prompt_embeds`` feeds the transformer, with
+    its defaults: the prompt in its ``DEFAULT_PROMPT_TEMPLATE`` (read from diffusers), ``crop_start``
+    95, ``hidden_states[-(num_hidden_layers_to_skip + 1)]`` with skip 2, ``max_sequence_length`` 256,
+    padded to ``max_sequence_length + crop_start``."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template: dict[str, Any] = DEFAULT_PROMPT_TEMPLATE
+    return TextEncoding(str(template["template"]), int(template["crop_start"]), -3, 256, pad=True)
+
+
+def _build(cfg: Any, device: Any) -> nn.Module:
+    from imontage.models.hunyuan_video.model import build_hunyuan_video
+
+    return build_hunyuan_video(cfg, device)
+
+
+def _diffusers_config() -> ModuleType:
+    return importlib.import_module("imontage.models.hunyuan_video.diffusers_config")
+
+
+FAMILY = ModelFamily(
+    name="hunyuan_video",
+    summary="HunyuanVideo text- and image-to-video (diffusers' HunyuanVideoTransformer3DModel)",
+    build=_build,
+    model_class="imontage.models.hunyuan_video.model.HunyuanVideoTransformer",
+    parallel_plan=PARALLEL_PLAN,
+    config_section=HunyuanVideoConfig,
+    model_inputs=model_inputs,
+    latent_channels=lambda cfg: int(cfg.hunyuan_video.out_channels),
+    clean_first_frame=clean_first_frame,
+    validate=validate,
+    precomputed_text=True,
+    predictions=("velocity",),
+    diffusers_classes=("HunyuanVideoTransformer3DModel",),
+    diffusers_config=_diffusers_config,
+    # Pretrained with true classifier-free guidance off (distilled guidance embedded instead): its
+    # unconditional pass, when asked for, must be named.
+    sampling=SamplingDefaults(guidance=1.0, negative_required=True),
+    text_encoding=text_encoding,
+)

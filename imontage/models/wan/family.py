@@ -1,0 +1,85 @@
+"""Wan 2.1 (text- and image-to-video) as a model family: the record :mod:`imontage.models.registry` lists."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from imontage.models.common.family import ModelFamily, ModelInputs
+from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit, linears
+from imontage.models.common.sequence import WAN_MASK_CHANNELS
+from imontage.models.wan.config import WanConfig
+
+
+def _splits() -> dict[str, TensorSplit]:
+    splits: dict[str, TensorSplit] = {}
+    for attention in ("attn1", "attn2"):  # to_q, to_k, to_v: [H·Dh, d], output rows head-major
+        linears(splits, ROWS, *(f"{attention}.{linear}" for linear in ("to_q", "to_k", "to_v")))
+        linears(splits, COLUMNS, f"{attention}.to_out.0")  # [d, H·Dh]
+        splits |= {f"{attention}.norm_q.weight": ROWS, f"{attention}.norm_k.weight": ROWS}  # [H·Dh]
+    linears(splits, ROWS, "attn2.add_k_proj", "attn2.add_v_proj")  # I2V: the image tokens' keys, values
+    splits["attn2.norm_added_k.weight"] = ROWS
+    return linears(linears(splits, ROWS, "ffn.net.0.proj"), COLUMNS, "ffn.net.2")
+
+
+# Wan 2.1's blocks, by diffusers' parameter names (an I2V block has the add_* entries too).
+TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = _splits()
+PARALLEL_PLAN = FamilyPlan(
+    {
+        "blocks": BlockPlan(
+            TENSOR_PARALLEL_SPLITS,
+            heads="attn1",
+            head_modules=("attn1", "attn2"),
+            mlp="ffn.net.0.proj",
+            self_attentions=("attn1",),  # the cross-attention runs on the rank's own query tokens
+            whole_inputs=("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj"),
+            token_partial=("scale_shift_table", "norm2.weight", "norm2.bias"),
+        )
+    }
+)
+
+
+def model_inputs(cfg: Any) -> ModelInputs:
+    """CLIP image tokens for I2V (``model.wan.image_dim``), and the I2V mask + condition channels
+    (diffusers' WanImageToVideoPipeline.prepare_latents) when ``in_channels`` has room for them."""
+    latent, extra = int(cfg.wan.out_channels), int(cfg.in_channels) - int(cfg.wan.out_channels)
+    if extra not in (0, WAN_MASK_CHANNELS + latent):
+        raise ValueError(
+            f"model.in_channels={cfg.in_channels}: a Wan model takes its {latent} latent channels, plus "
+            f"{WAN_MASK_CHANNELS} mask + {latent} condition channels for image-to-video ({2 * latent + 4})"
+        )
+    return ModelInputs(image_embed_dim=int(cfg.wan.image_dim), channel_condition="wan_i2v" if extra else "")
+
+
+def _build(cfg: Any, device: Any) -> nn.Module:
+    from imontage.models.wan.model import build_wan
+
+    return build_wan(cfg, device)
+
+
+def _diffusers_config() -> ModuleType:
+    return importlib.import_module("imontage.models.wan.diffusers_config")
+
+
+def _text_width(module: nn.Module) -> int:
+    return int(module.condition_embedder.text_embedder.linear_1.in_features)  # type: ignore[union-attr, arg-type]
+
+
+FAMILY = ModelFamily(
+    name="wan",
+    summary="Wan 2.1 text- and image-to-video (diffusers' WanTransformer3DModel)",
+    build=_build,
+    model_class="imontage.models.wan.model.WanTransformer",
+    parallel_plan=PARALLEL_PLAN,
+    config_section=WanConfig,
+    model_inputs=model_inputs,
+    latent_channels=lambda cfg: int(cfg.wan.out_channels),
+    precomputed_text=True,
+    predictions=("velocity",),
+    diffusers_classes=("WanTransformer3DModel",),
+    diffusers_config=_diffusers_config,
+    imagic_text_width=_text_width,
+)
