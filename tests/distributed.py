@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -34,6 +35,9 @@ def _entry(
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
+    # Each rank gets its share of the cores, as torchrun gives each of its ranks OMP_NUM_THREADS=1:
+    # two ranks of two threads each on two cores spend their time waiting for each other.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         results.put((rank, True, fn(rank, world_size, *args)))

@@ -203,9 +203,18 @@ def test_a_consolidated_file_with_bad_metadata_is_named(tmp_path: Path, capsys) 
         assert str(file) in line and expected in line, line
 
 
-def test_export_without_ema_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["consolidate", "export-diffusers"])
+def test_a_run_without_ema_names_the_flag(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoint = dit_checkpoint(tmp_path / "checkpoints")
-    line = tool_error(["consolidate", str(checkpoint), str(tmp_path / "out.safetensors")], capsys)
+    out = tmp_path / "out"
+    argv = (
+        [command, str(checkpoint), str(out)]
+        if command == "consolidate"
+        else [command, str(checkpoint), "--out", str(out)]
+    )
+    line = tool_error(argv, capsys)
     assert "ema.safetensors: no such file" in line and "--weights live" in line, line
 
 
