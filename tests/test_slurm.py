@@ -115,7 +115,10 @@ def test_render_checks_numbers_and_names() -> None:
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The local one-node cluster (slurm/local_cluster.sh), on free ports, stopped afterwards."""
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    # Jobs take the submitting environment: their ranks use one thread each, as the ranks of
+    # run_ranks and torchrun do, so that a job's losses can equal a run_ranks reference bit for bit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURMCTLD_PORT": str(free_port()),
+           "SLURMD_PORT": str(free_port())}  # fmt: skip
     result = subprocess.run(
         ["bash", "slurm/local_cluster.sh", "start", str(state)],
         cwd=REPO,
