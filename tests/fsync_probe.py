@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from imontage.train import checkpoint
+from imontage.checkpoint import store as checkpoint
 from imontage.train.cli import main
 
 LOG = os.environ.get("FSYNC_LOG", "")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from imontage.train import checkpoint as ckpt
-from imontage.train.checkpoint import (
+from imontage.checkpoint import store as ckpt
+from imontage.checkpoint.store import (
     MANIFEST,
     CheckpointError,
     CheckpointWarning,

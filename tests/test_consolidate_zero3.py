@@ -28,9 +28,9 @@ from distributed import run_ranks
 from safetensors.torch import load_file
 
 from imontage.checkpoint import convert
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
 from imontage.models import packing_spec
-from imontage.train import checkpoint as ckpt
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"
 STEPS = 4  # checkpoints at 2 (resumed from) and 4

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from imontage.checkpoint import convert
+from imontage.checkpoint import store as ckpt
 from imontage.models.dit.model import build_dit
-from imontage.train import checkpoint as ckpt
 
 
 @pytest.fixture

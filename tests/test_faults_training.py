@@ -111,7 +111,7 @@ def signal_at_step_3(rank: int, world_size: int, run_dir: str, shards: str) -> d
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_a_checkpoint(
     tmp_path: Path, synthetic_shards: str
 ) -> None:
-    from imontage.train import checkpoint as ckpt
+    from imontage.checkpoint import store as ckpt
     from imontage.train.resilience import ExitCode
 
     run_dir = tmp_path / "run"

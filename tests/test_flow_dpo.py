@@ -22,6 +22,7 @@ import torch
 from conftest import REPO, tiny_model_config
 from distributed import run_ranks
 
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
 from imontage.config.loader import RecipeError, stage_section
 from imontage.data import build_loader
@@ -30,7 +31,6 @@ from imontage.models.common import Sample, Segment, pack_samples
 from imontage.models.dit.model import build_dit
 from imontage.objectives.flow_dpo import FlowDPO, PairError, check_pairs, dpo_loss, noise_pairs, sample_errors
 from imontage.objectives.flow_matching import masked_mse
-from imontage.train import checkpoint as ckpt
 from imontage.train.logger import read_metrics
 
 RECIPE = REPO / "configs/recipes/dreamontage.yaml"

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from imontage.checkpoint import convert
 from imontage.checkpoint import diffusers as dio
+from imontage.checkpoint import store as ckpt
 from imontage.models.dit.model import build_dit
-from imontage.train import checkpoint as ckpt
 from imontage.train import cli as train_cli
 
 sys.path.insert(0, str(REPO / "tools"))

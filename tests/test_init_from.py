@@ -13,9 +13,9 @@ from distributed import run_ranks
 from test_trainer import TINY, TWO_STAGES, run, shards  # noqa: F401 (shards: the fixture)
 
 from imontage.checkpoint import convert
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
 from imontage.config.loader import RecipeError
-from imontage.train import checkpoint as ckpt
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import Trainer
 

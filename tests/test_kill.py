@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from imontage.train import checkpoint as ckpt
+from imontage.checkpoint import store as ckpt
 from imontage.train.logger import read_metrics
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

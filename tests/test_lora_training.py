@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import assert_same_run, final_tensors, run
 
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
 from imontage.models import build_model
 from imontage.models.lora import is_adapter
-from imontage.train import checkpoint as ckpt
 
 LORA = ["model.lora.rank=2", "model.lora.alpha=4", "model.lora.targets=[blocks.*.qkv,blocks.*.fc2]",
         "model.lora.trainable=[final.*]"]  # fmt: skip

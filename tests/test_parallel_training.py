@@ -13,8 +13,8 @@ import pytest
 from conftest import REPO
 from distributed import run_ranks
 
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
-from imontage.train import checkpoint as ckpt
 from imontage.train.logger import read_metrics
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"

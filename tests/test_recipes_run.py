@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
+from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
-from imontage.train import checkpoint as ckpt
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import train
 

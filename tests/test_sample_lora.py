@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from test_imagic_wan import LIGHT, keep_determinism_setting  # noqa: F401 (a fixture, used by name)
 from test_lora_export import close
 
+from imontage.checkpoint import store as ckpt
 from imontage.checkpoint.diffusers import load_into
 from imontage.config import load_recipe
 from imontage.imagic.cli import load_editable_model
@@ -37,7 +38,6 @@ from imontage.models import build_model
 from imontage.models.lora import adapted_modules, base_model_config
 from imontage.sample import cli as sample_cli
 from imontage.sample.sampler import sample_flow
-from imontage.train import checkpoint as ckpt
 from imontage.train.trainer import Trainer, train
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"

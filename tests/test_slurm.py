@@ -14,9 +14,9 @@ import torch
 from conftest import REPO
 from distributed import free_port, run_ranks
 
+from imontage.checkpoint import store as ckpt
 from imontage.cluster.submit import JobSpec, SubmitError, render
 from imontage.config import load_recipe
-from imontage.train import checkpoint as ckpt
 from imontage.train.logger import read_metrics
 
 HOSTILE_REJECTED = ["a\nb", "a;b", "$(touch {marker})", "`touch {marker}`", "a\rb", "x\x00y"]

@@ -1,7 +1,7 @@
 """Checkpoint conversions: training checkpoint -> one safetensors file -> diffusers-style folder, and back.
 
 Formats:
-- a training checkpoint: ``RUN_DIR/checkpoints/step_N/`` (see imontage/train/checkpoint.py), either
+- a training checkpoint: ``RUN_DIR/checkpoints/step_N/`` (see imontage/checkpoint/store.py), either
   single-device (``model``/``optimizer``/``ema``/``rng`` safetensors groups, also what
   :func:`reshard` writes) or DeepSpeed ZeRO-3 (engine shards of any TP/CP/DP layout, read by
   :mod:`imontage.checkpoint.zero3`);
@@ -31,11 +31,11 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from imontage.checkpoint import store as ckpt
 from imontage.checkpoint import zero3
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
 from imontage.config.schema import ModelConfig
 from imontage.models import build_model
-from imontage.train import checkpoint as ckpt
 from imontage.untrusted import InputError, field, parse_json, read_json, string_map
 
 FORMAT = "imontage-consolidated/1"

@@ -27,10 +27,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from imontage.checkpoint import convert, zero3
+from imontage.checkpoint import store as ckpt
 from imontage.checkpoint.convert import ConversionError, TensorSource
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
 from imontage.models import registry
-from imontage.train import checkpoint as ckpt
 from imontage.untrusted import parse_json, read_json, string_map
 
 CONFIG = "config.json"

@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
+from imontage.checkpoint import store as ckpt
 from imontage.models.common.parallel_plan import TensorSplit
 from imontage.parallel.parallelize import tensor_split
-from imontage.train import checkpoint as ckpt
 from imontage.untrusted import InputError, field, parse_json, read_json
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq", "ema")

@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from imontage.checkpoint import convert, zero3
+from imontage.checkpoint import store as ckpt
 from imontage.checkpoint.convert import ConversionError
 from imontage.data import load_image, preview_samples
 from imontage.models import build_model, packing_spec
@@ -52,7 +53,6 @@ from imontage.objectives.flow_matching import clean_first_frame
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import Negative, sample_flow
 from imontage.sample.sar import Keyframe, iter_sar, plan_video
-from imontage.train import checkpoint as ckpt
 from imontage.train.trainer import preview_rows, resolve_device
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from imontage.checkpoint import store as ckpt
 from imontage.models.lora import BaseWithoutAdapters, adapted_modules, frozen_names
-from imontage.train import checkpoint as ckpt
 from imontage.train.ema import EMA
 
 log = logging.getLogger(__name__)

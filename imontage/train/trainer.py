@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from imontage.checkpoint import store as ckpt
 from imontage.config.loader import run_config_yaml, stage_section
 from imontage.data import build_loader, preview_samples
 from imontage.models import build_model, packing_spec
@@ -33,7 +34,6 @@ from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching, clean_first_frame
 from imontage.sample.grid import make_grid, save_png
 from imontage.sample.sampler import sample_flow
-from imontage.train import checkpoint as ckpt
 from imontage.train.backends import build_backend
 from imontage.train.logger import NullLogger, RunLogger
 from imontage.train.resilience import (

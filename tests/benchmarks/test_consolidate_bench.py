@@ -124,7 +124,7 @@ def output_file(out: Path) -> Path:
 
 def test_consolidate_against_zero_to_fp32(bench_options: dict, tmp_path: Path) -> None:
     from imontage.checkpoint import convert
-    from imontage.train import checkpoint as ckpt
+    from imontage.checkpoint import store as ckpt
 
     size = bench_options["size"]
     started = time.perf_counter()
