@@ -13,8 +13,13 @@ RUN_DIR ?= runs/quickstart
 SYNTHETIC_DIR ?= data/synthetic
 QUICKSTART_RANKS ?= 2
 TRAIN_ARGS ?=
+# Triton 3.6, what the lent GPU machines run, laid over this environment's torch (which needs no triton on
+# a CPU): tests/test_triton_versions.py runs the kernel checks against it. Its interpreter needs numpy < 2.4.
+TRITON36_ENV ?= .venv-triton36
+# Pure-Python wheels the GPU machines lack (tools/device_wheels.txt), for tools/device_check.sh.
+WHEEL_DIR ?= .whl
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench clean triton36-env device-wheels
 
 install: $(VENV)/.installed
 
@@ -35,8 +40,18 @@ quickstart: $(SYNTHETIC_DIR)/.complete
 		$(VENV)/bin/imontage-train configs/recipes/quickstart.yaml parallel=zero3_dp2 parallel.device=cpu \
 		run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar' $(TRAIN_ARGS)
 
-test: $(VENV)/.installed
-	$(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
+test: $(VENV)/.installed $(TRITON36_ENV)/.installed
+	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
+
+triton36-env: $(TRITON36_ENV)/.installed
+
+$(TRITON36_ENV)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --no-deps --upgrade --target $(TRITON36_ENV) triton==3.6.0 'numpy>=2,<2.4'
+	touch $@
+
+# Fills $(WHEEL_DIR) for the GPU check (docs/performance.md, "GPU check"); prints the total size.
+device-wheels: $(VENV)/.installed
+	PY=$(PY) tools/fill_wheels.sh tools/device_wheels.txt $(WHEEL_DIR)
 
 # Benchmarks print tables and write CSV under runs/bench; e.g. make bench BENCH_ARGS="--bench-size small"
 bench: $(VENV)/.installed
@@ -48,4 +63,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy imontage kernels megatron_patches tools
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TRITON36_ENV) build *.egg-info
