@@ -21,10 +21,12 @@ setup(
     packages=imontage_packages + kernel_packages + patch_packages,
     package_dir={"imontage.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        # The supported range: what CI runs (torch 2.13, triton 3.9) down to what the lent GPU machines
+        # run (torch 2.11, triton 3.6); docs/kernels.md, "Supported versions", says how each end is checked.
+        "torch>=2.11,<2.14",
         "deepspeed>=0.16",
         "megatron-core>=0.12",
-        "triton>=3.0",
+        "triton>=3.6,<3.10",
         "webdataset>=0.2.90",
         "braceexpand>=0.1.7",
         "omegaconf>=2.3",
