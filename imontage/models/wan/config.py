@@ -1,4 +1,4 @@
-"""Keys of the Wan 2.1 family that the shared ``model`` section does not hold (``model.wan``).
+"""Keys of the Wan family (Wan 2.1 and 2.2) that the shared ``model`` section does not hold (``model.wan``).
 
 The shared keys carry the rest: ``hidden_size`` = heads × head_dim, ``depth`` = layers,
 ``mlp_hidden_size`` = the FFN width, ``text_dim`` = the text encoder's width (UMT5-XXL: 4096).
@@ -21,3 +21,10 @@ class WanConfig:
     # them; the model pads each sample's text to this length the same way (0: no padding).
     text_len: int = 512
     rope_max_seq_len: int = 1024  # kept for the diffusers config round trip
+    # Wan 2.2 A14B: one of two experts switched at timestep boundary_ratio·1000 (the pipeline's
+    # model_index.json): `transformer` denoises t >= the boundary (high noise), `transformer_2` the
+    # rest. 0: a single model, used at every timestep.
+    boundary_ratio: float = 0.0
+    # Wan 2.2 TI2V: image-to-video keeps each target video's first latent frame clean at timestep 0
+    # (the pipelines' expand_timesteps, per-token timesteps); false trains text-to-video.
+    expand_timesteps: bool = False

@@ -1,4 +1,4 @@
-"""Wan 2.1 (text- and image-to-video) as a model family: the record :mod:`imontage.models.registry` lists."""
+"""Wan 2.1 and 2.2 (text- and image-to-video) as a model family: the record :mod:`imontage.models.registry` lists."""
 
 from __future__ import annotations
 
@@ -54,6 +54,29 @@ def model_inputs(cfg: Any) -> ModelInputs:
     return ModelInputs(image_embed_dim=int(cfg.wan.image_dim), channel_condition="wan_i2v" if extra else "")
 
 
+def clean_first_frame(cfg: Any) -> bool:
+    """Wan 2.2 TI2V's image-to-video (``expand_timesteps``) keeps each target video's first latent
+    frame clean, at timestep 0 token by token."""
+    return bool(cfg.wan.expand_timesteps)
+
+
+def validate(cfg: Any) -> list[tuple[str, str]]:
+    problems = []
+    ratio = float(cfg.wan.boundary_ratio)
+    if not 0.0 <= ratio < 1.0:
+        problems.append(("wan.boundary_ratio", f"{ratio} is not in [0, 1) (0: a single model)"))
+    if bool(cfg.wan.expand_timesteps):
+        # The clean first frame is the image itself, so it needs its own latent frame and no
+        # condition channels beside the noisy ones.
+        if int(cfg.patch_size[0]) != 1:
+            problems.append(("wan.expand_timesteps", f"needs patch_size[0] = 1, got {cfg.patch_size[0]}"))
+        if int(cfg.in_channels) != int(cfg.wan.out_channels):
+            problems.append(
+                ("wan.expand_timesteps", f"needs in_channels = wan.out_channels, got {cfg.in_channels}")
+            )
+    return problems
+
+
 def _build(cfg: Any, device: Any) -> nn.Module:
     from imontage.models.wan.model import build_wan
 
@@ -70,13 +93,15 @@ def _text_width(module: nn.Module) -> int:
 
 FAMILY = ModelFamily(
     name="wan",
-    summary="Wan 2.1 text- and image-to-video (diffusers' WanTransformer3DModel)",
+    summary="Wan 2.1 and 2.2 text- and image-to-video (diffusers' WanTransformer3DModel)",
     build=_build,
     model_class="imontage.models.wan.model.WanTransformer",
     parallel_plan=PARALLEL_PLAN,
     config_section=WanConfig,
     model_inputs=model_inputs,
     latent_channels=lambda cfg: int(cfg.wan.out_channels),
+    clean_first_frame=clean_first_frame,
+    validate=validate,
     precomputed_text=True,
     predictions=("velocity",),
     diffusers_classes=("WanTransformer3DModel",),
