@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 import pytest
 from conftest import REPO
@@ -12,12 +13,12 @@ from imontage.checkpoint import store as ckpt
 from imontage.train.logger import read_metrics
 
 BIN = Path(sys.executable).parent
-QUICK_STEPS = 200  # of the recipe's 800: enough to halve the loss
+QUICK_STEPS = 100  # of the recipe's 800: the loss falls 100x in the first ten steps, then still 5x
 
 
 @pytest.mark.slow
 def test_quickstart_learns_and_leaves_its_artifacts(tmp_path: Path) -> None:
-    """`make quickstart` itself (2 ranks under torchrun, ZeRO-3 over gloo), shortened to 200 steps."""
+    """`make quickstart` itself (2 ranks under torchrun, ZeRO-3 over gloo), shortened to 100 steps."""
     data, run_dir = tmp_path / "synthetic", tmp_path / "run"
     make = [
         "make", "--no-print-directory", "quickstart",
@@ -31,7 +32,11 @@ def test_quickstart_learns_and_leaves_its_artifacts(tmp_path: Path) -> None:
 
     metrics = read_metrics(run_dir)
     losses = [record["loss"] for record in metrics]
-    assert len(losses) == QUICK_STEPS and losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
+    assert len(losses) == QUICK_STEPS
+    # Past the first steps' collapse from the initial loss the model still learns: the median of the
+    # last ten losses is under half that of steps 11-20 (about a fifth, seed 0).
+    early, late = median(losses[10:20]), median(losses[-10:])
+    assert late <= 0.5 * early, (early, late)
     config = (run_dir / "config.yaml").read_text()
     assert "engine: deepspeed" in config and "zero_stage: 3" in config
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
