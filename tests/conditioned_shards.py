@@ -17,8 +17,8 @@ from pathlib import Path
 
 from latent_shards import POOLED_DIM, Samples, save_tiny_clip, save_tiny_encoders, write_pixel_shards
 
-from imontage.data.encode import Encoders, EncodeSettings, encode_shards
-from imontage.data.testing import image_bytes, video_bytes
+from imontage.dataprep.encode import Encoders, EncodeSettings, encode_shards
+from imontage.dataprep.testing import image_bytes, video_bytes
 
 IMAGE_DIM = 8  # width of the tiny CLIP vision model's tokens
 IMAGE_TOKENS = 5  # its 2x2 patches of a 32x32 crop and the class token

@@ -15,9 +15,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from imontage.data.encode import Encoders, EncodeSettings, encode_shards
 from imontage.data.shards import ShardWriter
-from imontage.data.testing import image_bytes, video_bytes
+from imontage.dataprep.encode import Encoders, EncodeSettings, encode_shards
+from imontage.dataprep.testing import image_bytes, video_bytes
 
 LATENT_CHANNELS = 4
 TEXT_DIM = 16

@@ -11,7 +11,7 @@ from imontage.data import build_loader
 from imontage.data.loader import StreamLoader
 from imontage.data.problems import DataError, SkipBudgetExceeded
 from imontage.data.shards import ShardWriter
-from imontage.data.testing import BAD_LIMITS, bad_samples, write_bad_shards
+from imontage.dataprep.testing import BAD_LIMITS, bad_samples, write_bad_shards
 from imontage.models.common.sequence import PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")

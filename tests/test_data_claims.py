@@ -28,7 +28,7 @@ from imontage.data.decode import DecodeOptions, decode_item, inspect_sample, pla
 from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardWriter, tar_member_info
-from imontage.data.testing import (
+from imontage.dataprep.testing import (
     HUGE,
     array_bytes,
     image_bytes,

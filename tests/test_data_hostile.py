@@ -24,7 +24,7 @@ from imontage.data.decode import DecodeOptions, decode_item, inspect_sample, pla
 from imontage.data.loader import StreamLoader
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample
-from imontage.data.testing import (
+from imontage.dataprep.testing import (
     eps_bytes,
     hostile_samples,
     image_bytes,

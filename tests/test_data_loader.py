@@ -18,7 +18,7 @@ from imontage.data.decode import DecodedItem, DecodeOptions, decode_item
 from imontage.data.loader import StreamLoader
 from imontage.data.plan import Sharding, allowed_skips, guaranteed_batches, plan_epoch
 from imontage.data.shards import RawSample, expand_shards
-from imontage.data.testing import MIXED_BUCKETS, write_mixed_shards
+from imontage.dataprep.testing import MIXED_BUCKETS, write_mixed_shards
 from imontage.models.common.sequence import PackedBatch, PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")

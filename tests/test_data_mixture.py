@@ -12,7 +12,7 @@ from imontage.config.schema import DataConfig, DatasetConfig, MixturePoint
 from imontage.data import build_loader
 from imontage.data.loader import MixtureLoader
 from imontage.data.mixture import MixtureSchedule, draw_dataset
-from imontage.data.synthetic import write_shards
+from imontage.dataprep.synthetic import write_shards
 from imontage.models.common.sequence import PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="montage")

@@ -26,7 +26,7 @@ from imontage.data.decode import DecodeOptions, decode_item
 from imontage.data.index import scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardWriter
-from imontage.data.testing import array_bytes, latent_sample, non_finite_samples
+from imontage.dataprep.testing import array_bytes, latent_sample, non_finite_samples
 from imontage.models.common.sequence import PackingSpec
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import train

@@ -10,7 +10,7 @@ from imontage.config.schema import BucketConfig, DataConfig
 from imontage.data import build_loader
 from imontage.data.loader import StreamLoader
 from imontage.data.packing import TokenPacker
-from imontage.data.testing import MIXED_BUCKETS, write_mixed_shards
+from imontage.dataprep.testing import MIXED_BUCKETS, write_mixed_shards
 from imontage.models.common.sequence import PackingSpec
 
 SPEC = PackingSpec(in_channels=3, patch_size=(1, 4, 4), max_text_len=32, layout="video3d")

@@ -18,7 +18,7 @@ from imontage.data import build_loader
 from imontage.data import index as index_module
 from imontage.data.index import read_sidecar
 from imontage.data.loader import StreamLoader
-from imontage.data.testing import image_bytes, video_bytes, write_bad_shards
+from imontage.dataprep.testing import image_bytes, video_bytes, write_bad_shards
 from imontage.models.common.sequence import PackingSpec
 
 

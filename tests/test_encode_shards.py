@@ -43,8 +43,13 @@ from latent_shards import (
 )
 
 from imontage.config.schema import DataConfig
-from imontage.data import build_loader, encode
-from imontage.data.encode import (
+from imontage.data import build_loader
+from imontage.data.index import read_sidecar
+from imontage.data.loader import StreamLoader
+from imontage.data.problems import DataError
+from imontage.data.shards import RawSample, ShardWriter, expand_shards, read_shard
+from imontage.dataprep import encode
+from imontage.dataprep.encode import (
     Encoders,
     EncodeSettings,
     LatentNorm,
@@ -52,12 +57,8 @@ from imontage.data.encode import (
     decode_latent_sample,
     encode_shards,
 )
-from imontage.data.index import read_sidecar
-from imontage.data.loader import StreamLoader
-from imontage.data.problems import DataError
-from imontage.data.shards import RawSample, ShardWriter, expand_shards, read_shard
-from imontage.data.synthetic import write_shards as write_synthetic
-from imontage.data.testing import image_bytes, latent_sample, non_finite_samples
+from imontage.dataprep.synthetic import write_shards as write_synthetic
+from imontage.dataprep.testing import image_bytes, latent_sample, non_finite_samples
 from imontage.models.common.sequence import PackingSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +257,7 @@ def test_ranks_take_whole_shards(tmp_path: Path, models: dict[str, str], pixels:
 
 
 def test_bad_input_samples_are_left_out_and_counted(tmp_path: Path, models: dict[str, str]) -> None:
-    from imontage.data.testing import write_bad_shards
+    from imontage.dataprep.testing import write_bad_shards
 
     write_bad_shards(tmp_path / "bad")
     encoders = Encoders.load(models["vae"])
@@ -265,7 +266,7 @@ def test_bad_input_samples_are_left_out_and_counted(tmp_path: Path, models: dict
     )
     assert report.samples == 2 and report.problems == {"bad_json": 1, "missing_member": 1}
     with pytest.raises(DataError, match="smaller than the VAE"):
-        from imontage.data.testing import image_bytes, record
+        from imontage.dataprep.testing import image_bytes, record
 
         members = {
             "0.png": image_bytes(4, 4),
@@ -413,7 +414,7 @@ def test_hunyuan_video_text_recipe_stores_what_its_pipeline_feeds_the_transforme
 
 
 def test_preference_pairs_keep_their_groups_and_anchors_move_to_latent_frames(models: dict[str, str]) -> None:
-    from imontage.data.testing import image_bytes, video_bytes
+    from imontage.dataprep.testing import image_bytes, video_bytes
 
     segments = [
         {"role": "condition", "kind": "image", "member": "c.png", "anchor": 5},

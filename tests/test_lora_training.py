@@ -21,7 +21,7 @@ LORA = ["model.lora.rank=2", "model.lora.alpha=4", "model.lora.targets=[blocks.*
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from imontage.data.synthetic import write_shards
+    from imontage.dataprep.synthetic import write_shards
 
     out = tmp_path_factory.mktemp("synthetic")
     write_shards(out, samples=12, per_shard=6, seed=0, progress=False)

@@ -20,10 +20,10 @@ from safetensors.torch import load
 
 from imontage.config import load_recipe
 from imontage.data import build_loader
-from imontage.data.encode import Encoders, EncodeSettings, encode_sample
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, expand_shards, read_shard
-from imontage.data.testing import image_bytes, record
+from imontage.dataprep.encode import Encoders, EncodeSettings, encode_sample
+from imontage.dataprep.testing import image_bytes, record
 from imontage.models import packing_spec
 from imontage.models.common.sequence import patchify
 from imontage.train.logger import read_metrics

@@ -18,8 +18,8 @@ from imontage.data.buckets import fit_image, frame_bucket, nearest_bucket, sampl
 from imontage.data.decode import DecodeOptions, decode_item
 from imontage.data.problems import DataError
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, iter_samples, iter_tar, read_shard
-from imontage.data.synthetic import write_shards
-from imontage.data.testing import broken_png, image_bytes, pattern, video_bytes
+from imontage.dataprep.synthetic import write_shards
+from imontage.dataprep.testing import broken_png, image_bytes, pattern, video_bytes
 from imontage.models.common.sequence import PackingSpec
 
 NUM_SAMPLES = 24  # 4 shards of 7, 7, 7, 3 samples

@@ -19,7 +19,7 @@ from torch import nn
 
 from imontage.config import load_recipe
 from imontage.data import preview_samples
-from imontage.data.encode import NEGATIVE
+from imontage.dataprep.encode import NEGATIVE
 from imontage.models import build_model, packing_spec
 from imontage.models.common.sequence import PackedBatch, PackingSpec
 from imontage.sample.cli import main as sample_main

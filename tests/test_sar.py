@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from imontage.config import load_recipe
 from imontage.data.shards import ShardWriter, read_shard
-from imontage.data.synthetic import (
+from imontage.dataprep.synthetic import (
     VIDEO_SHAPE_SIZE,
     VIDEO_TARGET_FRAMES,
     motion_example,

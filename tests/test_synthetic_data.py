@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imontage.data.synthetic import (
+from imontage.dataprep.synthetic import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,

@@ -8,7 +8,7 @@ from conftest import REPO
 
 from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
-from imontage.data.synthetic import write_shards
+from imontage.dataprep.synthetic import write_shards
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import train
 

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from imontage.data.decode import DecodeOptions
-from imontage.data.encode import (
+from imontage.data.shards import expand_shards
+from imontage.dataprep.encode import (
     DEFAULT_PATCH_SIZE,
     LATENT_DTYPES,
     TEXT_RECIPES,
@@ -36,7 +37,6 @@ from imontage.data.encode import (
     ShardReport,
     encode_shards,
 )
-from imontage.data.shards import expand_shards
 from imontage.untrusted import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,7 +3,7 @@
     python tools/make_synthetic.py --out data/synthetic [--samples 1600] [--per-shard 400]
     python tools/make_synthetic.py --out data/synthetic_pairs --tasks edit_pair   (DPO preference pairs)
 
-The same arguments always give byte-identical shards; see ``imontage.data.synthetic``.
+The same arguments always give byte-identical shards; see ``imontage.dataprep.synthetic``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from imontage.data.synthetic import ALL_TASKS, TASKS, format_summary, write_shards
+from imontage.dataprep.synthetic import ALL_TASKS, TASKS, format_summary, write_shards
 
 
 def task_list(value: str) -> list[str]:

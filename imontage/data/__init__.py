@@ -3,7 +3,8 @@
 Modules, in data-flow order: ``shards`` (specs, tar reading), ``records`` (the sample json),
 ``media`` and ``buckets`` and ``decode`` (bytes to trained tensors), ``index`` and ``catalog``
 (what each shard holds), ``plan`` (who reads what in an epoch), ``packing``, ``stream`` (one
-worker), ``mixture`` and ``loader`` (the main process). ``synthetic`` writes the embedded data.
+worker), ``mixture`` and ``loader`` (the main process). What writes shards (the latent encoder, the
+synthetic data, the tests' shards) is :mod:`imontage.dataprep`.
 """
 
 from imontage.data.decode import decode_sample

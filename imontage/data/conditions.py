@@ -28,14 +28,11 @@ frames after its image, and with no image given a zero latent stands for it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
+from imontage.data.facts import SampleFacts
 from imontage.models.common.sequence import WAN_MASK_CHANNELS, PackingSpec
-
-if TYPE_CHECKING:
-    from imontage.data.decode import SampleFacts
 
 FIRST_FRAME_LAYOUTS = ("video3d", "shared")  # layouts where a condition image is a target's first frame
 Shape = tuple[int, int, int, int]  # [C, T, H, W]

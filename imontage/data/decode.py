@@ -13,8 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +22,9 @@ import torch
 
 from imontage.data import conditions, media
 from imontage.data.buckets import Size, frame_bucket, sample_frame_indices, target_size
+from imontage.data.facts import SampleFacts, SegmentFacts
 from imontage.data.problems import DataError
 from imontage.data.records import (
-    PREFERENCE_GROUPS,
-    SEGMENT_KINDS,
-    SEGMENT_ROLES,
     SampleRecord,
     SegmentRecord,
     extension,
@@ -75,104 +72,6 @@ class DecodeOptions:
 
 # ---------------------------------------------------------------------------------------------
 # 1. facts
-
-
-@dataclass(frozen=True)
-class SegmentFacts:
-    kind: str
-    role: str
-    group: str | None
-    anchor: int | None
-    channels: int
-    frames: int  # frames in the member(s); 1 for images
-    height: int
-    width: int
-    fps: float  # 0 when unknown
-    condition_channels: int = 0  # channels C of the segment's condition_latent [C, T, H, W]; 0 without
-    member: str = ""  # the member holding it (a frame-image video's first frame), for messages
-
-    @classmethod
-    def from_json(cls, data: Any) -> SegmentFacts:
-        return cls(**_checked_fields(data, _SEGMENT_FACTS))
-
-
-@dataclass(frozen=True)
-class SampleFacts:
-    task: str
-    text_bytes: int  # UTF-8 length of the text
-    embedding_rows: int  # rows L of the precomputed text embedding; 0 without one
-    segments: tuple[SegmentFacts, ...]
-    pooled_dim: int = 0  # width E of the pooled text vector [E]; 0 without one
-    image_tokens: int = 0  # rows L of the image-encoder tokens [L, E]; 0 without them
-    image_dim: int = 0  # their width E
-    embedding_dim: int = 0  # width E of the precomputed text embedding [L, E]; 0 without one
-    embedding_member: str = ""  # the member holding it
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> SampleFacts:
-        """Facts as :meth:`to_json` wrote them; a ValueError naming the first field that is not
-        (an index file is read, not trusted)."""
-        fields = _checked_fields(data, _SAMPLE_FACTS)
-        segments = []
-        for number, segment in enumerate(fields.pop("segments")):
-            try:
-                segments.append(SegmentFacts.from_json(segment))
-            except ValueError as error:
-                raise ValueError(f"segments[{number}]: {error}") from None
-        return cls(segments=tuple(segments), **fields)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_size(value: Any) -> bool:
-    return _is_count(value) and value > 0
-
-
-def _one_of(*choices: object) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, (str, type(None))) and value in choices
-
-
-# What each field of the facts may hold, as an index file gives them.
-_SEGMENT_FACTS: dict[str, Callable[[Any], bool]] = {
-    "kind": _one_of(*SEGMENT_KINDS),
-    "role": _one_of(*SEGMENT_ROLES),
-    "group": _one_of(None, *PREFERENCE_GROUPS),
-    "anchor": lambda value: value is None or _is_count(value),
-    "channels": _is_size,
-    "frames": _is_count,
-    "height": _is_size,
-    "width": _is_size,
-    "fps": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
-    and math.isfinite(value) and value >= 0,
-    "condition_channels": _is_count,
-    "member": lambda value: isinstance(value, str),
-}  # fmt: skip
-_SAMPLE_FACTS: dict[str, Callable[[Any], bool]] = {
-    "task": lambda value: isinstance(value, str),
-    "text_bytes": _is_count,
-    "embedding_rows": _is_count,
-    "segments": lambda value: isinstance(value, list) and len(value) > 0,
-    "pooled_dim": _is_count,
-    "image_tokens": _is_count,
-    "image_dim": _is_count,
-    "embedding_dim": _is_count,
-    "embedding_member": lambda value: isinstance(value, str),
-}
-
-
-def _checked_fields(data: Any, checks: dict[str, Callable[[Any], bool]]) -> dict[str, Any]:
-    """``data``, a JSON object of exactly the fields of ``checks``, each passing its check."""
-    if not isinstance(data, dict) or set(data) != set(checks):
-        raise ValueError(f"expected an object of the fields {', '.join(checks)}")
-    for name, check in checks.items():
-        if not check(data[name]):
-            raise ValueError(f"field '{name}' cannot be {str(data[name])[:60]!r}")
-    return dict(data)
 
 
 def _media_error(raw: RawSample, member: str, error: media.MediaError) -> DataError:

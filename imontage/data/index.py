@@ -27,7 +27,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imontage.data.decode import SampleFacts, inspect_sample
+from imontage.data.decode import inspect_sample
+from imontage.data.facts import SampleFacts
 from imontage.data.problems import SAMPLE_REASONS, SHARD_REASONS, DataError
 from imontage.data.shards import PIPE_PREFIX, RawSample, ShardProblem, is_local, iter_samples, open_shard
 from imontage.untrusted import InputError, read_json

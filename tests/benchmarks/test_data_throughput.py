@@ -33,7 +33,7 @@ from imontage.config.schema import BucketConfig, DataConfig
 from imontage.data import build_loader
 from imontage.data.index import scan_shard, write_index
 from imontage.data.loader import StreamLoader
-from imontage.data.testing import mixed_buckets, write_mixed_shards
+from imontage.dataprep.testing import mixed_buckets, write_mixed_shards
 from imontage.models.common.sequence import PackingSpec
 
 # (shards, samples per shard, size scale): "small" runs in a minute on 2 CPU cores.

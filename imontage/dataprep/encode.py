@@ -47,7 +47,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imontage.models.registry import FAMILIES
 from imontage import untrusted
 from imontage.data import media
 from imontage.data.decode import DecodeOptions, check_array_members, decode_item
@@ -56,6 +55,7 @@ from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
 from imontage.models.common.sequence import patch_grid
+from imontage.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
 
