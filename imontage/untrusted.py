@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 # The largest JSON file read whole: a safetensors index of a 10^5-tensor model is ~10 MB.
 MAX_JSON_BYTES = 64 * 2**20
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")  # weights files never opened
 _T = TypeVar("_T")
 _TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
                bool: "true or false"}  # fmt: skip
@@ -25,6 +26,22 @@ _TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an inte
 class InputError(ValueError):
     """A file (or a value in it) that is not what its name declares; the message names the file
     and, where known, the key. The tools print it as one line and exit with status 2."""
+
+
+class ConversionError(InputError):
+    """A checkpoint or model file that cannot be read or converted; the message names the file and,
+    where known, the tensor."""
+
+
+def refuse_pickle(file: Path, why: str = "") -> None:
+    """Refuses, unopened, a weights file whose name says it is a pickle."""
+    if file.suffix in PICKLE_SUFFIXES or file.name.endswith(
+        tuple(s + ".index.json" for s in PICKLE_SUFFIXES)
+    ):
+        raise ConversionError(
+            f"{file}: a pickle checkpoint{why}; imontage reads safetensors only and never unpickles "
+            "(save the model with diffusers' save_pretrained(safe_serialization=True))"
+        )
 
 
 def parse_json(data: bytes | str, where: str | Path) -> Any:

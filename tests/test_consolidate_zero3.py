@@ -31,6 +31,7 @@ from imontage.checkpoint import convert
 from imontage.checkpoint import store as ckpt
 from imontage.config import load_recipe
 from imontage.models import packing_spec
+from imontage.untrusted import ConversionError
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"
 STEPS = 4  # checkpoints at 2 (resumed from) and 4
@@ -208,7 +209,7 @@ def test_reshard_of_tp2_resumes_on_one_process_and_under_tp2(
     convert.reshard(checkpoint_of(runs, "tp2", 2), again / "checkpoints", tensor_parallel=2)
     losses = run_ranks(train_losses, 2, overrides(again, synthetic_shards, "tp2"), timeout=300)[0]
     assert losses == runs["tp2"][1]["losses"][2:]
-    with pytest.raises(convert.ConversionError, match=r"saved with data_parallel=1.*not 2"):
+    with pytest.raises(ConversionError, match=r"saved with data_parallel=1.*not 2"):
         convert.reshard(checkpoint_of(runs, "tp2", 2), tmp_path / "other", data_parallel=2)
 
 
@@ -291,25 +292,23 @@ def test_truncated_missing_and_misconfigured_shards_are_named(runs: dict, tmp_pa
     out = tmp_path / "out.safetensors"
     with pytest.raises(ckpt.CheckpointError, match=f"{shard.name}: .* bytes"):  # the manifest's sizes
         convert.consolidate(broken, out)
-    with pytest.raises(convert.ConversionError, match=f"{shard.name}: not a readable DeepSpeed"):
+    with pytest.raises(ConversionError, match=f"{shard.name}: not a readable DeepSpeed"):
         convert.consolidate(broken, out, weights="live", verify=False)
     shutil.copy(source / shard.name, shard)
     (broken / "rank_00001.safetensors").unlink()
-    with pytest.raises(convert.ConversionError, match=r"rank_00001\.safetensors: no such file"):
+    with pytest.raises(ConversionError, match=r"rank_00001\.safetensors: no such file"):
         convert.consolidate(broken, out, verify=False)
     shutil.copy(source / "rank_00001.safetensors", broken)
     rank_file = broken / "rank_00000.safetensors"
     rank_file.write_bytes(rank_file.read_bytes()[:-64])
-    with pytest.raises(
-        convert.ConversionError, match=r"rank_00000\.safetensors: its header declares \d+ bytes"
-    ):
+    with pytest.raises(ConversionError, match=r"rank_00000\.safetensors: its header declares \d+ bytes"):
         convert.consolidate(broken, out, verify=False)
     shutil.copy(source / rank_file.name, broken)
     state = json.loads((broken / ckpt.STATE_FILE).read_text())
     state["model_config"]["mlp_hidden_size"] = 256
     (broken / ckpt.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(
-        convert.ConversionError,
+        ConversionError,
         match=r"zero_pp_rank_0_mp_rank_00_model_states\.pt: tensor 'blocks\.0\.fc1\.weight' has TP-local shape",
     ):
         convert.consolidate(broken, out, verify=False)

@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from imontage.checkpoint import convert
 from imontage.checkpoint import store as ckpt
+from imontage.checkpoint.tensors import DIFFUSERS_INDEX
+from imontage.config.model_file import DIFFUSERS_CONFIG
 from imontage.models.dit.model import build_dit
+from imontage.untrusted import ConversionError
 
 
 @pytest.fixture
@@ -50,11 +53,11 @@ def test_export_then_import_is_bit_identical(
 ) -> None:
     consolidated = convert.consolidate(training_checkpoint, tmp_path / "model.safetensors")
     folder = convert.export_diffusers(consolidated, tmp_path / "export", max_shard_size)
-    config = json.loads((folder / convert.DIFFUSERS_CONFIG).read_text())
+    config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
     assert config["_class_name"] == convert.CLASS_NAME and config["hidden_size"] == 32
     shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     assert (len(shards) > 1) == (max_shard_size == 4000)
-    assert (folder / convert.DIFFUSERS_INDEX).is_file() == (len(shards) > 1)
+    assert (folder / DIFFUSERS_INDEX).is_file() == (len(shards) > 1)
     back = convert.import_diffusers(folder, tmp_path / "back.safetensors")
     original, imported = load_file(consolidated), load_file(back)
     assert original.keys() == imported.keys()
@@ -92,20 +95,20 @@ def test_wrong_config_missing_shard_and_truncated_file_are_named(
 ) -> None:
     consolidated = convert.consolidate(training_checkpoint, tmp_path / "model.safetensors")
     folder = convert.export_diffusers(consolidated, tmp_path / "export", max_shard_bytes=4000)
-    config_file = folder / convert.DIFFUSERS_CONFIG
+    config_file = folder / DIFFUSERS_CONFIG
     good_config = config_file.read_text()
     config_file.write_text(good_config.replace('"mlp_hidden_size": 64', '"mlp_hidden_size": 96'))
     with pytest.raises(
-        convert.ConversionError,
+        ConversionError,
         match=r"model-\d+-of-\d+\.safetensors: tensor 'blocks\.0\.fc1\.(weight|bias)' has shape",
     ):
         convert.import_diffusers(folder, tmp_path / "x.safetensors")
     config_file.write_text(good_config)
     shard = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(convert.ConversionError, match=f"{shard.name}: no such file"):
+    with pytest.raises(ConversionError, match=f"{shard.name}: no such file"):
         convert.import_diffusers(folder, tmp_path / "x.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(consolidated.read_bytes()[:1000])
-    with pytest.raises(convert.ConversionError, match="truncated.safetensors"):
+    with pytest.raises(ConversionError, match="truncated.safetensors"):
         convert.load_consolidated(truncated)

@@ -22,8 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from imontage.checkpoint import diffusers as dio
-from imontage.checkpoint.convert import ConversionError, model_config
+from imontage.config.model_file import check_model_config, model_config, read_model_config
 from imontage.models.wan import diffusers_config as wan_config
+from imontage.untrusted import ConversionError
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint as convert_tool  # noqa: E402
@@ -292,12 +293,12 @@ def test_an_index_naming_a_pickle_shard_is_refused(tmp_path: Path, folder: Path)
 
 
 def test_the_folder_must_match_the_recipe_model(folder: Path) -> None:
-    _, _, cfg = dio.read_model_config(folder)
-    dio.check_model_config(folder, cfg)  # its own config matches
+    _, _, cfg = read_model_config(folder)
+    check_model_config(folder, cfg)  # its own config matches
     with pytest.raises(ConversionError, match=re.escape("family wan), the recipe's model.family is dit")):
-        dio.check_model_config(folder, OmegaConf.merge(cfg, {"family": "dit"}))
+        check_model_config(folder, OmegaConf.merge(cfg, {"family": "dit"}))
     with pytest.raises(ConversionError, match="ffn_dim: 32 != 64"):
-        dio.check_model_config(folder, OmegaConf.merge(cfg, {"mlp_hidden_size": 64}))
+        check_model_config(folder, OmegaConf.merge(cfg, {"mlp_hidden_size": 64}))
 
 
 # ------------------------------------------------------------------- imontage's Wan, end to end

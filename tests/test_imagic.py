@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imontage.config import RecipeError, load_recipe
-from imontage.data.synthetic import EDIT_CANVAS, Shape, render
+from imontage.config.imagic import ImagicConfigError, load_imagic_config
+from imontage.dataprep.synthetic import EDIT_CANVAS, Shape, render
 from imontage.imagic.cli import main as imagic_main
 from imontage.imagic.cli import read_target
-from imontage.imagic.config import ImagicConfigError, load_imagic_config
 from imontage.imagic.edit import (
     finetune_model,
     imagic_grid,

@@ -16,12 +16,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_imagic import snapshot
 
+from imontage.config.imagic import load_imagic_config
 from imontage.config.schema import ModelConfig
 from imontage.data import load_image
-from imontage.data.encode import VideoVAE
-from imontage.data.testing import pattern
+from imontage.dataprep.encode import VideoVAE
+from imontage.dataprep.testing import pattern
 from imontage.imagic.cli import main as imagic_main
-from imontage.imagic.config import load_imagic_config
 from imontage.imagic.edit import (
     finetune_model,
     fit_image,

@@ -18,6 +18,7 @@ from imontage.config import load_recipe
 from imontage.config.loader import RecipeError
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import Trainer
+from imontage.untrusted import ConversionError
 
 RECIPE = REPO / "configs/recipes/quickstart.yaml"
 FROM_TUNE = (
@@ -100,7 +101,7 @@ def test_bad_init_from_is_named(tmp_path: Path, shards: str, source: Path) -> No
     trainer = Trainer(other_model)
     trainer.maybe_resume()
     with pytest.raises(
-        convert.ConversionError, match=r"model\.safetensors: tensor 'blocks\.1\..*' is not in the model"
+        ConversionError, match=r"model\.safetensors: tensor 'blocks\.1\..*' is not in the model"
     ):
         trainer.start_stage(trainer.stages[1])
     trainer.logger.close()

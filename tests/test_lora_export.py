@@ -42,7 +42,7 @@ def train_wan_lora(root: Path) -> tuple[Path, Path, object]:
 
 
 def imontage_with_adapters(folder: Path, checkpoint: Path, cfg: object) -> torch.nn.Module:
-    from imontage.checkpoint.convert import model_weights
+    from imontage.checkpoint.diffusers import model_weights
 
     model = build_model(cfg.model).eval()  # type: ignore[attr-defined]
     with torch.no_grad():
@@ -125,8 +125,8 @@ def test_exported_adapters_load_into_diffusers_and_merge_into_its_weights(
 
 def test_adapters_beside_trained_parameters_have_no_lora_file(tmp_path: Path, wan_lora_run) -> None:
     """A run with model.lora.trainable is refused by export-lora, naming a parameter."""
-    from imontage.checkpoint.convert import ConversionError
     from imontage.checkpoint.lora import export_lora
+    from imontage.checkpoint.tensors import ConversionError
 
     folder, _, _ = wan_lora_run
     from latent_shards import write_latent_shards

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from imontage.checkpoint import convert
 from imontage.checkpoint import diffusers as diffusers_io
 from imontage.config import load_recipe
+from imontage.config.model_file import config_diff, model_config
 from imontage.untrusted import InputError
 
 UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
@@ -47,7 +48,7 @@ def run_inspect(args: argparse.Namespace) -> None:
             print(f"  {name:<60} {dtype:<5} {list(shape)}")
     if args.recipe:
         recipe = OmegaConf.to_container(load_recipe(args.recipe).model, resolve=True)
-        diff = convert.config_diff(info["config"], recipe)  # type: ignore[arg-type]
+        diff = config_diff(info["config"], recipe)  # type: ignore[arg-type]
         print(f"model config vs {args.recipe}: " + ("identical" if not diff else f"{len(diff)} differences"))
         for line in diff:
             print(f"  {line}")
@@ -58,9 +59,7 @@ def model_config_file(path: Path) -> object:
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     if isinstance(values, dict) and ("stages" in values or "defaults" in values):
         return load_recipe(path).model
-    return convert.model_config(
-        {str(k): v for k, v in values.items()} if isinstance(values, dict) else {}, str(path)
-    )
+    return model_config({str(k): v for k, v in values.items()} if isinstance(values, dict) else {}, str(path))
 
 
 def run_import_diffusers(args: argparse.Namespace) -> None:
@@ -134,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", type=Path)
     p.add_argument("--out", type=Path, required=True, help="the folder to write")
     p.add_argument("--config", type=Path, help="recipe or model preset (checked against the source's)")
-    p.add_argument(
-        "--weights", choices=diffusers_io.WEIGHT_KINDS, default="ema", help="of a training checkpoint"
-    )
+    p.add_argument("--weights", choices=convert.WEIGHT_KINDS, default="ema", help="of a training checkpoint")
     p.add_argument("--dtype", choices=tuple(diffusers_io.DTYPES), default=None,
                    help="cast floating tensors (default: the dtypes of the imported folder)")  # fmt: skip
     p.add_argument("--max-shard-size", type=size_bytes, default=diffusers_io.MAX_SHARD_BYTES)
@@ -149,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("source", type=Path)
     p.add_argument("--out", type=Path, required=True, help="e.g. pytorch_lora_weights.safetensors")
-    p.add_argument(
-        "--weights", choices=diffusers_io.WEIGHT_KINDS, default="ema", help="of a training checkpoint"
-    )
+    p.add_argument("--weights", choices=convert.WEIGHT_KINDS, default="ema", help="of a training checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a training checkpoint")
     p = commands.add_parser("inspect", help="tensors, parameter count, step, config diff")
     p.add_argument("path", type=Path)

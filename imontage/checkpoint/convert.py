@@ -28,124 +28,33 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from imontage.checkpoint import store as ckpt
 from imontage.checkpoint import zero3
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
-from imontage.config.schema import ModelConfig
+from imontage.checkpoint.tensors import (
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    DTYPE_NAMES,
+    TensorSource,
+    checkpoint_shapes,
+    expected_shapes,
+    file_sources,
+    finite,
+    index_sources,
+    open_safetensors,
+    read_tensor,
+    stream_sources,
+    tensor_headers,
+)
+from imontage.config.model_file import DIFFUSERS_CONFIG, model_config
 from imontage.models import build_model
-from imontage.untrusted import InputError, field, parse_json, read_json, string_map
+from imontage.untrusted import ConversionError, field, parse_json, read_json
 
 FORMAT = "imontage-consolidated/1"
-DIFFUSERS_CONFIG = "config.json"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 CLASS_NAME = "ImontageDiT"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
-# A LoRA run's checkpoints leave its frozen base out; where no base folder is at hand to count its
-# tensors, a model config read from the checkpoint may describe at most this many (HunyuanVideo
-# I2V 13B has 1,260 tensors, Wan 2.1 I2V 14B 1,303: the largest of the families).
-MAX_TENSORS_WITHOUT_BASE = 5_000
-
-
-class ConversionError(InputError):
-    """A checkpoint that cannot be converted; the message names the file and, where known, the tensor."""
-
-
-@dataclass
-class TensorSource:
-    """Where one tensor lives: a safetensors file and its name there."""
-
-    file: Path
-    key: str
-
-
-MAX_CONFIG_INT = 2**31 - 1  # no size of a model config read from a file is larger
-
-
-def model_config(values: Mapping[str, Any], where: str) -> Any:
-    """A validated ModelConfig node from plain values (an unknown key, or a size no model has, is
-    an error naming the key and ``where``)."""
-    if not isinstance(values, Mapping):
-        raise ConversionError(f"{where}: the model config is {type(values).__name__}, not an object")
-    check_sizes(values, where)
-    try:
-        return OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(values))
-    except Exception as error:
-        raise ConversionError(f"{where}: not a model config: {str(error).splitlines()[0]}") from None
-
-
-def check_sizes(values: Any, where: str, key: str = "") -> None:
-    """Every number of a model config read from a file is finite, every integer at most MAX_CONFIG_INT
-    in size (a width or count beyond it overflows the products that size tensors)."""
-    if isinstance(values, Mapping | list):
-        items = values.items() if isinstance(values, Mapping) else enumerate(values)
-        for inner, value in items:
-            check_sizes(
-                value,
-                where,
-                f"{key}.{inner}"
-                if key and isinstance(inner, str)
-                else f"{key}[{inner}]"
-                if key
-                else str(inner),
-            )
-    elif (isinstance(values, float) and not math.isfinite(values)) or (
-        isinstance(values, int) and not isinstance(values, bool) and abs(values) > MAX_CONFIG_INT
-    ):
-        raise ConversionError(f"{where}: model config key '{key}': {values} is not a size any model has")
-
-
-def tensor_budget(cfg: Any, offered: int) -> int:
-    """The most parameters and buffers the model of ``cfg`` may register when built for a source
-    that offers ``offered`` tensors: twice those (non-persistent buffers and wrapped layers also
-    register), plus, for a LoRA run, its frozen base (which its checkpoints leave out): the
-    tensors of its ``model.init_from_diffusers`` folder, or :data:`MAX_TENSORS_WITHOUT_BASE`."""
-    from imontage.models.lora import lora_enabled
-
-    base = 0
-    if lora_enabled(cfg.lora):
-        folder = Path(str(cfg.init_from_diffusers or ""))
-        if str(folder) and (folder / DIFFUSERS_CONFIG).is_file():
-            from imontage.checkpoint.diffusers import weight_sources
-
-            base = len(weight_sources(folder))
-        else:
-            base = MAX_TENSORS_WITHOUT_BASE
-    return 2 * (offered + base) + 64
-
-
-def _meta_model(cfg: Any, offered: int, where: str) -> torch.nn.Module:
-    return build_model(cfg, device="meta", max_tensors=tensor_budget(cfg, offered), where=where)
-
-
-def expected_shapes(
-    cfg: Any, adapters: bool = True, *, offered: int, where: str
-) -> dict[str, tuple[int, ...]]:
-    """Every parameter and buffer of the model ``cfg`` describes, built on the meta device;
-    ``adapters=False``: the base model's alone (what a diffusers folder holds), without LoRA's.
-
-    ``offered``: how many tensors the source whose config this is holds (``where``): the build
-    stops early when the config describes far more (:func:`tensor_budget`).
-    """
-    from imontage.models.lora import is_adapter
-
-    shapes = _meta_model(cfg, offered, where).state_dict().items()
-    return {name: tuple(t.shape) for name, t in shapes if adapters or not is_adapter(name)}
-
-
-def checkpoint_shapes(cfg: Any, *, offered: int, where: str) -> dict[str, tuple[int, ...]]:
-    """What a training checkpoint of ``cfg`` holds: every tensor, less a frozen base (``model.lora``:
-    adapters, listed trainable parameters and buffers only). ``offered``, ``where``: as
-    :func:`expected_shapes`."""
-    from imontage.models.lora import frozen_names
-
-    model = _meta_model(cfg, offered, where)
-    frozen = frozen_names(model)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in frozen}
 
 
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], Any]:
@@ -156,23 +65,6 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], Any]:
     state = read_json(file)
     field(state, "step", int, file)
     return state, model_config(field(state, "model_config", dict, file), str(file))
-
-
-def _open(path: Path) -> Any:
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as error:
-        raise ConversionError(f"{path}: not a readable safetensors file ({error})") from error
-
-
-def _read(source: TensorSource) -> torch.Tensor:
-    with _open(source.file) as handle:
-        try:
-            return handle.get_tensor(source.key)
-        except (SafetensorError, OSError) as error:
-            raise ConversionError(f"{source.file}: tensor '{source.key}' cannot be read ({error})") from error
 
 
 def _check_layout(
@@ -189,7 +81,7 @@ def _check_layout(
             f"{sources[extra[0]].file}: tensor '{extra[0]}' is not in the model of this config"
         )
     for name, source in sources.items():
-        with _open(source.file) as handle:
+        with open_safetensors(source.file) as handle:
             shape = tuple(handle.get_slice(source.key).get_shape())
         if shape != shapes[name]:
             raise ConversionError(
@@ -203,7 +95,7 @@ def _write(
     """Stream ``sources`` into one safetensors file (cast to ``dtype`` when given)."""
     layout = {}
     for name, source in sources.items():
-        with _open(source.file) as handle:
+        with open_safetensors(source.file) as handle:
             piece = handle.get_slice(source.key)
             stored = _safetensors_dtype(piece.get_dtype(), source)
             layout[name] = (
@@ -213,7 +105,7 @@ def _write(
     out.parent.mkdir(parents=True, exist_ok=True)
     with StreamingSafetensorsWriter(out, layout, metadata) as writer:
         for name in tqdm(layout, desc=f"writing {out.name}", unit="tensor", leave=False):
-            writer.write(name, _read(sources[name]).to(layout[name][1]))
+            writer.write(name, read_tensor(sources[name]).to(layout[name][1]))
     return out
 
 
@@ -228,19 +120,8 @@ def _safetensors_dtype(name: str, source: TensorSource) -> torch.dtype:
     return names[name]
 
 
-def _stream_sources(sources: Mapping[str, TensorSource]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every source in order, one read at a time."""
-    for name, source in sources.items():
-        yield name, _read(source)
-
-
-def _file_sources(path: Path) -> dict[str, TensorSource]:
-    with _open(path) as handle:
-        return {key: TensorSource(path, key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
-
-
 def _metadata(path: Path) -> dict[str, str]:
-    with _open(path) as handle:
+    with open_safetensors(path) as handle:
         return dict(handle.metadata() or {})
 
 
@@ -260,10 +141,10 @@ def consolidate(
     if zero3.is_zero3_checkpoint(checkpoint):
         return _consolidate_zero3(checkpoint, out, weights, dtype)
     state, cfg = read_state(checkpoint)
-    sources = _file_sources(checkpoint / "model.safetensors")
+    sources = file_sources(checkpoint / "model.safetensors")
     if weights == "ema":
         sources.update(
-            _file_sources(ema_file(checkpoint))
+            file_sources(ema_file(checkpoint))
         )  # EMA covers the parameters; buffers stay the model's
     shapes = checkpoint_shapes(cfg, offered=len(sources), where=str(checkpoint / ckpt.STATE_FILE))
     _check_layout(sources, shapes, str(checkpoint))
@@ -415,7 +296,7 @@ def reshard(
 
 
 def _has_ema(checkpoint: Path) -> bool:
-    with _open(checkpoint / zero3.rank_tensors_name(0)) as handle:
+    with open_safetensors(checkpoint / zero3.rank_tensors_name(0)) as handle:
         return any(key.startswith("ema.") for key in handle.keys())  # noqa: SIM118
 
 
@@ -490,7 +371,7 @@ def _data_rank_states(
         own = read_json(file)
         states.append({"loader": field(own, "loader", dict, file), "rng": field(own, "rng", dict, file)})
         file = checkpoint / zero3.rank_tensors_name(rank)
-        with _open(file) as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():  # noqa: SIM118
                 if not key.startswith("ema."):
                     value = handle.get_tensor(key)
@@ -517,27 +398,22 @@ def read_consolidated(path: Path) -> tuple[Any, dict[str, str]]:
 def load_consolidated(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     """A single-device DiT with the weights of a consolidated file."""
     cfg, _ = read_consolidated(path)
-    sources = _file_sources(path)
+    sources = file_sources(path)
     _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(path)), str(path))
     model = build_model(cfg, device=device)
-    model.load_state_dict({name: _read(source) for name, source in sources.items()})
+    model.load_state_dict({name: read_tensor(source) for name, source in sources.items()})
     return model, cfg
 
 
-def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, single-device tensor) of every parameter of the model ``cfg`` describes, one at a time.
 
     ``path`` is a safetensors file with single-device names (what ``consolidate`` and ``import``
-    write), a training checkpoint directory: DeepSpeed's (read partition by partition) or a
-    single-device one (its ``model.safetensors``), or a pretrained family's diffusers folder
-    (:func:`imontage.checkpoint.diffusers.model_weights`). Names and shapes are checked against ``cfg``
+    write) or a training checkpoint directory: DeepSpeed's (read partition by partition) or a
+    single-device one (its ``model.safetensors``); :func:`imontage.checkpoint.diffusers.model_weights`
+    also reads a pretrained family's diffusers folder. Names and shapes are checked against ``cfg``
     before any tensor is read; live weights, not the EMA. Each tensor is the caller's to keep.
     """
-    if path.is_dir() and not (path / ckpt.MANIFEST).is_file() and (path / DIFFUSERS_CONFIG).is_file():
-        from imontage.checkpoint import diffusers  # a pretrained family's diffusers folder
-
-        yield from diffusers.model_weights(path, cfg)
-        return
     if path.is_dir() and zero3.is_zero3_checkpoint(path):
         try:
             shapes = expected_shapes(cfg, offered=zero3.offered_tensors(path), where=str(path))
@@ -548,26 +424,61 @@ def model_weights(path: Path, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, finite(tensor, name, path).clone()
         return
     file = path / f"model{ckpt.TENSORS_SUFFIX}" if path.is_dir() else path  # the "model" tensor group
-    sources = _file_sources(file)
+    sources = file_sources(file)
     _check_layout(sources, expected_shapes(cfg, offered=len(sources), where=str(file)), str(file))
     for name, source in sources.items():
-        yield name, finite(_read(source), name, file)
+        yield name, finite(read_tensor(source), name, file)
 
 
-def finite(tensor: torch.Tensor, name: str, file: Path) -> torch.Tensor:
-    """``tensor``, unless it is floating and holds NaN or Inf: weights a run would start from, and
-    would turn every loss into NaN, are refused naming the tensor."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ConversionError(f"{file}: tensor '{name}' holds {bad:,} NaN or Inf value(s)")
-    return tensor
+# ------------------------------------------------------------------------------- any source
+WEIGHT_KINDS = ("ema", "live")
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name: (shape, dtype)
+
+
+@dataclass
+class SourceWeights:
+    """The model tensors of a source, streamed in ``layout``'s order, and what it says of them."""
+
+    cfg: Any  # its model config
+    layout: Layout  # as stored in the source
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    metadata: dict[str, str]  # a consolidated file's metadata; empty for a training checkpoint
+
+
+def source_weights(source: Path, weights: str, verify: bool) -> SourceWeights:
+    """The model tensors of a consolidated file or a training checkpoint of any layout, streamed
+    (``weights``: ``ema`` or ``live``; ``verify``: check a checkpoint against its manifest first)."""
+    if weights not in WEIGHT_KINDS:
+        raise ConversionError(f"weights must be 'ema' or 'live', not '{weights}'")
+    if source.is_file():
+        cfg, metadata = read_consolidated(source)
+        sources = file_sources(source)
+        return SourceWeights(cfg, stored_layout(sources), stream_sources(sources), metadata)
+    if verify:
+        ckpt.verify_checkpoint(source)
+    if zero3.is_zero3_checkpoint(source):
+        reader, cfg = open_zero3(source)
+        kind = "ema" if weights == "ema" else "fp32"
+        layout = {name: (shape, torch.float32) for name, shape in reader.expected.items()}
+        return SourceWeights(cfg, layout, zero3_tensors(reader, kind, desc=f"{kind} of {source.name}"), {})
+    _, cfg = read_state(source)
+    sources = file_sources(source / "model.safetensors")
+    if weights == "ema":
+        sources.update(file_sources(ema_file(source)))
+    return SourceWeights(cfg, stored_layout(sources), stream_sources(sources), {})
+
+
+def stored_layout(sources: Mapping[str, TensorSource]) -> Layout:
+    """Shape and torch dtype of every tensor of ``sources``, as stored (headers only)."""
+    shapes, dtypes = tensor_headers(sources)
+    return {name: (shapes[name], DTYPE_NAMES[dtypes[name]]) for name in sources}
 
 
 # ------------------------------------------------------------------------------- export / import
 def export_diffusers(consolidated: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """A consolidated file -> a diffusers-style folder (sharded with an index above ``max_shard_bytes``)."""
     cfg, metadata = read_consolidated(consolidated)
-    sources = _file_sources(consolidated)
+    sources = file_sources(consolidated)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = list(_shard_names(sources, max_shard_bytes))
     keep = {k: v for k, v in metadata.items() if k != "format"}
@@ -588,7 +499,7 @@ def export_diffusers(consolidated: Path, out_dir: Path, max_shard_bytes: int = 5
 
 
 def _source_bytes(source: TensorSource) -> int:
-    with _open(source.file) as handle:
+    with open_safetensors(source.file) as handle:
         piece = handle.get_slice(source.key)
         return tensor_bytes(tuple(piece.get_shape()), _safetensors_dtype(piece.get_dtype(), source))
 
@@ -611,37 +522,7 @@ def diffusers_sources(folder: Path) -> dict[str, TensorSource]:
     index = folder / DIFFUSERS_INDEX
     if index.is_file():
         return index_sources(index)
-    return _file_sources(folder / DIFFUSERS_WEIGHTS)
-
-
-def refuse_pickle(file: Path, why: str = "") -> None:
-    """Refuses, unopened, a weights file whose name says it is a pickle."""
-    if file.suffix in PICKLE_SUFFIXES or file.name.endswith(
-        tuple(s + ".index.json" for s in PICKLE_SUFFIXES)
-    ):
-        raise ConversionError(
-            f"{file}: a pickle checkpoint{why}; imontage reads safetensors only and never unpickles "
-            "(save the model with diffusers' save_pretrained(safe_serialization=True))"
-        )
-
-
-def index_sources(index: Path) -> dict[str, TensorSource]:
-    """The tensors a safetensors index (``*.safetensors.index.json``) puts in its folder's shards:
-    each shard a plain ``.safetensors`` file name beside the index, checked to exist."""
-    weight_map = string_map(field(read_json(index), "weight_map", dict, index), index, "weight_map")
-    sources = {}
-    for name, file in weight_map.items():
-        if Path(file).name != file or file in (".", ".."):
-            raise ConversionError(f"{index}: shard name {file!r} of tensor '{name}' is not a plain file name")
-        refuse_pickle(index.parent / file, f" (named by {index} for tensor '{name}')")
-        if not file.endswith(".safetensors"):
-            raise ConversionError(f"{index}: shard '{file}' of tensor '{name}' is not a .safetensors file")
-        if not (index.parent / file).is_file():
-            raise ConversionError(
-                f"{index.parent / file}: no such file (named by {index} for tensor '{name}')"
-            )
-        sources[name] = TensorSource(index.parent / file, name)
-    return sources
+    return file_sources(folder / DIFFUSERS_WEIGHTS)
 
 
 def import_diffusers(folder: Path, out: Path) -> Path:
@@ -682,7 +563,7 @@ def inspect(path: Path) -> dict[str, Any]:
     if (path / ckpt.MANIFEST).is_file():
         state, cfg = read_state(path)
         kind, config, step = "training checkpoint", OmegaConf.to_container(cfg), state["step"]
-        sources = _file_sources(path / "model.safetensors")
+        sources = file_sources(path / "model.safetensors")
     elif (path / DIFFUSERS_CONFIG).is_file():
         config = {k: v for k, v in read_json(path / DIFFUSERS_CONFIG).items() if k != "_class_name"}
         sources = diffusers_sources(path)
@@ -694,10 +575,10 @@ def inspect(path: Path) -> dict[str, Any]:
             OmegaConf.to_container(cfg),
             metadata["step"],
         )
-        sources = _file_sources(path)
+        sources = file_sources(path)
     tensors = []
     for name, source in sources.items():
-        with _open(source.file) as handle:
+        with open_safetensors(source.file) as handle:
             piece = handle.get_slice(source.key)
             tensors.append((name, tuple(piece.get_shape()), piece.get_dtype()))
     parameters = sum(int(torch.Size(shape).numel()) for _, shape, _ in tensors)
@@ -712,15 +593,3 @@ def verify(path: Path) -> str:
         reader, _ = open_zero3(path)  # every shard present, every parameter's shape as the config implies
         return f"every file matches its sha256 in {ckpt.MANIFEST}; shards complete for layout {reader.layout.as_dict()}"
     return f"every file matches its sha256 in {ckpt.MANIFEST}"
-
-
-def config_diff(config: Mapping[str, Any], other: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key: a != b`` for every leaf that differs between two model configs."""
-    lines = []
-    for key in sorted(set(config) | set(other)):
-        a, b = config.get(key), other.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            lines += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} != {b!r}")
-    return lines

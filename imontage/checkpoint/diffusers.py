@@ -19,45 +19,45 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from imontage.checkpoint import convert, zero3
+from imontage.checkpoint import convert
 from imontage.checkpoint import store as ckpt
-from imontage.checkpoint.convert import ConversionError, TensorSource
+from imontage.checkpoint.convert import SourceWeights, checkpoint_weights, source_weights
+from imontage.checkpoint.lora import adapter_scale, merge_adapters, trainable_tensors
 from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter, tensor_bytes
+from imontage.checkpoint.tensors import (
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    DTYPE_NAMES,
+    TensorSource,
+    expected_shapes,
+    finite,
+    open_safetensors,
+    sources_by_file,
+    tensor_headers,
+    weight_sources,
+)
+from imontage.config.model_file import (
+    DIFFUSERS_CONFIG,
+    check_model_config,
+    config_diff,
+    diffusers_class,
+    family_module,
+    read_model_config,
+)
 from imontage.models import registry
-from imontage.untrusted import parse_json, read_json, string_map
+from imontage.models.lora import base_model_config, lora_enabled
+from imontage.untrusted import ConversionError, parse_json, string_map
 
-CONFIG = "config.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-INDEX = WEIGHTS + ".index.json"
+CONFIG, WEIGHTS, INDEX = DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX  # a folder's files
 DIFFUSERS_VERSION = "0.42.1"  # the version the families were measured against (DESIGN.md)
 MAX_SHARD_BYTES = 10 * 2**30  # save_pretrained's default max_shard_size ("10GB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}  # fmt: skip
-WEIGHT_KINDS = ("ema", "live")
-
-
-def family_module(family: str) -> ModuleType:
-    """A family's diffusers config mapping (``model_config_from_diffusers``, ``diffusers_config``)."""
-    record = registry.family(family)
-    if record.diffusers_config is None:
-        known = ", ".join(name for name, r in registry.FAMILIES.items() if r.diffusers_config is not None)
-        raise ConversionError(f"model.family '{family}' has no diffusers class (those that do: {known})")
-    return record.diffusers_config()
-
-
-def diffusers_class(family: str) -> str:
-    """The name diffusers gives the transformer class of ``family`` (its record's first)."""
-    family_module(family)  # an error for a family without one
-    return registry.family(family).diffusers_classes[0]
 
 
 def build_diffusers_model(model_cfg: Any) -> torch.nn.Module:
@@ -83,101 +83,6 @@ class DiffusersFolder:
     dtypes: dict[str, str]  # safetensors dtype names (F32, BF16, ...)
 
 
-def read_class(folder: Path) -> tuple[dict[str, Any], str]:
-    """(config.json, family) of a folder; reads config.json only."""
-    if folder.is_file():
-        convert.refuse_pickle(folder)
-        raise ConversionError(f"{folder}: a file; a diffusers model is a folder (config.json + weights)")
-    config_file = folder / CONFIG
-    if not config_file.is_file():
-        raise ConversionError(f"{config_file}: no such file (not a diffusers model folder)")
-    config = read_json(config_file)
-    name = config.get("_class_name")
-    record = registry.diffusers_family(name) if isinstance(name, str) else None
-    if record is None:
-        known = ", ".join(c for r in registry.FAMILIES.values() for c in r.diffusers_classes)
-        raise ConversionError(f"{config_file}: key '_class_name': {name!r} is not one of {known}")
-    return config, record.name
-
-
-def read_model_config(folder: Path) -> tuple[dict[str, Any], str, Any]:
-    """(config.json, family, imontage ModelConfig) of a folder."""
-    config, family = read_class(folder)
-    convert.check_sizes(config, str(folder / CONFIG))  # before any size is multiplied into another
-    try:
-        values = family_module(family).model_config_from_diffusers(config)
-    except (ValueError, KeyError, TypeError, OverflowError) as error:
-        raise ConversionError(f"{folder / CONFIG}: {error}") from error
-    return config, family, convert.model_config(values, str(folder / CONFIG))
-
-
-def check_model_config(folder: Path, model_cfg: Any) -> None:
-    """``model_cfg`` describes the model of ``folder``: the same family and class config (the keys
-    imontage adds, such as ``positions`` or ``max_text_len``, are free)."""
-    config, family = read_class(folder)
-    if str(model_cfg.family) != family:
-        raise ConversionError(
-            f"{folder / CONFIG}: holds a {config['_class_name']} (family {family}), the recipe's "
-            f"model.family is {model_cfg.family}"
-        )
-    try:
-        ours = family_module(family).diffusers_config(model_cfg)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConversionError(f"{folder / CONFIG}: the recipe's model config: {error}") from error
-
-    def keys(values: dict[str, Any]) -> Any:  # metadata (_class_name, _diffusers_version, ...) aside
-        return json.loads(json.dumps({k: v for k, v in values.items() if not k.startswith("_")}))
-
-    diff = convert.config_diff(keys(config), keys(ours))
-    if diff:
-        raise ConversionError(
-            f"{folder / CONFIG}: differs from the recipe's model config ({config['_class_name']} vs recipe): "
-            + "; ".join(diff)
-        )
-
-
-def weight_sources(folder: Path) -> dict[str, TensorSource]:
-    """Where every tensor of a folder lives: its index's shards, or the one weights file."""
-    index = folder / INDEX
-    if index.is_file():
-        return convert.index_sources(index)
-    if (folder / WEIGHTS).is_file():
-        return convert._file_sources(folder / WEIGHTS)
-    for file in sorted(folder.iterdir()):
-        convert.refuse_pickle(file, " and no safetensors weights beside it")
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    raise ConversionError(
-        f"{folder / WEIGHTS}: no such file, and no {INDEX}"
-        + (f" (found {', '.join(found)}: a variant? rename it to {WEIGHTS})" if found else "")
-    )
-
-
-def _headers(sources: Mapping[str, TensorSource]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shape and dtype name of every tensor, each shard opened once."""
-    shapes, dtypes = {}, {}
-    for file, names in _by_file(sources).items():
-        with convert._open(file) as handle:
-            held = set(handle.keys())
-            for name in names:
-                key = sources[name].key
-                if key not in held:
-                    raise ConversionError(f"{file}: tensor '{key}' missing (the index puts it in this shard)")
-                piece = handle.get_slice(key)
-                shapes[name], dtypes[name] = tuple(piece.get_shape()), piece.get_dtype()
-                if dtypes[name] not in _NAMES:
-                    raise ConversionError(
-                        f"{file}: tensor '{key}' has dtype {dtypes[name]}, which torch has no name for"
-                    )
-    return shapes, dtypes
-
-
-def _by_file(sources: Mapping[str, TensorSource]) -> dict[Path, list[str]]:
-    files: dict[Path, list[str]] = {}
-    for name, source in sources.items():
-        files.setdefault(source.file, []).append(name)
-    return files
-
-
 def read_folder(
     folder: Path, expected: Mapping[str, tuple[int, ...]] | None = None, model_cfg: Any = None
 ) -> DiffusersFolder:
@@ -185,17 +90,17 @@ def read_folder(
     default the shapes of the imontage model ``model_cfg`` describes, or else its config does).
 
     The model is built on the meta device only after the folder's tensors are counted, and stops
-    early if its config describes far more (:func:`imontage.checkpoint.convert.tensor_budget`).
+    early if its config describes far more (:func:`imontage.checkpoint.tensors.tensor_budget`).
     """
     folder = Path(folder)
     config, family, folder_cfg = read_model_config(folder)
     located = weight_sources(folder)
     sources = {
-        name: located[name] for names in _by_file(located).values() for name in names
+        name: located[name] for names in sources_by_file(located).values() for name in names
     }  # shard by shard
-    shapes, dtypes = _headers(sources)
+    shapes, dtypes = tensor_headers(sources)
     if expected is None:
-        expected = convert.expected_shapes(
+        expected = expected_shapes(
             folder_cfg if model_cfg is None else model_cfg, adapters=False, offered=len(sources),
             where=str(folder / CONFIG),
         )  # fmt: skip
@@ -232,10 +137,10 @@ def folder_tensors(folder: DiffusersFolder, desc: str = "") -> Iterator[tuple[st
     with tqdm(
         total=len(folder.sources), desc=desc or f"reading {folder.path.name}", unit="tensor", leave=False
     ) as bar:
-        for file, names in _by_file(folder.sources).items():
-            with convert._open(file) as handle:
+        for file, names in sources_by_file(folder.sources).items():
+            with open_safetensors(file) as handle:
                 for name in names:
-                    yield name, convert.finite(handle.get_tensor(folder.sources[name].key), name, file)
+                    yield name, finite(handle.get_tensor(folder.sources[name].key), name, file)
                     bar.update()
 
 
@@ -249,13 +154,18 @@ def load_into(model: torch.nn.Module, folder: Path) -> DiffusersFolder:
     return read
 
 
-def model_weights(folder: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """A stage's weights from a diffusers folder (``convert.model_weights``): every tensor of the
-    model ``model_cfg`` describes, floating ones as float32, after checking the folder's config
-    and every name and shape."""
-    check_model_config(folder, model_cfg)
-    read = read_folder(folder, model_cfg=model_cfg)
-    for name, tensor in folder_tensors(read, desc=f"weights of {folder.name}"):
+def model_weights(path: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, single-device tensor) of every parameter of the model ``model_cfg`` describes, one at
+    a time, from anything a stage may start from: a pretrained family's diffusers folder (its
+    config checked against ``model_cfg``, floating tensors as float32), or what
+    :func:`imontage.checkpoint.convert.checkpoint_weights` reads (a consolidated file, a training
+    checkpoint of any layout). Every name and shape is checked before the first tensor is read."""
+    if not (path.is_dir() and not (path / ckpt.MANIFEST).is_file() and (path / CONFIG).is_file()):
+        yield from checkpoint_weights(path, model_cfg)
+        return
+    check_model_config(path, model_cfg)
+    read = read_folder(path, model_cfg=model_cfg)
+    for name, tensor in folder_tensors(read, desc=f"weights of {path.name}"):
         yield name, tensor.float() if tensor.is_floating_point() else tensor
 
 
@@ -278,7 +188,7 @@ def import_folder(
         "diffusers_config": json.dumps(read.config),
         "diffusers_dtypes": json.dumps(read.dtypes),
     }
-    layout = {name: (read.shapes[name], _NAMES[read.dtypes[name]]) for name in read.sources}
+    layout = {name: (read.shapes[name], DTYPE_NAMES[read.dtypes[name]]) for name in read.sources}
     out.parent.mkdir(parents=True, exist_ok=True)
     with StreamingSafetensorsWriter(out, layout, metadata) as writer:
         for name, tensor in folder_tensors(read, desc=f"importing {Path(folder).name}"):
@@ -301,39 +211,31 @@ def model_config_yaml(model_cfg: Any, source: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------- export
-@dataclass
-class _Weights:
-    cfg: Any
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # as stored in the source
-    tensors: Iterator[tuple[str, torch.Tensor]]
-    metadata: dict[str, str]
 
 
-def _source_weights(source: Path, weights: str, verify: bool) -> _Weights:
-    """The model tensors of a consolidated file or a training checkpoint of any layout, streamed."""
-    if weights not in WEIGHT_KINDS:
-        raise ConversionError(f"weights must be 'ema' or 'live', not '{weights}'")
-    if source.is_file():
-        cfg, metadata = convert.read_consolidated(source)
-        sources = convert._file_sources(source)
-        return _Weights(cfg, _layout(sources), (convert._stream_sources(sources)), metadata)
-    if verify:
-        ckpt.verify_checkpoint(source)
-    if zero3.is_zero3_checkpoint(source):
-        reader, cfg = convert.open_zero3(source)
-        kind = "ema" if weights == "ema" else "fp32"
-        layout = {name: (shape, torch.float32) for name, shape in reader.expected.items()}
-        return _Weights(cfg, layout, convert.zero3_tensors(reader, kind, desc=f"{kind} of {source.name}"), {})
-    _, cfg = convert.read_state(source)
-    sources = convert._file_sources(source / "model.safetensors")
-    if weights == "ema":
-        sources.update(convert._file_sources(convert.ema_file(source)))
-    return _Weights(cfg, _layout(sources), convert._stream_sources(sources), {})
+def merged_weights(
+    source: Path, base: Path | None = None, weights: str = "ema", verify: bool = True
+) -> tuple[Any, Iterator[tuple[str, torch.Tensor]], convert.Layout]:
+    """A LoRA run's weights merged into its base (:func:`imontage.checkpoint.lora.merge_adapters`):
+    (model config without LoRA, the merged tensors in the base's order, their layout).
 
-
-def _layout(sources: Mapping[str, TensorSource]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    shapes, dtypes = _headers(sources)
-    return {name: (shapes[name], _NAMES[dtypes[name]]) for name in sources}
+    ``base``: the base model's diffusers folder; by default the run's ``model.init_from_diffusers``.
+    """
+    cfg, tensors = trainable_tensors(source, weights, verify)
+    folder = Path(base) if base is not None else Path(str(cfg.init_from_diffusers or ""))
+    if not str(folder) or not folder.is_dir():
+        raise ConversionError(
+            f"{source}: its frozen base is not in it; give the base's diffusers folder (--base): "
+            f"model.init_from_diffusers={cfg.init_from_diffusers!r} is not a folder here"
+        )
+    plain = base_model_config(cfg)  # the merged model has no adapters
+    read = read_folder(folder, model_cfg=plain)
+    check_model_config(folder, plain)
+    layout = {name: (read.shapes[name], DTYPE_NAMES[read.dtypes[name]]) for name in read.sources}
+    merged = merge_adapters(
+        tensors, adapter_scale(cfg), folder_tensors(read, desc=f"merging into {folder.name}")
+    )
+    return plain, merged, layout
 
 
 def _recorded_dtypes(cfg: Any, metadata: Mapping[str, str]) -> dict[str, str]:
@@ -344,7 +246,7 @@ def _recorded_dtypes(cfg: Any, metadata: Mapping[str, str]) -> dict[str, str]:
         return string_map(parse_json(metadata["diffusers_dtypes"], where), where, "diffusers_dtypes")
     origin = str(getattr(cfg, "init_from_diffusers", "") or "")
     if origin and Path(origin).is_dir():
-        return _headers(weight_sources(Path(origin)))[1]
+        return tensor_headers(weight_sources(Path(origin)))[1]
     return {}
 
 
@@ -367,20 +269,16 @@ def export_folder(
     recipe's ``model.init_from_diffusers``), else keeps its own. Shards above ``max_shard_bytes``,
     named and indexed as ``save_pretrained`` names them. A LoRA run's checkpoint (its base frozen,
     not in it) is merged into its base: ``base`` or the run's ``model.init_from_diffusers``
-    (:func:`imontage.checkpoint.lora.merged_weights`).
+    (:func:`merged_weights`).
     """
-    from imontage.models.lora import lora_enabled
-
     source = Path(source)
-    got = _source_weights(source, weights, verify)
+    got = source_weights(source, weights, verify)
     if lora_enabled(got.cfg.lora):
-        from imontage.checkpoint.lora import merged_weights
-
         plain, tensors, layout = merged_weights(source, base, weights, verify=False)
-        got = _Weights(plain, layout, tensors, {})
+        got = SourceWeights(plain, layout, tensors, {})
     cfg = got.cfg
     if model_cfg is not None:
-        diff = convert.config_diff(
+        diff = config_diff(
             OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
             OmegaConf.to_container(model_cfg, resolve=True),  # type: ignore[arg-type]
         )
@@ -399,7 +297,7 @@ def export_folder(
         ) from error
     shapes = {name: shape for name, (shape, _) in got.layout.items()}
     if expected is None:
-        expected = convert.expected_shapes(cfg, adapters=False, offered=len(got.layout), where=str(source))
+        expected = expected_shapes(cfg, adapters=False, offered=len(got.layout), where=str(source))
     check_tensors(source, {n: TensorSource(source, n) for n in got.layout}, shapes, expected)
     recorded = _recorded_dtypes(cfg, got.metadata)
     layout = {}
@@ -409,7 +307,7 @@ def export_folder(
             if dtype is not None:
                 target = DTYPES[dtype]
             elif name in recorded:
-                target = _NAMES[recorded[name]]
+                target = DTYPE_NAMES[recorded[name]]
         layout[name] = (shape, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     imported = parse_json(

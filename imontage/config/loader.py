@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from imontage.config.imagic import check_imagic
+from imontage.config.model_file import check_model_config, read_model_config
 from imontage.config.schema import (
     ATTENTION_BACKENDS,
     DEVICES,
@@ -32,10 +34,9 @@ from imontage.config.schema import (
     RecipeConfig,
     StageConfig,
 )
-from imontage.imagic.config import check_imagic
 from imontage.models import packing_spec
 from imontage.models.registry import FAMILIES, family
-from imontage.untrusted import InputError
+from imontage.untrusted import ConversionError, InputError
 
 COMMAND_LINE = "<command line>"
 
@@ -443,9 +444,6 @@ def _validate_model_inputs(cfg: DictConfig, source: Origin) -> None:
 
 def _validate_init_from_diffusers(model: DictConfig, source: Origin) -> None:
     """The folder exists and holds this family's diffusers class with this model's config (config.json only)."""
-    from imontage.checkpoint.convert import ConversionError
-    from imontage.checkpoint.diffusers import check_model_config
-
     key = "model.init_from_diffusers"
     folder = Path(model.init_from_diffusers)
     _check(folder.is_dir(), key, source, f"no such folder: {folder}")
@@ -462,9 +460,6 @@ def _check_pretrained_rope(model: DictConfig, folder: Path, source: Origin) -> N
     A pretrained family's class computes one RoPE; another split of the pairs (EditVerse's 4D
     bands, say) would turn its pretrained bands at other frequencies and could not be exported.
     """
-    from imontage.checkpoint.convert import ConversionError
-    from imontage.checkpoint.diffusers import read_model_config
-
     try:
         _, family, pretrained = read_model_config(folder)
     except ConversionError:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
-from imontage.imagic.config import ImagicConfig
+from imontage.config.imagic import ImagicConfig
 from imontage.models.lora import LoraConfig
 from imontage.models.registry import DEFAULT_FAMILY, FAMILIES
 
@@ -293,7 +293,7 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    # imontage-imagic's settings (imontage/imagic/config.py); the trainer does not read them.
+    # imontage-imagic's settings (imontage/config/imagic.py); the trainer does not read them.
     imagic: ImagicConfig = field(default_factory=ImagicConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[StageConfig] = field(default_factory=list)

@@ -5,6 +5,6 @@
 ``cli`` the ``imontage-imagic`` command. Import the stages from ``imontage.imagic.edit``.
 """
 
-from imontage.imagic.config import ImagicConfig, ImagicConfigError, load_imagic_config
+from imontage.config.imagic import ImagicConfig, ImagicConfigError, load_imagic_config
 
 __all__ = ["ImagicConfig", "ImagicConfigError", "load_imagic_config"]

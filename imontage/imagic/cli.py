@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from imontage.config.imagic import COMMAND_LINE, ImagicConfigError, load_imagic_config
 from imontage.data import load_image
 from imontage.data.media import MediaError, load_array
-from imontage.imagic.config import COMMAND_LINE, ImagicConfigError, load_imagic_config
 from imontage.imagic.edit import (
     ImagicResult,
     check_embedding,
@@ -40,9 +40,9 @@ from imontage.imagic.edit import (
 from imontage.models import build_model, packing_spec
 from imontage.models.common import PackingSpec
 from imontage.models.lora import merge_lora
+from imontage.parallel.state import resolve_device
 from imontage.sample.cli import add_base_argument, load_model, resolve_checkpoint
 from imontage.sample.grid import save_png
-from imontage.train.trainer import resolve_device
 
 PROG = "imontage-imagic"
 
@@ -142,7 +142,8 @@ def load_editable_model(
         merge_lora(model)
         model.requires_grad_(True)
         return model, spec, checkpoint
-    from imontage.checkpoint.diffusers import load_into, read_model_config
+    from imontage.checkpoint.diffusers import load_into
+    from imontage.config.model_file import read_model_config
 
     if base is not None:
         raise ValueError(f"--base {base}: {path} is a diffusers folder, not a LoRA run")
@@ -158,7 +159,7 @@ def load_editable_model(
 
 def read_image(path: Path, spec: PackingSpec, size: list[int], vae: Any = None) -> torch.Tensor:
     """The image in model space, ``[C, 1, H, W]``, checked against the model before any optimisation
-    starts: its pixels, or with ``vae`` (an imontage.data.encode.VideoVAE) the latent of its pixels
+    starts: its pixels, or with ``vae`` (an imontage.dataprep.encode.VideoVAE) the latent of its pixels
     resized to ``size``, cropped to the VAE's cell and normalised as latent shards are."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{checkpoint}: {error}") from error
         vae = None
         if args.vae is not None:
-            from imontage.data.encode import VideoVAE  # deferred: diffusers is needed only here
+            from imontage.dataprep.encode import VideoVAE  # deferred: diffusers is needed only here
 
             vae = VideoVAE.load(args.vae, device)
             if vae.channels != spec.in_channels:

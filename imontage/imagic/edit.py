@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from imontage.imagic.config import ImagicConfig, ImagicSampleConfig, PhaseConfig
+from imontage.config.imagic import ImagicConfig, ImagicSampleConfig, PhaseConfig
 from imontage.models.common import PackedBatch, PackingSpec, Sample, Segment, pack_samples
 from imontage.models.common.sequence import byte_tokenize, patch_grid
 from imontage.models.registry import FAMILIES, family_of_module

@@ -147,3 +147,12 @@ def init_process_groups(
         distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)),
         order="tp-cp-ep-dp-pp",
     )
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The device ``parallel.device`` names: ``auto`` is CUDA where there is one, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("parallel.device=cuda, but CUDA is not available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

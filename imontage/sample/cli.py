@@ -40,9 +40,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from imontage.checkpoint import convert, zero3
+from imontage.checkpoint import convert, diffusers, zero3
 from imontage.checkpoint import store as ckpt
-from imontage.checkpoint.convert import ConversionError
+from imontage.config.model_file import model_config
 from imontage.data import load_image, preview_samples
 from imontage.models import build_model, packing_spec
 from imontage.models.common import Sample, Segment
@@ -50,10 +50,11 @@ from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSp
 from imontage.models.lora import base_model_config, frozen_names, lora_enabled
 from imontage.models.registry import family
 from imontage.objectives.flow_matching import clean_first_frame
-from imontage.sample.grid import make_grid, save_png
+from imontage.parallel.state import resolve_device
+from imontage.sample.grid import make_grid, preview_rows, save_png
 from imontage.sample.sampler import Negative, sample_flow
 from imontage.sample.sar import Keyframe, iter_sar, plan_video
-from imontage.train.trainer import preview_rows, resolve_device
+from imontage.untrusted import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def checkpoint_tensors(
         reader, model_cfg = convert.open_zero3(checkpoint)  # its names checked against the config
         return model_cfg, convert.zero3_tensors(reader, "ema" if use_ema else "fp32"), checkpoint
     tensors, state = ckpt.load_checkpoint(checkpoint)
-    model_cfg = convert.model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
+    model_cfg = model_config(state["model_config"], str(checkpoint / ckpt.STATE_FILE))
     weights = tensors["model"]
     if use_ema:
         if "ema" not in tensors:
@@ -124,13 +125,13 @@ def frozen_base(checkpoint: Path, model_cfg: Any, base: Path | None) -> Path | i
 
 
 def load_frozen_base(model: nn.Module, model_cfg: Any, base: Path, checkpoint: Path, origin: str) -> None:
-    """Every tensor of a LoRA run's base into ``model``, from anything ``convert.model_weights``
+    """Every tensor of a LoRA run's base into ``model``, from anything ``diffusers.model_weights``
     reads (a diffusers folder, a consolidated file, a full run's checkpoint); errors name the file
     and where the base was named (``origin``)."""
     targets = model.state_dict(keep_vars=True)
     try:
         with torch.no_grad():
-            for name, tensor in convert.model_weights(base, base_model_config(model_cfg)):
+            for name, tensor in diffusers.model_weights(base, base_model_config(model_cfg)):
                 targets[name].copy_(tensor)
     except ConversionError as error:
         raise ConversionError(
@@ -343,7 +344,7 @@ def sar_rows(
 
 def decode_rows(rows: list[list[list[torch.Tensor]]], vae: Any) -> list[list[list[torch.Tensor]]]:
     """Grid rows of a latent model with every latent segment ``[C, T', H', W']`` decoded to pixels by
-    ``vae`` (an imontage.data.encode.VideoVAE: the normalisation of latent shards undone); with no
+    ``vae`` (an imontage.dataprep.encode.VideoVAE: the normalisation of latent shards undone); with no
     VAE, the rows as they are."""
     if vae is None:
         return rows
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         vae = None
         if args.vae:
-            from imontage.data.encode import VideoVAE  # deferred: diffusers is needed only here
+            from imontage.dataprep.encode import VideoVAE  # deferred: diffusers is needed only here
 
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)

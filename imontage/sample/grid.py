@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,3 +60,16 @@ def save_png(image: np.ndarray, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     Image.fromarray(image).save(tmp)
     tmp.replace(path)
+
+
+def preview_rows(
+    samples: list[Any], outputs: list[list[torch.Tensor | None]]
+) -> list[list[list[torch.Tensor]]]:
+    """Grid rows: [conditions, generated targets, ground-truth targets] per sample."""
+    rows = []
+    for sample, generated in zip(samples, outputs, strict=True):
+        conditions = [s.data for s in sample.segments if s.kind != "text" and s.role == "condition"]
+        targets = [s.data for s in sample.segments if s.role == "target"]
+        made = [out for s, out in zip(sample.segments, generated, strict=True) if s.role == "target"]
+        rows.append([conditions, made, targets])
+    return rows

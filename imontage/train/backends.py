@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from imontage.checkpoint import store as ckpt
+from imontage.checkpoint.diffusers import model_weights
 from imontage.models.lora import BaseWithoutAdapters, adapted_modules, frozen_names
 from imontage.train.ema import EMA
 
@@ -190,11 +191,10 @@ class LocalBackend:
         return state, state, tensors["rng"]
 
     def init_weights(self, path: Path) -> None:
-        """A stage's ``init_from``: the weights of ``path`` (any format ``convert.model_weights`` reads).
+        """A stage's ``init_from``: the weights of ``path`` (any format ``imontage.checkpoint.diffusers.model_weights`` reads).
 
         The optimiser's moments start afresh with the stage; the EMA restarts from these weights.
         """
-        from imontage.checkpoint.convert import model_weights
 
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -360,7 +360,7 @@ class DeepSpeedBackend:
         return self.ema.applied_to(self.engine.module, release=release)
 
     def init_weights(self, path: Path) -> None:
-        """A stage's ``init_from``: the weights of ``path`` (any format ``convert.model_weights`` reads).
+        """A stage's ``init_from``: the weights of ``path`` (any format ``imontage.checkpoint.diffusers.model_weights`` reads).
 
         Every rank reads the single-device tensors one at a time and keeps its TP slice, then its
         ZeRO-3 partition, as fp32 master weights; the module's bit16 partitions and ZeRO's resident
@@ -368,8 +368,6 @@ class DeepSpeedBackend:
         moments start afresh with the stage; the EMA restarts from these weights.
         """
         from deepspeed.utils import safe_set_local_fp32_param
-
-        from imontage.checkpoint.convert import model_weights
 
         if self.cfg.parallel.zero_stage != 3:
             raise ckpt.CheckpointError(

@@ -32,7 +32,8 @@ from imontage.data import build_loader, preview_samples
 from imontage.models import build_model, packing_spec
 from imontage.objectives.flow_dpo import FlowDPO
 from imontage.objectives.flow_matching import FlowMatching, clean_first_frame
-from imontage.sample.grid import make_grid, save_png
+from imontage.parallel.state import resolve_device
+from imontage.sample.grid import make_grid, preview_rows, save_png
 from imontage.sample.sampler import sample_flow
 from imontage.train.backends import build_backend
 from imontage.train.logger import NullLogger, RunLogger
@@ -73,14 +74,6 @@ class Stage:
     optim: DictConfig
     objective: FlowMatching | FlowDPO
     init_from: str = ""  # weights the stage starts from instead of the previous stage's
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.device=cuda, but CUDA is not available")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def build_stages(cfg: DictConfig) -> list[Stage]:
@@ -485,19 +478,6 @@ class Trainer:
             self.model, samples, self.spec, s.steps, s.guidance, s.shift, generator, self.device,
             clean_first_frame=clean_first_frame(self.cfg.model),  # token_replace: as it trains
         )  # fmt: skip
-
-
-def preview_rows(
-    samples: list[Any], outputs: list[list[torch.Tensor | None]]
-) -> list[list[list[torch.Tensor]]]:
-    """Grid rows: [conditions, generated targets, ground-truth targets] per sample."""
-    rows = []
-    for sample, generated in zip(samples, outputs, strict=True):
-        conditions = [s.data for s in sample.segments if s.kind != "text" and s.role == "condition"]
-        targets = [s.data for s in sample.segments if s.role == "target"]
-        made = [out for s, out in zip(sample.segments, generated, strict=True) if s.role == "target"]
-        rows.append([conditions, made, targets])
-    return rows
 
 
 def train(cfg: DictConfig) -> Path:
