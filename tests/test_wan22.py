@@ -1,19 +1,32 @@
 """Wan 2.2 as presets of the Wan family: T2V/I2V-A14B (two experts of one shape) and TI2V-5B.
 
 The presets' parameter counts are checked on the meta device against diffusers' own
-``WanTransformer3DModel`` built from the same config, and against the public sizes.
+``WanTransformer3DModel`` built from the same config, and against the public sizes. Tiny random
+pipeline folders (diffusers' classes from small configs, ``save_pretrained``) are imported and
+exported in the pipeline layout: ``transformer/``, ``transformer_2/``, ``model_index.json``'s
+``boundary_ratio`` and ``expand_timesteps``; TI2V's per-token timesteps are imontage's.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from conftest import REPO
+from latent_shards import LATENT_CHANNELS, TEXT_DIM, save_tiny_text_encoder, save_tiny_vae
+from safetensors.torch import load_file
 
-from imontage.checkpoint.diffusers import build_diffusers_model
+from imontage.checkpoint.diffusers import ConversionError, build_diffusers_model
+from imontage.checkpoint.pipeline import PIPELINE_INDEX, export_pipeline, import_pipeline, read_pipeline
 from imontage.config import load_recipe
-from imontage.models import build_model, count_parameters
+from imontage.models import build_model, count_parameters, packing_spec
+from imontage.models.common import Sample, Segment, pack_samples, unpatchify_segments
+from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.model import WanTransformer
+from imontage.objectives.flow_matching import clean_first_frame, first_frame_mask, noise_batch
 
 # One expert of the A14B pair is the Wan 2.1 14B shape (I2V: 20 more input channels, no CLIP path);
 # TI2V-5B is named for its size.
@@ -49,3 +62,150 @@ def test_preset_parameter_counts(preset: str) -> None:
 def test_preset_values_are_checked(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         preset_config("wan2.2_ti2v_5b", override)
+
+
+# ------------------------------------------------------------------------------ pipeline folders
+def tiny_transformer(seed: int, in_channels: int) -> Any:
+    """A random tiny ``WanTransformer3DModel`` (every weight drawn: default inits leave norms at one)."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+        out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=48, num_layers=2,
+        rope_max_seq_len=64,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def save_pipeline(folder: Path, i2v: bool = False, boundary_ratio: float | None = 0.875, **keys: Any) -> Path:
+    """A Wan pipeline folder: tiny VAE, UMT5 and tokenizer, a flow-matching scheduler, and one
+    transformer, or two with a boundary."""
+    import diffusers
+    import transformers
+
+    vae = diffusers.AutoencoderKLWan.from_pretrained(save_tiny_vae(folder / "_vae"))
+    encoder_dir, tokenizer_dir = save_tiny_text_encoder(folder / "_text")
+    in_channels = LATENT_CHANNELS + (WAN_MASK_CHANNELS + LATENT_CHANNELS if i2v else 0)
+    cls = diffusers.WanImageToVideoPipeline if i2v else diffusers.WanPipeline
+    pipe = cls(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(tokenizer_dir),
+        text_encoder=transformers.UMT5EncoderModel.from_pretrained(encoder_dir),
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_transformer(1, in_channels),
+        transformer_2=tiny_transformer(2, in_channels) if boundary_ratio else None,
+        boundary_ratio=boundary_ratio,
+        **keys,
+    )
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_pipeline(tmp_path_factory.mktemp("a14b"))
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_pipeline(tmp_path_factory.mktemp("ti2v"), boundary_ratio=None, expand_timesteps=True)
+
+
+def run_pipeline(folder: Path) -> torch.Tensor:
+    """Two denoising steps (at t = 1000, high noise, and t = 500, low noise) of the folder's pipeline."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder)
+    return pipe(
+        prompt="a red circle moves left", negative_prompt="", height=16, width=16, num_frames=5,
+        num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+        output_type="latent", max_sequence_length=8,
+    ).frames  # fmt: skip
+
+
+def test_a14b_pipeline_imports_both_experts_and_exports_them_back(a14b: Path, tmp_path: Path) -> None:
+    files, cfg = import_pipeline(a14b, tmp_path / "imported")
+    assert list(files) == ["transformer", "transformer_2"]  # high noise first
+    assert cfg.family == "wan" and cfg.wan.boundary_ratio == 0.875 and not cfg.wan.expand_timesteps
+    for component, file in files.items():
+        assert (
+            load_file(file).keys()
+            == load_file(a14b / component / "diffusion_pytorch_model.safetensors").keys()
+        )
+    out = export_pipeline(files, tmp_path / "exported", cfg, components_from=a14b)
+    for component in files:
+        exported = load_file(out / component / "diffusion_pytorch_model.safetensors")
+        original = load_file(a14b / component / "diffusion_pytorch_model.safetensors")
+        assert exported.keys() == original.keys()
+        assert all(torch.equal(exported[k], original[k]) for k in original), component
+    index, original_index = (json.loads((f / PIPELINE_INDEX).read_text()) for f in (out, a14b))
+    assert index == original_index  # boundary_ratio, class, every component
+    torch.testing.assert_close(run_pipeline(out), run_pipeline(a14b), rtol=0, atol=0)
+
+
+def test_pipeline_keys_must_match_its_transformers(a14b: Path, tmp_path: Path) -> None:
+    index = json.loads((a14b / PIPELINE_INDEX).read_text())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for component in ("transformer", "transformer_2"):
+        (broken / component).symlink_to(a14b / component)
+    (broken / PIPELINE_INDEX).write_text(json.dumps(index | {"boundary_ratio": None}))
+    with pytest.raises(
+        ConversionError, match="model_index.json: holds transformers transformer, transformer_2"
+    ):
+        read_pipeline(broken)
+    files, cfg = import_pipeline(a14b, tmp_path / "imported")
+    with pytest.raises(ConversionError, match="got weights for transformer; the model config has"):
+        export_pipeline({"transformer": files["transformer"]}, tmp_path / "out", cfg)
+
+
+def test_ti2v_first_frame_is_clean_per_token_as_the_pipeline_does(ti2v: Path, tmp_path: Path) -> None:
+    """TI2V's expand_timesteps is imontage's clean first frame: the per-token timesteps that
+    flow matching gives equal WanImageToVideoPipeline's ``first_frame_mask[:, ::2, ::2] * t``, and the
+    model's output on them equals diffusers' transformer's."""
+    files, cfg = import_pipeline(ti2v, tmp_path / "imported")
+    assert list(files) == ["transformer"] and cfg.wan.expand_timesteps and cfg.wan.boundary_ratio == 0
+    assert clean_first_frame(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(load_file(files["transformer"]), strict=True)
+    gen = torch.Generator().manual_seed(3)
+    frames, height, width = 3, 4, 6
+    latents = torch.randn(LATENT_CHANNELS, frames, height, width, generator=gen)
+    text = torch.randn(5, TEXT_DIM, generator=gen)
+    sample = Sample([Segment("text", data=text), Segment("video", role="target", data=latents)])
+    batch = pack_samples([sample], packing_spec(cfg))
+    t = torch.tensor([0.7])
+    noised, _ = noise_batch(batch, t, torch.randn(batch.tokens.shape, generator=gen), first_frame_mask(batch))
+    mask = torch.ones(frames, height, width)
+    mask[0] = 0  # the pipeline's first_frame_mask of one latent channel
+    expected_t = (mask[:, ::2, ::2] * t).flatten()  # [T'·H'·W'], one per token
+    video_rows = ~noised.is_text
+    torch.testing.assert_close(noised.timesteps[video_rows], expected_t)
+    with torch.no_grad():
+        out = unpatchify_segments(model.eval()(noised), noised, model.patch_size)[0][1]
+        x_t = unpatchify_segments(noised.tokens, noised, model.patch_size)[0][1]
+        reference = tiny_transformer(1, LATENT_CHANNELS)
+        padded = torch.cat([text, text.new_zeros(512 - len(text), TEXT_DIM)])  # as the pipeline pads
+        want, one_timestep = (
+            reference(
+                hidden_states=x_t[None],
+                timestep=timestep,
+                encoder_hidden_states=padded[None],
+                return_dict=False,
+            )[0][0]
+            for timestep in (1000.0 * expected_t[None], 1000.0 * t)
+        )
+    assert out is not None
+    tolerance = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=tolerance)
+    assert not torch.allclose(
+        out, one_timestep, rtol=1e-5, atol=tolerance
+    )  # the clean frame's timestep counts
+    exported = export_pipeline(files, tmp_path / "exported", cfg, components_from=ti2v)
+    index = json.loads((exported / PIPELINE_INDEX).read_text())
+    assert index["expand_timesteps"] is True and index["boundary_ratio"] is None
+    assert index["transformer_2"] == [None, None]

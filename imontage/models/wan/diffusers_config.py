@@ -144,3 +144,39 @@ def diffusers_config(model_cfg: Any) -> dict[str, Any]:
         "rope_max_seq_len": int(wan.rope_max_seq_len),
         "pos_embed_seq_len": None,
     }
+
+
+# ------------------------------------------------------------------------------ pipeline folders
+HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"  # the pipeline components of the A14B pair
+
+
+def pipeline_transformers(model_cfg: Any) -> tuple[str, ...]:
+    """The pipeline components that hold the model's transformers: the A14B pair (a boundary set),
+    high-noise ``transformer`` first, or the one ``transformer``."""
+    return (HIGH_NOISE, LOW_NOISE) if float(model_cfg.wan.boundary_ratio) > 0 else (HIGH_NOISE,)
+
+
+def model_config_from_pipeline(index: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` keys that ``model_index.json`` of a Wan pipeline sets (over those its
+    transformer's ``config.json`` gives): ``wan.boundary_ratio`` (null: 0) and ``wan.expand_timesteps``."""
+    ratio = index.get("boundary_ratio")
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1
+    ):
+        raise ValueError(f"key 'boundary_ratio': {ratio!r} is neither null nor a number in (0, 1)")
+    expand = index.get("expand_timesteps", False)
+    if not isinstance(expand, bool):
+        raise ValueError(f"key 'expand_timesteps': {expand!r} is not a boolean")
+    return {"wan": {"boundary_ratio": float(ratio or 0.0), "expand_timesteps": expand}}
+
+
+def pipeline_config(model_cfg: Any) -> dict[str, Any]:
+    """The keys of ``model_index.json`` that the model config sets: the pipeline class (image-to-video
+    when the model takes condition channels), ``boundary_ratio`` and ``expand_timesteps``."""
+    i2v = int(model_cfg.in_channels) > int(model_cfg.wan.out_channels)
+    ratio = float(model_cfg.wan.boundary_ratio)
+    return {
+        "_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+        "boundary_ratio": ratio or None,
+        "expand_timesteps": bool(model_cfg.wan.expand_timesteps),
+    }
