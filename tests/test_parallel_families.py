@@ -271,6 +271,6 @@ def test_a_model_of_no_family_runs_alone_and_is_refused_in_parallel() -> None:
     model = parallelize_model(Unplanned(), 1, 1, activation_checkpointing=True)
     assert model.gradient_checkpointing
     with pytest.raises(
-        ValueError, match=r"a Unplanned is not the model of any family \(dit, wan, hunyuan_video\)"
+        ValueError, match=r"a Unplanned is not the model of any family \(dit, wan, hunyuan_video, hunyuan_video_15\)"
     ):
         parallelize_model(Unplanned(), 2, 1)

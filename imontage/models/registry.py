@@ -14,9 +14,12 @@ from torch import nn
 from imontage.models.common.family import ModelFamily
 from imontage.models.dit.family import FAMILY as DIT
 from imontage.models.hunyuan_video.family import FAMILY as HUNYUAN_VIDEO
+from imontage.models.hunyuan_video_15.family import FAMILY as HUNYUAN_VIDEO_15
 from imontage.models.wan.family import FAMILY as WAN
 
-FAMILIES: dict[str, ModelFamily] = {record.name: record for record in (DIT, WAN, HUNYUAN_VIDEO)}
+FAMILIES: dict[str, ModelFamily] = {
+    record.name: record for record in (DIT, WAN, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15)
+}
 DEFAULT_FAMILY = DIT.name  # model.family when a config leaves it out
 
 

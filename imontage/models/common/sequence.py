@@ -39,6 +39,9 @@ class Segment:
     # Visual segments: channels joined to this segment's input channels and never noised, [C', T, H, W]
     # (image-to-video models: a frame mask and the condition frame's latent, laid over the target).
     channel_condition: torch.Tensor | None = None
+    # Text segments given as embeddings: which of the model's text encoders gave them (0: its first,
+    # ``model.text_dim`` wide; a family with a second one, such as a glyph-text ByT5, reads 1).
+    encoder: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +55,10 @@ class Segment:
                 raise ValueError("a text segment carries either text or precomputed embeddings [L, E]")
             if self.channel_condition is not None:
                 raise ValueError("a text segment has no channels to join a channel_condition to")
+            if self.encoder and self.data is None:
+                raise ValueError(
+                    f"text of encoder {self.encoder} is given as embeddings [L, E], not as a string"
+                )
         elif self.data is None or self.data.dim() != 4:
             shape = None if self.data is None else tuple(self.data.shape)
             raise ValueError(f"a {self.kind} segment needs data of shape [C, T, H, W], got {shape}")
@@ -98,7 +105,8 @@ class PackedBatch:
     """Several samples back to back; attention never crosses ``cu_seqlens`` boundaries.
 
     Rows are tokens in sequence order: text rows use ``text_ids``/``text_embeds``, visual rows
-    use ``tokens``; the other field is zero there.
+    use ``tokens``; the other field is zero there. Text of several encoders (``text_encoder``)
+    shares ``text_embeds``, each row zero-padded to the widest.
     """
 
     tokens: torch.Tensor  # [N, C·pt·ph·pw] patch features of visual rows
@@ -116,6 +124,7 @@ class PackedBatch:
     pooled_text: torch.Tensor | None = None  # [B, E]
     image_embeds: torch.Tensor | None = None  # [B, L, E]
     guidance: torch.Tensor | None = None  # [B] float32
+    text_encoder: torch.Tensor | None = None  # [N] int64 Segment.encoder of text rows; None: all 0
 
     def token_fields(self) -> list[str]:
         """Names of the tensor fields with one row per token (those set: ``text_embeds`` may be None)."""
@@ -255,15 +264,17 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
     }
     if len(uses_embeds) > 1:
         raise ValueError("a batch mixes text given as strings with precomputed text embeddings")
-    embed_dim = next(
+    embed_dim = max(
         (
             seg.data.shape[1]
             for s in samples
             for seg in s.segments
             if seg.kind == "text" and seg.data is not None
         ),
-        0,
+        default=0,
     )
+    encoders = any(seg.encoder for s in samples for seg in s.segments if seg.kind == "text")
+    text_encoder = []
     condition_channels = {
         seg.channel_condition.shape[0]
         for s in samples
@@ -295,7 +306,12 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
             else:
                 text_ids.append(torch.zeros(n, dtype=torch.int64))
             if embed_dim:
-                text_embeds.append(rows.float() if text else torch.zeros(n, embed_dim))
+                if text:  # zero-padded to the widest encoder's rows
+                    text_embeds.append(torch.nn.functional.pad(rows.float(), (0, embed_dim - rows.shape[1])))
+                else:
+                    text_embeds.append(torch.zeros(n, embed_dim))
+            if encoders:
+                text_encoder.append(torch.full((n,), segment.encoder if text else 0, dtype=torch.int64))
             tokens.append(torch.zeros(n, patch_dim) if text else rows)
             if condition_dim:
                 extra = segment.channel_condition
@@ -327,6 +343,7 @@ def pack_samples(samples: Sequence[Sample], spec: PackingSpec) -> PackedBatch:
         spans=spans,
         tasks=[sample.task for sample in samples],
         channel_condition=torch.cat(channel_condition) if channel_condition else None,
+        text_encoder=torch.cat(text_encoder) if text_encoder else None,
         **_per_sample_fields(samples),
     )
 

@@ -46,6 +46,27 @@ def sequence_bounds(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...
     return cu, tuple(cu.tolist())
 
 
+def stream_batch(counts: torch.Tensor) -> PackedBatch:
+    """A packed batch of ``counts[s]`` featureless rows per sample: the shape of a stream a model
+    builds itself (rows that are no batch's, such as image tokens joining the text), for
+    :meth:`SampleTokenLayout.shard_batch` to pad and cut like any other stream."""
+    cu_seqlens, bounds = sequence_bounds(counts)
+    n, device = bounds[-1], counts.device
+    flags = torch.zeros(n, dtype=torch.bool, device=device)
+    indices = torch.zeros(n, dtype=torch.int64, device=device)
+    return PackedBatch(
+        tokens=torch.zeros(n, 0, device=device),
+        is_text=flags,
+        text_ids=indices,
+        text_index=indices,
+        text_embeds=None,
+        positions=torch.zeros(n, 4, dtype=torch.int32, device=device),
+        cu_seqlens=cu_seqlens,
+        target_mask=flags,
+        timesteps=torch.zeros(n, device=device),
+    )
+
+
 def select_rows(batch: PackedBatch, rows: torch.Tensor, sample: torch.Tensor) -> PackedBatch:
     """The rows of ``batch`` where ``rows`` (``[N]`` bool) holds, as a packed batch of their own.
 

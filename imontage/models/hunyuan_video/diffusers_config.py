@@ -33,24 +33,26 @@ DEFAULTS: dict[str, Any] = {
 MAX_TEXT_LEN = 256  # the pipelines' max_sequence_length
 
 
-def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
-    """A ``ModelConfig`` dict (``family: hunyuan_video``) from diffusers' transformer config.json."""
+def with_defaults(config: dict[str, Any], defaults: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """``config`` (a config.json) over ``defaults``, its metadata dropped; an unknown key or another
+    class raises ``ValueError`` naming the key."""
     for key in config:
         if key.startswith("_"):
             continue  # metadata: _class_name, _diffusers_version, _name_or_path, _use_default_values
-        if key not in DEFAULTS:
-            raise ValueError(f"diffusers config key '{key}' is not one HunyuanVideo's importer knows")
-    class_name = config.get("_class_name", CLASS_NAME)
-    if class_name != CLASS_NAME:
-        raise ValueError(f"diffusers config key '_class_name': {class_name}, expected {CLASS_NAME}")
-    c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+        if key not in defaults:
+            raise ValueError(f"diffusers config key '{key}' is not one {class_name}'s importer knows")
+    name = config.get("_class_name", class_name)
+    if name != class_name:
+        raise ValueError(f"diffusers config key '_class_name': {name}, expected {class_name}")
+    c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
     if c["qk_norm"] != "rms_norm":
         raise ValueError(f"diffusers config key 'qk_norm': {c['qk_norm']!r}, only 'rms_norm' is supported")
-    condition = c["image_condition_type"]
-    if condition is not None and condition not in IMAGE_CONDITIONS:
-        raise ValueError(
-            f"diffusers config key 'image_condition_type': {condition!r} is not one of {IMAGE_CONDITIONS}"
-        )
+    return c
+
+
+def shared_keys(c: dict[str, Any]) -> dict[str, Any]:
+    """The shared ``model`` keys of a HunyuanVideo-style config (``c``: :func:`with_defaults`'s):
+    widths, patch, RoPE (t, h, w bands over the whole head, interleaved), velocity prediction."""
     heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
     axes = [int(d) for d in c["rope_axes_dim"]]
     if len(axes) != 3 or any(d % 2 for d in axes) or sum(axes) != head_dim:
@@ -66,7 +68,6 @@ def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         )
     theta = float(c["rope_theta"])
     return {
-        "family": "hunyuan_video",
         "in_channels": int(c["in_channels"]),
         "patch_size": [int(c["patch_size_t"]), int(c["patch_size"]), int(c["patch_size"])],
         "hidden_size": hidden,
@@ -75,10 +76,24 @@ def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "mlp_hidden_size": mlp_hidden,
         "text_encoder": "precomputed",
         "text_dim": int(c["text_embed_dim"]),
-        "max_text_len": MAX_TEXT_LEN,
         "qk_norm": True,
         "prediction": "velocity",
         "rope": {"bands": [0, *(d // 2 for d in axes)], "theta": [theta] * 4, "pair_layout": "interleaved"},
+    }
+
+
+def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
+    """A ``ModelConfig`` dict (``family: hunyuan_video``) from diffusers' transformer config.json."""
+    c = with_defaults(config, DEFAULTS, CLASS_NAME)
+    condition = c["image_condition_type"]
+    if condition is not None and condition not in IMAGE_CONDITIONS:
+        raise ValueError(
+            f"diffusers config key 'image_condition_type': {condition!r} is not one of {IMAGE_CONDITIONS}"
+        )
+    return {
+        "family": "hunyuan_video",
+        **shared_keys(c),
+        "max_text_len": MAX_TEXT_LEN,
         "hunyuan_video": {
             "out_channels": int(c["out_channels"] or c["in_channels"]),
             "num_single_layers": int(c["num_single_layers"]),
@@ -90,7 +105,8 @@ def model_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _get(cfg: Any, key: str) -> Any:
+def config_value(cfg: Any, key: str) -> Any:
+    """``cfg[key]`` of a dict, ``cfg.key`` of a dataclass or OmegaConf node."""
     return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
 
 
@@ -99,44 +115,53 @@ def diffusers_config(model_cfg: Any) -> dict[str, Any]:
 
     ``model_cfg``: a ``ModelConfig`` dataclass, OmegaConf node or plain dict.
     """
-    if _get(model_cfg, "family") != "hunyuan_video":
-        raise ValueError(f"model.family '{_get(model_cfg, 'family')}': not a HunyuanVideo model")
-    hv, rope = _get(model_cfg, "hunyuan_video"), _get(model_cfg, "rope")
-    pt, ph, pw = (int(p) for p in _get(model_cfg, "patch_size"))
+    if config_value(model_cfg, "family") != "hunyuan_video":
+        raise ValueError(f"model.family '{config_value(model_cfg, 'family')}': not a HunyuanVideo model")
+    hv = config_value(model_cfg, "hunyuan_video")
+    condition = str(config_value(hv, "image_condition_type"))
+    return {
+        "_class_name": CLASS_NAME,
+        **diffusers_shared_keys(model_cfg, "HunyuanVideo"),
+        "out_channels": int(config_value(hv, "out_channels")),
+        "num_single_layers": int(config_value(hv, "num_single_layers")),
+        "num_refiner_layers": int(config_value(hv, "num_refiner_layers")),
+        "guidance_embeds": bool(config_value(hv, "guidance_embeds")),
+        "pooled_projection_dim": int(config_value(hv, "pooled_projection_dim")),
+        "image_condition_type": condition or None,
+    }
+
+
+def diffusers_shared_keys(model_cfg: Any, name: str) -> dict[str, Any]:
+    """The config.json keys :func:`shared_keys` reads, from a ``model`` section; ``name`` the family
+    in its errors."""
+    rope = config_value(model_cfg, "rope")
+    pt, ph, pw = (int(p) for p in config_value(model_cfg, "patch_size"))
     if ph != pw:
-        raise ValueError(f"model.patch_size: diffusers' HunyuanVideo has square patches, got ({ph}, {pw})")
-    hidden, heads = int(_get(model_cfg, "hidden_size")), int(_get(model_cfg, "num_heads"))
+        raise ValueError(f"model.patch_size: diffusers' {name} has square patches, got ({ph}, {pw})")
+    hidden, heads = int(config_value(model_cfg, "hidden_size")), int(config_value(model_cfg, "num_heads"))
     head_dim = hidden // heads
-    bands = [int(b) for b in _get(rope, "bands")]
-    theta = [float(t) for t in _get(rope, "theta")]
+    bands = [int(b) for b in config_value(rope, "bands")]
+    theta = [float(t) for t in config_value(rope, "theta")]
     if bands[0] != 0 or 2 * sum(bands) != head_dim:
         raise ValueError(
             f"model.rope.bands {bands}: diffusers rotates (t, h, w) over the whole head dim {head_dim}"
         )
     if len(set(theta[1:])) != 1:
         raise ValueError(f"model.rope.theta {theta}: diffusers has one rope_theta for t, h and w")
-    if _get(rope, "pair_layout") != "interleaved":
-        raise ValueError("model.rope.pair_layout: diffusers' HunyuanVideo pairs are interleaved")
-    if not bool(_get(model_cfg, "qk_norm")):
-        raise ValueError("model.qk_norm: diffusers' HunyuanVideo normalises q and k (rms_norm)")
-    condition = str(_get(hv, "image_condition_type"))
+    if config_value(rope, "pair_layout") != "interleaved":
+        raise ValueError(f"model.rope.pair_layout: diffusers' {name} pairs are interleaved")
+    if not bool(config_value(model_cfg, "qk_norm")):
+        raise ValueError(f"model.qk_norm: diffusers' {name} normalises q and k (rms_norm)")
     return {
-        "_class_name": CLASS_NAME,
-        "in_channels": int(_get(model_cfg, "in_channels")),
-        "out_channels": int(_get(hv, "out_channels")),
+        "in_channels": int(config_value(model_cfg, "in_channels")),
         "num_attention_heads": heads,
         "attention_head_dim": head_dim,
-        "num_layers": int(_get(model_cfg, "depth")),
-        "num_single_layers": int(_get(hv, "num_single_layers")),
-        "num_refiner_layers": int(_get(hv, "num_refiner_layers")),
-        "mlp_ratio": int(_get(model_cfg, "mlp_hidden_size")) / hidden,
+        "num_layers": int(config_value(model_cfg, "depth")),
+        "mlp_ratio": int(config_value(model_cfg, "mlp_hidden_size")) / hidden,
         "patch_size": ph,
         "patch_size_t": pt,
         "qk_norm": "rms_norm",
-        "guidance_embeds": bool(_get(hv, "guidance_embeds")),
-        "text_embed_dim": int(_get(model_cfg, "text_dim")),
-        "pooled_projection_dim": int(_get(hv, "pooled_projection_dim")),
+        "text_embed_dim": int(config_value(model_cfg, "text_dim")),
         "rope_theta": theta[1],
         "rope_axes_dim": [2 * b for b in bands[1:]],
-        "image_condition_type": condition or None,
     }

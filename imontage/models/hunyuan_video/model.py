@@ -39,7 +39,7 @@ from imontage.models.common.embeddings import timestep_frequencies
 from imontage.models.common.feed_forward import FeedForward
 from imontage.models.common.rope import MultiAxisRope
 from imontage.models.common.sequence import PackedBatch
-from imontage.models.common.token_layout import SampleTokenLayout, select_rows, sequence_bounds
+from imontage.models.common.token_layout import SampleTokenLayout, select_rows, sequence_bounds, stream_batch
 
 FREQUENCY_DIM = 256
 REFINER_MLP_RATIO = 4.0  # diffusers' HunyuanVideoTokenRefiner keeps its default, whatever mlp_ratio is
@@ -57,19 +57,26 @@ class MLPEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class TimestepTextEmbedding(nn.Module):
-    """Sinusoidal timestep (and guidance) features + a pooled text vector, summed: ``[B, d]``."""
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal timestep features through an MLP: diffusers' ``HunyuanVideo15TimeEmbedding``."""
 
-    def __init__(self, hidden_size: int, pooled_dim: int, guidance: bool) -> None:
+    def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.timestep_embedder = MLPEmbedder(FREQUENCY_DIM, hidden_size)
-        self.text_embedder = MLPEmbedder(pooled_dim, hidden_size)
-        self.guidance_embedder = MLPEmbedder(FREQUENCY_DIM, hidden_size) if guidance else None
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` in [0, 1] (diffusers' timestep / 1000) -> ``[n, d]``."""
         dtype = self.timestep_embedder.linear_1.weight.dtype
         return self.timestep_embedder(timestep_frequencies(t, FREQUENCY_DIM).to(dtype))
+
+
+class TimestepTextEmbedding(TimestepEmbedding):
+    """Sinusoidal timestep (and guidance) features + a pooled text vector, summed: ``[B, d]``."""
+
+    def __init__(self, hidden_size: int, pooled_dim: int, guidance: bool) -> None:
+        super().__init__(hidden_size)
+        self.text_embedder = MLPEmbedder(pooled_dim, hidden_size)
+        self.guidance_embedder = MLPEmbedder(FREQUENCY_DIM, hidden_size) if guidance else None
 
     def guidance(self, scale: torch.Tensor) -> torch.Tensor:
         """Distilled guidance scale (the pipeline feeds 1000·scale to the sinusoid) -> ``[n, d]``."""
@@ -405,47 +412,51 @@ class PatchEmbed(nn.Module):
         return F.linear(features, self.proj.weight.flatten(1), self.proj.bias)
 
 
-class HunyuanVideoTransformer(nn.Module):
-    """HunyuanVideo's transformer over packed multi-segment samples (see the module docstring)."""
+@dataclass
+class StreamTimesteps:
+    """The timesteps a packed batch is modulated with (module docstring), per sample and per token."""
 
-    def __init__(self, cfg: Any) -> None:
-        """``cfg``: a :class:`~imontage.config.schema.ModelConfig` with ``family: hunyuan_video``."""
+    sample: torch.Tensor  # [B] each sample's denoising timestep: its target tokens' largest (0: none)
+    block: torch.Tensor  # [N] the blocks': a visual token's own, a text token's sample's
+    final: torch.Tensor  # [N] the output layer's: clean conditions take their sample's
+    clean_condition: torch.Tensor  # [N] bool: visual tokens outside the targets, or at 0 while denoising
+
+
+def stream_timesteps(batch: PackedBatch, owner: torch.Tensor) -> StreamTimesteps:
+    """:class:`StreamTimesteps` of ``batch``; ``owner`` ``[N]`` the sample of each token."""
+    t = batch.timesteps.float()
+    visual = ~batch.is_text
+    sample_t = t.new_zeros(batch.num_samples).scatter_reduce(
+        0, owner, torch.where(batch.target_mask, t, torch.zeros_like(t)), "amax", include_self=True
+    )
+    denoising = sample_t[owner]  # [N]
+    clean_condition = visual & (~batch.target_mask | ((t == 0) & (denoising > 0)))
+    block_t = torch.where(visual, t, denoising)
+    final_t = torch.where(visual & ~clean_condition, t, denoising)
+    return StreamTimesteps(sample_t, block_t, final_t, clean_condition)
+
+
+class DualStreamTransformer(nn.Module):
+    """What HunyuanVideo and HunyuanVideo 1.5 share: visual rows patch-embedded, a text stream the
+    family builds (:meth:`run_streams`' ``txt``), both through the blocks of :meth:`blocks`, then the
+    adaLN output layer on the visual rows. Subclasses build the modules named in ``__init__``."""
+
+    patch_size: tuple[int, int, int]
+    in_channels: int
+    backend: str
+    x_embedder: PatchEmbed
+    rope: MultiAxisRope
+    norm_out: OutputNorm
+    proj_out: nn.Linear
+    token_layout: SampleTokenLayout
+
+    def __init__(self) -> None:
         super().__init__()
-        hv = cfg.hunyuan_video
-        if str(cfg.prediction) != "velocity":
-            raise ValueError(f"model.prediction={cfg.prediction}: HunyuanVideo predicts the velocity")
-        if str(hv.image_condition_type) not in ("", "latent_concat", "token_replace"):
-            raise ValueError(
-                f"model.hunyuan_video.image_condition_type '{hv.image_condition_type}' is unknown"
-            )
-        self.patch_size = tuple(int(p) for p in cfg.patch_size)
-        self.in_channels = int(cfg.in_channels)
-        self.out_channels = int(hv.out_channels)
-        self.image_condition_type = str(hv.image_condition_type)
-        hidden, heads = int(cfg.hidden_size), int(cfg.num_heads)
-        mlp, qk_norm = int(cfg.mlp_hidden_size), bool(cfg.qk_norm)
-        self.hidden_size = hidden
-        self.backend = str(cfg.attention_backend)
         self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(self.in_channels, hidden, self.patch_size)  # type: ignore[arg-type]
-        self.context_embedder = TextRefiner(
-            int(cfg.text_dim), hidden, heads, int(hv.num_refiner_layers), self.backend
-        )
-        self.time_text_embed = TimestepTextEmbedding(
-            hidden, int(hv.pooled_projection_dim), bool(hv.guidance_embeds)
-        )
-        self.rope = MultiAxisRope(cfg.rope.bands, cfg.rope.theta, str(cfg.rope.pair_layout))
-        self.transformer_blocks = nn.ModuleList(
-            DualStreamBlock(hidden, heads, mlp, qk_norm, self.backend) for _ in range(int(cfg.depth))
-        )
-        self.single_transformer_blocks = nn.ModuleList(
-            SingleStreamBlock(hidden, heads, mlp, qk_norm, self.backend)
-            for _ in range(int(hv.num_single_layers))
-        )
-        self.norm_out = OutputNorm(hidden)
-        self.proj_out = nn.Linear(hidden, self.out_channels * math.prod(self.patch_size))
-        self.token_layout = SampleTokenLayout()
+    def blocks(self) -> list[nn.Module]:
+        """The blocks both streams run through, in order."""
+        raise NotImplementedError
 
     def visual_features(self, batch: PackedBatch) -> torch.Tensor:
         """``[n, in_channels·pt·ph·pw]`` of a batch of visual rows: token features, then the channel
@@ -465,27 +476,110 @@ class HunyuanVideoTransformer(nn.Module):
             )
         return features.to(self.x_embedder.proj.weight.dtype)
 
+    def run_streams(
+        self,
+        batch: PackedBatch,
+        owner: torch.Tensor,
+        txt: torch.Tensor,
+        text_counts: torch.Tensor,
+        table: torch.Tensor,
+        block_index: torch.Tensor,
+        final_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The velocity ``[N, out_channels·pt·ph·pw]`` of ``batch`` (text rows 0).
+
+        ``txt`` ``[Nt, d]``: the text stream, whole, rows sample by sample (``text_counts`` ``[B]``
+        each), with ``block_index`` ``[Nt + N_visual]`` their modulation rows in ``table`` ``[U, d]``
+        and then the visual rows'; ``final_index`` ``[N_visual]``: the output layer's rows.
+        """
+        layout = self.token_layout
+        visual = ~batch.is_text
+        visual_batch = select_rows(batch, visual, owner)
+        local = layout.shard_batch(visual_batch)  # this rank's visual rows; cu_seqlens: the whole stream's
+        text_cu = layout.shard_batch(stream_batch(text_counts)).cu_seqlens  # the padded text stream's
+        img = self.x_embedder(self.visual_features(local))  # [n_v, d]
+        n_text = txt.shape[0]
+        streams = Streams(
+            table=layout.enter_table(table),
+            visual_index=layout.enter_rows(layout.shard_rows(block_index[n_text:])),
+            text_index=layout.enter_rows(layout.shard_rows(block_index[:n_text])),
+            positions=local.positions,
+            rope=self.rope,
+            joint=JointPacking(local.cu_seqlens, text_cu, layout.context_size),
+        )
+        img, txt = layout.enter_rows(img), layout.enter_rows(layout.shard_rows(txt.to(img.dtype)))
+        for block in self.blocks():
+            img, txt = self._run(block, img, txt, streams)
+        img = layout.exit_blocks(img)  # [n_v, d]: this rank's visual rows, whole
+        out = self.proj_out(self.norm_out(img, table, layout.shard_rows(final_index)))
+        out = layout.gather_output(out, visual_batch)  # [Nv, ·]
+        full = out.new_zeros(batch.is_text.shape[0], out.shape[1])
+        return full.index_put((visual.nonzero().squeeze(1),), out)
+
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class HunyuanVideoTransformer(DualStreamTransformer):
+    """HunyuanVideo's transformer over packed multi-segment samples (see the module docstring)."""
+
+    def __init__(self, cfg: Any) -> None:
+        """``cfg``: a :class:`~imontage.config.schema.ModelConfig` with ``family: hunyuan_video``."""
+        super().__init__()
+        hv = cfg.hunyuan_video
+        if str(cfg.prediction) != "velocity":
+            raise ValueError(f"model.prediction={cfg.prediction}: HunyuanVideo predicts the velocity")
+        if str(hv.image_condition_type) not in ("", "latent_concat", "token_replace"):
+            raise ValueError(
+                f"model.hunyuan_video.image_condition_type '{hv.image_condition_type}' is unknown"
+            )
+        self.patch_size = tuple(int(p) for p in cfg.patch_size)  # type: ignore[assignment]
+        self.in_channels = int(cfg.in_channels)
+        self.out_channels = int(hv.out_channels)
+        self.image_condition_type = str(hv.image_condition_type)
+        hidden, heads = int(cfg.hidden_size), int(cfg.num_heads)
+        mlp, qk_norm = int(cfg.mlp_hidden_size), bool(cfg.qk_norm)
+        self.hidden_size = hidden
+        self.backend = str(cfg.attention_backend)
+
+        self.x_embedder = PatchEmbed(self.in_channels, hidden, self.patch_size)
+        self.context_embedder = TextRefiner(
+            int(cfg.text_dim), hidden, heads, int(hv.num_refiner_layers), self.backend
+        )
+        self.time_text_embed = TimestepTextEmbedding(
+            hidden, int(hv.pooled_projection_dim), bool(hv.guidance_embeds)
+        )
+        self.rope = MultiAxisRope(cfg.rope.bands, cfg.rope.theta, str(cfg.rope.pair_layout))
+        self.transformer_blocks = nn.ModuleList(
+            DualStreamBlock(hidden, heads, mlp, qk_norm, self.backend) for _ in range(int(cfg.depth))
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, heads, mlp, qk_norm, self.backend)
+            for _ in range(int(hv.num_single_layers))
+        )
+        self.norm_out = OutputNorm(hidden)
+        self.proj_out = nn.Linear(hidden, self.out_channels * math.prod(self.patch_size))
+        self.token_layout = SampleTokenLayout()
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
+
     def conditioning(
         self, batch: PackedBatch, owner: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Distinct modulation embeddings ``[U, d]``, each token's row in them for the blocks and for
         the output layer (``[N]`` each), and each sample's denoising timestep ``[B]``."""
-        num_samples = batch.num_samples
-        t = batch.timesteps.float()
-        visual = ~batch.is_text
-        # A sample's denoising timestep: the largest of its target tokens' (0 with no target).
-        sample_t = t.new_zeros(num_samples).scatter_reduce(
-            0, owner, torch.where(batch.target_mask, t, torch.zeros_like(t)), "amax", include_self=True
-        )
-        denoising = sample_t[owner]  # [N]
-        clean_condition = visual & (~batch.target_mask | ((t == 0) & (denoising > 0)))
-        block_t = torch.where(visual, t, denoising)
-        final_t = torch.where(visual & ~clean_condition, t, denoising)
+        times = stream_timesteps(batch, owner)
+        guided = (~times.clean_condition).double()
         # Keys (sample, timestep, guided): the blocks' and the output layer's rows share one table.
         keys = torch.cat(
             [
-                torch.stack([owner.double(), block_t.double(), (~clean_condition).double()], dim=1),
-                torch.stack([owner.double(), final_t.double(), torch.ones_like(t).double()], dim=1),
+                torch.stack([owner.double(), times.block.double(), guided], dim=1),
+                torch.stack([owner.double(), times.final.double(), torch.ones_like(guided)], dim=1),
             ]
         )
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
@@ -500,52 +594,34 @@ class HunyuanVideoTransformer(nn.Module):
                 raise ValueError("a guidance-distilled HunyuanVideo needs each sample's guidance scale")
             guidance = embed.guidance(batch.guidance)  # [B, d]
             table = table + guidance[u_sample] * u_guided[:, None].to(table.dtype)
-        n = t.shape[0]
-        return table, inverse[:n], inverse[n:], sample_t
+        n = owner.shape[0]
+        return table, inverse[:n], inverse[n:], times.sample
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """``[N, out_channels·pt·ph·pw]`` velocity ε − x0 per token, features (C, pt, ph, pw); text rows 0."""
-        layout = self.token_layout
         owner = batch.sample_index()
         visual, text = ~batch.is_text, batch.is_text
         table, block_index, final_index, sample_t = self.conditioning(batch, owner)
-        visual_batch = select_rows(batch, visual, owner)
-        local = layout.shard_batch(visual_batch)  # this rank's visual rows; cu_seqlens: the whole stream's
-        text_cu = layout.shard_batch(select_rows(batch, text, owner)).cu_seqlens  # the padded text stream's
-        img = self.x_embedder(self.visual_features(local))  # [n_v, d]
         if batch.text_embeds is not None:
-            text_embeds = batch.text_embeds[text].to(img.dtype)
+            text_embeds = batch.text_embeds[text].to(self.x_embedder.proj.weight.dtype)
         elif bool(text.any()):
             raise ValueError(
                 "HunyuanVideo reads precomputed text embeddings: text segments carry data [L, E]"
             )
         else:
-            text_embeds = img.new_zeros(0, self.context_embedder.proj_in.in_features)
+            text_embeds = self.x_embedder.proj.weight.new_zeros(0, self.context_embedder.proj_in.in_features)
         # Run even without text rows: under ZeRO-3 every rank must enter the same modules.
         txt = self.context_embedder(text_embeds, owner[text], sample_t, self.backend)  # [Nt, d], whole
-        streams = Streams(
-            table=layout.enter_table(table),
-            visual_index=layout.enter_rows(layout.shard_rows(block_index[visual])),
-            text_index=layout.enter_rows(layout.shard_rows(block_index[text])),
-            positions=local.positions,
-            rope=self.rope,
-            joint=JointPacking(local.cu_seqlens, text_cu, layout.context_size),
+        text_counts = torch.bincount(owner[text], minlength=batch.num_samples)
+        return self.run_streams(
+            batch,
+            owner,
+            txt,
+            text_counts,
+            table,
+            torch.cat([block_index[text], block_index[visual]]),
+            final_index[visual],
         )
-        img, txt = layout.enter_rows(img), layout.enter_rows(layout.shard_rows(txt))
-        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
-            img, txt = self._run(block, img, txt, streams)
-        img = layout.exit_blocks(img)  # [n_v, d]: this rank's visual rows, whole
-        out = self.proj_out(self.norm_out(img, table, layout.shard_rows(final_index[visual])))
-        out = layout.gather_output(out, visual_batch)  # [Nv, ·]
-        full = out.new_zeros(batch.is_text.shape[0], out.shape[1])
-        return full.index_put((visual.nonzero().squeeze(1),), out)
-
-    def _run(self, block: nn.Module, *args: Any) -> Any:
-        if self.gradient_checkpointing and self.training:
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
 
 def build_hunyuan_video(cfg: Any, device: torch.device | str | None = None) -> HunyuanVideoTransformer:
