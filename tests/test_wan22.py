@@ -9,6 +9,7 @@ exported in the pipeline layout: ``transformer/``, ``transformer_2/``, ``model_i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,18 @@ def save_pipeline(folder: Path, i2v: bool = False, boundary_ratio: float | None 
     return folder / "pipeline"
 
 
-@pytest.fixture(scope="module")
-def a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_pipeline(tmp_path_factory.mktemp("a14b"))
+@pytest.fixture(scope="module", params=["t2v", "i2v"])
+def a14b(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_pipeline(tmp_path_factory.mktemp(f"a14b_{request.param}"), i2v=request.param == "i2v")
+
+
+def convert_tool() -> Any:
+    """tools/convert_checkpoint.py as a module (its ``main`` runs in this process)."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools/convert_checkpoint.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -115,36 +125,70 @@ def ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_pipeline(tmp_path_factory.mktemp("ti2v"), boundary_ratio=None, expand_timesteps=True)
 
 
-def run_pipeline(folder: Path) -> torch.Tensor:
-    """Two denoising steps (at t = 1000, high noise, and t = 500, low noise) of the folder's pipeline."""
-    from diffusers import WanPipeline
+def run_pipeline(folder: Path) -> tuple[torch.Tensor, dict[str, int]]:
+    """Two denoising steps of the folder's pipeline (at t = 1000, high noise, then t = 8.9, low
+    noise), and how often each transformer ran."""
+    import diffusers
 
-    pipe = WanPipeline.from_pretrained(folder)
-    return pipe(
-        prompt="a red circle moves left", negative_prompt="", height=16, width=16, num_frames=5,
-        num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
-        output_type="latent", max_sequence_length=8,
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    calls = dict.fromkeys(("transformer", "transformer_2"), 0)
+    for component in calls:
+        getattr(pipe, component).register_forward_hook(
+            lambda *_, component=component: calls.__setitem__(component, calls[component] + 1)
+        )
+    kwargs: dict[str, Any] = {}
+    if isinstance(pipe, diffusers.WanImageToVideoPipeline):
+        kwargs["image"] = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # Text as embeddings: the I2V pipeline's prompt cleaning needs ftfy, which imontage does not install.
+    text = torch.randn(1, 8, TEXT_DIM, generator=torch.Generator().manual_seed(2))
+    latents = pipe(
+        prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text), height=16, width=16,
+        num_frames=5, num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+        output_type="latent", **kwargs,
     ).frames  # fmt: skip
+    return latents, calls
 
 
 def test_a14b_pipeline_imports_both_experts_and_exports_them_back(a14b: Path, tmp_path: Path) -> None:
-    files, cfg = import_pipeline(a14b, tmp_path / "imported")
-    assert list(files) == ["transformer", "transformer_2"]  # high noise first
+    tool = convert_tool()
+    preset = tmp_path / "a14b.yaml"
+    assert (
+        tool.main(
+            ["import-pipeline", str(a14b), "--out", str(tmp_path / "imported"), "--config-out", str(preset)]
+        )
+        == 0
+    )
+    files = {c: tmp_path / "imported" / f"{c}.safetensors" for c in ("transformer", "transformer_2")}
+    cfg = tool.model_config_file(preset)
     assert cfg.family == "wan" and cfg.wan.boundary_ratio == 0.875 and not cfg.wan.expand_timesteps
     for component, file in files.items():
         assert (
             load_file(file).keys()
             == load_file(a14b / component / "diffusion_pytorch_model.safetensors").keys()
         )
-    out = export_pipeline(files, tmp_path / "exported", cfg, components_from=a14b)
+    out = tmp_path / "exported"
+    sources = [f"{component}={file}" for component, file in reversed(files.items())]  # any order
+    command = [
+        "export-pipeline",
+        *sources,
+        "--config",
+        str(preset),
+        "--out",
+        str(out),
+        "--components-from",
+        str(a14b),
+    ]
+    assert tool.main(command) == 0
     for component in files:
         exported = load_file(out / component / "diffusion_pytorch_model.safetensors")
         original = load_file(a14b / component / "diffusion_pytorch_model.safetensors")
         assert exported.keys() == original.keys()
         assert all(torch.equal(exported[k], original[k]) for k in original), component
     index, original_index = (json.loads((f / PIPELINE_INDEX).read_text()) for f in (out, a14b))
-    assert index == original_index  # boundary_ratio, class, every component
-    torch.testing.assert_close(run_pipeline(out), run_pipeline(a14b), rtol=0, atol=0)
+    assert index == original_index  # the pipeline class, boundary_ratio, every component
+    (latents, calls), (original_latents, _) = run_pipeline(out), run_pipeline(a14b)
+    assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, with and without the text
+    torch.testing.assert_close(latents, original_latents, rtol=0, atol=0)
 
 
 def test_pipeline_keys_must_match_its_transformers(a14b: Path, tmp_path: Path) -> None:

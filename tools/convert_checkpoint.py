@@ -7,6 +7,8 @@ python tools/convert_checkpoint.py export model.safetensors out_folder [--max-sh
 python tools/convert_checkpoint.py import out_folder model.safetensors
 python tools/convert_checkpoint.py import-diffusers Wan2.1-T2V-1.3B-Diffusers/transformer --out wan.safetensors [--config-out configs/model/wan_1_3b.yaml]
 python tools/convert_checkpoint.py export-diffusers RUN_DIR/checkpoints/step_000800 [--config configs/recipes/x.yaml] --out exported/transformer [--max-shard-size 5GB]
+python tools/convert_checkpoint.py import-pipeline Wan2.2-T2V-A14B-Diffusers --out imported/ [--config-out configs/model/a14b.yaml]
+python tools/convert_checkpoint.py export-pipeline transformer=high.safetensors transformer_2=RUN_DIR/checkpoints/step_000800 --config configs/model/a14b.yaml --out exported/ [--components-from Wan2.2-T2V-A14B-Diffusers]
 python tools/convert_checkpoint.py export-lora RUN_DIR/checkpoints/step_000800 --out pytorch_lora_weights.safetensors
 python tools/convert_checkpoint.py inspect PATH [--recipe configs/recipes/x.yaml] [--tensors]
 python tools/convert_checkpoint.py verify RUN_DIR/checkpoints/step_000800
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imontage.checkpoint import convert
+from imontage.checkpoint import convert, pipeline
 from imontage.checkpoint import diffusers as diffusers_io
 from imontage.config import load_recipe
 from imontage.config.model_file import config_diff, model_config
@@ -72,6 +74,36 @@ def run_import_diffusers(args: argparse.Namespace) -> None:
         print(f"wrote {args.config_out}")
     else:
         print(preset, end="")
+
+
+def run_import_pipeline(args: argparse.Namespace) -> None:
+    files, cfg = pipeline.import_pipeline(args.folder, args.out)
+    for file in files.values():
+        print(f"wrote {file}")
+    preset = diffusers_io.model_config_yaml(cfg, args.folder)
+    if args.config_out:
+        args.config_out.parent.mkdir(parents=True, exist_ok=True)
+        args.config_out.write_text(preset)
+        print(f"wrote {args.config_out}")
+    else:
+        print(preset, end="")
+
+
+def component_source(text: str) -> tuple[str, Path]:
+    component, sep, path = text.partition("=")
+    if not sep or not component or not path:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not COMPONENT=PATH (e.g. transformer_2=model.safetensors)"
+        )
+    return component, Path(path)
+
+
+def run_export_pipeline(args: argparse.Namespace) -> None:
+    out = pipeline.export_pipeline(
+        dict(args.sources), args.out, model_config_file(args.config), args.components_from, args.weights,
+        args.dtype, args.max_shard_size,
+    )  # fmt: skip
+    print(f"wrote {out}")
 
 
 def run_export_diffusers(args: argparse.Namespace) -> None:
@@ -141,6 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", type=Path, default=None,
                    help="a LoRA run's base folder to merge into (default: its model.init_from_diffusers)")  # fmt: skip
     p = commands.add_parser(
+        "import-pipeline",
+        help="diffusers pipeline folder (model_index.json) -> one consolidated file per transformer + model config",
+    )
+    p.add_argument("folder", type=Path, help="model_index.json + transformer/ (+ transformer_2/)")
+    p.add_argument("--out", type=Path, required=True, help="folder for <component>.safetensors")
+    p.add_argument("--config-out", type=Path, help="write the model config preset here (default: print it)")
+    p = commands.add_parser(
+        "export-pipeline",
+        help="one source per transformer (consolidated file or training checkpoint) -> diffusers pipeline folder",
+    )
+    p.add_argument("sources", type=component_source, nargs="+", metavar="COMPONENT=PATH")
+    p.add_argument("--out", type=Path, required=True, help="the pipeline folder to write")
+    p.add_argument("--config", type=Path, required=True, help="recipe or model preset of the pipeline")
+    p.add_argument("--components-from", type=Path, default=None,
+                   help="a pipeline folder whose other components (VAE, text encoder, ...) are copied")  # fmt: skip
+    p.add_argument("--weights", choices=convert.WEIGHT_KINDS, default="ema", help="of a training checkpoint")
+    p.add_argument("--dtype", choices=tuple(diffusers_io.DTYPES), default=None,
+                   help="cast floating tensors (default: the dtypes of the imported folder)")  # fmt: skip
+    p.add_argument("--max-shard-size", type=size_bytes, default=diffusers_io.MAX_SHARD_BYTES)
+    p = commands.add_parser(
         "export-lora",
         help="a LoRA run's checkpoint (any layout) or consolidated file -> diffusers' LoRA safetensors file",
     )
@@ -173,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             run_import_diffusers(args)
         elif args.command == "export-diffusers":
             run_export_diffusers(args)
+        elif args.command == "import-pipeline":
+            run_import_pipeline(args)
+        elif args.command == "export-pipeline":
+            run_export_pipeline(args)
         elif args.command == "export-lora":
             run_export_lora(args)
         elif args.command == "inspect":
