@@ -24,6 +24,7 @@ from test_hunyuan_video import close
 
 from imontage.checkpoint import diffusers as dio
 from imontage.checkpoint.convert import load_consolidated
+from imontage.checkpoint.pipeline import export_pipeline, import_pipeline
 from imontage.config import load_recipe
 from imontage.config.schema import ModelConfig
 from imontage.models import build_model, packing_spec
@@ -69,17 +70,21 @@ def reference() -> Any:
 
 @pytest.fixture(scope="module")
 def folder(reference: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The transformer/ of a pipeline folder (its model_index.json names the transformer only)."""
     path = tmp_path_factory.mktemp("hunyuan_video_15") / "transformer"
     reference.save_pretrained(path, max_shard_size="2MB")
+    index = {"_class_name": "HunyuanVideo15ImageToVideoPipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"]}  # fmt: skip
+    (path.parent / "model_index.json").write_text(json.dumps(index))
     return path
 
 
 @pytest.fixture(scope="module")
 def imported(folder: Path) -> Path:
-    """The folder through the generic importer: an imontage consolidated file."""
-    consolidated, cfg = dio.import_folder(folder, folder.parent / "imported.safetensors")
-    assert cfg.family == "hunyuan_video_15"
-    return consolidated
+    """The pipeline folder through the generic importer: an imontage consolidated file."""
+    files, cfg = import_pipeline(folder.parent, folder.parent / "imported")
+    assert cfg.family == "hunyuan_video_15" and list(files) == ["transformer"]
+    return files["transformer"]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +232,10 @@ def test_export_loads_in_diffusers_and_round_trips_bit_for_bit(
 ) -> None:
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    exported = dio.export_folder(imported, tmp_path / "export")
+    export_pipeline({"transformer": imported}, tmp_path / "export", dio.read_model_config(folder)[2])
+    exported = tmp_path / "export" / "transformer"
+    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
+    assert index["_class_name"] == "HunyuanVideo15ImageToVideoPipeline"
     before, after = stored_tensors(folder), stored_tensors(exported)
     assert before.keys() == after.keys()
     for name, tensor in before.items():

@@ -1,4 +1,4 @@
-"""LoRA and partial fine-tuning on one device (imontage.models.lora), for the DiT, Wan and HunyuanVideo.
+"""LoRA and partial fine-tuning on one device (imontage.models.lora), for the DiT, Wan, HunyuanVideo (1.5).
 
 A fresh adapter (B = 0) leaves the outputs unchanged; merged weights give base + adapters' outputs;
 only adapters and the listed trainable parameters receive gradients; bad patterns are named.
@@ -23,11 +23,13 @@ TARGETS = {
     "wan": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.attn2.add_*", "blocks.*.ffn.net.*"],
     "hunyuan_video": ["transformer_blocks.*.attn.*", "transformer_blocks.*.ff*.net.*",
                       "single_transformer_blocks.*.attn.to_*", "single_transformer_blocks.*.proj_*"],
+    "hunyuan_video_15": ["transformer_blocks.*.attn.*", "transformer_blocks.*.ff*.net.*"],
 }  # fmt: skip
 TRAINABLE = {
     "dit": ["final.*"],
     "wan": ["condition_embedder.image_embedder.*"],
     "hunyuan_video": ["x_embedder.*"],
+    "hunyuan_video_15": ["image_embedder.*"],
 }
 
 
@@ -40,7 +42,7 @@ def model_and_batch(family: str) -> tuple[Any, Any]:
     if family == "dit":
         model = dit.reference_model("montage")
         return model, dit.uneven_batch("montage")
-    variant = {"wan": "i2v", "hunyuan_video": "i2v_latent_concat"}[family]
+    variant = {"wan": "i2v", "hunyuan_video": "i2v_latent_concat", "hunyuan_video_15": "i2v"}[family]
     model = families.reference_model(family, variant)
     return model, families.uneven_batch(family, variant, model)
 
@@ -53,7 +55,7 @@ def randomise_adapters(model: torch.nn.Module, seed: int = 5) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("family", ["dit", "wan", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["dit", "wan", "hunyuan_video", "hunyuan_video_15"])
 def test_fresh_adapters_change_nothing_and_merging_keeps_the_outputs(family: str) -> None:
     model, batch = model_and_batch(family)
     with torch.no_grad():

@@ -85,3 +85,19 @@ def diffusers_config(model_cfg: Any) -> dict[str, Any]:
         "task_type": str(config_value(hv, "task_type")),
         "use_meanflow": False,
     }
+
+
+def pipeline_transformers(model_cfg: Any) -> tuple[str, ...]:
+    """The pipeline components that hold the model: its one ``transformer``."""
+    return ("transformer",)
+
+
+def model_config_from_pipeline(index: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` keys ``model_index.json`` sets: none (the pipeline class follows task_type)."""
+    return {}
+
+
+def pipeline_config(model_cfg: Any) -> dict[str, Any]:
+    """The keys of ``model_index.json`` the model config sets: the pipeline class of its task."""
+    i2v = str(config_value(config_value(model_cfg, "hunyuan_video_15"), "task_type")) == "i2v"
+    return {"_class_name": "HunyuanVideo15ImageToVideoPipeline" if i2v else "HunyuanVideo15Pipeline"}
