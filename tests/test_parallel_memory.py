@@ -22,22 +22,22 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model, packing_spec
-from imontage.models.common import PackedBatch, Sample, Segment, pack_samples
-from imontage.parallel.engine import block_numel
-from imontage.parallel.plan import (
+from imontage.cost import (
     PRECISIONS,
     Layout,
     MicroBatch,
-    ModelShape,
     PlanError,
     activations,
     communication_plan,
     count_saved_tensors,
     estimate_memory,
+    model_shape,
     parameter_census,
     zero3_traffic,
 )
+from imontage.models import build_model, packing_spec
+from imontage.models.common import PackedBatch, Sample, Segment, pack_samples
+from imontage.parallel.engine import block_numel
 
 
 def preset(name: str) -> Any:
@@ -251,13 +251,13 @@ def test_activation_estimate_equals_what_autograd_keeps(case: str, precision: st
     e = PRECISIONS[precision].activation_bytes
     model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     measured = measured_activations(model, batch)
-    kept = activations(ModelShape.from_config(cfg), rows, Layout(), e)
+    kept = activations(model_shape(cfg), rows, Layout(), e)
     expected = expected_by_scope(kept, [s for s in measured if s != "outside"])
     if precision == "fp32":  # there the model reads some of the batch's own fp32 tensors in place
         measured.pop("outside"), expected.pop("outside")
     assert measured == expected
     # Checkpointed: outside, the inputs the blocks share and each one's own, and one block run again.
-    shape = ModelShape.from_config(cfg)
+    shape = model_shape(cfg)
     checkpointed = activations(shape, rows, Layout(activation_checkpointing=True), e)
     residual = rows.tokens if case.startswith("wan") else rows.tokens + rows.text_tokens  # all streams
     own = sum(b.count * b.input_bytes for b in checkpointed.blocks)
@@ -279,7 +279,7 @@ def test_lora_activation_estimate_equals_what_autograd_keeps(case: str, precisio
     e = PRECISIONS[precision].activation_bytes
     model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     measured = measured_activations(model, batch)
-    shape = ModelShape.from_config(cfg)
+    shape = model_shape(cfg)
     kept = activations(shape, rows, Layout(), e)
     expected = expected_by_scope(kept, [s for s in measured if s != "outside"])
     if precision == "fp32":  # as above: the batch's own fp32 tensors are read in place
@@ -312,7 +312,7 @@ def test_parameter_bytes_of_the_tiny_wan_by_hand() -> None:
     cut = wan_tiny_cut_per_block(cfg)
     # TP 2 on 2 GPUs: ZeRO over 1 rank, so each TP rank's share is its whole partition.
     share, block_share = total - cfg.depth * cut // 2, block - cut // 2
-    shape, rows = ModelShape.from_config(cfg), MicroBatch(tokens=64, text_tokens=8)
+    shape, rows = model_shape(cfg), MicroBatch(tokens=64, text_tokens=8)
     estimate = estimate_memory(model, shape, rows, Layout(tensor=2, world=2))
     terms = dict(estimate.terms())
     assert estimate.census.rank == share and estimate.census.block == block_share
@@ -361,7 +361,7 @@ def test_frozen_parameters_cost_only_their_working_copy() -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith("scale_shift_table"))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    terms = dict(estimate_memory(model, ModelShape.from_config(cfg), MicroBatch(64), Layout(world=1)).terms())
+    terms = dict(estimate_memory(model, model_shape(cfg), MicroBatch(64), Layout(world=1)).terms())
     total = sum(p.numel() for p in model.parameters())
     assert terms["bf16 weights, ZeRO-3 partition"] == 2 * total
     assert terms["bf16 gradients, ZeRO-3 partition"] == 2 * trained
@@ -386,7 +386,7 @@ def test_layouts_the_model_cannot_take_are_refused() -> None:
     with pytest.raises(
         PlanError, match="num_heads=2 is not divisible by tensor_parallel × context_parallel = 1 × 4"
     ):
-        estimate_memory(model, ModelShape.from_config(cfg), MicroBatch(64), Layout(context=4))
+        estimate_memory(model, model_shape(cfg), MicroBatch(64), Layout(context=4))
     with pytest.raises(PlanError, match="sequence_parallel needs tensor_parallel > 1"):
         Layout(sequence_parallel=True)
     with pytest.raises(
@@ -396,13 +396,13 @@ def test_layouts_the_model_cannot_take_are_refused() -> None:
 
 
 def test_plan_refuses_families_it_does_not_know(tmp_path: Path) -> None:
-    shape = ModelShape.from_config(preset("hunyuan_video_i2v_13b"))
+    shape = model_shape(preset("hunyuan_video_i2v_13b"))
     with pytest.raises(PlanError, match="no communication plan for model family 'hunyuan_video'"):
         communication_plan(shape, MicroBatch(1024, 256), Layout(tensor=2))
     assert communication_plan(shape, MicroBatch(1024, 256), Layout(world=8)) == []  # nothing inside the model
     cfg = OmegaConf.merge(preset("dit_tiny"), {"family": "flux"})
     with pytest.raises(PlanError, match="model.family 'flux' is not one the plan knows"):
-        ModelShape.from_config(cfg)
+        model_shape(cfg)
 
 
 def test_lora_memory_terms_and_the_cases_not_modelled() -> None:
@@ -410,7 +410,7 @@ def test_lora_memory_terms_and_the_cases_not_modelled() -> None:
     whole block (the reduce bucket is allocated at reduce_bucket_size, the gathers fetch the frozen
     weights too); the cases whose activations are not modelled are refused, not guessed."""
     cfg = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": LORA_TARGETS["wan_t2v"]}})
-    shape, module = ModelShape.from_config(cfg), build_model(cfg, device="meta")
+    shape, module = model_shape(cfg), build_model(cfg, device="meta")
     estimate = estimate_memory(module, shape, MicroBatch(64, 8), Layout(world=2))
     census, terms = estimate.census, dict(estimate.terms())
     adapters = sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
@@ -429,16 +429,14 @@ def test_lora_memory_terms_and_the_cases_not_modelled() -> None:
     }
     for message, (variant, layout) in refused.items():
         with pytest.raises(PlanError, match=f"does not model .*{message}"):
-            activations(ModelShape.from_config(variant), MicroBatch(64), layout, 2)
+            activations(model_shape(variant), MicroBatch(64), layout, 2)
     hunyuan = OmegaConf.merge(preset("hunyuan_video_tiny"), {"lora": {"rank": 4, "targets": ["*.attn.to_q"]}})
     with pytest.raises(PlanError, match="adapters on the hunyuan_video family"):
-        activations(ModelShape.from_config(hunyuan), MicroBatch(64, 8), Layout(), 2)
+        activations(model_shape(hunyuan), MicroBatch(64, 8), Layout(), 2)
     with pytest.raises(PlanError, match="model.lora is set: the adapters' own collectives"):
         communication_plan(shape, MicroBatch(64), Layout(tensor=2))
     # Other targets than the modelled ones are refused, naming a layer they adapt or leave out.
     for targets, layer in ((["blocks.*.attn1.to_q"], "leave out blocks.0.attn1.to_k"), (["*"], "also adapt")):
         odd = OmegaConf.merge(preset("wan_tiny"), {"lora": {"rank": 4, "targets": targets}})
         with pytest.raises(PlanError, match=layer):
-            estimate_memory(
-                build_model(odd, device="meta"), ModelShape.from_config(odd), MicroBatch(64), Layout()
-            )
+            estimate_memory(build_model(odd, device="meta"), model_shape(odd), MicroBatch(64), Layout())

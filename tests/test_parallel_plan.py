@@ -26,17 +26,18 @@ from test_parallel_memory import (
     wan_case,
 )
 
-from imontage.parallel.parallelize import parallelize_model
-from imontage.parallel.plan import (
-    COMMUNICATION_FAMILIES,
+from imontage.cost import (
     Layout,
     MicroBatch,
     ModelShape,
     activations,
     calls_by_op,
+    communication_families,
     communication_plan,
     count_collectives,
+    model_shape,
 )
+from imontage.parallel.parallelize import parallelize_model
 
 LAYOUTS = {
     "tp2": Layout(tensor=2),
@@ -97,9 +98,9 @@ def test_plan_matches_what_a_real_step_exchanges_and_keeps() -> None:
             layout = LAYOUTS[name]
             for variant in variants:
                 cfg, _, _, rows = case(family, variant)
-                shape, key = ModelShape.from_config(cfg), f"{family} {name} {variant}"
+                shape, key = model_shape(cfg), f"{family} {name} {variant}"
                 planned = None
-                if shape.family in COMMUNICATION_FAMILIES:
+                if shape.family in communication_families():
                     planned = calls_by_op(communication_plan(shape, rows, layout))
                     assert planned, f"{key}: a parallel layout exchanges something"
                 kept = activations(shape, rows, layout, element_bytes=2)
@@ -117,7 +118,7 @@ def test_plan_matches_what_a_real_step_exchanges_and_keeps() -> None:
 
 
 def test_plan_pads_the_sequence_to_whole_shards() -> None:
-    shape = ModelShape(hidden_size=32, num_heads=4, depth=1, patch_features=48)
+    shape = ModelShape(hidden_size=32, num_heads=4, depth=1, patch_features=48, family="dit")
     (gather,) = [
         c for c in communication_plan(shape, MicroBatch(9), Layout(context=2)) if c.where == "outputs"
     ]

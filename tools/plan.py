@@ -19,7 +19,7 @@ only), or ``tpN``, ``cpN``, ``sp``, ``ac`` / ``noac`` joined by ``-`` (``tp4-sp-
 ``--parallel`` file (put overrides before ``--compare``). LoRA: ``model.lora.rank=64
 'model.lora.targets=[blocks.*.attn1.to_*,blocks.*.attn2.to_*,blocks.*.ffn.net.*]'`` (the
 estimate models adapters on every attention and FFN linear of the blocks, DiT and Wan, without TP,
-and refuses other cases). The memory estimate and what it leaves out: ``imontage.parallel.plan.
+and refuses other cases). The memory estimate and what it leaves out: ``imontage.cost.memory.
 estimate_memory``; ZeRO-3's own collectives are not in the per-layer table (docs/parallel.md).
 """
 
@@ -36,9 +36,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imontage.config.schema import ModelConfig, ParallelConfig
-from imontage.models import build_model
-from imontage.models.lora import adapted_modules
-from imontage.parallel.plan import (
+from imontage.cost import (
     PRECISIONS,
     Layout,
     MemoryEstimate,
@@ -49,8 +47,11 @@ from imontage.parallel.plan import (
     estimate_memory,
     format_memory,
     format_plan,
+    model_shape,
     zero3_traffic,
 )
+from imontage.models import build_model
+from imontage.models.lora import adapted_modules
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLIP_IMAGE_TOKENS = 257  # Wan I2V: CLIP ViT-H/14 tokens of one 224² image (16 × 16 + 1)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_group("model", args.model, ModelConfig, groups["model"])
     parallel = load_group("parallel", args.parallel, ParallelConfig, groups["parallel"])
     try:
-        shape = ModelShape.from_config(cfg)
+        shape = model_shape(cfg)
         layout = Layout.from_config(parallel, args.gpus)
     except PlanError as error:
         raise SystemExit(f"plan.py: {args.model}: {error}") from None

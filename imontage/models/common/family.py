@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.common.cost import FamilyCost
 from imontage.models.common.parallel_plan import FamilyPlan
 
 
@@ -91,6 +92,8 @@ class ModelFamily:
     zero3_resident_below: Callable[[nn.Module], int] = field(default=lambda module: 0)
     # Width of the text features Imagic optimises (None: the family has no single text path to edit).
     imagic_text_width: Callable[[nn.Module], int] | None = None
+    # Its memory and communication model for tools/plan.py (None: the plan refuses the family).
+    cost: FamilyCost | None = None
 
     def is_model(self, module: nn.Module) -> bool:
         """Whether ``module`` is (a subclass of) this family's model; imports nothing."""

@@ -8,6 +8,7 @@ from torch import nn
 
 from imontage.models.common.family import ModelFamily
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit
+from imontage.models.dit.cost import COST
 
 # Keyed by a block parameter's name inside its block; the rest are whole on every rank.
 TENSOR_PARALLEL_SPLITS: dict[str, TensorSplit] = {
@@ -52,4 +53,5 @@ FAMILY = ModelFamily(
     # Vectors up to a few model widths (norms, biases, the [6, d] adaLN offset) stay resident under ZeRO-3.
     zero3_resident_below=lambda module: 8 * int(module.hidden_size),  # type: ignore[arg-type]
     imagic_text_width=_text_width,
+    cost=COST,
 )

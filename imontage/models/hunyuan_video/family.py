@@ -19,6 +19,7 @@ from imontage.models.common.parallel_plan import (
     linears,
 )
 from imontage.models.hunyuan_video.config import HunyuanVideoConfig
+from imontage.models.hunyuan_video.cost import COST
 
 IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")  # model.hunyuan_video.image_condition_type
 
@@ -150,4 +151,5 @@ FAMILY = ModelFamily(
     # unconditional pass, when asked for, must be named.
     sampling=SamplingDefaults(guidance=1.0, negative_required=True),
     text_encoding=text_encoding,
+    cost=COST,
 )

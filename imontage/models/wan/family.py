@@ -12,6 +12,7 @@ from imontage.models.common.family import ModelFamily, ModelInputs
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit, linears
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.config import WanConfig
+from imontage.models.wan.cost import COST
 
 
 def _splits() -> dict[str, TensorSplit]:
@@ -107,4 +108,5 @@ FAMILY = ModelFamily(
     diffusers_classes=("WanTransformer3DModel",),
     diffusers_config=_diffusers_config,
     imagic_text_width=_text_width,
+    cost=COST,
 )
