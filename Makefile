@@ -61,6 +61,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy imontage kernels megatron_patches tools
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(TRITON36_ENV) build *.egg-info

@@ -1,5 +1,5 @@
-"""The package's layout: model families are looked up in the registry, never named outside
-``imontage/models/``.
+"""The package's layout (docs/layout.md): its import contracts hold, and model families are looked up
+in the registry, never named outside ``imontage/models/``.
 
 Every registered family's name is searched for in the code (not the comments or docstrings) of
 every other module: as a string (``family == "wan"``), as an attribute (``cfg.hunyuan_video``)
@@ -10,16 +10,51 @@ edit when a family is added; the registry record is where such knowledge goes.
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
 from conftest import REPO
 
 from imontage.models.registry import FAMILIES
 
-# The cost model still holds each family's memory and communication terms itself; they move
-# beside their families with it (issue: "give the cost model its own home").
-NOT_YET = {"imontage/parallel/plan.py"}
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def broken_contracts(config: Path, cwd: Path) -> tuple[list[str], str]:
+    """The names of the contracts of ``config`` that the code under ``cwd`` breaks, and the report."""
+    run = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", str(config)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    report = run.stdout + run.stderr
+    # The summary lists each contract as "<name> KEPT" or "<name> BROKEN", a long name wrapped.
+    summary = report.split("dependencies.", 1)[-1].split("Contracts:", 1)[0]
+    verdicts = re.findall(r"(\S.*?) (KEPT|BROKEN)", " ".join(summary.replace("-", " ").split()))
+    assert verdicts and run.returncode == (1 if any(v == "BROKEN" for _, v in verdicts) else 0), report
+    return [name for name, verdict in verdicts if verdict == "BROKEN"], report
+
+
+def test_the_import_contracts_hold() -> None:
+    """The layer order, the families apart and no cycles (.importlinter), as ``make lint`` checks them."""
+    broken, report = broken_contracts(REPO / ".importlinter", REPO)
+    assert broken == [], f"broken import contracts: {broken}\n{report}"
+
+
+def test_a_broken_contract_is_named(tmp_path: Path) -> None:
+    """The check itself: an import from a lower layer up breaks the layers contract, which is named."""
+    package = tmp_path / "house"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "roof.py").write_text("")
+    (package / "ground.py").write_text("import house.roof\n")
+    config = tmp_path / "contracts.ini"
+    config.write_text(
+        "[importlinter]\nroot_packages =\n    house\n\n[importlinter:contract:layers]\n"
+        "name = The roof above the ground\ntype = layers\nlayers =\n    house.roof\n    house.ground\n"
+    )
+    broken, _ = broken_contracts(config, tmp_path)
+    assert broken == ["The roof above the ground"]
 
 
 def family_mentions(path: Path) -> list[str]:
@@ -62,11 +97,7 @@ def sources() -> list[Path]:
 
 
 def test_no_module_outside_the_models_names_a_family() -> None:
-    mentions = {
-        str(path.relative_to(REPO)): family_mentions(path)
-        for path in sources()
-        if str(path.relative_to(REPO)) not in NOT_YET
-    }
+    mentions = {str(path.relative_to(REPO)): family_mentions(path) for path in sources()}
     assert {path: found for path, found in mentions.items() if found} == {}
 
 
@@ -83,9 +114,3 @@ def test_the_check_finds_what_it_looks_for(tmp_path: Path) -> None:
     )
     found = family_mentions(code)
     assert [line.split(":")[0] for line in found] == ["2", "5", "5"], found
-
-
-@pytest.mark.parametrize("path", sorted(NOT_YET))
-def test_the_exceptions_still_need_to_be_one(path: str) -> None:
-    """An exception that no longer names a family comes off the list."""
-    assert family_mentions(REPO / path), f"{path} names no family now: take it off NOT_YET"
