@@ -45,7 +45,7 @@ test: $(VENV)/.installed $(TRITON36_ENV)/.installed
 
 triton36-env: $(TRITON36_ENV)/.installed
 
-$(TRITON36_ENV)/.installed: $(VENV)/.installed
+$(TRITON36_ENV)/.installed: | $(VENV)/.installed
 	$(PY) -m pip install --no-deps --upgrade --target $(TRITON36_ENV) triton==3.6.0 'numpy>=2,<2.4'
 	touch $@
 
