@@ -37,6 +37,8 @@ RTOL, ATOL = 1e-4, 2e-5
 WAN_VARIANTS = {
     "t2v": Variant("t2v", text_len=0),  # each sample attends to its own, unpadded text
     "i2v": Variant("i2v", text_len=12, i2v=True),  # padded text, image tokens with their own k/v
+    # Every row at t = 0, the padding's too: one modulation row, broadcast (a table under SP).
+    "t2v_one_timestep": Variant("t2v", text_len=0),
 }
 INPUTS = ("tokens", "text_embeds", "image_embeds", "pooled_text", "channel_condition")
 
@@ -78,6 +80,8 @@ def uneven_batch(family: str, variant: str, model: Any) -> PackedBatch:
             for shape, n in zip(shapes, text_lengths, strict=True)
         ]
         batch = pack(cases, model)
+        if variant == "t2v_one_timestep":
+            batch = batch.replace(timesteps=torch.zeros_like(batch.timesteps))
     elif family == "hunyuan_video_15":  # 9 + 72 + 10 visual rows; 17 Qwen, 2 + 2 glyph, 5 + 5 image rows
         import test_hunyuan_video_15 as hv15
 
@@ -159,16 +163,17 @@ def test_uneven_batches_pad_every_stream(family: str, variant: str) -> None:
 
 
 # Each case is two processes for ~15 s on 2 cores, so the suite keeps to these. Wan: I2V runs
-# every path T2V does (plus image keys and padded text); T2V once more, at plain TP, for unpadded
-# text. HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions). The I2V cases
+# every path T2V does (plus image keys and padded text, one modulation row per token); T2V once
+# more, at TP+SP, for unpadded text and one timestep for every row (the modulation a table).
+# HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions). The I2V cases
 # and HunyuanVideo's montage carry LoRA adapters on every linear of their blocks (column- and
 # row-parallel, with and without SP, the joined proj_out, the cross-attention's whole inputs).
 @pytest.mark.parametrize(
     ("family", "sequence_parallel", "variant", "lora"),
-    [("wan", False, "t2v", False), ("wan", False, "i2v", True), ("wan", True, "i2v", True),
+    [("wan", True, "t2v_one_timestep", False), ("wan", False, "i2v", True), ("wan", True, "i2v", True),
      ("hunyuan_video", False, "t2v", False), ("hunyuan_video", True, "i2v_latent_concat", True),
      ("hunyuan_video_15", False, "t2v", False), ("hunyuan_video_15", True, "i2v", True)],
-    ids=["wan-tp2-t2v", "wan-tp2-i2v-lora", "wan-tp2_sp-i2v-lora", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v-lora",
+    ids=["wan-tp2_sp-t2v-one-timestep", "wan-tp2-i2v-lora", "wan-tp2_sp-i2v-lora", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v-lora",
          "hunyuan15-tp2-t2v", "hunyuan15-tp2_sp-i2v-lora"],
 )  # fmt: skip
 def test_tensor_parallel_matches_one_process(
@@ -202,7 +207,7 @@ def test_tensor_parallel_matches_one_process(
         "i2v": "blocks.1.attn2.add_v_proj.weight",
     }
     if family == "wan":
-        assert cut["t2v"] in split_names and (variant == "t2v" or cut["i2v"] in split_names)
+        assert cut["t2v"] in split_names and (variant != "i2v" or cut["i2v"] in split_names)
     else:
         assert "transformer_blocks.0.attn.add_q_proj.weight" in split_names
         assert family == "hunyuan_video_15" or "single_transformer_blocks.0.proj_out.weight" in split_names

@@ -325,7 +325,10 @@ class ShardedTokens(SampleTokenLayout):
 
 def _sum_gradient_over(group: ProcessGroup) -> Any:
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        # A copy: the incoming gradient may be another tensor's too (an add of two same-shaped
+        # operands hands both one tensor, as Wan's scale_shift_table + a [1, 6, d] modulation
+        # table does), and reducing it in place would sum that other gradient over the group too.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=group)
         return grad
 

@@ -74,6 +74,9 @@ def apply_rope(
     cos, sin = angles.cos(), angles.sin()
     first, second = _pairs(x.to(compute_dtype), pair_layout)  # [N, H, D/2] each
     r1, r2 = first[..., :rotated], second[..., :rotated]
-    first = torch.cat([r1 * cos - r2 * sin, first[..., rotated:]], dim=-1)
-    second = torch.cat([r1 * sin + r2 * cos, second[..., rotated:]], dim=-1)
+    if rotated == head_dim // 2:  # every pair turns (Wan's bands): no pass-through pairs to join
+        first, second = r1 * cos - r2 * sin, r1 * sin + r2 * cos
+    else:
+        first = torch.cat([r1 * cos - r2 * sin, first[..., rotated:]], dim=-1)
+        second = torch.cat([r1 * sin + r2 * cos, second[..., rotated:]], dim=-1)
     return _unpairs(first, second, pair_layout).to(x.dtype)

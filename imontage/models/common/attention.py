@@ -89,6 +89,8 @@ def varlen_attention(
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks, vs = (t[start_k:end_k].transpose(0, 1).unsqueeze(0) for t in (k, v))
         outputs.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
+    if len(outputs) == 1:  # one sequence (one sample): SDPA's output as it is, not copied by a cat
+        return outputs[0]
     return torch.cat(outputs) if outputs else torch.empty_like(q)
 
 

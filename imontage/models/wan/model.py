@@ -122,13 +122,13 @@ class ConditionEmbedder(nn.Module):
         self.image_embedder = ImageEmbedder(image_dim, dim) if image_dim else None
 
     def time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token t in [0, 1] ``[n]`` -> embedding ``[n, d]`` and block modulation ``[n, 6, d]``.
+        """t in [0, 1] ``[u]`` -> embedding ``[u, d]`` and block modulation ``[u, 6, d]``.
 
         Wan's timestep is 1000·t; :func:`timestep_frequencies` scales by 1000 itself and orders
         (cos, sin) as diffusers' ``Timesteps(flip_sin_to_cos=True)``.
         """
         weight = self.time_embedder.linear_1.weight
-        temb = self.time_embedder(timestep_frequencies(t, self.freq_dim).to(weight.dtype))  # [n, d]
+        temb = self.time_embedder(timestep_frequencies(t, self.freq_dim).to(weight.dtype))  # [u, d]
         return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
 
 
@@ -221,13 +221,14 @@ class WanBlock(nn.Module):
         query: Packing,
         context: CrossContext,
     ) -> torch.Tensor:
-        """``x`` ``[n, d]`` visual rows, ``modulation`` ``[n, 6, d]``; returns ``[n, d]``.
+        """``x`` ``[n, d]`` visual rows, ``modulation`` ``[n, 6, d]`` (or ``[1, 6, d]``, broadcast over
+        the rows when they share one timestep); returns ``[n, d]``.
 
         ``packing``: the self-attention's (the whole packed visual sequence); ``query``: the
         cross-attention queries' (the rows this rank's queries hold, by sample).
         """
         dtype = x.dtype
-        table = (self.scale_shift_table + modulation.float()).unbind(1)  # 6 × [n, d], fp32
+        table = (self.scale_shift_table + modulation.float()).unbind(1)  # 6 × [n or 1, d], fp32
         shift1, scale1, gate1, shift2, scale2, gate2 = table
         h = (layer_norm_fp32(x, self.norm1) * (1 + scale1) + shift1).to(dtype)
         x = (x.float() + self.attn1.self_attention(h, positions, self.rope, packing) * gate1).to(dtype)
@@ -317,11 +318,24 @@ class WanTransformer(nn.Module):
         return context
 
     def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """``[n, d]`` -> ``[n, C·pt·ph·pw]`` in imontage's feature order (proj_out's is (pt, ph, pw, C))."""
-        shift, scale = (self.scale_shift_table + temb.float()[:, None]).unbind(1)  # [n, d] each
+        """``[n, d]`` -> ``[n, C·pt·ph·pw]`` in imontage's feature order (proj_out's is (pt, ph, pw, C)).
+
+        ``temb``: ``[n, d]``, or ``[1, d]`` when the rows share one timestep."""
+        shift, scale = (self.scale_shift_table + temb.float()[:, None]).unbind(1)  # [n or 1, d] each
         x = (layer_norm_fp32(x, self.norm_out) * (1 + scale) + shift).type_as(x)
         out = self.proj_out(x).unflatten(1, (*self.patch_size, self.out_channels))  # [n, pt, ph, pw, C]
         return out.permute(0, 4, 1, 2, 3).flatten(1)
+
+    def time_rows(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row t ``[n]`` -> embedding ``[n, d]`` and modulation ``[n, 6, d]``, each computed once per
+        distinct timestep; ``[1, d]`` and ``[1, 6, d]`` when all rows share one (Wan 2.1 trains one
+        per sample), which the blocks broadcast as diffusers does its per-sample embedding: no
+        time-embedding matmuls over n rows, no ``[n, 6, d]`` table per block."""
+        times, index = torch.unique(t, return_inverse=True)  # [u] sorted, [n]
+        temb, modulation = self.condition_embedder.time(times)  # [u, d], [u, 6, d]
+        if times.numel() == 1:
+            return temb, modulation
+        return temb[index], modulation[index]
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """``[N, out_channels·pt·ph·pw]`` velocity ε − x0 per row; text rows are zero."""
@@ -335,8 +349,11 @@ class WanTransformer(nn.Module):
         query = Packing(*sequence_bounds(torch.bincount(owners, minlength=local.num_samples)))
         context = self.embed_context(batch, sample).with_samples(local.num_samples)  # whole on every rank
         x = self.embed_patches(local)  # [n_local, d]
-        temb, modulation = self.condition_embedder.time(local.timesteps)  # [n_local, d], [n_local, 6, d]
-        x, modulation = layout.enter_blocks(x, modulation)
+        temb, modulation = self.time_rows(local.timesteps)  # [n_local or 1, d], [n_local or 1, 6, d]
+        if modulation.shape[0] == 1:  # a table whole on every rank (under SP its gradient is summed)
+            x, modulation = layout.enter_rows(x), layout.enter_table(modulation)
+        else:
+            x, modulation = layout.enter_blocks(x, modulation)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(
