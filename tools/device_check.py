@@ -1,6 +1,6 @@
 """The GPU check of issue 19 in one go: kernels, benchmarks, a training run; a short table last.
 
-    python tools/device_check.py OUT_DIR [--cpu] [--steps kernels,train,rope,wan,train_step]
+    python tools/device_check.py OUT_DIR [--cpu] [--steps kernels,train,rope,wan_step,train_step]
         [--budget-s 450] [--scratch DIR]
 
 Run it through ``tools/device_check.sh`` on a lent GPU machine (which installs the wheels it needs first;
@@ -11,7 +11,7 @@ docs/performance.md, "GPU check"). Each step is a child process of its own, with
 - ``train``: ``imontage-train`` on the quickstart recipe under ``torchrun`` on one process, DeepSpeed
   ZeRO-3 (NCCL on a GPU, gloo on a CPU), bf16 on a GPU; its losses must be finite and falling, and its
   last checkpoint must consolidate (``tools/convert_checkpoint.py consolidate``) into finite weights.
-- ``rope``, ``wan``, ``train_step``: the benchmarks of tests/benchmarks/ as they are
+- ``rope``, ``wan_step``, ``train_step``: the benchmarks of tests/benchmarks/ as they are
   (``test_rope_bench.py``: bf16 ``[1, 75600, 40, 128]``, ``[1, 27030, 24, 128]`` and 2,000 packed
   sequences against a device copy, ``torch.compile`` of the reference and the unfused pair;
   ``test_wan_step_bench.py``: ``wan2.1_t2v_1.3b`` bf16 at 16k and 32k video tokens against diffusers;
@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Correctness first, then the figures: what the budget leaves out is the last.
-STEPS = ("kernels", "train", "rope", "wan", "train_step")
+STEPS = ("kernels", "train", "rope", "wan_step", "train_step")
 
 
 @dataclass
@@ -181,8 +181,8 @@ def rope(check: Check) -> tuple[str, list[tuple[str, str]]]:
     return status_of(code), figures
 
 
-def wan(check: Check) -> tuple[str, list[tuple[str, str]]]:
-    code = check.pytest("wan", check.bench_args("wan_step", 3, "16k"), 240)
+def wan_step(check: Check) -> tuple[str, list[tuple[str, str]]]:
+    code = check.pytest("wan_step", check.bench_args("wan_step", 3, "16k"), 240)
     figures = []
     for r in read_csv(check.out / "wan_step.csv"):
         text = (
@@ -274,7 +274,7 @@ def consolidated_tensors(path: Path) -> tuple[int, bool]:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Check], tuple[str, list[tuple[str, str]]]]] = {
-    "kernels": kernels, "rope": rope, "wan": wan, "train_step": train_step, "train": train,
+    "kernels": kernels, "rope": rope, "wan_step": wan_step, "train_step": train_step, "train": train,
 }  # fmt: skip
 
 
