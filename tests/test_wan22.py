@@ -17,17 +17,28 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO
-from latent_shards import LATENT_CHANNELS, TEXT_DIM, save_tiny_text_encoder, save_tiny_vae
+from latent_shards import (
+    LATENT_CHANNELS,
+    TEXT_DIM,
+    save_tiny_text_encoder,
+    save_tiny_vae,
+    write_latent_shards,
+)
 from safetensors.torch import load_file
 
 from imontage.checkpoint.diffusers import ConversionError, build_diffusers_model
 from imontage.checkpoint.pipeline import PIPELINE_INDEX, export_pipeline, import_pipeline, read_pipeline
-from imontage.config import load_recipe
+from imontage.config import RecipeError, load_recipe
 from imontage.models import build_model, count_parameters, packing_spec
 from imontage.models.common import Sample, Segment, pack_samples, unpatchify_segments
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
-from imontage.models.wan.model import WanTransformer
-from imontage.objectives.flow_matching import clean_first_frame, first_frame_mask, noise_batch
+from imontage.models.wan.model import WanTransformer, build_wan
+from imontage.objectives.flow_matching import (
+    clean_first_frame,
+    first_frame_mask,
+    noise_batch,
+    sample_timesteps,
+)
 
 # One expert of the A14B pair is the Wan 2.1 14B shape (I2V: 20 more input channels, no CLIP path);
 # TI2V-5B is named for its size.
@@ -42,7 +53,7 @@ def preset_config(preset: str, *overrides: str) -> object:
 
 @pytest.mark.parametrize("preset", sorted(PUBLIC))
 def test_preset_parameter_counts(preset: str) -> None:
-    cfg = preset_config(preset)
+    cfg = preset_config(preset, *(["model.expert=transformer"] if "a14b" in preset else []))
     model = build_model(cfg, device="meta")
     assert isinstance(model, WanTransformer) and len(model.blocks) == cfg.depth  # type: ignore[attr-defined]
     with torch.device("meta"):
@@ -253,3 +264,67 @@ def test_ti2v_first_frame_is_clean_per_token_as_the_pipeline_does(ti2v: Path, tm
     index = json.loads((exported / PIPELINE_INDEX).read_text())
     assert index["expand_timesteps"] is True and index["boundary_ratio"] is None
     assert index["transformer_2"] == [None, None]
+
+
+# ------------------------------------------------------------------------------ one expert per run
+@pytest.mark.parametrize(("t_range", "shift"), [((0.875, 1.0), 3.0), ((0.0, 0.9), 1.0)])
+def test_expert_timesteps_are_the_distribution_restricted_to_its_range(
+    t_range: tuple[float, float], shift: float
+) -> None:
+    """An expert's t: every draw in its range, distributed as the full draws that fall in it."""
+    drawn = sample_timesteps(20_000, 0.0, 1.0, shift, torch.Generator().manual_seed(0), t_range)
+    assert bool(((drawn >= t_range[0]) & (drawn < t_range[1])).all())
+    full = sample_timesteps(200_000, 0.0, 1.0, shift, torch.Generator().manual_seed(1))
+    kept = full[(full >= t_range[0]) & (full < t_range[1])]
+    quantiles = torch.linspace(0.01, 0.99, 99)
+    assert torch.allclose(drawn.quantile(quantiles), kept.quantile(quantiles), atol=0.01)
+
+
+def a14b_recipe(pipeline: Path, run_dir: Path, shards: str, *overrides: str) -> Any:
+    """A short EditVerse run of the tiny A14B pipeline's transformers, from the pipeline folder."""
+    tiny = ["model=wan_tiny", f"model.text_dim={TEXT_DIM}", "model.mlp_hidden_size=48",
+            "model.wan.rope_max_seq_len=64", "model.wan.boundary_ratio=0.875",
+            f"model.init_from_diffusers={pipeline}", f"data.shards={shards}", "data.num_workers=0",
+            "data.batch_size=2", "parallel=single", "train.precision=fp32", "train.progress=false",
+            "stages.sft.steps=3", f"run_dir={run_dir}"]  # fmt: skip
+    return load_recipe(REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml", [*tiny, *overrides])
+
+
+@pytest.mark.parametrize("a14b", ["t2v"], indirect=True)
+def test_one_expert_run_builds_reads_and_trains_only_its_expert(
+    a14b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imontage.checkpoint.diffusers as diffusers_io
+    import imontage.config.model_file as model_file
+    import imontage.models.wan.model as wan_model
+    import imontage.objectives.flow_matching as flow_matching
+    from imontage.train.trainer import Trainer
+
+    shards = write_latent_shards(tmp_path / "latents")
+    cfg = a14b_recipe(a14b, tmp_path / "run", shards, "model.expert=transformer_2")
+    built, read, drawn = [], [], []
+
+    def spy(function: Any, calls: list[Any], argument: int) -> Any:
+        return lambda *args, **kwargs: (calls.append(args[argument]), function(*args, **kwargs))[1]
+
+    monkeypatch.setattr(
+        wan_model,
+        "build_wan",
+        lambda cfg, device: (built.append((cfg.expert, str(device))), build_wan(cfg, device))[1],
+    )
+    monkeypatch.setattr(model_file, "read_class", spy(model_file.read_class, read, 0))
+    monkeypatch.setattr(diffusers_io, "read_folder", spy(diffusers_io.read_folder, read, 0))
+    monkeypatch.setattr(flow_matching, "noise_batch", spy(flow_matching.noise_batch, drawn, 1))
+    trainer = Trainer(cfg)
+    trainer.start_stage(trainer.stages[0])  # weights from the pipeline's transformer_2/ alone
+    want = load_file(a14b / "transformer_2" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(p, want[name]) for name, p in trainer.model.named_parameters())
+    trainer.fit()
+    # One model built, the low-noise expert (the others: its shapes, on the meta device, to check files).
+    assert {expert for expert, _ in built} == {"transformer_2"}
+    assert [device for _, device in built if device != "meta"] == ["None"]
+    assert read and {Path(folder).name for folder in read} == {"transformer_2"}
+    t = torch.cat(drawn)
+    assert len(t) == 3 * 2 and bool(((t > 0) & (t < 0.875)).all())  # its range only: below the boundary
+    with pytest.raises(RecipeError, match="model.expert 'transformer_3' is not an expert"):
+        a14b_recipe(a14b, tmp_path / "run", shards, "model.expert=transformer_3")

@@ -48,6 +48,8 @@ from imontage.config.model_file import (
     config_diff,
     diffusers_class,
     family_module,
+    is_pipeline,
+    pipeline_components,
     read_model_config,
 )
 from imontage.models import registry
@@ -159,7 +161,15 @@ def model_weights(path: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Tenso
     a time, from anything a stage may start from: a pretrained family's diffusers folder (its
     config checked against ``model_cfg``, floating tensors as float32), or what
     :func:`imontage.checkpoint.convert.checkpoint_weights` reads (a consolidated file, a training
-    checkpoint of any layout). Every name and shape is checked before the first tensor is read."""
+    checkpoint of any layout), or a pipeline folder, of which only the subfolder of the expert the
+    model is (``model.expert``) is read (:func:`~imontage.config.model_file.pipeline_components`).
+    Every name and shape is checked before the first tensor is read."""
+    if is_pipeline(path):  # the subfolder of the one network the model is (model.expert's)
+        folders = list(pipeline_components(path, model_cfg).values())
+        if len(folders) != 1:
+            raise ConversionError(f"{path}: holds {len(folders)} experts; model.expert names the one to read")
+        yield from model_weights(folders[0], model_cfg)
+        return
     if not (path.is_dir() and not (path / ckpt.MANIFEST).is_file() and (path / CONFIG).is_file()):
         yield from checkpoint_weights(path, model_cfg)
         return

@@ -30,10 +30,9 @@ from imontage.checkpoint.diffusers import (
     import_folder,
     read_model_config,
 )
+from imontage.config.model_file import PIPELINE_INDEX, pipeline_mapping
 from imontage.models import registry
 from imontage.untrusted import read_json
-
-PIPELINE_INDEX = "model_index.json"
 
 
 @dataclass
@@ -44,19 +43,6 @@ class PipelineFolder:
     index: dict[str, Any]  # model_index.json as read
     transformers: tuple[str, ...]  # its components that hold the model, in the family's order
     model_config: Any  # the imontage ModelConfig of each of them, with the pipeline's keys
-
-
-def is_pipeline(folder: Path) -> bool:
-    """Whether ``folder`` is a pipeline folder (it has a ``model_index.json``)."""
-    return Path(folder).is_dir() and (Path(folder) / PIPELINE_INDEX).is_file()
-
-
-def _diffusers_mapping(family: str, where: Path) -> Any:
-    module = registry.family(family).diffusers_config
-    mapping = module() if module is not None else None
-    if mapping is None or not hasattr(mapping, "pipeline_transformers"):
-        raise ConversionError(f"{where}: model.family '{family}' has no diffusers pipeline layout")
-    return mapping
 
 
 def read_pipeline(folder: Path) -> PipelineFolder:
@@ -85,7 +71,7 @@ def read_pipeline(folder: Path) -> PipelineFolder:
             raise ConversionError(
                 f"{folder / component / 'config.json'}: differs from {first}'s; a pipeline's transformers share one config"
             )
-    mapping = _diffusers_mapping(family, where)
+    mapping = pipeline_mapping(family, where)
     try:
         cfg = OmegaConf.merge(cfg, mapping.model_config_from_pipeline(index))
     except (ValueError, TypeError) as error:
@@ -128,7 +114,7 @@ def export_pipeline(
     other components given to ``from_pretrained``.
     """
     family = str(model_cfg.family)
-    mapping = _diffusers_mapping(family, Path(out_dir))
+    mapping = pipeline_mapping(family, Path(out_dir))
     expected = tuple(mapping.pipeline_transformers(model_cfg))
     if set(sources) != set(expected):
         raise ConversionError(

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imontage.config.imagic import check_imagic
-from imontage.config.model_file import check_model_config, read_model_config
+from imontage.config.model_file import check_model_config, is_pipeline, pipeline_components, read_model_config
 from imontage.config.schema import (
     ATTENTION_BACKENDS,
     DEVICES,
@@ -34,7 +34,7 @@ from imontage.config.schema import (
     RecipeConfig,
     StageConfig,
 )
-from imontage.models import packing_spec
+from imontage.models import packing_spec, trained_experts
 from imontage.models.registry import FAMILIES, family
 from imontage.untrusted import ConversionError, InputError
 
@@ -330,6 +330,10 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
         f"{model.prediction!r} is not for it",
     )
     _check_choice(model.text_encoder, TEXT_ENCODERS, "model.text_encoder", source)
+    try:
+        trained_experts(model)
+    except ValueError as error:
+        raise RecipeError(f"{source('model.expert')}: key 'model.expert': {error}") from error
     if model.init_from_diffusers:
         _validate_init_from_diffusers(model, source)
     _check_choice(model.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", source)
@@ -443,12 +447,16 @@ def _validate_model_inputs(cfg: DictConfig, source: Origin) -> None:
 
 
 def _validate_init_from_diffusers(model: DictConfig, source: Origin) -> None:
-    """The folder exists and holds this family's diffusers class with this model's config (config.json only)."""
+    """The folder exists and holds this family's diffusers class with this model's config (config.json
+    only); or it is a pipeline folder whose index and transformers (those the run reads) match it."""
     key = "model.init_from_diffusers"
     folder = Path(model.init_from_diffusers)
     _check(folder.is_dir(), key, source, f"no such folder: {folder}")
     try:
-        check_model_config(folder, model)
+        if is_pipeline(folder):
+            pipeline_components(folder, model)
+        else:
+            check_model_config(folder, model)
     except ConversionError as error:
         _check_pretrained_rope(model, folder, source)  # the RoPE is what differs: say so, and why
         raise RecipeError(f"{source(key)}: key '{key}': {error}") from error

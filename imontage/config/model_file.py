@@ -22,10 +22,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models import registry
+from imontage.models import registry, trained_experts
 from imontage.untrusted import ConversionError, read_json, refuse_pickle
 
 DIFFUSERS_CONFIG = "config.json"
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder's: its components and own keys
 
 
 MAX_CONFIG_INT = 2**31 - 1  # no size of a model config read from a file is larger
@@ -142,3 +143,53 @@ def check_model_config(folder: Path, model_cfg: Any) -> None:
             f"{folder / DIFFUSERS_CONFIG}: differs from the recipe's model config ({config['_class_name']} vs recipe): "
             + "; ".join(diff)
         )
+
+
+def is_pipeline(folder: Path) -> bool:
+    """Whether ``folder`` is a diffusers pipeline folder (it has a ``model_index.json``)."""
+    return Path(folder).is_dir() and (Path(folder) / PIPELINE_INDEX).is_file()
+
+
+def pipeline_mapping(family: str, where: Path) -> ModuleType:
+    """A family's diffusers config mapping, which must know its pipeline layout (``pipeline_transformers``)."""
+    mapping = family_module(family)
+    if not hasattr(mapping, "pipeline_transformers"):
+        raise ConversionError(f"{where}: model.family '{family}' has no diffusers pipeline layout")
+    return mapping
+
+
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat |= _leaves(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def pipeline_components(folder: Path, model_cfg: Any) -> dict[str, Path]:
+    """The transformer subfolders of a pipeline folder that a run of ``model_cfg`` reads, by expert
+    name: the one ``model.expert`` names, or every expert; ``{"": folder/transformer}`` for a model
+    of one network. Reads ``model_index.json`` and each subfolder's ``config.json`` only: the keys
+    the index sets (Wan's ``boundary_ratio``) and each transformer's config must be ``model_cfg``'s."""
+    folder = Path(folder)
+    where = folder / PIPELINE_INDEX
+    mapping = pipeline_mapping(str(model_cfg.family), where)
+    index = read_json(where)
+    try:
+        keys = _leaves(mapping.model_config_from_pipeline(index))
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{where}: {error}") from error
+    for key, value in keys.items():
+        ours = OmegaConf.select(model_cfg, key)
+        if ours != value:
+            raise ConversionError(
+                f"{where}: sets model.{key} = {value!r}, the recipe's model config has {ours!r}"
+            )
+    experts = trained_experts(model_cfg)
+    names = [expert.name for expert in experts] if experts else [""]
+    components = {name: folder / (name or mapping.pipeline_transformers(model_cfg)[0]) for name in names}
+    for component in components.values():
+        check_model_config(component, model_cfg)
+    return components

@@ -15,6 +15,7 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from imontage.models.common.family import Expert
 from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
 from imontage.models.registry import family
 from imontage.untrusted import InputError
@@ -74,6 +75,12 @@ def build_model(
     (:func:`~imontage.models.lora.apply_lora`).
     """
     build = family(cfg).build
+    experts = trained_experts(cfg)
+    if len(experts) > 1:
+        raise ValueError(
+            f"the model has experts ({', '.join(e.name for e in experts)}): set model.expert to the one "
+            "this run builds and trains (docs/finetune_wan.md)"
+        )
     limit = contextlib.nullcontext() if max_tensors is None else tensor_limit(max_tensors, where or "model")
     with limit:
         model = build(cfg, device)
@@ -84,6 +91,20 @@ def build_model(
             if lora_enabled(lora):  # frozen base, adapters and the listed parameters trainable
                 apply_lora(model, lora)
     return model
+
+
+def trained_experts(cfg: Any) -> tuple[Expert, ...]:
+    """The experts a run of ``cfg`` trains: the one ``model.expert`` names, or all of them; () for a
+    model of one network. A ValueError names an expert the model does not have."""
+    experts = family(cfg).experts(cfg)
+    chosen = str(getattr(cfg, "expert", "") or "")
+    if not chosen:
+        return experts
+    named = [expert for expert in experts if expert.name == chosen]
+    if not named:
+        have = ", ".join(expert.name for expert in experts) or "none: it is one network"
+        raise ValueError(f"model.expert '{chosen}' is not an expert of this model (its experts: {have})")
+    return tuple(named)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,8 +33,10 @@ from torch import nn
 
 from imontage.models.common.sequence import PackedBatch
 from imontage.objectives.flow_matching import (
+    FULL_RANGE,
     FlowMatchingOutput,
     clean_first_frame,
+    expert_range,
     first_frame_mask,
     loss_mask,
     noise_batch,
@@ -100,14 +102,16 @@ def noise_pairs(
     shift: float,
     generator: torch.Generator,
     clean: torch.Tensor | None = None,
+    t_range: tuple[float, float] = FULL_RANGE,
 ) -> tuple[PackedBatch, torch.Tensor]:
     """The batch noised with one t and one noise per pair; returns (noised batch, velocity target).
-    ``clean``: target tokens kept clean (token_replace's first frames, see flow_matching).
+    ``clean``: target tokens kept clean (token_replace's first frames, see flow_matching);
+    ``t_range``: one expert's timesteps (flow_matching's ``expert_range``).
 
     Draws, in order, from ``generator`` on the CPU: t ``[pairs]``, then each pair's noise ``[L, P]``.
     """
     pairs = batch.num_samples // 2
-    t = sample_timesteps(pairs, t_mean, t_std, shift, generator).repeat_interleave(2)  # [B]
+    t = sample_timesteps(pairs, t_mean, t_std, shift, generator, t_range).repeat_interleave(2)  # [B]
     bounds = batch.cu_seqlens.tolist()
     width = batch.tokens.shape[1]
     noise = []
@@ -158,8 +162,10 @@ class FlowDPO:
         t_std: float = 1.0,
         shift: float = 1.0,
         clean_first_frame: bool = False,
+        t_range: tuple[float, float] = FULL_RANGE,
     ) -> None:
         self.beta, self.t_mean, self.t_std, self.shift = beta, t_mean, t_std, shift
+        self.t_range = t_range  # one expert's timesteps (model.expert)
         self.clean_first_frame = clean_first_frame  # token_replace (flow_matching's module docstring)
         self.reference: nn.Module | None = None  # frozen; never trained, never saved
 
@@ -167,14 +173,19 @@ class FlowDPO:
     def from_config(cls, dpo: Any, flow_matching: Any, model_cfg: Any = None) -> FlowDPO:
         """β from the recipe's ``dpo`` section; the t distribution from its ``flow_matching`` one."""
         clean = model_cfg is not None and clean_first_frame(model_cfg)
-        return cls(dpo.beta, flow_matching.t_mean, flow_matching.t_std, flow_matching.shift, clean)
+        return cls(
+            dpo.beta, flow_matching.t_mean, flow_matching.t_std, flow_matching.shift, clean,
+            expert_range(model_cfg),
+        )  # fmt: skip
 
     def __call__(self, model: nn.Module, batch: PackedBatch, generator: torch.Generator) -> FlowDPOOutput:
         if self.reference is None:
             raise RuntimeError("flow DPO has no reference model: attach the frozen policy copy first")
         check_pairs(batch)
         clean = first_frame_mask(batch) if self.clean_first_frame else None
-        noised, velocity = noise_pairs(batch, self.t_mean, self.t_std, self.shift, generator, clean)
+        noised, velocity = noise_pairs(
+            batch, self.t_mean, self.t_std, self.shift, generator, clean, self.t_range
+        )
         mask = loss_mask(batch, clean)
         prediction = model(noised)
         errors = sample_errors(prediction, velocity, noised, mask)  # [B]

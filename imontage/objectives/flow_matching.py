@@ -15,13 +15,15 @@ the loss; the model modulates such target tokens as clean conditions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
 import torch
-from torch import nn
+from torch import nn, special
 
+from imontage.models import trained_experts
 from imontage.models.common.sequence import PackedBatch
 from imontage.models.registry import family
 
@@ -31,12 +33,45 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+FULL_RANGE = (0.0, 1.0)
+
+
+def _normal_at(t: float, mean: float, std: float, shift: float) -> float:
+    """The standard normal value that :func:`sample_timesteps` maps to ``t`` (the inverse of the map)."""
+    if t <= 0.0 or t >= 1.0:
+        return -math.inf if t <= 0.0 else math.inf
+    unshifted = t / (shift - (shift - 1) * t)
+    return (math.log(unshifted / (1 - unshifted)) - mean) / std
+
+
 def sample_timesteps(
-    num: int, mean: float, std: float, shift: float, generator: torch.Generator | None = None
+    num: int,
+    mean: float,
+    std: float,
+    shift: float,
+    generator: torch.Generator | None = None,
+    t_range: tuple[float, float] = FULL_RANGE,
 ) -> torch.Tensor:
-    """``[num]`` logit-normal t in (0, 1), shifted."""
-    normal = torch.randn(num, generator=generator) * std + mean
-    return shift_timesteps(torch.sigmoid(normal), shift)
+    """``[num]`` logit-normal t in (0, 1), shifted; within ``t_range`` = ``[low, high)``, the same
+    distribution restricted to it (one expert's timesteps): the normal is drawn truncated, by
+    inverting its CDF on the range's share, so every t is in range and no draw is rejected."""
+    if tuple(t_range) == FULL_RANGE:
+        normal = torch.randn(num, generator=generator) * std + mean
+        return shift_timesteps(torch.sigmoid(normal), shift)
+    low, high = (float(special.ndtr(torch.tensor(_normal_at(t, mean, std, shift), dtype=torch.float64)))
+                 for t in t_range)  # fmt: skip
+    u = low + (high - low) * torch.rand(num, generator=generator, dtype=torch.float64)
+    t = shift_timesteps(torch.sigmoid(special.ndtri(u) * std + mean), shift)
+    # Rounding may land on a bound: keep t inside [low, high), off 0 (no noise, no target).
+    top = math.nextafter(t_range[1], 0.0) if t_range[1] < 1.0 else 1.0
+    return t.clamp(min=max(t_range[0], 1e-6), max=top).float()
+
+
+def expert_range(model_cfg: Any) -> tuple[float, float]:
+    """The timesteps the model of ``model_cfg`` is trained on: the range of the one expert it
+    builds (``model.expert``), all of them for a model of one network."""
+    experts = trained_experts(model_cfg) if model_cfg is not None else ()
+    return (experts[0].t_min, experts[0].t_max) if len(experts) == 1 else FULL_RANGE
 
 
 def clean_first_frame(model_cfg: Any) -> bool:
@@ -149,22 +184,24 @@ class FlowMatching:
         shift: float = 1.0,
         text_dropout: float = 0.0,
         clean_first_frame: bool = False,
+        t_range: tuple[float, float] = FULL_RANGE,
     ):
         self.t_mean, self.t_std, self.shift, self.text_dropout = t_mean, t_std, shift, text_dropout
         self.clean_first_frame = clean_first_frame  # token_replace: see the module docstring
+        self.t_range = t_range  # one expert's timesteps (model.expert); FULL_RANGE otherwise
 
     @classmethod
     def from_config(cls, cfg: Any, model_cfg: Any = None) -> FlowMatching:
         """From a :class:`~imontage.config.schema.FlowMatchingConfig` (dataclass or OmegaConf node)
-        and the model config (``token_replace`` keeps first frames clean)."""
+        and the model config (``token_replace`` keeps first frames clean; ``model.expert``: its range of t)."""
         clean = model_cfg is not None and clean_first_frame(model_cfg)
-        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout, clean)
+        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout, clean, expert_range(model_cfg))
 
     def __call__(
         self, model: nn.Module, batch: PackedBatch, generator: torch.Generator
     ) -> FlowMatchingOutput:
         # Every draw comes from `generator` on the CPU, so a resumed run repeats it exactly.
-        t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator)
+        t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator, self.t_range)
         noise = torch.randn(batch.tokens.shape, generator=generator).to(batch.tokens.device)
         drop = torch.rand(batch.num_samples, generator=generator) < self.text_dropout
         clean = first_frame_mask(batch) if self.clean_first_frame else None

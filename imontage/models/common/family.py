@@ -39,6 +39,20 @@ class ModelInputs:
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One network of a model whose networks split the timesteps between them (Wan 2.2 A14B's pair).
+
+    ``name`` is its component in the family's diffusers pipeline folder (its subfolder there); it
+    denoises the timesteps ``t`` (1 = pure noise) in ``[t_min, t_max)``, the top one ``t_max = 1``
+    included.
+    """
+
+    name: str
+    t_min: float
+    t_max: float
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
     """How ``imontage-sample`` samples a family unless told otherwise."""
 
@@ -94,6 +108,9 @@ class ModelFamily:
     imagic_text_width: Callable[[nn.Module], int] | None = None
     # Its memory and communication model for tools/plan.py (None: the plan refuses the family).
     cost: FamilyCost | None = None
+    # The experts of a model config, highest timesteps first (() for a model of one network);
+    # ``model.expert`` picks one of them to train alone.
+    experts: Callable[[Any], tuple[Expert, ...]] = field(default=lambda cfg: ())
 
     def is_model(self, module: nn.Module) -> bool:
         """Whether ``module`` is (a subclass of) this family's model; imports nothing."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from imontage.models.common.family import ModelFamily, ModelInputs
+from imontage.models.common.family import Expert, ModelFamily, ModelInputs
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit, linears
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.config import WanConfig
@@ -61,6 +61,15 @@ def clean_first_frame(cfg: Any) -> bool:
     return bool(cfg.wan.expand_timesteps)
 
 
+def experts(cfg: Any) -> tuple[Expert, ...]:
+    """Wan 2.2 A14B's pair (``wan.boundary_ratio`` set), by their pipeline components: ``transformer``
+    denoises t >= the boundary, ``transformer_2`` the rest, as the pipelines switch them."""
+    ratio = float(cfg.wan.boundary_ratio)
+    if ratio <= 0:
+        return ()
+    return (Expert("transformer", ratio, 1.0), Expert("transformer_2", 0.0, ratio))
+
+
 def validate(cfg: Any) -> list[tuple[str, str]]:
     problems = []
     ratio = float(cfg.wan.boundary_ratio)
@@ -109,4 +118,5 @@ FAMILY = ModelFamily(
     diffusers_config=_diffusers_config,
     imagic_text_width=_text_width,
     cost=COST,
+    experts=experts,
 )
