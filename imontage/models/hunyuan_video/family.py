@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS, MODULATION
 from imontage.models.common.family import ModelFamily, ModelInputs, SamplingDefaults, TextEncoding
 from imontage.models.common.parallel_plan import (
-    COLUMNS,
     ROWS,
     BlockPlan,
     FamilyPlan,
@@ -23,38 +23,13 @@ from imontage.models.hunyuan_video.cost import COST
 
 IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")  # model.hunyuan_video.image_condition_type
 
-# The dual-stream blocks (each stream its own linears) and the single-stream blocks.
-DUAL_SPLITS: dict[str, TensorSplit] = linears(
-    linears(
-        {},
-        ROWS,
-        *(f"attn.{linear}" for linear in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
-        "ff.net.0.proj",
-        "ff_context.net.0.proj",
-    ),
-    COLUMNS,
-    "attn.to_out.0",
-    "attn.to_add_out",
-    "ff.net.2",
-    "ff_context.net.2",
-)
+# The single-stream blocks; the dual-stream ones are cut as every dual-stream family's.
 SINGLE_SPLITS: dict[str, TensorSplit] = linears(
     {"proj_out.weight": JoinedInputSplit()}, ROWS, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"
 )
-_MODULATION = ("linear.weight", "linear.bias")
 PARALLEL_PLAN = FamilyPlan(
     {
-        "transformer_blocks": BlockPlan(
-            DUAL_SPLITS,
-            heads="attn",
-            head_modules=("attn",),
-            mlp="ff.net.0.proj",
-            self_attentions=("attn",),  # the joint attention of both streams
-            head_partial=tuple(
-                f"attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-            ),
-            token_partial=tuple(f"{m}.{p}" for m in ("norm1", "norm1_context") for p in _MODULATION),
-        ),
+        "transformer_blocks": DUAL_STREAM_BLOCKS,
         "single_transformer_blocks": BlockPlan(
             SINGLE_SPLITS,
             heads="attn",
@@ -62,7 +37,7 @@ PARALLEL_PLAN = FamilyPlan(
             mlp="proj_mlp",
             self_attentions=("attn",),
             head_partial=("attn.norm_q.weight", "attn.norm_k.weight"),
-            token_partial=tuple(f"norm.{p}" for p in _MODULATION),
+            token_partial=tuple(f"norm.{p}" for p in MODULATION),
         ),
     }
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imontage.models.hunyuan_video.diffusers_config import (
+from imontage.models.common.dual_stream_config import (
     config_value,
     diffusers_shared_keys,
     shared_keys,

@@ -8,14 +8,14 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS
 from imontage.models.common.family import ModelFamily, ModelInputs, SamplingDefaults
 from imontage.models.common.parallel_plan import FamilyPlan
-from imontage.models.hunyuan_video.family import PARALLEL_PLAN as HUNYUAN_VIDEO_PLAN
 from imontage.models.hunyuan_video_15.config import HunyuanVideo15Config
 
 TASK_TYPES = ("t2v", "i2v")  # model.hunyuan_video_15.task_type
-# Its blocks are HunyuanVideo's dual-stream blocks, cut the same way; it has no single-stream ones.
-PARALLEL_PLAN = FamilyPlan({"transformer_blocks": HUNYUAN_VIDEO_PLAN.blocks["transformer_blocks"]})
+# Its blocks are the dual-stream blocks HunyuanVideo also has, cut the same way; no single-stream ones.
+PARALLEL_PLAN = FamilyPlan({"transformer_blocks": DUAL_STREAM_BLOCKS})
 
 
 def model_inputs(cfg: Any) -> ModelInputs:

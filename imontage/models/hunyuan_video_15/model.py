@@ -1,7 +1,7 @@
 """HunyuanVideo 1.5 (diffusers' ``HunyuanVideo15Transformer3DModel``) over imontage's packed batches.
 
 Single-device code; parameter names and shapes are diffusers' state_dict keys. It is HunyuanVideo's
-dual-stream design (:mod:`imontage.models.hunyuan_video.model`, whose blocks, text refiner, output
+dual-stream design (:mod:`imontage.models.common.dual_stream`, whose blocks, text refiner, output
 layer and stream plumbing it uses) with:
   modulation by the timestep alone (no pooled text, no guidance embedding): the blocks take
   T(t_token) on visual rows and T(t_s) on text rows, the output layer T(t_s) on clean conditions;
@@ -23,10 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imontage.models.common.rope import MultiAxisRope
-from imontage.models.common.sequence import PackedBatch
-from imontage.models.common.token_layout import SampleTokenLayout
-from imontage.models.hunyuan_video.model import (
+from imontage.models.common.dual_stream import (
     DualStreamBlock,
     DualStreamTransformer,
     OutputNorm,
@@ -35,6 +32,9 @@ from imontage.models.hunyuan_video.model import (
     TimestepEmbedding,
     stream_timesteps,
 )
+from imontage.models.common.rope import MultiAxisRope
+from imontage.models.common.sequence import PackedBatch
+from imontage.models.common.token_layout import SampleTokenLayout
 
 GLYPH_HIDDEN = 2048  # diffusers' ByT5 projection's inner width, whatever the model's
 TASK_TYPES = ("t2v", "i2v")
