@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imontage.config.schema import ModelConfig
-from imontage.models import build_model, count_parameters
+from imontage.models import build_model, count_parameters, trained_experts
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -24,6 +24,9 @@ def count_preset(name: str) -> tuple[int, float]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such model preset")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    experts = trained_experts(cfg)
+    if len(experts) > 1:  # experts of one shape (Wan 2.2 A14B): the size stated is one expert's
+        cfg = OmegaConf.merge(cfg, {"expert": experts[0].name})
     return count_parameters(build_model(cfg, device="meta")), float(cfg.stated_params)
 
 
