@@ -12,6 +12,7 @@ is a function that imports it when called, so a DiT run never imports the pretra
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -115,3 +116,20 @@ class ModelFamily:
     def is_model(self, module: nn.Module) -> bool:
         """Whether ``module`` is (a subclass of) this family's model; imports nothing."""
         return any(f"{cls.__module__}.{cls.__qualname__}" == self.model_class for cls in type(module).__mro__)
+
+
+def deferred_build(target: str) -> Callable[[Any, Any], nn.Module]:
+    """A record's ``build`` that imports the family's model code (``"package.module:function"``)
+    when a model is first built, not when the registry is read: reading configs, plans and costs
+    needs no model code."""
+    module, _, function = target.partition(":")
+
+    def build(cfg: Any, device: Any) -> nn.Module:
+        return getattr(importlib.import_module(module), function)(cfg, device)
+
+    return build
+
+
+def deferred_module(name: str) -> Callable[[], ModuleType]:
+    """A record's ``diffusers_config``: the module ``name``, imported when first asked for."""
+    return lambda: importlib.import_module(name)

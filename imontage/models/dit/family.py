@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from imontage.models.common.family import ModelFamily
+from imontage.models.common.family import ModelFamily, deferred_build
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit
 from imontage.models.dit.cost import COST
 
@@ -34,12 +32,6 @@ PARALLEL_PLAN = FamilyPlan(
 )
 
 
-def _build(cfg: Any, device: Any) -> nn.Module:
-    from imontage.models.dit.model import build_dit
-
-    return build_dit(cfg, device)
-
-
 def _text_width(module: nn.Module) -> int:
     return int(module.text_proj[0].in_features)  # type: ignore[index, union-attr]
 
@@ -47,7 +39,7 @@ def _text_width(module: nn.Module) -> int:
 FAMILY = ModelFamily(
     name="dit",
     summary="imontage's own DiT (byte or precomputed text, any position layout)",
-    build=_build,
+    build=deferred_build("imontage.models.dit.model:build_dit"),
     model_class="imontage.models.dit.model.DiT",
     parallel_plan=PARALLEL_PLAN,
     # Vectors up to a few model widths (norms, biases, the [6, d] adaLN offset) stay resident under ZeRO-3.

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Any
 
-from torch import nn
-
 from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS, MODULATION
-from imontage.models.common.family import ModelFamily, ModelInputs, SamplingDefaults, TextEncoding
+from imontage.models.common.family import (
+    ModelFamily,
+    ModelInputs,
+    SamplingDefaults,
+    TextEncoding,
+    deferred_build,
+    deferred_module,
+)
 from imontage.models.common.parallel_plan import (
     ROWS,
     BlockPlan,
@@ -97,20 +100,10 @@ def text_encoding() -> TextEncoding:
     return TextEncoding(str(template["template"]), int(template["crop_start"]), -3, 256, pad=True)
 
 
-def _build(cfg: Any, device: Any) -> nn.Module:
-    from imontage.models.hunyuan_video.model import build_hunyuan_video
-
-    return build_hunyuan_video(cfg, device)
-
-
-def _diffusers_config() -> ModuleType:
-    return importlib.import_module("imontage.models.hunyuan_video.diffusers_config")
-
-
 FAMILY = ModelFamily(
     name="hunyuan_video",
     summary="HunyuanVideo text- and image-to-video (diffusers' HunyuanVideoTransformer3DModel)",
-    build=_build,
+    build=deferred_build("imontage.models.hunyuan_video.model:build_hunyuan_video"),
     model_class="imontage.models.hunyuan_video.model.HunyuanVideoTransformer",
     parallel_plan=PARALLEL_PLAN,
     config_section=HunyuanVideoConfig,
@@ -121,7 +114,7 @@ FAMILY = ModelFamily(
     precomputed_text=True,
     predictions=("velocity",),
     diffusers_classes=("HunyuanVideoTransformer3DModel",),
-    diffusers_config=_diffusers_config,
+    diffusers_config=deferred_module("imontage.models.hunyuan_video.diffusers_config"),
     # Pretrained with true classifier-free guidance off (distilled guidance embedded instead): its
     # unconditional pass, when asked for, must be named.
     sampling=SamplingDefaults(guidance=1.0, negative_required=True),

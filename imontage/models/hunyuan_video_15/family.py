@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Any
 
-from torch import nn
-
 from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS
-from imontage.models.common.family import ModelFamily, ModelInputs, SamplingDefaults
+from imontage.models.common.family import (
+    ModelFamily,
+    ModelInputs,
+    SamplingDefaults,
+    deferred_build,
+    deferred_module,
+)
 from imontage.models.common.parallel_plan import FamilyPlan
 from imontage.models.hunyuan_video_15.config import HunyuanVideo15Config
 
@@ -41,20 +43,10 @@ def validate(cfg: Any) -> list[tuple[str, str]]:
     return []
 
 
-def _build(cfg: Any, device: Any) -> nn.Module:
-    from imontage.models.hunyuan_video_15.model import build_hunyuan_video_15
-
-    return build_hunyuan_video_15(cfg, device)
-
-
-def _diffusers_config() -> ModuleType:
-    return importlib.import_module("imontage.models.hunyuan_video_15.diffusers_config")
-
-
 FAMILY = ModelFamily(
     name="hunyuan_video_15",
     summary="HunyuanVideo 1.5 text- and image-to-video (diffusers' HunyuanVideo15Transformer3DModel)",
-    build=_build,
+    build=deferred_build("imontage.models.hunyuan_video_15.model:build_hunyuan_video_15"),
     model_class="imontage.models.hunyuan_video_15.model.HunyuanVideo15Transformer",
     parallel_plan=PARALLEL_PLAN,
     config_section=HunyuanVideo15Config,
@@ -64,7 +56,7 @@ FAMILY = ModelFamily(
     precomputed_text=True,
     predictions=("velocity",),
     diffusers_classes=("HunyuanVideo15Transformer3DModel",),
-    diffusers_config=_diffusers_config,
+    diffusers_config=deferred_module("imontage.models.hunyuan_video_15.diffusers_config"),
     # The public inference's classifier-free guidance scale, with an empty negative prompt.
     sampling=SamplingDefaults(guidance=6.0),
 )

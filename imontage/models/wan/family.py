@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Any
 
 from torch import nn
 
-from imontage.models.common.family import Expert, ModelFamily, ModelInputs
+from imontage.models.common.family import Expert, ModelFamily, ModelInputs, deferred_build, deferred_module
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit, linears
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.config import WanConfig
@@ -87,16 +85,6 @@ def validate(cfg: Any) -> list[tuple[str, str]]:
     return problems
 
 
-def _build(cfg: Any, device: Any) -> nn.Module:
-    from imontage.models.wan.model import build_wan
-
-    return build_wan(cfg, device)
-
-
-def _diffusers_config() -> ModuleType:
-    return importlib.import_module("imontage.models.wan.diffusers_config")
-
-
 def _text_width(module: nn.Module) -> int:
     return int(module.condition_embedder.text_embedder.linear_1.in_features)  # type: ignore[union-attr, arg-type]
 
@@ -104,7 +92,7 @@ def _text_width(module: nn.Module) -> int:
 FAMILY = ModelFamily(
     name="wan",
     summary="Wan 2.1 and 2.2 text- and image-to-video (diffusers' WanTransformer3DModel)",
-    build=_build,
+    build=deferred_build("imontage.models.wan.model:build_wan"),
     model_class="imontage.models.wan.model.WanTransformer",
     parallel_plan=PARALLEL_PLAN,
     config_section=WanConfig,
@@ -115,7 +103,7 @@ FAMILY = ModelFamily(
     precomputed_text=True,
     predictions=("velocity",),
     diffusers_classes=("WanTransformer3DModel",),
-    diffusers_config=_diffusers_config,
+    diffusers_config=deferred_module("imontage.models.wan.diffusers_config"),
     imagic_text_width=_text_width,
     cost=COST,
     experts=experts,
