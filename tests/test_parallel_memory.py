@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 from omegaconf import OmegaConf
+from torch import nn
 
 from imontage.config.schema import ModelConfig
 from imontage.cost import (
@@ -31,6 +32,7 @@ from imontage.cost import (
     communication_plan,
     count_saved_tensors,
     estimate_memory,
+    lora_blocks,
     model_shape,
     parameter_census,
     zero3_traffic,
@@ -74,14 +76,14 @@ def gpu_kernel_savings() -> Iterator[None]:
     input, fp32 rstd, weight; CUDA's LayerNorm: input, fp32 mean and rstd, weight, bias.
     """
     import imontage.models.common.attention as common_attention
+    import imontage.models.common.dual_stream as dual_stream
     import imontage.models.common.rope as rope
-    import imontage.models.hunyuan_video.model as hunyuan_model
     import imontage.models.wan.model as wan_model
 
     # CoreAttention (the DiT's and Wan's self-attention) calls it in its module; the families'
     # other attentions call it where they import it.
     attention_users = [
-        m for m in (common_attention, wan_model, hunyuan_model) if hasattr(m, "varlen_attention")
+        m for m in (common_attention, wan_model, dual_stream) if hasattr(m, "varlen_attention")
     ]
     originals = {
         **{(m, "varlen_attention"): m.varlen_attention for m in attention_users},
@@ -142,7 +144,13 @@ def batch_tensors(batch: PackedBatch) -> list[torch.Tensor]:
 
 def block_scopes(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     names = ("blocks", "transformer_blocks", "single_transformer_blocks")
-    return {f"{name}.{i}": b for name in names for i, b in enumerate(getattr(model, name, []))}
+    lists = [(name, getattr(model, name, None)) for name in names]  # HunyuanVideo's blocks() is a method
+    return {
+        f"{name}.{i}": b
+        for name, blocks in lists
+        if isinstance(blocks, nn.ModuleList)
+        for i, b in enumerate(blocks)
+    }
 
 
 def measured_activations(model: torch.nn.Module, batch: PackedBatch) -> dict[str, int]:
@@ -218,17 +226,40 @@ def hunyuan_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
     return cfg, build_model(cfg), batch, rows
 
 
+def hunyuan_15_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    """The shipped tiny HunyuanVideo 1.5 I2V (2 dual-stream blocks), three samples with Qwen text,
+    glyph text (two of them) and image tokens, one timestep each."""
+    import test_hunyuan_video_15 as hv15
+
+    cfg = preset("hunyuan_video_1.5_tiny")
+    gen = torch.Generator().manual_seed(3)
+    shapes, texts, glyphs = [(1, 4, 4), (3, 4, 6), (1, 6, 2)], (3, 9, 5), (2, 0, 4)
+    cases = [
+        hv15.Case(gen, *shape, text_len=n, glyph_len=g, t=t)
+        for shape, n, g, t in zip(shapes, texts, glyphs, (0.2, 0.5, 0.8), strict=True)
+    ]
+    batch = hv15.packed(cases)
+    assert batch.text_encoder is not None and batch.image_embeds is not None
+    glyph = int((batch.is_text & (batch.text_encoder == 1)).sum())
+    image = batch.image_embeds.shape[0] * batch.image_embeds.shape[1]
+    rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples, image, glyph)
+    torch.manual_seed(0)
+    return cfg, build_model(cfg), batch, rows
+
+
 CASES = {
     "dit": dit_case,
     "wan_t2v": lambda: wan_case("t2v"),
     "wan_i2v": lambda: wan_case("i2v"),
     "hunyuan_video": hunyuan_case,
+    "hunyuan_video_15": hunyuan_15_case,
 }
 # Adapters on every attention and FFN linear of the blocks (docs/lora.md's recipe; I2V: the image ones too).
 LORA_TARGETS = {
     "dit": ["blocks.*.qkv", "blocks.*.proj", "blocks.*.fc1", "blocks.*.fc2"],
     "wan_t2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.ffn.net.*"],
     "wan_i2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.attn2.add_*", "blocks.*.ffn.net.*"],
+    "hunyuan_video_15": ["transformer_blocks.*.attn.*", "transformer_blocks.*.ff*.net.*"],
 }
 
 
@@ -259,18 +290,29 @@ def test_activation_estimate_equals_what_autograd_keeps(case: str, precision: st
     # Checkpointed: outside, the inputs the blocks share and each one's own, and one block run again.
     shape = model_shape(cfg)
     checkpointed = activations(shape, rows, Layout(activation_checkpointing=True), e)
-    residual = rows.tokens if case.startswith("wan") else rows.tokens + rows.text_tokens  # all streams
+    residual = {"wan": rows.tokens, "dit": rows.tokens + rows.text_tokens}.get(
+        case.split("_")[0],
+        rows.tokens + rows.text_tokens + rows.image_tokens,  # both HunyuanVideo streams
+    )
     own = sum(b.count * b.input_bytes for b in checkpointed.blocks)
     assert own == (shape.depth + shape.single_blocks) * residual * shape.hidden_size * e
     shared = sum(s.bytes for s in checkpointed.shared_inputs)
-    modulation_rows = 0 if case == "hunyuan_video" else residual  # HunyuanVideo's rows index one table
+    modulation_rows = 0 if case.startswith("hunyuan") else residual  # HunyuanVideo's rows index one table
     assert shared == modulation_rows * 6 * shape.hidden_size * e
     largest = max(v for k, v in measured.items() if k != "outside")
     assert checkpointed.peak == kept.outside_bytes + shared + own + largest
 
 
 @pytest.mark.parametrize(
-    "case, precision", [("dit", "bf16"), ("wan_t2v", "bf16"), ("wan_t2v", "fp32"), ("wan_i2v", "bf16")]
+    "case, precision",
+    [
+        ("dit", "bf16"),
+        ("wan_t2v", "bf16"),
+        ("wan_t2v", "fp32"),
+        ("wan_i2v", "bf16"),
+        ("hunyuan_video_15", "bf16"),
+        ("hunyuan_video_15", "fp32"),
+    ],
 )
 def test_lora_activation_estimate_equals_what_autograd_keeps(case: str, precision: str) -> None:
     """A frozen base with adapters: exact per block (block 0 apart: its input needs no gradient)
@@ -285,7 +327,8 @@ def test_lora_activation_estimate_equals_what_autograd_keeps(case: str, precisio
     if precision == "fp32":  # as above: the batch's own fp32 tensors are read in place
         measured.pop("outside"), expected.pop("outside")
     assert measured == expected
-    assert measured["blocks.0"] < measured["blocks.1"]  # the first block keeps nothing for its input
+    blocks = lora_blocks(shape)
+    assert measured[f"{blocks}.0"] < measured[f"{blocks}.1"]  # the first block keeps nothing for its input
     full = activations(dataclasses.replace(shape, lora_rank=0), rows, Layout(), e)
     assert kept.peak < full.peak
     # Each adapter adds its h = A x [rows, rank]: rank 6 keeps 3 more elements per adapted row.
@@ -368,7 +411,7 @@ def test_frozen_parameters_cost_only_their_working_copy() -> None:
     assert terms["fp32 Adam moments"] == 8 * trained and terms["fp32 master weights"] == 4 * trained
 
 
-@pytest.mark.parametrize("name", ["dit_tiny", "wan_tiny", "hunyuan_video_tiny"])
+@pytest.mark.parametrize("name", ["dit_tiny", "wan_tiny", "hunyuan_video_tiny", "hunyuan_video_1.5_tiny"])
 def test_bucket_unit_is_the_engines(name: str) -> None:
     """The estimate sizes ZeRO's buckets as zero3_config does (the largest block of the family's
     block lists, HunyuanVideo's dual- and single-stream ones both, else the whole model)."""

@@ -20,6 +20,7 @@ from distributed import run_ranks
 from test_parallel_memory import (
     dit_case,
     expected_by_scope,
+    hunyuan_15_case,
     hunyuan_case,
     lora_case,
     measured_activations,
@@ -35,8 +36,13 @@ from imontage.cost import (
     communication_families,
     communication_plan,
     count_collectives,
+    family_cost,
+    lora_block_linears,
+    lora_blocks,
     model_shape,
 )
+from imontage.models.registry import FAMILIES as FAMILIES_REGISTERED
+from imontage.models.registry import family as registered_family
 from imontage.parallel.parallelize import parallelize_model
 
 LAYOUTS = {
@@ -45,17 +51,28 @@ LAYOUTS = {
     "tp2_sp_recompute": Layout(tensor=2, sequence_parallel=True, activation_checkpointing=True),
     "ulysses2": Layout(context=2),
 }
-FAMILIES = {  # family: (layouts, variants); HunyuanVideo has no communication plan yet: activations only
+# family: (layouts, variants); HunyuanVideo and 1.5 have no communication plan yet: activations only
+FAMILIES = {
     "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
     "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
     "hunyuan_video": (["tp2", "tp2_sp", "ulysses2"], ["t2v"]),
-    "wan_lora": (["ulysses2"], ["t2v"]),  # a frozen base, adapters on every attention and FFN linear
+    "hunyuan_video_15": (["tp2", "tp2_sp", "ulysses2"], ["i2v"]),
+    # a frozen base, adapters on every attention and FFN linear
+    "wan_lora": (["ulysses2"], ["t2v"]),
+    "hunyuan_video_15_lora": (["ulysses2"], ["i2v"]),
 }
 
 
 def case(family: str, variant: str) -> tuple[Any, Any, Any, MicroBatch]:
-    cases = {"dit": dit_case, "wan": lambda: wan_case(variant), "hunyuan_video": hunyuan_case}
-    return cases.get(family, lambda: lora_case(f"wan_{variant}"))()
+    cases = {
+        "dit": dit_case,
+        "wan": lambda: wan_case(variant),
+        "hunyuan_video": hunyuan_case,
+        "hunyuan_video_15": hunyuan_15_case,
+        "wan_lora": lambda: lora_case(f"wan_{variant}"),
+        "hunyuan_video_15_lora": lambda: lora_case("hunyuan_video_15"),
+    }
+    return cases[family]()
 
 
 def counted_steps(rank: int, world_size: int) -> dict[str, dict]:
@@ -163,3 +180,38 @@ def test_plan_cli_errors_name_the_family(capsys: pytest.CaptureFixture[str]) -> 
     assert "activations (peak)" in memory and "block." not in memory
     with pytest.raises(SystemExit, match="model.family 'flux' is not one the plan knows"):
         plan_cli(capsys, "--model", "dit_tiny", "--tokens", "64", "model.family=flux")
+
+
+PRESETS = sorted(path.stem for path in (REPO / "configs" / "model").glob("*.yaml"))
+
+
+def test_every_family_has_a_preset() -> None:
+    from test_parallel_memory import preset
+
+    assert {str(preset(name).family) for name in PRESETS} >= set(FAMILIES_REGISTERED)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_plan_cli_takes_every_preset(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """Every shipped model preset, built on the meta device: full fine-tuning, and the modelled
+    LoRA where its family models adapters; 'n/a' only where the family has no communication plan."""
+    from test_parallel_memory import preset
+
+    cfg = preset(name)
+    # A model of several experts (Wan 2.2 A14B) is planned one expert at a time: model.expert names it.
+    experts = getattr(registered_family(cfg), "experts", lambda cfg: ())(cfg)
+    expert = tuple(f"model.expert={e.name}" for e in experts[:1])
+    args = ("--model", name, "--tokens", "4096", "--text-tokens", "64", "--gpus", "8", "--bf16", *expert)
+    out = plan_cli(capsys, *args, "--compare", "dp-ac", "cp2-ac")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[3:]] == ["dp-ac", "cp2-ac"], out
+    planned = str(cfg.family) in communication_families()
+    assert ("n/a" in lines[-1]) != planned, out
+    if family_cost(str(cfg.family)).lora is None:
+        return
+    shape = model_shape(cfg)
+    targets = ",".join(f"{lora_blocks(shape)}.*.{leaf}" for leaf in lora_block_linears(shape))
+    lora = plan_cli(
+        capsys, *args, "model.lora.rank=16", f"model.lora.targets=[{targets}]", "--compare", "dp-ac"
+    )
+    assert "base frozen" in lora.splitlines()[0] and lora.splitlines()[-1].startswith("dp-ac"), lora

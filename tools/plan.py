@@ -54,7 +54,6 @@ from imontage.models import build_model
 from imontage.models.lora import adapted_modules
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CLIP_IMAGE_TOKENS = 257  # Wan I2V: CLIP ViT-H/14 tokens of one 224² image (16 × 16 + 1)
 
 
 def load_group(group: str, name: str, schema: type, overrides: list[str]) -> Any:
@@ -134,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--text-tokens", type=int, help="text tokens of each sample (default: model.max_text_len)"
     )
+    parser.add_argument(
+        "--text-tokens-2",
+        type=int,
+        default=0,
+        help="text tokens of each sample from a second text encoder (HunyuanVideo 1.5: ByT5 glyph text)",
+    )
     parser.add_argument("--samples", type=int, default=1, help="samples packed in the micro-batch")
     parser.add_argument(
         "--image-tokens",
         type=int,
-        default=CLIP_IMAGE_TOKENS,
-        help="Wan I2V: CLIP image tokens of each sample",
+        help="I2V: image-encoder tokens of each sample (default: the family's, Wan 257, HunyuanVideo 1.5 729)",
     )
     parser.add_argument("--gpus", type=int, default=0, help="GPUs of the job (default: one TP × CP group)")
     parser.add_argument("--bf16", action="store_true", help="train.precision=bf16 (default: fp32)")
@@ -162,12 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as error:
         raise SystemExit(f"plan.py: {args.model}: {error}") from None
     text = cfg.max_text_len if args.text_tokens is None else args.text_tokens
-    image = args.image_tokens * args.samples if shape.image_dim else 0
-    batch = MicroBatch(args.tokens, text * args.samples, args.samples, image)
-    module = build_model(cfg, device="meta")
+    per_sample = shape.image_tokens if args.image_tokens is None else args.image_tokens
+    image = per_sample * args.samples if shape.image_dim else 0
+    batch = MicroBatch(
+        args.tokens,
+        (text + args.text_tokens_2) * args.samples,
+        args.samples,
+        image,
+        args.text_tokens_2 * args.samples,
+    )
+    try:
+        module = build_model(cfg, device="meta")
+    except ValueError as error:  # a model it cannot build as asked (a model of experts names one)
+        raise SystemExit(f"plan.py: {args.model}: {error}") from None
     print(
         f"model {args.model} ({shape.family}): depth {shape.depth}, hidden {shape.hidden_size}, {shape.num_heads} heads; "
-        f"{batch.tokens} visual + {batch.text_tokens} text tokens in {batch.samples} sample(s); "
+        f"{batch.tokens} visual + {batch.text_tokens} text"
+        + (f" ({batch.text_tokens_2} of the second encoder)" if batch.text_tokens_2 else "")
+        + (f" + {batch.image_tokens} image" if batch.image_tokens else "")
+        + f" tokens in {batch.samples} sample(s); "
         f"{'bf16' if args.bf16 else 'fp32'}"
         + (
             f"; LoRA rank {shape.lora_rank} on {sum(1 for _ in adapted_modules(module))} linears, base frozen"

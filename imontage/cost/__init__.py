@@ -15,6 +15,7 @@ from imontage.cost.memory import (
     estimate_memory,
     format_memory,
     lora_block_linears,
+    lora_blocks,
     parameter_census,
     zero3_traffic,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "format_memory",
     "format_plan",
     "lora_block_linears",
+    "lora_blocks",
     "model_shape",
     "parameter_census",
     "zero3_traffic",

@@ -135,11 +135,6 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, element_by
 
 
 # ----------------------------------------------------------------------------- LoRA activations
-# Block 0 reads the frozen embeddings: its input needs no gradient, so norm1 keeps nothing, nor
-# does its modulation product (neither factor needs a gradient).
-_LORA_FIRST_DROPPED = ("x", "x.float", "norm1.stats", "norm1.scale")
-
-
 def _check_lora_modelled(model: ModelShape, layout: Layout) -> None:
     """Refuse the ``model.lora`` cases whose activations are not modelled (and measured)."""
     what = None
@@ -167,6 +162,13 @@ def lora_block_linears(model: ModelShape) -> tuple[str, ...]:
     return lora.block_linears + (lora.image_linears if model.image_dim else ())
 
 
+def lora_blocks(model: ModelShape) -> str:
+    """The module list of the blocks the modelled ``model.lora`` adapts (``blocks.*.<linear>``)."""
+    lora = family_cost(model.family).lora
+    assert lora is not None, model.family  # _check_lora_modelled refuses a family without
+    return lora.blocks
+
+
 def _with_adapters(full: Activations, model: ModelShape, batch: MicroBatch, layout: Layout) -> Activations:
     """What autograd keeps with the base frozen and adapters on :func:`lora_block_linears`: the full
     fine-tuning lists less what only the frozen weights' gradients needed, plus each adapter's
@@ -176,13 +178,15 @@ def _with_adapters(full: Activations, model: ModelShape, batch: MicroBatch, layo
     (block,) = full.blocks
     e = block.inputs[0].element_bytes
     n, r = Shards.of(batch.sequence(model), layout).sequence, model.lora_rank
-    rows = dict.fromkeys(lora_block_linears(model), n) | lora.rows(model, batch)
+    rows = dict.fromkeys(lora_block_linears(model), n) | lora.rows(model, batch, layout)
     adapters = tuple(Saved(f"{name}.lora_h", count, r, e) for name, count in rows.items() if count)
     saved = tuple(s for s in block.saved if s.name not in lora.dropped) + adapters
-    first = tuple(s for s in saved if s.name not in _LORA_FIRST_DROPPED)
+    first = tuple(s for s in saved if s.name not in lora.first_dropped)
     blocks = (BlockActivations(block.name, block.count, saved, block.inputs, first),)
     outside = tuple(s for s in full.outside if s.name in lora.outside)
-    return Activations(blocks, outside, full.shared_inputs, full.checkpointing, full.first_block_view)
+    # The first block no longer keeps its input (a slice of a whole stream): only its checkpoint does.
+    view = full.first_block_view if full.checkpointing else ()
+    return Activations(blocks, outside, full.shared_inputs, full.checkpointing, view)
 
 
 @dataclass(frozen=True)
@@ -256,12 +260,13 @@ def estimate_memory(
 def _check_lora_targets(module: nn.Module, model: ModelShape) -> None:
     """The adapters ``module`` carries must be the modelled ones (:func:`lora_block_linears`)."""
     adapted = {name for name, _ in adapted_modules(module)}
-    modelled = {f"blocks.{i}.{leaf}" for i in range(model.depth) for leaf in lora_block_linears(model)}
+    blocks = lora_blocks(model)
+    modelled = {f"{blocks}.{i}.{leaf}" for i in range(model.depth) for leaf in lora_block_linears(model)}
     if adapted != modelled:
         odd = sorted(adapted - modelled) or sorted(modelled - adapted)
         raise PlanError(
             f"model.lora.targets: the activation estimate models adapters on every attention and FFN "
-            f"linear of the blocks ({', '.join(f'blocks.*.{leaf}' for leaf in lora_block_linears(model))}) "
+            f"linear of the blocks ({', '.join(f'{blocks}.*.{leaf}' for leaf in lora_block_linears(model))}) "
             f"and no other; these targets {'also adapt' if adapted - modelled else 'leave out'} {odd[0]}"
         )
 

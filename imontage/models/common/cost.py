@@ -64,7 +64,8 @@ class ModelShape:
     qk_norm: bool = True
     text_dim: int = 0  # width of the text embeddings the model reads
     text_len: int = 0  # Wan: each sample's text context is zero-padded to this (0: unpadded)
-    image_dim: int = 0  # Wan I2V: width of the CLIP image tokens (0: text-to-video)
+    image_dim: int = 0  # I2V: width of the image-encoder tokens (0: text-to-video)
+    image_tokens: int = 0  # I2V: image-encoder tokens per sample (tools/plan.py's default --image-tokens)
     added_kv_dim: int = 0  # Wan I2V: input width of the image keys' and values' projections
     cross_attn_norm: bool = True  # Wan: a LayerNorm before the cross-attention
     freq_dim: int = 256  # sinusoidal timestep features
@@ -123,7 +124,8 @@ class MicroBatch:
     tokens: int  # visual (patch) tokens
     text_tokens: int = 0  # the DiT packs them into its sequence; Wan and HunyuanVideo keep them apart
     samples: int = 1
-    image_tokens: int = 0  # Wan I2V: CLIP image tokens (257 per sample)
+    image_tokens: int = 0  # I2V: image-encoder tokens (Wan: CLIP's, HunyuanVideo 1.5: SigLIP's)
+    text_tokens_2: int = 0  # of ``text_tokens``, those of a second text encoder (HunyuanVideo 1.5: ByT5)
 
     def sequence(self, model: ModelShape) -> int:
         """Rows of the stream the blocks run: the whole packed sequence where the text is in it, else the visual rows."""
@@ -404,8 +406,12 @@ class LoraCost:
     # still (the output layer's norm, the scale it is multiplied by, a context adapters read).
     outside: tuple[str, ...]
     image_linears: tuple[str, ...] = ()  # adapted too when the model reads image tokens
-    # (model, batch) -> rows of the linears that do not read the sequence's own rows
-    rows: Callable[[ModelShape, MicroBatch], dict[str, int]] = lambda model, batch: {}
+    # (model, batch, layout) -> one rank's rows of the linears that do not read the sequence's own rows
+    rows: Callable[[ModelShape, MicroBatch, Layout], dict[str, int]] = lambda model, batch, layout: {}
+    blocks: str = "blocks"  # the module list of the blocks the adapters sit in
+    # What the first block no longer keeps: it reads the frozen embeddings, so its input needs no
+    # gradient: its first norm keeps nothing, nor does that norm's modulation product.
+    first_dropped: tuple[str, ...] = ("x", "x.float", "norm1.stats", "norm1.scale")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from imontage.models.common.family import (
 )
 from imontage.models.common.parallel_plan import FamilyPlan
 from imontage.models.hunyuan_video_15.config import HunyuanVideo15Config
+from imontage.models.hunyuan_video_15.cost import COST
 
 TASK_TYPES = ("t2v", "i2v")  # model.hunyuan_video_15.task_type
 # Its blocks are the dual-stream blocks HunyuanVideo also has, cut the same way; no single-stream ones.
@@ -59,4 +60,5 @@ FAMILY = ModelFamily(
     diffusers_config=deferred_module("imontage.models.hunyuan_video_15.diffusers_config"),
     # The public inference's classifier-free guidance scale, with an empty negative prompt.
     sampling=SamplingDefaults(guidance=6.0),
+    cost=COST,
 )

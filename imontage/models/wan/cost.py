@@ -24,6 +24,7 @@ from imontage.models.common.cost import (
     self_attention,
 )
 
+CLIP_IMAGE_TOKENS = 257  # I2V: CLIP ViT-H/14 tokens of one 224² image (16 × 16 + 1)
 IMAGE_LINEARS = ("attn2.add_k_proj", "attn2.add_v_proj")  # I2V: the image tokens' keys and values
 
 
@@ -34,6 +35,7 @@ def shape(cfg: Any) -> dict[str, Any]:
         "patch_features": int(wan.out_channels) * patch_volume(cfg),
         "text_len": int(wan.text_len),
         "image_dim": int(wan.image_dim),
+        "image_tokens": CLIP_IMAGE_TOKENS if int(wan.image_dim) else 0,
         "added_kv_dim": int(wan.added_kv_proj_dim),
         "cross_attn_norm": bool(wan.cross_attn_norm),
         "freq_dim": int(wan.freq_dim),
@@ -163,7 +165,7 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, e: int) ->
     return Activations((block,), o.saved(), shared, layout.activation_checkpointing, view)
 
 
-def lora_rows(model: ModelShape, batch: MicroBatch) -> dict[str, int]:
+def lora_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> dict[str, int]:
     """The cross-attention's keys and values read the text context (and I2V's image tokens)."""
     context = model.context_rows(batch)
     rows = {"attn2.to_k": context, "attn2.to_v": context}
