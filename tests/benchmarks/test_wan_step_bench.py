@@ -15,8 +15,14 @@ modules it lists in ``_keep_in_fp32_modules`` in fp32, as its ``from_pretrained`
 512×512 clip of 16 or 32 latent frames: 16,384 or 32,768 video tokens, 64 text tokens padded to 512. The 32k case
 runs both models with activation checkpointing (``checkpointing`` column): without it the saved
 activations of 30 layers may not fit beside two models and their gradients.
+``full`` on CPU: the same Wan-shaped model cut to width 512 (4 heads × 128), 4 blocks, FFN 2048, in
+fp32, one thread, at 2,048 and 4,096 video tokens (cases ``2k``, ``4k``; 64 text tokens padded to
+512): a size where matrix products dominate the step, so that the ratio compares the two models'
+layouts rather than their Python overhead (a 2k step is about 5 s of CPU time; 5 repeats).
 ``small`` (the default on CPU): ``wan_tiny`` in fp32 at 512 and 1,024 video tokens, single-threaded
-(the cases keep the names ``16k``/``32k``) — it checks the harness, not any GPU.
+(the cases keep the names ``16k``/``32k``) — it checks the harness in seconds, not any speed.
+On CPU the table also gives each step's process CPU time (``*_cpu_s``, ``cpu_ratio``, medians of the
+same repeats): on a shared machine it leaves out the time the step waited for a core.
 
 Model FLOPs count the matmuls a step must do, ``3 ×`` the forward's: ``2 ×`` each linear weight per
 token it sees (video tokens; the text embedder and the cross-attention's k/v on the padded text;
@@ -59,18 +65,31 @@ class Case:
     latent_hw: int
     text_tokens: int
     checkpointing: bool = False
+    overrides: tuple[tuple[str, int], ...] = ()  # model config fields changed from the preset's
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.model, *(f"{key}={value}" for key, value in self.overrides)])
 
 
 FULL = [
     Case("16k", "wan2.1_t2v_1.3b", 16, 64, 64),
     Case("32k", "wan2.1_t2v_1.3b", 32, 64, 64, checkpointing=True),
 ]
+# CPU full: Wan 2.1 1.3B's layers (head dim 128, text 4096 -> 512 tokens) at width 512, 4 blocks.
+WAN_512 = (("hidden_size", 512), ("num_heads", 4), ("depth", 4), ("mlp_hidden_size", 2048))
+CPU_FULL = [
+    Case("2k", "wan2.1_t2v_1.3b", 2, 64, 64, overrides=WAN_512),
+    Case("4k", "wan2.1_t2v_1.3b", 4, 64, 64, overrides=WAN_512),
+]
 SMALL = [Case("16k", "wan_tiny", 2, 32, 8), Case("32k", "wan_tiny", 4, 32, 8)]
 
 
-def model_config(name: str) -> ModelConfig:
+def model_config(name: str, overrides: tuple[tuple[str, int], ...] = ()) -> ModelConfig:
     return OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / f"configs/model/{name}.yaml")
+        OmegaConf.structured(ModelConfig),
+        OmegaConf.load(REPO / f"configs/model/{name}.yaml"),
+        dict(overrides),
     )
 
 
@@ -174,7 +193,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
-    cfg = model_config(case.model)
+    cfg = model_config(case.model, case.overrides)
     bf16 = dtype == torch.bfloat16
     torch.manual_seed(0)
     reference = diffusers_model(cfg)
@@ -189,6 +208,7 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
     step = steps(model, reference, inputs)
 
     times: dict[str, list[float]] = {name: [] for name in step}
+    cpu_times: dict[str, list[float]] = {name: [] for name in step}  # process CPU time (one thread)
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     peak_memory = dict.fromkeys(step, "")  # GiB allocated at the step's peak (both models resident)
     for index in range(warmup + repeats):
@@ -196,28 +216,36 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
             synchronize(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             result = fn()
             synchronize(device)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             if index == 0:
                 results[name] = result
                 if device.type == "cuda":
                     peak_memory[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
             elif index >= warmup:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(elapsed)
+                cpu_times[name].append(cpu)
 
     (ours, our_loss), (theirs, their_loss) = results["imontage"], results["diffusers"]
     seconds = {name: statistics.median(values) for name, values in times.items()}
+    cpu_seconds = {name: statistics.median(values) for name, values in cpu_times.items()}
+    on_cpu = device.type == "cpu"
     flops, peak = model_flops(model, inputs), peak_flops(device)
     probe = torch.empty(0, device=device, dtype=dtype)
     return {
-        "case": case.name, "model": case.model, "video_tokens": inputs.video_tokens,
+        "case": case.name, "model": case.label, "video_tokens": inputs.video_tokens,
         "text_tokens": inputs.text_tokens,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": "bf16" if bf16 else "fp32", "checkpointing": case.checkpointing,
         "attention": resolve_backend(str(cfg.attention_backend), probe),
         "imontage_s": round(seconds["imontage"], 4), "diffusers_s": round(seconds["diffusers"], 4),
-        "ratio": round(seconds["imontage"] / seconds["diffusers"], 3),
+        "ratio": round(seconds["imontage"] / seconds["diffusers"], 3), "repeats": repeats,
+        "threads": torch.get_num_threads() if on_cpu else "",
+        "imontage_cpu_s": round(cpu_seconds["imontage"], 4) if on_cpu else "",
+        "diffusers_cpu_s": round(cpu_seconds["diffusers"], 4) if on_cpu else "",
+        "cpu_ratio": round(cpu_seconds["imontage"] / cpu_seconds["diffusers"], 3) if on_cpu else "",
         "imontage_tok_s": round(inputs.video_tokens / seconds["imontage"], 1),
         "diffusers_tok_s": round(inputs.video_tokens / seconds["diffusers"], 1),
         "tflop_step": float(f"{flops / 1e12:.4g}"),
@@ -247,10 +275,10 @@ def test_wan_step_against_diffusers(bench_options: dict, request: pytest.Fixture
     full = bench_options["size"] == "full"
     cases = [
         c
-        for c in (FULL if full else SMALL)
+        for c in ((FULL if device.type == "cuda" else CPU_FULL) if full else SMALL)
         if not bench_options["shapes"] or c.name in bench_options["shapes"]
     ]
-    repeats = bench_options["repeats"] or (10 if full else 5)
+    repeats = bench_options["repeats"] or (10 if full and device.type == "cuda" else 5)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for case in cases:
