@@ -14,12 +14,14 @@
 ``model.KEY=VALUE`` and ``parallel.KEY=VALUE`` override them. ``--tokens`` counts the visual (patch)
 tokens of one micro-batch, ``--text-tokens`` each sample's text tokens (the DiT packs them into its
 sequence; Wan reads them as its cross-attention context, padded to ``model.wan.text_len``;
-HunyuanVideo runs them as its text stream). ``--compare`` prints one line per layout: ``dp`` (ZeRO-3
+HunyuanVideo runs them as its text stream; ``--text-tokens-2``: HunyuanVideo 1.5's ByT5 glyph
+text, beside them in its text stream). ``--compare`` prints one line per layout: ``dp`` (ZeRO-3
 only), or ``tpN``, ``cpN``, ``sp``, ``ac`` / ``noac`` joined by ``-`` (``tp4-sp-cp2-ac``) over the
 ``--parallel`` file (put overrides before ``--compare``). LoRA: ``model.lora.rank=64
 'model.lora.targets=[blocks.*.attn1.to_*,blocks.*.attn2.to_*,blocks.*.ffn.net.*]'`` (the
-estimate models adapters on every attention and FFN linear of the blocks, DiT and Wan, without TP,
-and refuses other cases). The memory estimate and what it leaves out: ``imontage.cost.memory.
+estimate models adapters on every attention and FFN linear of the blocks, DiT, Wan and
+HunyuanVideo 1.5, without TP, and refuses other cases). A model of experts (Wan 2.2 A14B) is
+planned one expert at a time, named by ``model.expert``; both in one run are not planned. The memory estimate and what it leaves out: ``imontage.cost.memory.
 estimate_memory``; ZeRO-3's own collectives are not in the per-layer table (docs/parallel.md).
 """
 
