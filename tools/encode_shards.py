@@ -3,6 +3,7 @@
     python tools/encode_shards.py 'data/mine/shard-*.tar' --out data/mine_latents \\
         --vae models/wan/vae --text-encoder models/wan/text_encoder --tokenizer models/wan/tokenizer \\
         [--text-recipe hunyuan_video] [--pooled-text-encoder models/hv/text_encoder_2] [--negative-prompt ""]
+        [--text-encoder-2 models/hv15/text_encoder_2 --tokenizer-2 models/hv15/tokenizer_2]
         [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
         [--image-encoder models/wan-i2v/image_encoder --image-processor models/wan-i2v/image_processor --i2v-condition]
 
@@ -32,6 +33,7 @@ from imontage.dataprep.encode import (
     DEFAULT_PATCH_SIZE,
     LATENT_DTYPES,
     TEXT_RECIPES,
+    VAE_CLASSES,
     Encoders,
     EncodeSettings,
     ShardReport,
@@ -57,9 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("shards", help="input shard spec (globs, brace ranges, comma-separated)")
     parser.add_argument("--out", required=True, help="folder for the latent shards (same file names)")
-    parser.add_argument(
-        "--vae", required=True, help="diffusers VAE folder (AutoencoderKLWan, AutoencoderKLHunyuanVideo)"
-    )
+    parser.add_argument("--vae", required=True, help=f"diffusers VAE folder ({', '.join(VAE_CLASSES)})")
     parser.add_argument(
         "--text-encoder",
         help="transformers text encoder folder (e.g. UMT5EncoderModel); none: no text embeddings",
@@ -69,9 +69,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--text-recipe",
         choices=TEXT_RECIPES,
         default="last_hidden_state",
-        help="last_hidden_state (Wan's UMT5); hunyuan_video: HunyuanVideoPipeline's prompt template, "
-        "hidden_states[-3], the template's tokens cropped (its Llama text encoder)",
+        help="last_hidden_state (Wan's UMT5); a family's name: its pipeline's (docs/data.md), which also "
+        "says how its second text encoder and its image encoder are read",
     )
+    parser.add_argument(
+        "--text-encoder-2",
+        help="the family's second text encoder folder (HunyuanVideo 1.5: ByT5, a T5EncoderModel, on the "
+        "prompt's quoted glyph text), read as --text-recipe names it",
+    )
+    parser.add_argument("--tokenizer-2", help="its tokenizer folder (default: the encoder's)")
     parser.add_argument(
         "--max-text-length", type=int, help="tokens kept at most (default: the recipe's, 512 or 256)"
     )
@@ -88,9 +94,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-pooled-length", type=int, default=77)
     parser.add_argument(
         "--image-encoder",
-        help="a CLIP vision model folder: the condition image's tokens are stored too (Wan 2.1 I2V)",
+        help="a vision model folder: the condition image's tokens are stored too (Wan 2.1 I2V's CLIP; "
+        "with --text-recipe of a family, as its pipeline reads them: HunyuanVideo 1.5's SigLIP)",
     )
-    parser.add_argument("--image-processor", help="its CLIPImageProcessor folder (default: the encoder's)")
+    parser.add_argument("--image-processor", help="its image processor folder (default: the encoder's)")
     parser.add_argument(
         "--i2v-condition",
         action="store_true",
@@ -151,6 +158,8 @@ def encode(args: argparse.Namespace) -> list[ShardReport]:
         image_processor=args.image_processor,
         i2v_condition=args.i2v_condition,
         text_recipe=args.text_recipe,
+        text_2=args.text_encoder_2,
+        tokenizer_2=args.tokenizer_2,
     )
     return encode_shards(
         args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress

@@ -1,7 +1,7 @@
 """The sample schema: the ``json`` member of a sample, parsed and checked against its members.
 
 ```json
-{"task": "edit", "text": "recolour the red circle blue", "text_embedding": "t5.npy",
+{"task": "edit", "text": "recolour the red circle blue", "text_embedding": "t5.npy", "text_embedding_2": "byt5.npy",
  "pooled_text": "clip.safetensors", "image_embeds": "clip_image.safetensors",
  "segments": [{"role": "condition", "kind": "image", "member": "0.jpg"},
               {"role": "target", "kind": "video", "member": "clip.mp4"},
@@ -41,7 +41,7 @@ _SEGMENT_FIELDS = frozenset(
     {"role", "kind", "member", "frames", "fps", "anchor", "group", "tensor", "condition_latent"}
 )
 # Top-level fields naming array members the models read per sample (docs/data.md).
-ARRAY_FIELDS = ("text_embedding", "pooled_text", "image_embeds")
+ARRAY_FIELDS = ("text_embedding", "pooled_text", "image_embeds", "text_embedding_2")
 
 
 def extension(member: str) -> str:
@@ -77,11 +77,13 @@ class SampleRecord:
     segments: tuple[SegmentRecord, ...]
     pooled_text: str | None = None  # member with one pooled text vector [E] (HunyuanVideo's CLIP)
     image_embeds: str | None = None  # member with image-encoder tokens [L, E] (Wan 2.1 I2V's CLIP)
+    # member with a second text encoder's embeddings [L2, E2] (HunyuanVideo 1.5's ByT5 glyph text)
+    text_embedding_2: str | None = None
 
     @property
     def array_members(self) -> tuple[str, ...]:
-        """Its array members besides the latents: text embedding, pooled text, image tokens, condition latents."""
-        named = (self.text_embedding, self.pooled_text, self.image_embeds)
+        """Its array members besides the latents: text embeddings, pooled text, image tokens, condition latents."""
+        named = (self.text_embedding, self.pooled_text, self.image_embeds, self.text_embedding_2)
         conditions = (segment.condition_latent for segment in self.segments)
         return tuple(member for member in (*named, *conditions) if member is not None)
 
@@ -189,8 +191,9 @@ def _parse(raw: RawSample) -> SampleRecord:
             "bad_json", f"a preference pair needs both 'win' and 'lose' segments, got {sorted(groups)}"
         )
     return SampleRecord(
-        task, text, arrays["text_embedding"], segments, arrays["pooled_text"], arrays["image_embeds"]
-    )
+        task, text, arrays["text_embedding"], segments, arrays["pooled_text"], arrays["image_embeds"],
+        arrays["text_embedding_2"],
+    )  # fmt: skip
 
 
 def parse_record(raw: RawSample) -> SampleRecord:

@@ -19,11 +19,15 @@ already there. So a run killed half way and started again finishes without redoi
 shards and without losing or duplicating a sample.
 
 VAEs: diffusers ``AutoencoderKLWan`` (normalised ``(z - latents_mean) / latents_std``, as the Wan
-pipelines do) and ``AutoencoderKLHunyuanVideo`` (``z · scaling_factor``), picked by the
+pipelines do; Wan 2.2's 48-channel VAE is one of its configs), ``AutoencoderKLHunyuanVideo`` and
+HunyuanVideo 1.5's ``AutoencoderKLHunyuanVideo15`` (``z · scaling_factor``), picked by the
 ``_class_name`` of the folder's ``config.json``. Text: a transformers encoder
 (``UMT5EncoderModel``, ...) and its tokenizer, from local folders, under a :class:`TextRecipe`: the
 last hidden state (Wan), or HunyuanVideo's (the prompt template, ``hidden_states[-3]``, the
-template's tokens cropped, as diffusers' ``HunyuanVideoPipeline`` computes it). The pooled text is
+template's tokens cropped, as diffusers' ``HunyuanVideoPipeline`` computes it), or another family's
+(``ModelFamily.text_encoding``: HunyuanVideo 1.5's Qwen2.5-VL chat), with the family's second text
+encoder (``text_encoding_2``: HunyuanVideo 1.5's ByT5 on the glyph text, ``text_embedding_2``) and its
+image encoder (``image_encoding``: HunyuanVideo 1.5's SigLIP). The pooled text is
 the ``pooler_output`` diffusers' HunyuanVideo pipelines read from CLIP. Nothing is downloaded and
 nothing is loaded with pickle (``use_safetensors=True``).
 """
@@ -38,7 +42,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
+from imontage.models.common.family import ImageEncoding
 from imontage.models.common.sequence import patch_grid
 from imontage.models.registry import FAMILIES
 
@@ -62,6 +67,8 @@ log = logging.getLogger(__name__)
 LATENT_TENSOR = "latent"  # the tensor's name in a latent member
 TEXT_TENSOR = "text_embedding"  # the tensor's name in the text member
 TEXT_MEMBER = "text.safetensors"
+TEXT_2_MEMBER = "text_2.safetensors"  # a second text encoder's rows (tensor TEXT_TENSOR)
+TEXT_2_TENSOR = "text_embedding_2"  # their tensor's name in OUT/negative.safetensors
 POOLED_TENSOR = "pooled_text"
 POOLED_MEMBER = "pooled_text.safetensors"
 IMAGE_TENSOR = "image_embeds"
@@ -70,7 +77,7 @@ CONDITION_TENSOR = "condition_latent"  # the tensor's name in a target's conditi
 MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was encoded with
 # OUT/negative.safetensors: the negative prompt's text_embedding and pooled_text (--negative-prompt)
 NEGATIVE = "negative.safetensors"
-VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo")
+VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DEFAULT_PATCH_SIZE = (1, 2, 2)  # (pt, ph, pw) of every shipped latent preset (configs/model/)
 
@@ -238,11 +245,15 @@ class VideoVAE:
 class TextRecipe:
     """How a text encoder's output becomes the stored text embeddings ``[L, E]``.
 
-    The text is put into ``template`` (``template.format(text)``), tokenised (truncated to
-    ``max_length + crop_start`` tokens; with ``pad``, padded to that length as well), run through
-    the encoder with its attention mask; the hidden state ``hidden_state`` (an index into
-    ``hidden_states``; None: ``last_hidden_state``) is taken, its first ``crop_start`` tokens (the
-    template's) dropped, and the attention-masked valid tokens kept.
+    The part of the text ``select`` picks (all of it without one; when it picks nothing, nothing
+    is encoded) is put into ``template`` (``template.format(text)``), or with ``chat_system`` made
+    the user turn of a chat with that system message through the tokenizer's chat template (the
+    assistant's turn opened; an empty text is the user turn " ", as diffusers' HunyuanVideo 1.5
+    pipelines give it), tokenised (truncated to ``max_length + crop_start`` tokens; with ``pad``,
+    padded to that length as well), run through the encoder with its attention mask; the hidden
+    state ``hidden_state`` (an index into ``hidden_states``; None: ``last_hidden_state``) is taken,
+    its first ``crop_start`` tokens (the template's) dropped, and the attention-masked valid tokens
+    kept.
     """
 
     name: str
@@ -251,34 +262,48 @@ class TextRecipe:
     hidden_state: int | None = None
     max_length: int = 512  # default truncation (after the crop), the family pipeline's
     pad: bool = False  # pad to the truncation length, as the family's pipeline runs the encoder
+    chat_system: str | None = None
+    select: Callable[[str], str | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "template": self.template, "crop_start": self.crop_start,
-                "hidden_state": self.hidden_state, "pad": self.pad}  # fmt: skip
+        out = {"name": self.name, "template": self.template, "crop_start": self.crop_start,
+               "hidden_state": self.hidden_state, "pad": self.pad}  # fmt: skip
+        # Only when set: the manifests of folders encoded before stay valid.
+        if self.chat_system is not None:
+            out["chat_system"] = self.chat_system
+        if self.select is not None:
+            out["select"] = f"{self.select.__module__}.{self.select.__qualname__}"
+        return out
 
     @classmethod
-    def named(cls, name: str) -> TextRecipe:
-        """The recipe ``name`` (one of :data:`TEXT_RECIPES`).
+    def named(cls, name: str, second: bool = False) -> TextRecipe:
+        """The recipe ``name`` (one of :data:`TEXT_RECIPES`); ``second``: for the family's second
+        text encoder (``ModelFamily.text_encoding_2``).
 
         - ``last_hidden_state``: the text as it is, the last hidden state of its tokens (UMT5 for Wan).
         - a family's name: what that family's pipeline feeds its transformer
           (``ModelFamily.text_encoding``; HunyuanVideo: its Llama prompt template, ``crop_start`` 95,
           the third-to-last hidden state, 256 tokens, padded).
         """
-        if name == "last_hidden_state":
+        if name == "last_hidden_state" and not second:
             return cls(name)
         record = FAMILIES.get(name)
-        if record is None or record.text_encoding is None:
-            raise ValueError(f"text recipe '{name}' is not one of {', '.join(TEXT_RECIPES)}")
-        encoding = record.text_encoding()
+        encoding_of = None if record is None else record.text_encoding_2 if second else record.text_encoding
+        if encoding_of is None:
+            recipes = SECOND_TEXT_RECIPES if second else TEXT_RECIPES
+            what = "a second text encoder's" if second else "text"
+            raise ValueError(f"'{name}' is no {what} recipe: one of {', '.join(recipes) or 'none'}")
+        encoding = encoding_of()
         return cls(
             name, encoding.template, encoding.crop_start, encoding.hidden_state, encoding.max_length,
-            pad=encoding.pad,
+            encoding.pad, encoding.chat_system, encoding.select,
         )  # fmt: skip
 
 
 # The plain one, then one per family that says how its pipeline encodes text.
 TEXT_RECIPES = ("last_hidden_state", *(n for n, r in FAMILIES.items() if r.text_encoding is not None))
+# The families whose pipelines run a second text encoder (--text-encoder-2).
+SECOND_TEXT_RECIPES = tuple(n for n, r in FAMILIES.items() if r.text_encoding_2 is not None)
 
 
 def pretrained_model(folder: str | os.PathLike[str], default: str, dtype: torch.dtype) -> Any:
@@ -328,17 +353,30 @@ class TextEncoder:
         return type(self.model).__name__
 
     @torch.no_grad()
-    def encode(self, text: str) -> torch.Tensor:
+    def encode(self, text: str) -> torch.Tensor | None:
         """``[L, E]`` float32: the recipe's hidden states of the text's valid tokens (EOS included,
-        no padding, the template's leading tokens cropped)."""
+        no padding, the template's leading tokens cropped); None when the recipe's ``select``
+        picks nothing of the text."""
         recipe = self.recipe
-        tokens = self.tokenizer(
-            recipe.template.format(text),
-            truncation=True,
-            max_length=self.max_length + recipe.crop_start,
-            padding="max_length" if recipe.pad else False,
-            return_tensors="pt",
-        )
+        picked = text if recipe.select is None else recipe.select(text)
+        if picked is None:
+            return None
+        lengths = {
+            "truncation": True,
+            "max_length": self.max_length + recipe.crop_start,
+            "padding": "max_length" if recipe.pad else False,
+            "return_tensors": "pt",
+        }
+        if recipe.chat_system is None:
+            tokens = self.tokenizer(recipe.template.format(picked), **lengths)
+        else:
+            chat = [
+                {"role": "system", "content": recipe.chat_system},
+                {"role": "user", "content": picked or " "},
+            ]
+            tokens = self.tokenizer.apply_chat_template(
+                [chat], add_generation_prompt=True, tokenize=True, return_dict=True, **lengths
+            )
         device = next(self.model.parameters()).device
         mask = tokens["attention_mask"].to(device)
         output = self.model(
@@ -370,16 +408,20 @@ class TextEncoder:
         return pooled[0].float().cpu()
 
 
+# Wan 2.1 I2V's: diffusers' ``WanImageToVideoPipeline.encode_image`` takes CLIP's penultimate layer
+# (``image_encoder(**image, output_hidden_states=True).hidden_states[-2]``).
+CLIP_PENULTIMATE = ImageEncoding("CLIPImageProcessor", -2)
+
+
 class ImageEncoder:
-    """A transformers CLIP vision model and its image processor: an image -> tokens ``[L, E]``.
+    """A transformers vision model and its image processor: an image -> tokens ``[L, E]``, the
+    hidden state an :class:`ImageEncoding` names (default :data:`CLIP_PENULTIMATE`; a family's
+    ``ModelFamily.image_encoding``, such as HunyuanVideo 1.5's SigLIP ``last_hidden_state``)."""
 
-    The tokens are the penultimate layer's hidden states, as diffusers' ``WanImageToVideoPipeline.
-    encode_image`` takes them (``image_encoder(**image, output_hidden_states=True).hidden_states[-2]``).
-    """
-
-    def __init__(self, model: Any, processor: Any) -> None:
+    def __init__(self, model: Any, processor: Any, encoding: ImageEncoding = CLIP_PENULTIMATE) -> None:
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
+        self.encoding = encoding
 
     @classmethod
     def load(
@@ -388,11 +430,13 @@ class ImageEncoder:
         processor_folder: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        encoding: ImageEncoding = CLIP_PENULTIMATE,
     ) -> ImageEncoder:
         transformers = importlib.import_module("transformers")
         model = pretrained_model(folder, "CLIPVisionModel", dtype)
-        processor = transformers.CLIPImageProcessor.from_pretrained(os.fspath(processor_folder or folder))
-        return cls(model.to(device), processor)
+        processor_class = getattr(transformers, encoding.processor)
+        processor = processor_class.from_pretrained(os.fspath(processor_folder or folder))
+        return cls(model.to(device), processor, encoding)
 
     @property
     def name(self) -> str:
@@ -405,10 +449,13 @@ class ImageEncoder:
         image = ((pixels[:, 0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
         values = self.processor(images=image.numpy(), return_tensors="pt")["pixel_values"]
         parameter = next(self.model.parameters())
+        hidden_state = self.encoding.hidden_state
         output = self.model(
-            pixel_values=values.to(parameter.device, parameter.dtype), output_hidden_states=True
+            pixel_values=values.to(parameter.device, parameter.dtype),
+            output_hidden_states=hidden_state is not None,
         )
-        return output.hidden_states[-2][0].float().cpu()
+        tokens = output.last_hidden_state if hidden_state is None else output.hidden_states[hidden_state]
+        return tokens[0].float().cpu()
 
 
 @dataclass
@@ -421,6 +468,8 @@ class Encoders:
     folders: dict[str, str | None] = field(default_factory=dict)
     image: ImageEncoder | None = None  # the condition image's tokens [L, E] (Wan 2.1 I2V: CLIP ViT-H's)
     i2v_condition: bool = False  # each target's Wan I2V condition latent (VideoVAE.i2v_condition)
+    # A second text encoder's rows [L2, E2] (HunyuanVideo 1.5: ByT5 on the glyph text)
+    text_2: TextEncoder | None = None
 
     def __post_init__(self) -> None:
         if self.i2v_condition and self.vae.class_name != "AutoencoderKLWan":
@@ -447,15 +496,26 @@ class Encoders:
         image_processor: str | None = None,
         i2v_condition: bool = False,
         text_recipe: str = "last_hidden_state",
+        text_2: str | None = None,
+        tokenizer_2: str | None = None,
     ) -> Encoders:
-        """``max_text_length`` None: the text recipe's (:meth:`TextRecipe.named`)."""
+        """``max_text_length`` None: the text recipe's (:meth:`TextRecipe.named`). ``text_recipe`` a
+        family's name also says how its second text encoder (``text_2``) and its image encoder are
+        read (``ModelFamily.text_encoding_2``, ``image_encoding``)."""
         folders = {"vae": vae, "text_encoder": text, "tokenizer": tokenizer or text,
                    "pooled_text_encoder": pooled, "pooled_tokenizer": pooled_tokenizer or pooled}  # fmt: skip
         if image is not None:  # only then: the manifests of folders encoded before stay valid
             folders.update(image_encoder=image, image_processor=image_processor or image)
+        if text_2 is not None:
+            folders.update(text_encoder_2=text_2, tokenizer_2=tokenizer_2 or text_2)
         recipe = TextRecipe.named(text_recipe)
         if text is None and recipe.name != "last_hidden_state":
             raise ValueError(f"text recipe '{recipe.name}' needs a text encoder (--text-encoder)")
+        recipe_2 = None if text_2 is None else TextRecipe.named(text_recipe, second=True)
+        family = FAMILIES.get(text_recipe)
+        image_encoding = (
+            family.image_encoding() if family is not None and family.image_encoding else CLIP_PENULTIMATE
+        )
         pooled_encoder = (
             None
             if pooled is None
@@ -473,8 +533,13 @@ class Encoders:
             else TextEncoder.load(text, tokenizer, device, dtype, max_text_length, recipe),
             pooled_encoder,
             {name: None if path is None else os.path.abspath(path) for name, path in folders.items()},
-            None if image is None else ImageEncoder.load(image, image_processor, device, dtype),
+            None
+            if image is None
+            else ImageEncoder.load(image, image_processor, device, dtype, image_encoding),
             i2v_condition,
+            None
+            if text_2 is None or recipe_2 is None
+            else TextEncoder.load(text_2, tokenizer_2, device, dtype, None, recipe_2),
         )
 
     def manifest(self, settings: EncodeSettings) -> dict[str, Any]:
@@ -486,8 +551,16 @@ class Encoders:
         # Written only when used, so that the manifests of folders encoded before stay valid.
         if self.text is not None and self.text.recipe.name != "last_hidden_state":
             texts["text_encoder"] = {**(texts["text_encoder"] or {}), "recipe": self.text.recipe.to_json()}
+        if self.text_2 is not None:
+            texts["text_encoder_2"] = {"model": self.text_2.name, "max_length": self.text_2.max_length,
+                                       "recipe": self.text_2.recipe.to_json()}  # fmt: skip
         if self.image is not None:
-            texts["image_encoder"] = {"model": self.image.name, "tokens": "hidden_states[-2]"}
+            hidden = self.image.encoding.hidden_state
+            tokens = "last_hidden_state" if hidden is None else f"hidden_states[{hidden}]"
+            image: dict[str, Any] = {"model": self.image.name, "tokens": tokens}
+            if self.image.encoding != CLIP_PENULTIMATE:  # only then: earlier manifests stay valid
+                image["processor"] = self.image.encoding.processor
+            texts["image_encoder"] = image
         if self.i2v_condition:
             texts["i2v_condition"] = {"posterior": "mode", "frames": "image + zero frames"}
         return {
@@ -584,6 +657,7 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         (record.text_embedding, text),
         (record.pooled_text, encoders.pooled),
         (record.image_embeds, encoders.image),
+        (record.text_embedding_2, encoders.text_2),
     )
     conditions = [segment.condition_latent for segment in record.segments if segment.condition_latent]
     check_array_members(raw, [member for member, encoder in own if member and encoder is None] + conditions)
@@ -640,6 +714,7 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
     }
     if text is not None:
         embedding = text.encode(record.text)  # [L, E]
+        assert embedding is not None  # a first text encoder's recipe selects the whole text
         members[TEXT_MEMBER] = _safetensors(
             raw, TEXT_MEMBER, TEXT_TENSOR, embedding, settings.latent_dtype, {}
         )
@@ -655,9 +730,12 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         name = f"text.{extension(record.text_embedding)}"
         members[name] = raw.members[record.text_embedding]
         result["text_embedding"] = name
+    if encoders.text_2 is not None:
+        _encode_text_2(raw, record.text, encoders.text_2, settings, result, members)
     carried = (
         ("pooled_text", record.pooled_text, encoders.pooled),
         ("image_embeds", record.image_embeds, encoders.image),
+        ("text_embedding_2", record.text_embedding_2, encoders.text_2),
     )
     for name, member, encoder in carried:
         if member is not None and encoder is None:  # no encoder given: the input's own member travels along
@@ -678,6 +756,27 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         }
     members["json"] = json.dumps(result, sort_keys=True).encode("utf-8")
     return members
+
+
+def _encode_text_2(
+    raw: RawSample,
+    text: str,
+    encoder: TextEncoder,
+    settings: EncodeSettings,
+    result: dict[str, Any],
+    members: dict[str, bytes],
+) -> None:
+    """The second text encoder's rows of ``text`` (``text_embedding_2``, into ``result`` and
+    ``members``); nothing stored when its recipe selects nothing of the text (HunyuanVideo 1.5: a
+    prompt without quoted glyph text), but the encoder is recorded with 0 tokens."""
+    embedding = encoder.encode(text)  # [L2, E2] or None
+    result["text_encoder_2"] = {"model": encoder.name, "tokens": 0 if embedding is None else int(embedding.shape[0]),
+                                "max_length": encoder.max_length, "recipe": encoder.recipe.name}  # fmt: skip
+    if embedding is not None:
+        members[TEXT_2_MEMBER] = _safetensors(
+            raw, TEXT_2_MEMBER, TEXT_TENSOR, embedding, settings.latent_dtype, {}
+        )
+        result["text_embedding_2"] = TEXT_2_MEMBER
 
 
 def _encode_image_condition(
@@ -814,7 +913,8 @@ def write_negative(out: str | os.PathLike[str], encoders: Encoders, settings: En
     """``OUT/negative.safetensors``: ``settings.negative_prompt`` through the text encoder (tensor
     ``text_embedding``) and the pooled one (``pooled_text``), like every sample's text: what
     ``imontage-sample --negative`` reads for true classifier-free guidance (diffusers' HunyuanVideo
-    pipelines encode their ``negative_prompt`` through both encoders). Written once, atomically."""
+    pipelines encode their ``negative_prompt`` through both encoders), and the second text encoder's
+    rows (``text_embedding_2``) when it has any. Written once, atomically."""
     path = Path(out) / NEGATIVE
     if encoders.text is None or settings.negative_prompt is None:
         raise ValueError("a negative prompt needs a text encoder (--text-encoder)")
@@ -822,9 +922,14 @@ def write_negative(out: str | os.PathLike[str], encoders: Encoders, settings: En
         return path
     from safetensors.torch import save_file
 
-    tensors = {TEXT_TENSOR: encoders.text.encode(settings.negative_prompt)}
+    embedding = encoders.text.encode(settings.negative_prompt)
+    assert embedding is not None  # a first text encoder's recipe selects the whole text
+    tensors = {TEXT_TENSOR: embedding}
     if encoders.pooled is not None:
         tensors[POOLED_TENSOR] = encoders.pooled.pool(settings.negative_prompt)
+    second = None if encoders.text_2 is None else encoders.text_2.encode(settings.negative_prompt)
+    if second is not None:  # a negative prompt with glyph text
+        tensors[TEXT_2_TENSOR] = second
     dtype = LATENT_DTYPES[settings.latent_dtype]
     partial = path.with_name(f"{NEGATIVE}.partial.{os.getpid()}")
     save_file(

@@ -35,6 +35,7 @@ class ModelInputs:
 
     pooled_text_dim: int = 0
     image_embed_dim: int = 0
+    text_embed_2_dim: int = 0  # width of its second text encoder's rows (text segments of encoder 1)
     channel_condition: str = ""
     guidance_embedding: bool = False
 
@@ -71,9 +72,25 @@ class TextEncoding:
 
     template: str
     crop_start: int
-    hidden_state: int  # index into the encoder's hidden states (-1: the last)
+    hidden_state: int | None  # index into the encoder's hidden states (None: last_hidden_state)
     max_length: int
     pad: bool = True
+    # The prompt is the user turn of a chat with this system message, through the tokenizer's chat
+    # template with the assistant's turn opened (None: ``template.format(prompt)``).
+    chat_system: str | None = None
+    # What of the prompt is encoded (None: all of it); it gives None when there is nothing to
+    # encode, and then no rows are stored (HunyuanVideo 1.5's glyph text: the quoted strings).
+    select: Callable[[str], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How ``encode_shards.py --image-encoder`` turns the condition image into the family's image
+    tokens ``[L, E]``: the transformers image processor class its pipeline loads, and the hidden
+    state it takes (None: ``last_hidden_state``)."""
+
+    processor: str
+    hidden_state: int | None
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,10 @@ class ModelFamily:
     diffusers_config: Callable[[], ModuleType] | None = None
     sampling: SamplingDefaults = SamplingDefaults()
     text_encoding: Callable[[], TextEncoding] | None = None  # encode_shards.py --text-recipe <name>
+    # Its second text encoder's, whose rows are text segments of encoder 1 (--text-encoder-2).
+    text_encoding_2: Callable[[], TextEncoding] | None = None
+    # Its image encoder's, under --text-recipe <name> (None: CLIP's penultimate layer, Wan 2.1 I2V's).
+    image_encoding: Callable[[], ImageEncoding] | None = None
     # ZeRO-3 keeps parameters of fewer elements than this resident on every rank (0: none).
     zero3_resident_below: Callable[[nn.Module], int] = field(default=lambda module: 0)
     # Width of the text features Imagic optimises (None: the family has no single text path to edit).

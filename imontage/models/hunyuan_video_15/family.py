@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS
 from imontage.models.common.family import (
+    ImageEncoding,
     ModelFamily,
     ModelInputs,
     SamplingDefaults,
+    TextEncoding,
     deferred_build,
     deferred_module,
 )
@@ -34,7 +37,63 @@ def model_inputs(cfg: Any) -> ModelInputs:
     return ModelInputs(
         image_embed_dim=int(hv.image_embed_dim) if i2v else 0,
         channel_condition="latent_concat" if i2v else "",
+        text_embed_2_dim=int(hv.text_embed_2_dim),
     )
+
+
+def _pipeline_defaults(method: str) -> dict[str, Any]:
+    """The default arguments of ``HunyuanVideo15Pipeline.<method>``: the values its ``encode_prompt``
+    passes (its ``system_message``, ``prompt_template_encode_start_idx``, ``tokenizer_max_length``
+    and ``tokenizer_2_max_length`` are set to the same in its ``__init__``)."""
+    import inspect
+
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import HunyuanVideo15Pipeline
+
+    parameters = inspect.signature(getattr(HunyuanVideo15Pipeline, method)).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def text_encoding() -> TextEncoding:
+    """What diffusers' ``HunyuanVideo15Pipeline._get_mllm_prompt_embeds`` feeds the transformer (its
+    Qwen2.5-VL ``text_encoder``), with its defaults: the prompt as the user turn of a chat with its
+    ``system_message``, the generation prompt added, padded to ``tokenizer_max_length`` (1000) +
+    ``crop_start`` (108), ``hidden_states[-(num_hidden_layers_to_skip + 1)]`` (skip 2), the first
+    ``crop_start`` tokens (the system turn's) dropped."""
+    defaults = _pipeline_defaults("_get_mllm_prompt_embeds")
+    return TextEncoding(
+        template="{}",
+        crop_start=int(defaults["crop_start"]),
+        hidden_state=-(int(defaults["num_hidden_layers_to_skip"]) + 1),
+        max_length=int(defaults["tokenizer_max_length"]),
+        pad=True,
+        chat_system=str(defaults["system_message"]),
+    )
+
+
+def text_encoding_2() -> TextEncoding:
+    """What ``HunyuanVideo15Pipeline._get_byt5_prompt_embeds`` feeds the transformer (its ByT5
+    ``text_encoder_2``, a T5 encoder): the prompt's quoted strings as its ``extract_glyph_texts``
+    formats them (none: no rows, as the pipeline masks all of its zeros), padded to
+    ``tokenizer_max_length`` (256), the last hidden state."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+    defaults = _pipeline_defaults("_get_byt5_prompt_embeds")
+    return TextEncoding(
+        template="{}",
+        crop_start=0,
+        hidden_state=None,
+        max_length=int(defaults["tokenizer_max_length"]),
+        pad=True,
+        # Annotated as giving list[str]; it gives the formatted string, or None without quoted text.
+        select=cast(Callable[[str], str | None], extract_glyph_texts),
+    )
+
+
+def image_encoding() -> ImageEncoding:
+    """``HunyuanVideo15ImageToVideoPipeline._get_image_embeds``: the condition image through its
+    ``feature_extractor`` (a ``SiglipImageProcessor``, resizing) and its SigLIP ``image_encoder``,
+    whose ``last_hidden_state`` it reads."""
+    return ImageEncoding("SiglipImageProcessor", None)
 
 
 def validate(cfg: Any) -> list[tuple[str, str]]:
@@ -60,5 +119,8 @@ FAMILY = ModelFamily(
     diffusers_config=deferred_module("imontage.models.hunyuan_video_15.diffusers_config"),
     # The public inference's classifier-free guidance scale, with an empty negative prompt.
     sampling=SamplingDefaults(guidance=6.0),
+    text_encoding=text_encoding,
+    text_encoding_2=text_encoding_2,
+    image_encoding=image_encoding,
     cost=COST,
 )
