@@ -242,3 +242,45 @@ def test_image_tokens_and_latents_equal_the_pipelines(run: SimpleNamespace) -> N
     vae = VideoVAE.load(run.root / "vae")
     decoded = decode_latent_sample(raw, vae)
     assert [list(p.shape) for p in decoded if p is not None] == [[3, 1, 32, 64], [3, 5, 32, 64]]
+
+
+def test_the_loader_packs_the_glyph_text_as_text_of_encoder_1_and_the_model_reads_it(
+    run: SimpleNamespace,
+) -> None:
+    """With ``data.text_embeddings``, a model with a second text encoder (the tiny HunyuanVideo 1.5 I2V
+    preset at these encoders' widths) gets each sample's ``text_embedding_2`` as a text segment of
+    encoder 1 after its Qwen rows (none for the sample without glyph text), and runs on the batch."""
+    from omegaconf import OmegaConf
+
+    from imontage.config.schema import DataConfig
+    from imontage.data import build_loader
+    from imontage.models import build_model, packing_spec
+
+    preset = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/model/hunyuan_video_1.5_tiny.yaml")
+    widths = {"text_dim": QWEN_DIM, "in_channels": 2 * LATENT_CHANNELS + 1, "max_text_len": 1000,
+              "hunyuan_video_15": {"out_channels": LATENT_CHANNELS, "text_embed_2_dim": BYT5_DIM,
+                                   "image_embed_dim": SIGLIP_DIM}}  # fmt: skip
+    from imontage.config.schema import ModelConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, widths)
+    spec = packing_spec(cfg)
+    assert spec.text_embed_2_dim == BYT5_DIM
+    data = DataConfig(
+        shards=str(run.root / "out" / "*.tar"), batch_size=2, shuffle_buffer=0, text_embeddings=True
+    )
+    loader = build_loader(data, spec)
+    batch = next(loader)
+    loader.close()
+    assert loader.last is not None and [key for _, key in loader.last.keys] == list(TEXTS)
+    assert batch.text_encoder is not None and batch.text_embeds is not None
+    glyph = load(run.samples["glyph"].members["text_2.safetensors"])["text_embedding"]
+    rows = batch.is_text & (batch.text_encoder == 1)
+    assert int(rows.sum()) == glyph.shape[0]
+    torch.testing.assert_close(batch.text_embeds[rows, :BYT5_DIM], glyph, rtol=0, atol=0)
+    assert bool((batch.text_embeds[rows, BYT5_DIM:] == 0).all())  # zero-padded to the Qwen width
+    first = int(batch.cu_seqlens[1])
+    assert not bool(rows[first:].any())  # the plain sample has none
+    model = build_model(cfg)
+    with torch.no_grad():
+        out = model(batch)
+    assert out.shape[0] == batch.tokens.shape[0] and bool(torch.isfinite(out).all())

@@ -150,9 +150,10 @@ def inspect_sample(raw: RawSample) -> tuple[SampleRecord, SampleFacts]:
     embedding_rows, embedding_dim = _rows(raw, record.text_embedding, 2, "a text embedding is [L, E]")
     (pooled_dim,) = _rows(raw, record.pooled_text, 1, "a pooled text vector is [E]")
     image_tokens, image_dim = _rows(raw, record.image_embeds, 2, "image embeddings are [L, E]")
+    rows_2, dim_2 = _rows(raw, record.text_embedding_2, 2, "a second text embedding is [L, E]")
     facts = SampleFacts(
         record.task, len(record.text.encode("utf-8")), embedding_rows, tuple(segments),
-        pooled_dim, image_tokens, image_dim, embedding_dim, record.text_embedding or "",
+        pooled_dim, image_tokens, image_dim, embedding_dim, record.text_embedding or "", rows_2, dim_2,
     )  # fmt: skip
     return record, facts
 
@@ -175,7 +176,8 @@ def _differences(
             member = record.segments[index].condition_latent if name == "condition_channels" else true.member
             yield f"segment {index}, member '{member}'", name, getattr(true, name), getattr(said, name)
     members = {"embedding_rows": record.text_embedding, "embedding_dim": record.text_embedding,
-               "pooled_dim": record.pooled_text, "image_tokens": record.image_embeds, "image_dim": record.image_embeds}  # fmt: skip
+               "pooled_dim": record.pooled_text, "image_tokens": record.image_embeds, "image_dim": record.image_embeds,
+               "embedding_2_rows": record.text_embedding_2, "embedding_2_dim": record.text_embedding_2}  # fmt: skip
     for name in _differing_fields(indexed, found):
         where = f"member '{members[name]}'" if members.get(name) else "member 'json'"
         yield where, name, getattr(found, name), getattr(indexed, name)
@@ -272,7 +274,16 @@ def _text_tokens(facts: SampleFacts, options: DecodeOptions, spec: PackingSpec |
             f"the model takes {width} (model.text_dim)",
         )
     rows = facts.embedding_rows if options.text_embeddings else facts.text_bytes
-    return min(rows, spec.max_text_len) if spec else rows
+    if not (spec and options.text_embeddings and spec.text_embed_2_dim and facts.embedding_2_rows):
+        return min(rows, spec.max_text_len) if spec else rows
+    # The model reads a second text encoder's rows too: a text segment of its own, cut like the first.
+    if facts.embedding_2_dim != spec.text_embed_2_dim:
+        raise _Reject(
+            "unpackable",
+            f"'text_embedding_2': it has width {facts.embedding_2_dim}, the model's second text encoder "
+            f"gives {spec.text_embed_2_dim}",
+        )
+    return min(rows, spec.max_text_len) + min(facts.embedding_2_rows, spec.max_text_len)
 
 
 def _sample_tokens(
@@ -390,11 +401,20 @@ def _decode_segment(
     return _to_tensor(np.stack(frames))
 
 
-def _text_segment(raw: RawSample, record: SampleRecord, options: DecodeOptions) -> Segment | None:
-    if options.text_embeddings:
-        assert record.text_embedding is not None  # plan_item rejected samples without one
-        return Segment("text", data=_array(raw, record.text_embedding))  # [L, E]
-    return Segment("text", text=record.text) if record.text else None
+def _text_segments(
+    raw: RawSample, record: SampleRecord, options: DecodeOptions, spec: PackingSpec | None
+) -> list[Segment]:
+    """The sample's text: its string, or its precomputed embeddings, and then the second text
+    encoder's (a segment of encoder 1) when the model reads them and the sample has any."""
+    if not options.text_embeddings:
+        return [Segment("text", text=record.text)] if record.text else []
+    assert record.text_embedding is not None  # plan_item rejected samples without one
+    segments = [Segment("text", data=_array(raw, record.text_embedding))]  # [L, E]
+    if spec is not None and spec.text_embed_2_dim and record.text_embedding_2 is not None:
+        second = _array(raw, record.text_embedding_2)  # [L2, E2]
+        if second.shape[0]:
+            segments.append(Segment("text", data=second, encoder=1))
+    return segments
 
 
 def _array(raw: RawSample, member: str) -> torch.Tensor:
@@ -486,7 +506,7 @@ def decode_item(
         )
         for segment, segment_plan in zip(record.segments, plan.segments, strict=True)
     ]
-    text = _text_segment(raw, record, options)
+    text = _text_segments(raw, record, options, spec)
     inputs = _sample_inputs(raw, record, spec)
     samples = []
     for group in record.groups:
@@ -497,7 +517,7 @@ def decode_item(
             if entry.group in (None, group)
         ]
         key = raw.key if group is None else f"{raw.key}#{group}"
-        samples.append(Sample(([text] if text else []) + segments, key=key, task=record.task, **inputs))
+        samples.append(Sample([*text, *segments], key=key, task=record.task, **inputs))
     return DecodedItem(raw.key, raw.url, record.task, samples, plan.tokens)
 
 

@@ -46,6 +46,10 @@ class SampleFacts:
     image_dim: int = 0  # their width E
     embedding_dim: int = 0  # width E of the precomputed text embedding [L, E]; 0 without one
     embedding_member: str = ""  # the member holding it
+    # rows L2 and width E2 of a second text encoder's embeddings [L2, E2] (HunyuanVideo 1.5's glyph
+    # text, ``text_embedding_2``); 0 without them
+    embedding_2_rows: int = 0
+    embedding_2_dim: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,6 +58,8 @@ class SampleFacts:
     def from_json(cls, data: Any) -> SampleFacts:
         """Facts as :meth:`to_json` wrote them; a ValueError naming the first field that is not
         (an index file is read, not trusted)."""
+        if isinstance(data, dict):  # an index written before the second text's fields: none
+            data = {**dict.fromkeys(_SECOND_TEXT_FACTS, 0), **data}
         fields = _checked_fields(data, _SAMPLE_FACTS)
         segments = []
         for number, segment in enumerate(fields.pop("segments")):
@@ -101,7 +107,10 @@ _SAMPLE_FACTS: dict[str, Callable[[Any], bool]] = {
     "image_dim": _is_count,
     "embedding_dim": _is_count,
     "embedding_member": lambda value: isinstance(value, str),
+    "embedding_2_rows": _is_count,
+    "embedding_2_dim": _is_count,
 }
+_SECOND_TEXT_FACTS = ("embedding_2_rows", "embedding_2_dim")
 
 
 def _checked_fields(data: Any, checks: dict[str, Callable[[Any], bool]]) -> dict[str, Any]:

@@ -137,6 +137,7 @@ def packing_spec(cfg: Any, guidance: float | None = None) -> PackingSpec:
         tail_window=int(cfg.positions.tail_window),
         pooled_text_dim=inputs.pooled_text_dim,
         image_embed_dim=inputs.image_embed_dim,
+        text_embed_2_dim=inputs.text_embed_2_dim,
         guidance=(DEFAULT_EMBEDDED_GUIDANCE if guidance is None else float(guidance))
         if inputs.guidance_embedding
         else None,

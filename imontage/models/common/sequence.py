@@ -218,6 +218,9 @@ class PackingSpec:
     guidance: float | None = None  # Sample.guidance of every sample (guidance-distilled HunyuanVideo)
     channel_condition: str = ""  # one of CHANNEL_CONDITIONS: how each target's channel condition is built
     text_embed_dim: int = 0  # width E of precomputed text embeddings [L, E] (model.text_dim); 0: byte text
+    # Width of a second text encoder's embeddings (text segments of encoder 1; HunyuanVideo 1.5's
+    # glyph-text ByT5); 0: the model reads no second text.
+    text_embed_2_dim: int = 0
 
 
 # Channel conditions a model may take, laid over each target segment [C', T, H, W]:
