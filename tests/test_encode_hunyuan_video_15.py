@@ -213,6 +213,9 @@ def test_the_recipe_is_the_pipelines_own_settings(run: SimpleNamespace) -> None:
     assert manifest["vae"]["class"] == "AutoencoderKLHunyuanVideo15" and manifest["vae"]["spatial"] == 16
     assert manifest["text_encoder"]["recipe"]["chat_system"] == pipe.system_message
     assert manifest["text_encoder_2"]["recipe"]["select"].endswith("extract_glyph_texts")
+    folders = run.encoders.folders
+    with pytest.raises(ValueError, match="runs no second text encoder"):  # the plain recipe has none
+        Encoders.load(folders["vae"], text_2=folders["text_encoder_2"])
     assert manifest["image_encoder"] == {
         "model": "SiglipVisionModel", "tokens": "last_hidden_state", "processor": "SiglipImageProcessor",
     }  # fmt: skip

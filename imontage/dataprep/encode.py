@@ -290,9 +290,12 @@ class TextRecipe:
         record = FAMILIES.get(name)
         encoding_of = None if record is None else record.text_encoding_2 if second else record.text_encoding
         if encoding_of is None:
-            recipes = SECOND_TEXT_RECIPES if second else TEXT_RECIPES
-            what = "a second text encoder's" if second else "text"
-            raise ValueError(f"'{name}' is no {what} recipe: one of {', '.join(recipes) or 'none'}")
+            if second:
+                raise ValueError(
+                    f"text recipe '{name}' runs no second text encoder (--text-encoder-2); the families "
+                    f"whose pipelines run one: {', '.join(SECOND_TEXT_RECIPES) or 'none'}"
+                )
+            raise ValueError(f"text recipe '{name}' is not one of {', '.join(TEXT_RECIPES)}")
         encoding = encoding_of()
         return cls(
             name, encoding.template, encoding.crop_start, encoding.hidden_state, encoding.max_length,
