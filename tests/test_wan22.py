@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO
+from distributed import run_ranks
 from latent_shards import (
     LATENT_CHANNELS,
     TEXT_DIM,
@@ -24,6 +25,7 @@ from latent_shards import (
     save_tiny_vae,
     write_latent_shards,
 )
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from imontage.checkpoint.diffusers import ConversionError, build_diffusers_model
@@ -282,12 +284,20 @@ def test_expert_timesteps_are_the_distribution_restricted_to_its_range(
 
 def a14b_recipe(pipeline: Path, run_dir: Path, shards: str, *overrides: str) -> Any:
     """A short EditVerse run of the tiny A14B pipeline's transformers, from the pipeline folder."""
+    return load_recipe(
+        REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml",
+        a14b_overrides(pipeline, run_dir, shards, *overrides),
+    )
+
+
+def a14b_overrides(pipeline: Path, run_dir: Path, shards: str, *overrides: str) -> list[str]:
+    """:func:`a14b_recipe`'s command line."""
     tiny = ["model=wan_tiny", f"model.text_dim={TEXT_DIM}", "model.mlp_hidden_size=48",
             "model.wan.rope_max_seq_len=64", "model.wan.boundary_ratio=0.875",
             f"model.init_from_diffusers={pipeline}", f"data.shards={shards}", "data.num_workers=0",
             "data.batch_size=2", "parallel=single", "train.precision=fp32", "train.progress=false",
             "stages.sft.steps=3", f"run_dir={run_dir}"]  # fmt: skip
-    return load_recipe(REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml", [*tiny, *overrides])
+    return [*tiny, *overrides]
 
 
 @pytest.mark.parametrize("a14b", ["t2v"], indirect=True)
@@ -328,3 +338,167 @@ def test_one_expert_run_builds_reads_and_trains_only_its_expert(
     assert len(t) == 3 * 2 and bool(((t > 0) & (t < 0.875)).all())  # its range only: below the boundary
     with pytest.raises(RecipeError, match="model.expert 'transformer_3' is not an expert"):
         a14b_recipe(a14b, tmp_path / "run", shards, "model.expert=transformer_3")
+
+
+# ------------------------------------------------------------------ both experts in one run
+def routing_batch(t: list[float]) -> Any:
+    """Two tiny T2V samples (text and a 5-frame 16x16 latent video), noised at ``t`` per sample."""
+    samples = [
+        Sample([Segment("text", "condition", torch.randn(8, TEXT_DIM)),
+                Segment("video", "target", torch.randn(LATENT_CHANNELS, 2, 4, 4))])
+        for _ in t
+    ]  # fmt: skip
+    cfg = preset_config("wan2.2_t2v_a14b", "model=wan_tiny", f"model.text_dim={TEXT_DIM}")
+    batch = pack_samples(samples, packing_spec(cfg))  # type: ignore[arg-type]
+    return noise_batch(batch, torch.tensor(t), torch.randn(batch.tokens.shape))[0]
+
+
+@pytest.mark.parametrize("a14b", ["t2v"], indirect=True)
+def test_a_model_of_both_experts_reads_both_and_routes_by_timestep(a14b: Path, tmp_path: Path) -> None:
+    from imontage.checkpoint.diffusers import model_weights
+    from imontage.models.common.experts import TimestepExperts
+
+    shards = write_latent_shards(tmp_path / "latents")
+    cfg = a14b_recipe(a14b, tmp_path / "run", shards).model  # model.expert unset: every expert
+    model = build_model(cfg)
+    assert isinstance(model, TimestepExperts)
+    with torch.no_grad():
+        targets = dict(model.named_parameters())
+        for name, tensor in model_weights(a14b, cfg):
+            targets.pop(name).copy_(tensor)
+    assert not targets  # both subfolders read, every parameter under its expert's name
+    for component in ("transformer", "transformer_2"):
+        want = load_file(a14b / component / "diffusion_pytorch_model.safetensors")
+        network = model.get_submodule(component)
+        assert all(torch.equal(p, want[n]) for n, p in network.named_parameters()), component
+    # The pipeline's rule: transformer at t >= boundary_ratio (0.875), transformer_2 below.
+    for t, expert in [([0.95, 0.875], "transformer"), ([0.5, 0.874], "transformer_2")]:
+        batch = routing_batch(t)
+        assert model.routed_expert(batch).name == expert
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), model.get_submodule(expert)(batch), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="spans two experts"):
+        model(routing_batch([0.9, 0.5]))
+
+
+def test_each_step_draws_an_expert_with_its_share_of_the_distribution() -> None:
+    from imontage.objectives.flow_matching import range_share, step_range
+
+    ranges = ((0.875, 1.0), (0.0, 0.875))
+    share = range_share(ranges[0], 0.0, 1.0, 3.0)
+    drawn = [step_range(ranges, 0.0, 1.0, 3.0, seed=7, step=s) for s in range(4000)]
+    assert drawn == [
+        step_range(ranges, 0.0, 1.0, 3.0, seed=7, step=s) for s in range(4000)
+    ]  # (seed, step) only
+    assert abs(drawn.count(ranges[0]) / len(drawn) - share) < 0.025  # 0.20 of the draws at shift 3
+    full = sample_timesteps(100_000, 0.0, 1.0, 3.0, torch.Generator().manual_seed(0))
+    assert abs(float((full >= 0.875).float().mean()) - share) < 0.005
+
+
+def two_expert_run(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any]:
+    """A ZeRO-3 run of both experts; per step: the expert each forward ran, the step's range, each
+    expert's gathered weights after it, and the largest stale gradient of the idle expert before
+    and after it was zeroed."""
+    import deepspeed
+    from deepspeed.utils import safe_get_local_grad
+
+    from imontage.models.common.experts import expert_networks
+    from imontage.train.trainer import Trainer
+
+    trainer = Trainer(load_recipe(REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml", overrides))
+    module, backend = trainer.backend.engine.module, trainer.backend
+    routed: list[str] = []
+    route = module.routed_expert
+    module.routed_expert = lambda batch: (expert := route(batch), routed.append(expert.name))[0]
+    stale: list[tuple[float, float]] = []
+    rest = backend._rest_idle_experts
+
+    def idle_gradient() -> float:
+        params = [p for i in backend.idle_groups for p in expert_networks(module)[i][1].parameters()]
+        return max((float(safe_get_local_grad(p).abs().max()) for p in params), default=0.0)
+
+    def resting() -> dict[int, float]:
+        before = idle_gradient()
+        rates = rest()
+        stale.append((before, idle_gradient()))
+        return rates
+
+    backend._rest_idle_experts = resting
+    steps: list[dict[str, Any]] = []
+    after_step = trainer.after_step
+
+    def record(metrics: dict[str, float]) -> None:
+        weights = {}
+        for prefix, network in expert_networks(module):
+            params = list(network.parameters())
+            with deepspeed.zero.GatheredParameters(params):
+                weights[prefix] = torch.cat([p.detach().flatten().clone() for p in params])
+        assert trainer.stage is not None
+        t_range = trainer.stage.objective.step_range(trainer.cfg.seed, trainer.step - 1)
+        steps.append(
+            {"step": trainer.step, "range": t_range, "routed": sorted(set(routed)), "weights": weights}
+        )
+        routed.clear()
+        after_step(metrics)
+
+    trainer.after_step = record  # type: ignore[method-assign]
+    trainer.fit()
+    return {"steps": steps, "stale": stale}
+
+
+@pytest.mark.parametrize("a14b", ["t2v"], indirect=True)
+def test_two_expert_zero3_run_routes_alike_on_every_rank_resumes_and_exports(
+    a14b: Path, tmp_path: Path
+) -> None:
+    shards = write_latent_shards(tmp_path / "latents")
+    first = tmp_path / "run"
+    common = ["parallel=zero3_dp2", "parallel.device=cpu", "train.sample.every=0", "stages.sft.steps=4",
+              "train.checkpoint.every=2", "train.ema_decay=0", "train.log_every=1"]  # fmt: skip
+    cfg = a14b_recipe(a14b, first, shards, *common)
+    ranks = run_ranks(two_expert_run, 2, a14b_overrides(a14b, first, shards, *common), timeout=300)
+    steps = [r["steps"] for r in ranks]
+    high, low = (0.875, 1.0), (0.0, 0.875)
+    names = {high: "transformer.", low: "transformer_2."}
+    assert {s["range"] for s in steps[0]} == {high, low}  # both experts trained in 4 steps (seed 0)
+    for step in range(4):
+        on_ranks = [s[step] for s in steps]
+        # The step's range is one for all ranks; every forward of every rank ran its expert.
+        assert all(s["range"] == on_ranks[0]["range"] for s in on_ranks)
+        expert = names[on_ranks[0]["range"]]
+        assert all(s["routed"] == [expert[:-1]] for s in on_ranks)
+        if step:  # the expert that did not run did not move; the one that ran did
+            before, after = steps[0][step - 1]["weights"], on_ranks[0]["weights"]
+            idle = next(p for p in before if p != expert)
+            assert torch.equal(before[idle], after[idle]) and not torch.equal(before[expert], after[expert])
+    # ZeRO-3 keeps an idle expert's last gradient (the first step has none yet): zeroed before the step.
+    stale = ranks[0]["stale"]
+    assert any(before > 0 for before, _ in stale) and all(after == 0 for _, after in stale)
+
+    # Resumed at step 2, the run ends where the straight one did, bit for bit.
+    resumed = tmp_path / "resumed"
+    again = run_ranks(
+        two_expert_run, 2,
+        a14b_overrides(a14b, resumed, shards, *common, f"train.resume={first / 'checkpoints' / 'step_000002'}"),
+        timeout=300,
+    )  # fmt: skip
+    assert [s["range"] for s in again[0]["steps"]] == [s["range"] for s in steps[0][2:]]
+    for prefix in names.values():
+        assert torch.equal(again[0]["steps"][-1]["weights"][prefix], steps[0][-1]["weights"][prefix])
+
+    # The checkpoint exports to a pipeline folder of both transformers, which diffusers runs.
+    out = tmp_path / "pipeline"
+    tool = convert_tool()
+    preset = tmp_path / "a14b.yaml"
+    OmegaConf.save(cfg.model, preset)
+    command = ["export-pipeline", str(first / "checkpoints" / "step_000004"), "--config", str(preset),
+               "--out", str(out), "--components-from", str(a14b), "--weights", "live"]  # fmt: skip
+    assert tool.main(command) == 0
+    final = steps[0][-1]["weights"]
+    for component in ("transformer", "transformer_2"):
+        exported = load_file(out / component / "diffusion_pytorch_model.safetensors")
+        network = build_wan(OmegaConf.merge(cfg.model, {"expert": component}), "meta")
+        names_in_order = [n for n, _ in network.named_parameters()]
+        flat = torch.cat([exported[n].float().flatten() for n in names_in_order])
+        assert torch.equal(flat, final[f"{component}."]), component
+    _, calls = run_pipeline(out)
+    assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, with and without the text

@@ -9,6 +9,7 @@ python tools/convert_checkpoint.py import-diffusers Wan2.1-T2V-1.3B-Diffusers/tr
 python tools/convert_checkpoint.py export-diffusers RUN_DIR/checkpoints/step_000800 [--config configs/recipes/x.yaml] --out exported/transformer [--max-shard-size 5GB]
 python tools/convert_checkpoint.py import-pipeline Wan2.2-T2V-A14B-Diffusers --out imported/ [--config-out configs/model/a14b.yaml]
 python tools/convert_checkpoint.py export-pipeline transformer=high.safetensors transformer_2=RUN_DIR/checkpoints/step_000800 --config configs/model/a14b.yaml --out exported/ [--components-from Wan2.2-T2V-A14B-Diffusers]
+python tools/convert_checkpoint.py export-pipeline RUN_DIR/checkpoints/step_000800 --config configs/model/a14b.yaml --out exported/  (a run of both experts)
 python tools/convert_checkpoint.py export-lora RUN_DIR/checkpoints/step_000800 --out pytorch_lora_weights.safetensors
 python tools/convert_checkpoint.py inspect PATH [--recipe configs/recipes/x.yaml] [--tensors]
 python tools/convert_checkpoint.py verify RUN_DIR/checkpoints/step_000800
@@ -90,10 +91,13 @@ def run_import_pipeline(args: argparse.Namespace) -> None:
 
 
 def component_source(text: str) -> tuple[str, Path]:
+    """COMPONENT=PATH, or a bare PATH: a run of every expert (component "", split by expert)."""
     component, sep, path = text.partition("=")
-    if not sep or not component or not path:
+    if not sep:
+        return "", Path(text)
+    if not component or not path:
         raise argparse.ArgumentTypeError(
-            f"'{text}' is not COMPONENT=PATH (e.g. transformer_2=model.safetensors)"
+            f"'{text}' is not COMPONENT=PATH (e.g. transformer_2=model.safetensors) or PATH"
         )
     return component, Path(path)
 
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "export-pipeline",
         help="one source per transformer (consolidated file or training checkpoint) -> diffusers pipeline folder",
     )
-    p.add_argument("sources", type=component_source, nargs="+", metavar="COMPONENT=PATH")
+    p.add_argument("sources", type=component_source, nargs="+", metavar="COMPONENT=PATH",
+                   help="a source per transformer, or one PATH of a run of every expert")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the pipeline folder to write")
     p.add_argument("--config", type=Path, required=True, help="recipe or model preset of the pipeline")
     p.add_argument("--components-from", type=Path, default=None,

@@ -162,13 +162,18 @@ def model_weights(path: Path, model_cfg: Any) -> Iterator[tuple[str, torch.Tenso
     config checked against ``model_cfg``, floating tensors as float32), or what
     :func:`imontage.checkpoint.convert.checkpoint_weights` reads (a consolidated file, a training
     checkpoint of any layout), or a pipeline folder, of which only the subfolder of the expert the
-    model is (``model.expert``) is read (:func:`~imontage.config.model_file.pipeline_components`).
-    Every name and shape is checked before the first tensor is read."""
-    if is_pipeline(path):  # the subfolder of the one network the model is (model.expert's)
-        folders = list(pipeline_components(path, model_cfg).values())
-        if len(folders) != 1:
-            raise ConversionError(f"{path}: holds {len(folders)} experts; model.expert names the one to read")
-        yield from model_weights(folders[0], model_cfg)
+    model is (``model.expert``) is read (:func:`~imontage.config.model_file.pipeline_components`),
+    or, for a model of every expert, each expert's subfolder, its names under the expert's
+    (``transformer.blocks.0...``, ``transformer_2.blocks.0...``). Every name and shape is checked
+    before the first tensor is read (each subfolder's before its first)."""
+    if is_pipeline(path):  # the subfolder of each network the model is
+        folders = pipeline_components(path, model_cfg)
+        if len(folders) == 1:
+            yield from model_weights(next(iter(folders.values())), model_cfg)
+            return
+        for expert, folder in folders.items():
+            one = OmegaConf.merge(model_cfg, {"expert": expert})  # the shapes of one network
+            yield from ((f"{expert}.{name}", tensor) for name, tensor in model_weights(folder, one))
         return
     if not (path.is_dir() and not (path / ckpt.MANIFEST).is_file() and (path / CONFIG).is_file()):
         yield from checkpoint_weights(path, model_cfg)
@@ -250,14 +255,21 @@ def merged_weights(
 
 def _recorded_dtypes(cfg: Any, metadata: Mapping[str, str]) -> dict[str, str]:
     """The dtypes of the folder the weights came from: recorded at import, or read from the
-    recipe's ``model.init_from_diffusers`` folder when it is still there; else none."""
+    recipe's ``model.init_from_diffusers`` folder when it is still there (of a pipeline folder, the
+    subfolder of the one expert ``cfg`` is); else none."""
     if "diffusers_dtypes" in metadata:
         where = "metadata key 'diffusers_dtypes'"
         return string_map(parse_json(metadata["diffusers_dtypes"], where), where, "diffusers_dtypes")
     origin = str(getattr(cfg, "init_from_diffusers", "") or "")
-    if origin and Path(origin).is_dir():
-        return tensor_headers(weight_sources(Path(origin)))[1]
-    return {}
+    if not origin or not Path(origin).is_dir():
+        return {}
+    folder = Path(origin)
+    if is_pipeline(folder):
+        folders = list(pipeline_components(folder, cfg).values())
+        if len(folders) != 1:
+            return {}
+        folder = folders[0]
+    return tensor_headers(weight_sources(folder))[1]
 
 
 def export_folder(

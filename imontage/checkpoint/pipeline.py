@@ -14,6 +14,7 @@ copied from a pipeline folder when one is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from imontage.checkpoint.convert import FORMAT, source_weights
 from imontage.checkpoint.diffusers import (
     MAX_SHARD_BYTES,
     ConversionError,
@@ -30,8 +32,9 @@ from imontage.checkpoint.diffusers import (
     import_folder,
     read_model_config,
 )
+from imontage.checkpoint.safetensors_io import StreamingSafetensorsWriter
 from imontage.config.model_file import PIPELINE_INDEX, pipeline_mapping
-from imontage.models import registry
+from imontage.models import registry, trained_experts
 from imontage.untrusted import read_json
 
 
@@ -96,6 +99,38 @@ def import_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, Path], Any]:
     return files, read.model_config
 
 
+def split_experts(source: Path, out_dir: Path, weights: str = "ema", verify: bool = True) -> dict[str, Path]:
+    """A consolidated file or training checkpoint of a model of every expert (``model.expert`` unset)
+    -> ``out_dir/<expert>.safetensors`` per expert: its tensors without the expert's prefix, in their
+    stored dtypes, its model config naming the expert (one source per component of
+    :func:`export_pipeline`)."""
+    got = source_weights(Path(source), weights, verify)
+    experts = trained_experts(got.cfg)
+    if len(experts) < 2:
+        raise ConversionError(f"{source}: holds one network, not every expert of a model (model.expert)")
+    outs = {expert.name: out_dir / f"{expert.name}.safetensors" for expert in experts}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for expert in experts:
+            prefix = f"{expert.name}."
+            layout = {n[len(prefix) :]: v for n, v in got.layout.items() if n.startswith(prefix)}
+            cfg = OmegaConf.merge(got.cfg, {"expert": expert.name})
+            metadata = {**got.metadata, "model_config": json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+            metadata.setdefault("format", FORMAT)
+            metadata.setdefault("step", "0")
+            metadata.setdefault("weights", weights)
+            writers[prefix] = stack.enter_context(
+                StreamingSafetensorsWriter(outs[expert.name], layout, metadata)
+            )
+        for name, tensor in got.tensors:
+            owner = next((p for p in writers if name.startswith(p)), None)
+            if owner is None:
+                raise ConversionError(f"{source}: tensor '{name}' belongs to no expert")
+            writers[owner].write(name[len(owner) :], tensor.to(got.layout[name][1]))
+    return outs
+
+
 def export_pipeline(
     sources: Mapping[str, Path],
     out_dir: Path,
@@ -111,8 +146,20 @@ def export_pipeline(
 
     ``components_from``: a pipeline folder whose other components are copied (and kept in the
     index); without it the index names the transformers only, and the pipeline is loaded with the
-    other components given to ``from_pretrained``.
+    other components given to ``from_pretrained``. A source under the component ``""`` holds every
+    expert (a run with ``model.expert`` unset): it is split first (:func:`split_experts`).
     """
+    if "" in sources:
+        split = split_experts(Path(sources[""]), Path(out_dir) / ".experts", weights)
+        try:
+            others = {k: v for k, v in sources.items() if k}
+            if set(others) & set(split):
+                raise ConversionError(f"{out_dir}: {', '.join(sorted(set(others) & set(split)))} given twice")
+            return export_pipeline(
+                {**others, **split}, out_dir, model_cfg, components_from, "live", dtype, max_shard_bytes
+            )
+        finally:
+            shutil.rmtree(Path(out_dir) / ".experts", ignore_errors=True)
     family = str(model_cfg.family)
     mapping = pipeline_mapping(family, Path(out_dir))
     expected = tuple(mapping.pipeline_transformers(model_cfg))

@@ -76,11 +76,13 @@ class SharedModelConfig:
     stated_params: float = 0.0  # the size a preset is named for; 0 when it claims none
     # A model whose networks split the timesteps (its family's experts: Wan 2.2 A14B's `transformer`
     # for high noise, `transformer_2` for low noise): the one this run builds and trains alone, its
-    # timesteps drawn only in its range; "" for a model of one network (docs/finetune_wan.md).
+    # timesteps drawn only in its range; "" = every expert in one run, each step's expert drawn
+    # alike on every rank (docs/finetune_wan.md).
     expert: str = ""
     # A diffusers model folder (config.json + diffusion_pytorch_model*.safetensors) of this family's
     # class that the first stage starts from (a stage's own init_from wins), or a pipeline folder
-    # (model_index.json), of which only model.expert's subfolder is read; "" = none.
+    # (model_index.json), of which model.expert's subfolder is read (every expert's when none is
+    # named); "" = none.
     init_from_diffusers: str = ""
     # Low-rank adapters and partial fine-tuning (imontage/models/lora.py): with a rank or a
     # trainable list, the base model is frozen and only adapters and listed parameters train.

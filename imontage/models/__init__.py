@@ -15,6 +15,7 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from imontage.models.common.experts import TimestepExperts
 from imontage.models.common.family import Expert
 from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
 from imontage.models.registry import family
@@ -66,7 +67,9 @@ def build_model(
     cfg: Any, device: torch.device | str | None = None, max_tensors: int | None = None, where: str = ""
 ) -> nn.Module:
     """The single-device model of ``cfg`` (a ``ModelConfig``), built by its family's record;
-    ``device="meta"`` builds shapes only.
+    ``device="meta"`` builds shapes only. A model with experts (Wan 2.2 A14B) is the one
+    ``model.expert`` names, or, with none named, all of them in one
+    :class:`~imontage.models.common.experts.TimestepExperts`.
 
     ``max_tensors``: for a config read from a file (``where``), the most parameters and buffers
     the build may register (:func:`tensor_limit`) before it stops with :class:`ModelTooLarge`.
@@ -76,14 +79,12 @@ def build_model(
     """
     build = family(cfg).build
     experts = trained_experts(cfg)
-    if len(experts) > 1:
-        raise ValueError(
-            f"the model has experts ({', '.join(e.name for e in experts)}): set model.expert to the one "
-            "this run builds and trains (docs/finetune_wan.md)"
-        )
     limit = contextlib.nullcontext() if max_tensors is None else tensor_limit(max_tensors, where or "model")
     with limit:
-        model = build(cfg, device)
+        if len(experts) > 1:  # every expert in one run: one module, routed by timestep
+            model: nn.Module = TimestepExperts(experts, [build(cfg, device) for _ in experts])
+        else:
+            model = build(cfg, device)
         lora = getattr(cfg, "lora", None)
         if lora is not None:
             from imontage.models.lora import apply_lora, lora_enabled

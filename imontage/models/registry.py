@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.common.experts import TimestepExperts
 from imontage.models.common.family import ModelFamily
 from imontage.models.dit.family import FAMILY as DIT
 from imontage.models.hunyuan_video.family import FAMILY as HUNYUAN_VIDEO
@@ -32,7 +33,13 @@ def family(which: str | Any) -> ModelFamily:
 
 
 def family_of_module(module: nn.Module) -> ModelFamily:
-    """The family whose model ``module`` is."""
+    """The family whose model ``module`` is; a model of several experts is none's (each of its
+    networks is one: :func:`~imontage.models.common.experts.expert_networks`)."""
+    if isinstance(module, TimestepExperts):
+        raise ValueError(
+            f"a model of every expert ({', '.join(e.name for e in module.experts)}) is taken one network "
+            "at a time here: name one with model.expert (docs/finetune_wan.md)"
+        )
     for record in FAMILIES.values():
         if record.is_model(module):
             return record

@@ -37,10 +37,12 @@ from imontage.objectives.flow_matching import (
     FlowMatchingOutput,
     clean_first_frame,
     expert_range,
+    expert_ranges,
     first_frame_mask,
     loss_mask,
     noise_batch,
     sample_timesteps,
+    step_range,
     task_errors,
 )
 
@@ -166,6 +168,7 @@ class FlowDPO:
     ) -> None:
         self.beta, self.t_mean, self.t_std, self.shift = beta, t_mean, t_std, shift
         self.t_range = t_range  # one expert's timesteps (model.expert)
+        self.t_ranges: tuple[tuple[float, float], ...] = (t_range,)  # every expert's, for step_range
         self.clean_first_frame = clean_first_frame  # token_replace (flow_matching's module docstring)
         self.reference: nn.Module | None = None  # frozen; never trained, never saved
 
@@ -173,19 +176,31 @@ class FlowDPO:
     def from_config(cls, dpo: Any, flow_matching: Any, model_cfg: Any = None) -> FlowDPO:
         """β from the recipe's ``dpo`` section; the t distribution from its ``flow_matching`` one."""
         clean = model_cfg is not None and clean_first_frame(model_cfg)
-        return cls(
+        objective = cls(
             dpo.beta, flow_matching.t_mean, flow_matching.t_std, flow_matching.shift, clean,
             expert_range(model_cfg),
         )  # fmt: skip
+        objective.t_ranges = expert_ranges(model_cfg)
+        return objective
 
-    def __call__(self, model: nn.Module, batch: PackedBatch, generator: torch.Generator) -> FlowDPOOutput:
+    def step_range(self, seed: int, step: int) -> tuple[float, float]:
+        """The range of t of optimiser step ``step`` (flow_matching's :func:`step_range`)."""
+        return step_range(self.t_ranges, self.t_mean, self.t_std, self.shift, seed, step)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: PackedBatch,
+        generator: torch.Generator,
+        t_range: tuple[float, float] | None = None,
+    ) -> FlowDPOOutput:
+        """``t_range``: the step's range of t (:meth:`step_range`); None: the objective's own."""
         if self.reference is None:
             raise RuntimeError("flow DPO has no reference model: attach the frozen policy copy first")
         check_pairs(batch)
         clean = first_frame_mask(batch) if self.clean_first_frame else None
-        noised, velocity = noise_pairs(
-            batch, self.t_mean, self.t_std, self.shift, generator, clean, self.t_range
-        )
+        t_range = self.t_range if t_range is None else t_range
+        noised, velocity = noise_pairs(batch, self.t_mean, self.t_std, self.shift, generator, clean, t_range)
         mask = loss_mask(batch, clean)
         prediction = model(noised)
         errors = sample_errors(prediction, velocity, noised, mask)  # [B]

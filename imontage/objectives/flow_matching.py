@@ -44,6 +44,13 @@ def _normal_at(t: float, mean: float, std: float, shift: float) -> float:
     return (math.log(unshifted / (1 - unshifted)) - mean) / std
 
 
+def _cdf_bounds(t_range: tuple[float, float], mean: float, std: float, shift: float) -> tuple[float, float]:
+    """The standard normal's CDF at the values that map to ``t_range``'s bounds."""
+    low, high = (float(special.ndtr(torch.tensor(_normal_at(t, mean, std, shift), dtype=torch.float64)))
+                 for t in t_range)  # fmt: skip
+    return low, high
+
+
 def sample_timesteps(
     num: int,
     mean: float,
@@ -58,8 +65,7 @@ def sample_timesteps(
     if tuple(t_range) == FULL_RANGE:
         normal = torch.randn(num, generator=generator) * std + mean
         return shift_timesteps(torch.sigmoid(normal), shift)
-    low, high = (float(special.ndtr(torch.tensor(_normal_at(t, mean, std, shift), dtype=torch.float64)))
-                 for t in t_range)  # fmt: skip
+    low, high = _cdf_bounds(t_range, mean, std, shift)
     u = low + (high - low) * torch.rand(num, generator=generator, dtype=torch.float64)
     t = shift_timesteps(torch.sigmoid(special.ndtri(u) * std + mean), shift)
     # Rounding may land on a bound: keep t inside [low, high), off 0 (no noise, no target).
@@ -69,9 +75,39 @@ def sample_timesteps(
 
 def expert_range(model_cfg: Any) -> tuple[float, float]:
     """The timesteps the model of ``model_cfg`` is trained on: the range of the one expert it
-    builds (``model.expert``), all of them for a model of one network."""
+    builds (``model.expert``), all of them for a model of one network or of every expert."""
     experts = trained_experts(model_cfg) if model_cfg is not None else ()
     return (experts[0].t_min, experts[0].t_max) if len(experts) == 1 else FULL_RANGE
+
+
+def expert_ranges(model_cfg: Any) -> tuple[tuple[float, float], ...]:
+    """The ranges of t a step of ``model_cfg``'s run picks one of: every expert's when it trains
+    them all in one run (highest first), else its one range."""
+    experts = trained_experts(model_cfg) if model_cfg is not None else ()
+    return tuple((e.t_min, e.t_max) for e in experts) if len(experts) > 1 else (expert_range(model_cfg),)
+
+
+def range_share(t_range: tuple[float, float], mean: float, std: float, shift: float) -> float:
+    """The probability that :func:`sample_timesteps` draws a t in ``t_range`` over the full range."""
+    low, high = _cdf_bounds(t_range, mean, std, shift)
+    return high - low
+
+
+STEP_SEED_STRIDE = 2**32  # a step's expert draw is seeded by seed × stride + step
+
+
+def step_range(
+    ranges: tuple[tuple[float, float], ...], mean: float, std: float, shift: float, seed: int, step: int
+) -> tuple[float, float]:
+    """The range of t optimiser step ``step`` draws in: one of ``ranges``, picked with the weight of
+    its share of the distribution (:func:`range_share`), so that over the steps t keeps the full
+    distribution. The pick depends on ``(seed, step)`` only: every rank picks the same range (so
+    runs the same expert, as ZeRO-3's gathers need), and a resumed run picks as before."""
+    if len(ranges) == 1:
+        return ranges[0]
+    weights = torch.tensor([range_share(r, mean, std, shift) for r in ranges], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
+    return ranges[int(torch.multinomial(weights, 1, generator=generator))]
 
 
 def clean_first_frame(model_cfg: Any) -> bool:
@@ -189,19 +225,32 @@ class FlowMatching:
         self.t_mean, self.t_std, self.shift, self.text_dropout = t_mean, t_std, shift, text_dropout
         self.clean_first_frame = clean_first_frame  # token_replace: see the module docstring
         self.t_range = t_range  # one expert's timesteps (model.expert); FULL_RANGE otherwise
+        self.t_ranges: tuple[tuple[float, float], ...] = (t_range,)  # every expert's, for step_range
 
     @classmethod
     def from_config(cls, cfg: Any, model_cfg: Any = None) -> FlowMatching:
         """From a :class:`~imontage.config.schema.FlowMatchingConfig` (dataclass or OmegaConf node)
         and the model config (``token_replace`` keeps first frames clean; ``model.expert``: its range of t)."""
         clean = model_cfg is not None and clean_first_frame(model_cfg)
-        return cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout, clean, expert_range(model_cfg))
+        objective = cls(cfg.t_mean, cfg.t_std, cfg.shift, cfg.text_dropout, clean, expert_range(model_cfg))
+        objective.t_ranges = expert_ranges(model_cfg)
+        return objective
+
+    def step_range(self, seed: int, step: int) -> tuple[float, float]:
+        """The range of t of optimiser step ``step`` (:func:`step_range`): the same on every rank."""
+        return step_range(self.t_ranges, self.t_mean, self.t_std, self.shift, seed, step)
 
     def __call__(
-        self, model: nn.Module, batch: PackedBatch, generator: torch.Generator
+        self,
+        model: nn.Module,
+        batch: PackedBatch,
+        generator: torch.Generator,
+        t_range: tuple[float, float] | None = None,
     ) -> FlowMatchingOutput:
+        """``t_range``: the step's range of t (:meth:`step_range`); None: the objective's own."""
         # Every draw comes from `generator` on the CPU, so a resumed run repeats it exactly.
-        t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator, self.t_range)
+        t_range = self.t_range if t_range is None else t_range
+        t = sample_timesteps(batch.num_samples, self.t_mean, self.t_std, self.shift, generator, t_range)
         noise = torch.randn(batch.tokens.shape, generator=generator).to(batch.tokens.device)
         drop = torch.rand(batch.num_samples, generator=generator) < self.text_dropout
         clean = first_frame_mask(batch) if self.clean_first_frame else None

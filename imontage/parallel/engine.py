@@ -12,15 +12,20 @@ from typing import Any
 
 from torch import nn
 
+from imontage.models.common.experts import expert_networks
 from imontage.models.registry import family_of_module
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block of ``model``: the lists its family's parallel plan names
-    (HunyuanVideo's dual- and single-stream blocks)."""
+    (HunyuanVideo's dual- and single-stream blocks), of each of its experts' networks."""
     from imontage.parallel.parallelize import model_blocks
 
-    return [block for block, _ in model_blocks(model, family_of_module(model).parallel_plan)]
+    return [
+        block
+        for _, network in expert_networks(model)
+        for block, _ in model_blocks(network, family_of_module(network).parallel_plan)
+    ]
 
 
 def block_numel(model: nn.Module) -> int:
@@ -46,7 +51,8 @@ def zero3_config(
     # The DiT keeps its small vectors resident. The pretrained families do not (yet): with the same
     # threshold HunyuanVideo's backward under TP=2+SP found a resident parameter empty
     # (tests/test_diffusers_io.py, HunyuanVideo on zero3 tp2_sp); the cause is not pinned down.
-    resident_below = family_of_module(model).zero3_resident_below(model)
+    network = expert_networks(model)[0][1]  # experts are networks of one shape
+    resident_below = family_of_module(network).zero3_resident_below(network)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": gradient_accumulation_steps,

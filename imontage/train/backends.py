@@ -31,6 +31,7 @@ from torch import nn
 
 from imontage.checkpoint import store as ckpt
 from imontage.checkpoint.diffusers import model_weights
+from imontage.models.common.experts import expert_networks, idle_networks
 from imontage.models.lora import BaseWithoutAdapters, adapted_modules, frozen_names
 from imontage.train.ema import EMA
 
@@ -52,6 +53,13 @@ def _configure_stage(optimizer: torch.optim.Optimizer, optim: DictConfig, fresh:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimiser steps: every parameter, less a frozen base (``model.lora``)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The optimiser's groups: one per network of ``model`` (each expert of a
+    :class:`~imontage.models.common.experts.TimestepExperts`, so that a step can leave the
+    experts that did not run where they are), its :func:`trainable_parameters` in model order."""
+    return [{"params": trainable_parameters(network)} for _, network in expert_networks(model)]
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -95,7 +103,7 @@ class LocalBackend:
         self.model = model.to(device)
         self.model.gradient_checkpointing = cfg.parallel.activation_checkpointing
         self.frozen = frozen_names(self.model)  # a frozen base (model.lora): no optimiser state, not saved
-        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=cfg.optim.lr)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model), lr=cfg.optim.lr)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.grad_clip = 0.0
 
@@ -106,6 +114,9 @@ class LocalBackend:
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def begin_step(self, t_range: tuple[float, float]) -> None:
+        """Nothing to do: an expert that does not run gets no gradient, which AdamW and clipping skip."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(
@@ -228,12 +239,12 @@ def _rank_file(rank: int, suffix: str) -> str:
 def build_optimizer(model: nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     """torch AdamW on CPU; DeepSpeed's fused Adam (AdamW mode) on CUDA; over the trainable parameters."""
     if device.type != "cuda":
-        return torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, **_adamw_hyperparameters(optim))
+        return torch.optim.AdamW(parameter_groups(model), lr=optim.lr, **_adamw_hyperparameters(optim))
     from deepspeed.ops.adam import FusedAdam
 
     try:
         return FusedAdam(
-            trainable_parameters(model), lr=optim.lr, adam_w_mode=True, **_adamw_hyperparameters(optim)
+            parameter_groups(model), lr=optim.lr, adam_w_mode=True, **_adamw_hyperparameters(optim)
         )
     except Exception as error:  # its CUDA extension is compiled on first use
         raise RuntimeError(
@@ -268,6 +279,15 @@ class DeepSpeedBackend:
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.data_world_size = parallel_state.get_data_parallel_world_size()
         self.data_group = parallel_state.get_data_parallel_group()
+        if len(expert_networks(model)) > 1 and (
+            parallel.tensor_parallel > 1 or parallel.context_parallel > 1 or parallel.zero_stage != 3
+        ):
+            raise ValueError(
+                "every expert in one run (model.expert unset) trains under ZeRO-3 with data parallelism "
+                f"only, not tensor_parallel={parallel.tensor_parallel}, context_parallel="
+                f"{parallel.context_parallel}, zero_stage={parallel.zero_stage}: name one expert (model.expert)"
+            )
+        self.idle_groups: list[int] = []  # optimiser groups of the experts the step does not run
         parallelize_dit(
             model.to(device),
             parallel.tensor_parallel,
@@ -302,6 +322,33 @@ class DeepSpeedBackend:
         for group in self.inner_optimizer.param_groups:
             group["lr"] = lr
 
+    def begin_step(self, t_range: tuple[float, float]) -> None:
+        """The step draws t in ``t_range``: the experts of other ranges do not run (their optimiser
+        groups, :func:`parameter_groups`, are left out of :meth:`apply_step`)."""
+        self.idle_groups = idle_networks(self.engine.module, t_range)
+
+    def _rest_idle_experts(self) -> dict[int, float]:
+        """Before the step: zero the gradient partitions of the experts that did not run, and set
+        their groups' learning rate to 0; returns the rates to restore.
+
+        ZeRO-3 writes a parameter's gradient partition only when the parameter got a gradient, so
+        an expert that did not run would step on (and count in the clipping norm) the gradient of
+        the last step it ran. With lr 0, AdamW leaves its weights exactly as they are (the update
+        and the decoupled weight decay both scale with lr); its moments decay as under a zero
+        gradient and its step count advances, as one optimiser over both experts would do.
+        """
+        from deepspeed.utils import safe_set_local_grad
+
+        networks = expert_networks(self.engine.module)
+        groups = self.inner_optimizer.param_groups
+        rates = {}
+        for index in self.idle_groups:
+            for param in trainable_parameters(networks[index][1]):
+                local = cast(Any, param).ds_tensor
+                safe_set_local_grad(param, torch.zeros(local.numel(), device=local.device))
+            rates[index], groups[index]["lr"] = groups[index]["lr"], 0.0
+        return rates
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed holds bf16 weights itself under train.precision=bf16
 
@@ -330,7 +377,10 @@ class DeepSpeedBackend:
 
     def apply_step(self) -> float:
         """The engine's step (clipping included), then the EMA; returns the engine's gradient norm."""
+        rates = self._rest_idle_experts() if self.cfg.parallel.zero_stage == 3 else {}
         self.engine.step()
+        for index, lr in rates.items():
+            self.inner_optimizer.param_groups[index]["lr"] = lr
         if self.ema is not None:
             self.ema.update(self.engine.module)
         norm = self.engine.get_global_grad_norm()

@@ -236,10 +236,13 @@ class Trainer:
         tasks: Counter[str] = Counter()
         errors: dict[str, list[float]] = {}  # task -> [squared error, values]
         scalars: Counter[str] = Counter()  # the objective's own numbers (DPO: reward margin, accuracy)
+        # The step's range of t, alike on every rank: with every expert in one run, the expert it trains.
+        t_range = self.stage.objective.step_range(self.cfg.seed, self.step)
+        self.backend.begin_step(t_range)
         for _ in range(accumulation):
             batch = self.next_batch().to(self.device)
             with self.backend.autocast():
-                output = self.stage.objective(self.model, batch, self.generator)
+                output = self.stage.objective(self.model, batch, self.generator, t_range)
             self.backend.backward(output.loss, accumulation)  # every rank, even with a NaN: ZeRO reduces
             loss += output.loss.item() / accumulation
             tokens += batch.tokens.shape[0]
