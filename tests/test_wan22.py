@@ -502,3 +502,49 @@ def test_two_expert_zero3_run_routes_alike_on_every_rank_resumes_and_exports(
         assert torch.equal(flat, final[f"{component}."]), component
     _, calls = run_pipeline(out)
     assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, with and without the text
+
+
+@pytest.mark.parametrize("a14b", ["i2v"], indirect=True)
+def test_one_process_run_of_both_i2v_experts_samples_across_the_boundary_and_exports(
+    a14b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imontage.models.common.experts import TimestepExperts
+    from imontage.train.trainer import Trainer
+
+    shards = write_latent_shards(tmp_path / "latents")
+    run = tmp_path / "run"
+    cfg = a14b_recipe(
+        a14b, run, shards, f"model.in_channels={LATENT_CHANNELS + WAN_MASK_CHANNELS + LATENT_CHANNELS}",
+        "stages.sft.steps=2", "train.sample.every=2", "train.sample.steps=4", "train.ema_decay=0",
+    )  # fmt: skip
+    routed: list[str] = []
+    route = TimestepExperts.routed_expert
+    monkeypatch.setattr(
+        TimestepExperts,
+        "routed_expert",
+        lambda self, batch: (e := route(self, batch), routed.append(e.name))[0],
+    )
+    trainer = Trainer(cfg)
+    sampling = trainer.write_samples
+    sampled: list[str] = []
+    monkeypatch.setattr(
+        trainer, "write_samples", lambda: (routed.clear(), sampling(), sampled.extend(routed))[1]
+    )
+    trainer.fit()
+    # Preview sampling steps t from 1 down: the high-noise expert first, then the low-noise one.
+    assert sampled[0] == "transformer" and sampled[-1] == "transformer_2"
+    assert sampled == sorted(sampled, key=["transformer", "transformer_2"].index)
+    out = tmp_path / "pipeline"
+    preset = tmp_path / "a14b.yaml"
+    OmegaConf.save(cfg.model, preset)
+    command = ["export-pipeline", str(run / "checkpoints" / "step_000002"), "--config", str(preset),
+               "--out", str(out), "--components-from", str(a14b), "--weights", "live"]  # fmt: skip
+    assert convert_tool().main(command) == 0
+    trained = load_file(run / "checkpoints" / "step_000002" / "model.safetensors")
+    for component in ("transformer", "transformer_2"):
+        exported = load_file(out / component / "diffusion_pytorch_model.safetensors")
+        assert exported.keys() == {
+            name.removeprefix(f"{component}.") for name in trained if name.startswith(f"{component}.")
+        }
+    _, calls = run_pipeline(out)  # WanImageToVideoPipeline with both transformers
+    assert calls == {"transformer": 2, "transformer_2": 2}
