@@ -19,7 +19,7 @@ TRITON36_ENV ?= .venv-triton36
 # Pure-Python wheels the GPU machines lack (tools/device_wheels.txt), for tools/device_check.sh.
 WHEEL_DIR ?= .whl
 
-.PHONY: install quickstart test lint bench clean triton36-env device-wheels
+.PHONY: install quickstart test test-multihost lint bench clean triton36-env device-wheels
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,11 @@ quickstart: $(SYNTHETIC_DIR)/.complete
 		run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar' $(TRAIN_ARGS)
 
 test: $(VENV)/.installed $(TRITON36_ENV)/.installed
-	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
+	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark and not multihost" $(PYTEST_ARGS)
+
+# The heavier scenarios of the two-host SLURM cluster in network namespaces (root; docs/slurm.md).
+test-multihost: $(VENV)/.installed
+	$(PY) -m pytest tests/test_slurm_multi_host.py -m multihost $(PYTEST_ARGS)
 
 triton36-env: $(TRITON36_ENV)/.installed
 

@@ -1,0 +1,190 @@
+"""slurm/multi_node.sbatch on a real SLURM cluster of two hosts, each in its own network namespace
+(slurm/multi_host_cluster.sh): the ranks of one job on both hosts, gloo between them over the
+veth network, and the same losses as the same world size on one host (issue 22)."""
+
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from distributed import free_port, run_ranks
+from test_slurm import REQUEUE_RELEASE_DELAY_S, job_field, uninterrupted, wait_for_job, wait_for_step
+
+from imontage.checkpoint import store as ckpt
+from imontage.train.logger import read_metrics
+
+CLUSTER = "slurm/multi_host_cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def multi_host_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Two hosts (slurmctld + one slurmd per namespace) on free ports, stopped and removed afterwards."""
+    state = tmp_path_factory.mktemp("slurm-multi")
+    # One thread per rank, as run_ranks's ranks use, so that the job's losses can equal its bit for bit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURMCTLD_PORT": str(free_port()),
+           "SLURMD_PORT": str(free_port())}  # fmt: skip
+    result = subprocess.run(["bash", CLUSTER, "start", str(state), "2"], cwd=REPO, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    if result.returncode == 3:  # the script's code for "cannot run here" (not root, no slurm-wlm)
+        pytest.skip(f"no multi-host SLURM: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        yield {**env, "SLURM_CONF": str(state / "slurm.conf"), "IMONTAGE_CLUSTER_DIR": str(state)}
+    finally:
+        subprocess.run(["bash", CLUSTER, "stop", str(state)], cwd=REPO, check=False)
+    hosts = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert f"imontage-{cluster_id(state)}-" not in hosts, hosts
+
+
+def cluster_id(state: Path) -> str:
+    """The id the script names its bridge, namespaces and hosts after."""
+    conf = (state / "slurm.conf").read_text()
+    return next(line.split("=")[1].split()[0][2:].split("h")[0] for line in conf.splitlines()
+                if line.startswith("NodeName="))  # fmt: skip
+
+
+def placement_python(tmp_path: Path) -> Path:
+    """An interpreter wrapper for --python: each task writes where SLURM put it, then runs the trainer."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$SLURM_PROCID $SLURM_LOCALID $SLURMD_NODENAME $(readlink /proc/self/ns/net) $MASTER_ADDR" '
+        f'> {tmp_path}/placement-"$SLURM_PROCID"\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return wrapper
+
+
+def namespace_of(host: str, state: Path) -> str:
+    """``net:[inode]`` of the namespace a host runs in, as /proc/<pid>/ns/net reads inside it."""
+    number = host.rsplit("h", 1)[1]
+    inode = os.stat(f"/run/netns/imontage-{cluster_id(state)}-h{number}").st_ino
+    return f"net:[{inode}]"
+
+
+def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> None:
+    """Make a requeued job (held ``Reason=BeginTime`` for two minutes) eligible a few seconds on.
+
+    Unlike test_slurm's helper, it waits for ``BeginTime`` itself: right after the requeue the job
+    can be PENDING with ``Reason=None`` for a moment, and releasing nothing then left it held.
+    (A few seconds, not at once: test_slurm.REQUEUE_RELEASE_DELAY_S, the credential race.)
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_field(job, env, "JobState") == "PENDING" and job_field(job, env, "Reason") == "BeginTime":
+            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + REQUEUE_RELEASE_DELAY_S))
+            subprocess.run(["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True)
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} was not requeued within {timeout:.0f} s")
+
+
+def submit_across_hosts(env: dict[str, str], tmp_path: Path, name: str, tasks_per_node: int,
+                        overrides: list[str]) -> str:  # fmt: skip
+    state = Path(env["IMONTAGE_CLUSTER_DIR"])
+    submit = [sys.executable, "tools/submit.py", "configs/recipes/quickstart.yaml", "--time", "10", "--nodes", "2",
+              "--gpus-per-node", str(tasks_per_node), "--log-dir", str(tmp_path / "logs"), "--job-name", name,
+              "--env-hook", str(state / "env.sh"), "--python", str(placement_python(tmp_path)),
+              *overrides]  # fmt: skip
+    result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return result.stdout.split()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["zero3_dp2", pytest.param("tp2", marks=pytest.mark.multihost)])
+def test_two_hosts_train_as_one_host_does(multi_host_cluster: dict[str, str], parallel: str,
+                                          tmp_path: Path) -> None:  # fmt: skip
+    """2 hosts x 1 task: ZeRO-3 DP=2 and TP=2 across the hosts give run_ranks's 2-rank losses, bitwise."""
+    state = Path(multi_host_cluster["IMONTAGE_CLUSTER_DIR"])
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "12", "--no-progress"],
+                   cwd=REPO, check=True)  # fmt: skip
+    common = [f"data.shards={data}/train-*.tar", "stages.sft.steps=3", "data.max_tokens=768", f"parallel={parallel}",
+              "parallel.device=cpu", "train.sample.every=0", "train.progress=false",
+              "train.checkpoint.every=0"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    job = submit_across_hosts(multi_host_cluster, tmp_path, "imontage-2h", 1, [f"run_dir={run_dir}", *common])
+    job_state = wait_for_job(job, multi_host_cluster)
+    log = next((tmp_path / "logs").glob(f"imontage-2h-{job}.out")).read_text()
+    assert job_state == "COMPLETED", log
+    placements = sorted((tmp_path / f"placement-{rank}").read_text().split() for rank in range(2))
+    hosts = [p[2] for p in placements]
+    master_addr = placements[0][4]
+    assert [p[:2] for p in placements] == [["0", "0"], ["1", "0"]], placements  # SLURM_PROCID, SLURM_LOCALID
+    assert len(set(hosts)) == 2, placements
+    for procid, _, host, namespace, _ in placements:
+        assert namespace == namespace_of(host, state), (procid, host, namespace)
+    # The master is the first host's NodeAddr: the host names resolve nowhere.
+    assert master_addr.startswith("10.231.") and f"master {master_addr}" in log, log
+
+    expected = run_ranks(uninterrupted, 2, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
+    assert [r["loss"] for r in read_metrics(run_dir)] == expected
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A start that fails half-way (slurmctld refuses the configuration) removes what it made."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": "not-a-port"}
+    result = subprocess.run(["bash", CLUSTER, "start", str(tmp_path), "2"], cwd=REPO, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode not in (0, 3), result.stdout + result.stderr
+    made = cluster_id(tmp_path)
+    assert (
+        f"imontage-{made}-"
+        not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert f"imb{made}" not in links and f"imv{made}h" not in links, links
+    assert not (tmp_path / "slurmctld.pid").exists() and not (tmp_path / "cluster.env").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_usr2_reaches_both_hosts_and_the_requeue_resumes_on_both(
+    multi_host_cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """`scancel --signal=USR2` stops the ranks of both hosts after the same step; every rank saves it,
+    the job is requeued once, and the resumed run (both hosts again) ends with the uninterrupted losses."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "48", "--no-progress"],
+                   cwd=REPO, check=True)  # fmt: skip
+    steps = 12
+    common = [f"data.shards={data}/train-*.tar", f"stages.sft.steps={steps}", "data.max_tokens=768",
+              "parallel=zero3_dp2", "parallel.device=cpu", "train.sample.every=0", "train.progress=false",
+              "train.checkpoint.every=0"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    job = submit_across_hosts(
+        multi_host_cluster, tmp_path, "imontage-2h-preempt", 1, [f"run_dir={run_dir}", *common]
+    )
+    wait_for_step(run_dir, 4, job, multi_host_cluster)
+    subprocess.run(["scancel", "--signal=USR2", job], env=multi_host_cluster, check=True)
+    release_requeued(job, multi_host_cluster)
+    job_state = wait_for_job(job, multi_host_cluster, timeout=480)
+    log = next((tmp_path / "logs").glob(f"imontage-2h-preempt-{job}.out")).read_text()
+    assert job_state == "COMPLETED", log
+    assert job_field(job, multi_host_cluster, "Restarts") == "1"
+    assert f"job {job} restart 0: 2 tasks" in log and f"job {job} restart 1: 2 tasks" in log, log
+    stops = re.findall(
+        r"WARNING imontage\.train\.trainer: stopped after step (\d+) \((SIGUSR2 received here|a stop signal on another rank)\)",
+        log,
+    )
+    assert len(stops) == 2 and stops[0][0] == stops[1][0], stops  # one line per rank, one per host
+    # Both ranks had the signal by the time they left (after the checkpoint): it reached both hosts.
+    assert all(where == "SIGUSR2 received here" for _, where in stops), stops
+    stopped = run_dir / "checkpoints" / ckpt.checkpoint_name(int(stops[0][0]))
+    shards = sorted(p.name for p in stopped.rglob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # each rank's ZeRO-3 part of the stop checkpoint, one per host
+    assert f"resumed from {stopped} at step {stops[0][0]}" in log, log
+    placements = [(tmp_path / f"placement-{rank}").read_text().split() for rank in range(2)]
+    assert len({p[2] for p in placements}) == 2, placements  # the resumed run is on both hosts again
+
+    expected = run_ranks(uninterrupted, 2, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
+    assert [r["loss"] for r in read_metrics(run_dir)] == expected  # the losses after the resume too
