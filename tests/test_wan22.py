@@ -548,3 +548,87 @@ def test_one_process_run_of_both_i2v_experts_samples_across_the_boundary_and_exp
         }
     _, calls = run_pipeline(out)  # WanImageToVideoPipeline with both transformers
     assert calls == {"transformer": 2, "transformer_2": 2}
+
+
+def two_expert_tensor_parallel(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any]:
+    """A ZeRO-3 run of both experts under TP=2 with SP (one step that moves nothing, saved), then on the same
+    process groups a fresh model of both experts, cut, run forward and backward on a high- and a
+    low-noise batch."""
+    from imontage.parallel.parallelize import parallelize_model
+    from imontage.train.trainer import Trainer
+
+    trainer = Trainer(load_recipe(REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml", overrides))
+    trainer.fit()
+    return both_experts_forward_backward(parallelize_model(two_expert_model(), 2, 1, True))
+
+
+def two_expert_model() -> Any:
+    cfg = preset_config(
+        "wan2.2_t2v_a14b", "model=wan_tiny", f"model.text_dim={TEXT_DIM}", "model.wan.boundary_ratio=0.875"
+    )
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def both_experts_forward_backward(model: Any) -> dict[str, Any]:
+    torch.manual_seed(3)
+    outs = []
+    for t in ([0.95, 0.9], [0.5, 0.3]):  # transformer's, then transformer_2's
+        out = model(routing_batch(t))
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        outs.append(out.detach())
+    return {
+        "outs": outs,
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+@pytest.mark.parametrize("a14b", ["t2v"], indirect=True)
+def test_both_experts_under_tensor_parallelism_match_one_process_and_export(
+    a14b: Path, tmp_path: Path
+) -> None:
+    from imontage.parallel.parallelize import tensor_split
+
+    shards = write_latent_shards(tmp_path / "latents")
+    run = tmp_path / "run"
+    overrides = a14b_overrides(
+        a14b, run, shards, "parallel=tp2", "parallel.sequence_parallel=true", "parallel.device=cpu",
+        "train.sample.every=0", "stages.sft.steps=1", "train.ema_decay=0",
+        "optim.lr=1e-30",  # a step that moves no weight: far below every weight's rounding
+    )  # fmt: skip
+    ranks = run_ranks(two_expert_tensor_parallel, 2, overrides, timeout=300)
+    expected = both_experts_forward_backward(two_expert_model())
+    cut = []
+    for result in ranks:
+        for out, want in zip(result["outs"], expected["outs"], strict=True):
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()))
+    for name, weight in expected["weights"].items():
+        split = tensor_split(name)
+        if split is None:
+            assert all(torch.equal(r["weights"][name], weight) for r in ranks), name
+            got = [r["grads"][name] for r in ranks]
+        else:  # each expert's layers cut as one network's: transformer_2.blocks.0.attn1.to_q.weight
+            cut.append(name)
+            assert torch.equal(split.unshard([r["weights"][name] for r in ranks]), weight), name
+            got = [split.unshard([r["grads"][name] for r in ranks])] * 2
+        for grad in got:
+            torch.testing.assert_close(
+                grad,
+                expected["grads"][name],
+                rtol=1e-4,
+                atol=2e-5 * max(1.0, float(expected["grads"][name].abs().max())),
+            )
+    assert {"transformer.blocks.0.attn1.to_q.weight", "transformer_2.blocks.1.ffn.net.2.weight"} <= set(cut)
+    # The TP=2 checkpoint (one step that moved nothing) exports to the pipeline's own weights, each expert's slices joined.
+    out = tmp_path / "pipeline"
+    preset = tmp_path / "a14b.yaml"
+    OmegaConf.save(load_recipe(REPO / "configs/recipes/editverse_wan2.1_1.3b.yaml", overrides).model, preset)
+    command = ["export-pipeline", str(run / "checkpoints" / "step_000001"), "--config", str(preset),
+               "--out", str(out), "--weights", "live"]  # fmt: skip
+    assert convert_tool().main(command) == 0
+    for component in ("transformer", "transformer_2"):
+        exported = load_file(out / component / "diffusion_pytorch_model.safetensors")
+        original = load_file(a14b / component / "diffusion_pytorch_model.safetensors")
+        assert exported.keys() == original.keys()
+        assert all(torch.equal(exported[k], original[k]) for k in original), component

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from imontage.models.common.experts import expert_networks
 from imontage.models.common.parallel_plan import (
     BlockPlan,
     FamilyPlan,
@@ -101,9 +102,18 @@ def family_plan(model: nn.Module) -> FamilyPlan:
 def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | None:
     """How the model parameter ``name`` (``blocks.3.qkv.weight``) is cut over TP ranks; None: whole.
 
-    Without ``plan``, every family's table is looked in (a name means one cut in all of them).
+    Without ``plan``, every family's table is looked in (a name means one cut in all of them). A
+    name inside one network of a model of several (``transformer_2.blocks.3.qkv.weight``, an
+    expert's, :mod:`imontage.models.common.experts`) is cut as the network's own name is.
     """
     parts = name.split(".")
+    plans = [plan] if plan is not None else [record.parallel_plan for record in FAMILIES.values()]
+    if (
+        len(parts) >= 4
+        and not any(parts[0] in p.blocks for p in plans)
+        and any(parts[1] in p.blocks for p in plans)
+    ):
+        parts = parts[1:]  # the network's prefix: its blocks are parts[1]
     if len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B"):  # an adapter: cut as its layer says
         layer = tensor_split(".".join([*parts[:-2], "weight"]), plan)
         if layer is None or (parts[-2] == "lora_A") != (layer.dim == 1) or layer.interleaved:
@@ -112,7 +122,6 @@ def tensor_split(name: str, plan: FamilyPlan | None = None) -> TensorSplit | Non
     if len(parts) < 3:
         return None
     blocks, inner = parts[0], ".".join(parts[2:])
-    plans = [plan] if plan is not None else [record.parallel_plan for record in FAMILIES.values()]
     return next(
         (
             p.blocks[blocks].splits[inner]
@@ -464,11 +473,19 @@ def parallelize_model(
 ) -> Any:
     """Apply TP, SP, Ulysses and activation checkpointing to ``model`` in place (module docstring).
 
-    ``model``: the model of any registered family (:mod:`imontage.models.registry`). megatron-core's ``parallel_state`` must be
+    ``model``: the model of any registered family (:mod:`imontage.models.registry`), or a model of
+    several experts, each of whose networks is parallelised alike. megatron-core's ``parallel_state`` must be
     initialised with the same sizes (:func:`imontage.parallel.state.init_process_groups`).
     """
     from megatron.core import parallel_state
 
+    networks = expert_networks(model)
+    if len(networks) > 1:  # a model of several experts: each network is parallelised alike
+        for _, network in networks:
+            parallelize_model(
+                network, tensor_parallel, context_parallel, sequence_parallel, activation_checkpointing
+            )
+        return model
     parallel: Any = model  # every family has token_layout and gradient_checkpointing
     if sequence_parallel and tensor_parallel == 1:
         raise ValueError(

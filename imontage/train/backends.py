@@ -279,13 +279,11 @@ class DeepSpeedBackend:
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.data_world_size = parallel_state.get_data_parallel_world_size()
         self.data_group = parallel_state.get_data_parallel_group()
-        if len(expert_networks(model)) > 1 and (
-            parallel.tensor_parallel > 1 or parallel.context_parallel > 1 or parallel.zero_stage != 3
-        ):
+        if len(expert_networks(model)) > 1 and parallel.zero_stage != 3:
             raise ValueError(
-                "every expert in one run (model.expert unset) trains under ZeRO-3 with data parallelism "
-                f"only, not tensor_parallel={parallel.tensor_parallel}, context_parallel="
-                f"{parallel.context_parallel}, zero_stage={parallel.zero_stage}: name one expert (model.expert)"
+                f"every expert in one run (model.expert unset) trains under ZeRO-3, not zero_stage="
+                f"{parallel.zero_stage} (its idle expert's gradients are zeroed in ZeRO-3's partitions): "
+                "set parallel.zero_stage=3 or name one expert (model.expert)"
             )
         self.idle_groups: list[int] = []  # optimiser groups of the experts the step does not run
         parallelize_dit(
