@@ -632,3 +632,24 @@ def test_both_experts_under_tensor_parallelism_match_one_process_and_export(
         original = load_file(a14b / component / "diffusion_pytorch_model.safetensors")
         assert exported.keys() == original.keys()
         assert all(torch.equal(exported[k], original[k]) for k in original), component
+
+
+def two_expert_ulysses(rank: int, world_size: int) -> dict[str, Any]:
+    from imontage.parallel.parallelize import parallelize_model
+    from imontage.parallel.state import ParallelLayout, init_process_groups, launch_env
+
+    init_process_groups(ParallelLayout(1, 2, 1), torch.device("cpu"), launch_env())
+    return both_experts_forward_backward(parallelize_model(two_expert_model(), 1, 2))
+
+
+def test_both_experts_under_ulysses_match_one_process() -> None:
+    ranks = run_ranks(two_expert_ulysses, 2, timeout=300)
+    expected = both_experts_forward_backward(two_expert_model())
+    for result in ranks:
+        for out, want in zip(result["outs"], expected["outs"], strict=True):
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()))
+    # Each context-parallel rank holds its tokens' share of every gradient: the shares add up.
+    for name, grad in expected["grads"].items():
+        shares = ranks[0]["grads"][name] + ranks[1]["grads"][name]
+        torch.testing.assert_close(shares, grad, rtol=1e-4, atol=2e-5 * max(1.0, float(grad.abs().max())))
+        assert not torch.equal(ranks[0]["grads"][name], grad) or not bool(grad.any()), name
