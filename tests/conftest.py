@@ -1,6 +1,8 @@
-"""Shared fixtures: the repository root and a tiny model configuration."""
+"""Shared fixtures and helpers: the repository root, a tiny model configuration, a poisoned objective."""
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
@@ -71,3 +73,20 @@ def pooled_text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pooled_text_shards")
     write_conditioned_shards(folder, [i2v_samples(2)], i2v=False, negative_prompt="")
     return folder
+
+
+class PoisonedObjective:
+    """An objective whose loss is NaN wherever ``poison()`` says so; everything else (the step's
+    range of t, the objective's attributes) is the wrapped objective's."""
+
+    def __init__(self, objective: Any, poison: Callable[[], bool]) -> None:
+        self.objective, self.poison = objective, poison
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.objective, name)
+
+    def __call__(self, *args: Any) -> Any:
+        output = self.objective(*args)
+        if self.poison():
+            output.loss = output.loss * float("nan")
+        return output

@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from conftest import REPO, PoisonedObjective
 from distributed import run_ranks
 
 from imontage.config import load_recipe
@@ -47,15 +47,9 @@ def nan_on_rank_1(rank: int, world_size: int, run_dir: str, shards: str, mode: s
 
     trainer.after_step = recording  # type: ignore[method-assign]
     for stage in trainer.stages:
-        objective = stage.objective
-
-        def poisoned(model, batch, generator, objective=objective):
-            output = objective(model, batch, generator)
-            if rank == 1 and trainer.step + 1 == NAN_STEP:
-                output.loss = output.loss * float("nan")
-            return output
-
-        stage.objective = poisoned
+        stage.objective = PoisonedObjective(
+            stage.objective, lambda: rank == 1 and trainer.step + 1 == NAN_STEP
+        )
     try:
         trainer.fit()
     except Exception as error:  # fail mode: report what was saved before the fault

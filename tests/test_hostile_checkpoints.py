@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_config
+from conftest import REPO, PoisonedObjective, tiny_model_config
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -321,14 +321,7 @@ def test_a_stage_whose_every_step_is_skipped_stops_with_the_numerical_fault_code
     )  # fmt: skip
     trainer = Trainer(cfg)
     for stage in trainer.stages:
-        objective = stage.objective
-
-        def poisoned(model, batch, generator, objective=objective):
-            output = objective(model, batch, generator)
-            output.loss = output.loss * float("nan")
-            return output
-
-        stage.objective = poisoned
+        stage.objective = PoisonedObjective(stage.objective, lambda: True)
     with pytest.raises(NumericalFault, match="all 3 step\\(s\\) run .* skipped"):
         trainer.fit()
     assert not ckpt.find_resume_checkpoint(tmp_path / "checkpoints")  # no NaN-era result saved
