@@ -151,6 +151,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobRequeue=1
+# A host that does not answer for this long is DOWN and its jobs end (NODE_FAIL; requeued when they
+# asked for --requeue); 20 s, not 300, so that a cut link ends a job within a test's patience.
+SlurmdTimeout=${SLURMD_TIMEOUT:-20}
 SlurmctldPort=${SLURMCTLD_PORT:-6917}
 SlurmdPort=${SLURMD_PORT:-6918}
 StateSaveLocation=$dir/state

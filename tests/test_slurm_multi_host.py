@@ -4,11 +4,12 @@ veth network, and the same losses as the same world size on one host (issue 22).
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,20 @@ def submit_across_hosts(env: dict[str, str], tmp_path: Path, name: str, tasks_pe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["zero3_dp2", pytest.param("tp2", marks=pytest.mark.multihost)])
-def test_two_hosts_train_as_one_host_does(multi_host_cluster: dict[str, str], parallel: str,
+@pytest.mark.parametrize(
+    ("tasks_per_node", "parallel"),
+    [
+        (1, "zero3_dp2"),
+        pytest.param(1, "tp2", marks=pytest.mark.multihost),
+        pytest.param(2, "tp2", marks=pytest.mark.multihost),  # TP inside each host, ZeRO-3 DP=2 across
+    ],
+)
+def test_two_hosts_train_as_one_host_does(multi_host_cluster: dict[str, str], tasks_per_node: int, parallel: str,
                                           tmp_path: Path) -> None:  # fmt: skip
-    """2 hosts x 1 task: ZeRO-3 DP=2 and TP=2 across the hosts give run_ranks's 2-rank losses, bitwise."""
+    """2 hosts x 1 or 2 tasks: ZeRO-3 DP=2, TP=2 across the hosts, TP=2 x DP=2 give run_ranks's losses
+    for the same world size on one host, bitwise."""
     state = Path(multi_host_cluster["IMONTAGE_CLUSTER_DIR"])
+    world = 2 * tasks_per_node
     data = tmp_path / "data"
     subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "12", "--no-progress"],
                    cwd=REPO, check=True)  # fmt: skip
@@ -110,21 +120,27 @@ def test_two_hosts_train_as_one_host_does(multi_host_cluster: dict[str, str], pa
               "parallel.device=cpu", "train.sample.every=0", "train.progress=false",
               "train.checkpoint.every=0"]  # fmt: skip
     run_dir = tmp_path / "run"
-    job = submit_across_hosts(multi_host_cluster, tmp_path, "imontage-2h", 1, [f"run_dir={run_dir}", *common])
+    job = submit_across_hosts(multi_host_cluster, tmp_path, "imontage-2h", tasks_per_node,
+                              [f"run_dir={run_dir}", *common])  # fmt: skip
     job_state = wait_for_job(job, multi_host_cluster)
     log = next((tmp_path / "logs").glob(f"imontage-2h-{job}.out")).read_text()
     assert job_state == "COMPLETED", log
-    placements = sorted((tmp_path / f"placement-{rank}").read_text().split() for rank in range(2))
+    assert f"job {job} restart 0: {world} tasks" in log, log
+    placements = [(tmp_path / f"placement-{rank}").read_text().split() for rank in range(world)]
+    # SLURM_PROCID and SLURM_LOCALID: ranks fill the first host, then the second.
+    assert [p[:2] for p in placements] == [[str(r), str(r % tasks_per_node)] for r in range(world)], (
+        placements
+    )
     hosts = [p[2] for p in placements]
-    master_addr = placements[0][4]
-    assert [p[:2] for p in placements] == [["0", "0"], ["1", "0"]], placements  # SLURM_PROCID, SLURM_LOCALID
-    assert len(set(hosts)) == 2, placements
+    assert len(set(hosts)) == 2 and hosts == sorted(hosts), placements
     for procid, _, host, namespace, _ in placements:
         assert namespace == namespace_of(host, state), (procid, host, namespace)
-    # The master is the first host's NodeAddr: the host names resolve nowhere.
+    # Every rank's master is the first host's NodeAddr: the host names resolve nowhere.
+    master_addr = placements[0][4]
     assert master_addr.startswith("10.231.") and f"master {master_addr}" in log, log
+    assert {p[4] for p in placements} == {master_addr}, placements
 
-    expected = run_ranks(uninterrupted, 2, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
+    expected = run_ranks(uninterrupted, world, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
     assert [r["loss"] for r in read_metrics(run_dir)] == expected
 
 
@@ -188,3 +204,121 @@ def test_usr2_reaches_both_hosts_and_the_requeue_resumes_on_both(
 
     expected = run_ranks(uninterrupted, 2, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
     assert [r["loss"] for r in read_metrics(run_dir)] == expected  # the losses after the resume too
+
+
+# The fault jobs' train.faults.timeout_s: a collective a lost peer never joins fails after it.
+COLLECTIVE_TIMEOUT_S = 20
+EXIT_SLACK_S = 40  # on top of it: the ranks' exit, srun's kill of the rest, on 2 shared cores
+LOST_JOB_END_S = 60  # from the kill to the job's end: srun's kill of the step, KillWait (30 s) at most
+CUT_JOB_END_S = 80  # from the cut to the job's end: SlurmdTimeout (20 s) + a ping interval + slack
+LINK_DOWN_S = COLLECTIVE_TIMEOUT_S + 30  # a cut lasts past the collective timeout, or until the job ended
+
+
+def rank_pids(namespace: str) -> list[int]:
+    """The training processes (``python -m imontage.train.cli``) in one host's namespace; not srun,
+    whose command line holds the same words."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if argv[1:3] == [b"-m", b"imontage.train.cli"]:
+            found.append(int(pid))
+    return found
+
+
+def job_processes(namespace: str) -> list[str]:
+    """``pid comm`` of every process in a host's namespace other than its slurmd."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    left = []
+    for pid in pids:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != "slurmd":
+            left.append(f"{pid} {comm}")
+    return left
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held; TimeoutError naming ``what`` after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.parametrize("fault", ["lost-host", "cut-link"])
+def test_a_lost_host_or_cut_link_ends_the_job_in_bounded_time_and_the_requeue_resumes(
+    multi_host_cluster: dict[str, str], fault: str, tmp_path: Path
+) -> None:
+    """Host 2's ranks are SIGKILLed mid-run, or its link is down for longer than the collective
+    timeout: every rank of both hosts is gone within timeout + slack, the job ends within its bound
+    (FAILED, requeued by hand; or NODE_FAIL, requeued by SLURM), no process of the job is left in
+    either namespace, and the requeued job resumes from the newest complete checkpoint and ends with
+    the uninterrupted run's losses."""
+    state = Path(multi_host_cluster["IMONTAGE_CLUSTER_DIR"])
+    made = cluster_id(state)
+    namespaces = [f"imontage-{made}-h1", f"imontage-{made}-h2"]
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_synthetic.py", "--out", str(data), "--samples", "48", "--no-progress"],
+                   cwd=REPO, check=True)  # fmt: skip
+    common = [f"data.shards={data}/train-*.tar", "stages.sft.steps=24", "data.max_tokens=768",
+              "parallel=zero3_dp2", "parallel.device=cpu", "train.sample.every=0", "train.progress=false",
+              "train.checkpoint.every=4"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", *common, f"train.faults.timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    job = submit_across_hosts(multi_host_cluster, tmp_path, "imontage-2h-fault", 1, overrides)
+    wait_for_step(run_dir, 4, job, multi_host_cluster)
+    assert rank_pids(namespaces[0]) and rank_pids(namespaces[1])
+    fault_at = time.monotonic()
+    if fault == "lost-host":
+        for pid in rank_pids(namespaces[1]):
+            os.kill(pid, signal.SIGKILL)
+    else:
+        subprocess.run(["ip", "link", "set", f"imv{made}h2", "down"], check=True)
+    try:
+        exit_s = wait_until(lambda: not rank_pids(namespaces[0]) and not rank_pids(namespaces[1]),
+                            COLLECTIVE_TIMEOUT_S + EXIT_SLACK_S, "the ranks of both hosts did not exit")  # fmt: skip
+        if fault == "cut-link":
+            # srun never hears from the cut-off host's slurmstepd (it gives up sending while the link is
+            # down): the job ends when slurmctld finds the host not responding (SlurmdTimeout, 20 s here),
+            # NODE_FAIL, and SLURM requeues it itself (--requeue).
+            wait_until(lambda: job_field(job, multi_host_cluster, "JobState") != "RUNNING",
+                       CUT_JOB_END_S - (time.monotonic() - fault_at), f"job {job} did not end")  # fmt: skip
+            end_s = time.monotonic() - fault_at
+            time.sleep(max(0.0, LINK_DOWN_S - end_s))  # the link stays down past the timeout
+    finally:
+        subprocess.run(["ip", "link", "set", f"imv{made}h2", "up"], check=True)
+    if fault == "lost-host":
+        job_state = wait_for_job(job, multi_host_cluster, timeout=LOST_JOB_END_S)
+        end_s = time.monotonic() - fault_at
+        log = next((tmp_path / "logs").glob(f"imontage-2h-fault-{job}.out")).read_text()
+        assert job_state == "FAILED", log
+        subprocess.run(["scontrol", "requeue", job], env=multi_host_cluster, check=True)  # as a user would
+    assert job_field(job, multi_host_cluster, "Restarts") == "1"
+    for namespace in namespaces:  # slurmstepd and the ranks: gone once the job ended
+        wait_until(
+            lambda ns=namespace: not job_processes(ns), 30, f"processes of job {job} stayed in {namespace}"
+        )
+    print(f"{fault}: every rank exited {exit_s:.1f} s after the fault (bound {COLLECTIVE_TIMEOUT_S + EXIT_SLACK_S} s),"
+          f" the job ended {end_s:.1f} s after it, {job_field(job, multi_host_cluster, 'JobState')} now")  # fmt: skip
+
+    newest = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
+    # A save the fault cut short has no manifest and is skipped: the newest complete one is a multiple of 4.
+    assert newest is not None and newest.name in {ckpt.checkpoint_name(s) for s in range(4, 24, 4)}, newest
+    release_requeued(job, multi_host_cluster)
+    job_state = wait_for_job(job, multi_host_cluster, timeout=480)
+    log = next((tmp_path / "logs").glob(f"imontage-2h-fault-{job}.out")).read_text()
+    assert job_state == "COMPLETED", log
+    step = int(newest.name.split("_")[1])
+    assert f"resumed from {newest} at step {step}" in log, log
+    expected = run_ranks(uninterrupted, 2, [f"run_dir={tmp_path / 'reference'}", *common], timeout=300)[0]
+    assert [r["loss"] for r in read_metrics(run_dir)] == expected
