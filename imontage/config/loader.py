@@ -34,6 +34,7 @@ from imontage.config.schema import (
     RecipeConfig,
     StageConfig,
 )
+from imontage.config.validation import check_validation
 from imontage.models import packing_spec, trained_experts
 from imontage.models.registry import FAMILIES, family
 from imontage.untrusted import ConversionError, InputError
@@ -420,6 +421,7 @@ def validate(cfg: DictConfig, origin: Origin) -> None:
                 validate_data(merged, f"{key}.data", model, source)
         if stage.objective == "flow_dpo":
             _validate_dpo_stage(cfg, index, source)
+        _validate_stage_validation(cfg, index, source)
         _check(
             not stage.init_from or Path(stage.init_from).exists(),
             f"{key}.init_from",
@@ -487,6 +489,26 @@ def _check_pretrained_rope(model: DictConfig, folder: Path, source: Origin) -> N
             "it): keep the model preset's rope; a position axis with no pairs is not rotated "
             "(docs/finetune_wan.md: EditVerse on Wan)",
         )
+
+
+def _validate_stage_validation(cfg: DictConfig, index: int, source: Origin) -> None:
+    """Stage ``index``'s held-out validation: the top-level ``validation`` with its overrides."""
+    stage = cfg.stages[index]
+
+    def where(key: str) -> str:  # a key the stage overrides is named under the stage
+        own = stage.validation[key.split("[")[0]] is not None
+        return f"stages[{index}].validation.{key}" if own else f"validation.{key}"
+
+    experts = trained_experts(cfg.model)
+    check_validation(
+        stage_section(cfg, index, "validation", source=source(f"stages[{index}].validation")),
+        where,
+        source,
+        [str(dataset.name) for dataset in stage_section(cfg, index, "data").datasets],
+        stage.objective,
+        [(e.t_min, e.t_max) for e in experts] or [(0.0, 1.0)],
+        RecipeError,
+    )
 
 
 def _validate_dpo_stage(cfg: DictConfig, index: int, source: Origin) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import MISSING
 
 from imontage.config.imagic import ImagicConfig
+from imontage.config.validation import ValidationConfig
 from imontage.models.lora import LoraConfig
 from imontage.models.registry import DEFAULT_FAMILY, FAMILIES
 
@@ -275,6 +276,7 @@ def _overrides_of(cls: type) -> type:
 
 DataOverrides: Any = _overrides_of(DataConfig)
 OptimOverrides: Any = _overrides_of(OptimConfig)
+ValidationOverrides: Any = _overrides_of(ValidationConfig)
 
 
 @dataclass
@@ -284,6 +286,7 @@ class StageConfig:
     steps: int = MISSING
     data: Any = field(default_factory=DataOverrides)
     optim: Any = field(default_factory=OptimOverrides)
+    validation: Any = field(default_factory=ValidationOverrides)  # this stage's held-out sets and settings
     # Weights the stage starts from instead of the previous stage's: a consolidated safetensors
     # file (tools/convert_checkpoint.py consolidate) or a training checkpoint directory; "" = none.
     init_from: str = ""
@@ -303,6 +306,8 @@ class RecipeConfig:
     # imontage-imagic's settings (imontage/config/imagic.py); the trainer does not read them.
     imagic: ImagicConfig = field(default_factory=ImagicConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Held-out validation (imontage/config/validation.py); a stage's `validation` overrides it.
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
 
