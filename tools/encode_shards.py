@@ -39,6 +39,7 @@ from imontage.dataprep.encode import (
     ShardReport,
     encode_shards,
 )
+from imontage.dataprep.keyframes import KeyframeSelection
 from imontage.untrusted import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,6 +130,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-pixels", type=int, default=1 << 24, help="larger images and frames are left out"
     )
+    keyframes = parser.add_mutually_exclusive_group()
+    keyframes.add_argument(
+        "--keyframes",
+        choices=["anchors"],
+        help="also encode alone, beside each target clip's latent, the frames its condition segments are "
+        "anchored at (imontage/dataprep/keyframes.py)",
+    )
+    keyframes.add_argument(
+        "--keyframe-stride",
+        type=int,
+        default=0,
+        help="... or every N-th frame of each target clip from frame 0: candidates for Adaptive Tuning",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -140,8 +154,9 @@ def encode(args: argparse.Namespace) -> list[ShardReport]:
         max_frames=args.max_frames, frame_stride=args.frame_stride, max_pixels=args.max_pixels
     )
     settings = EncodeSettings(
-        options, args.latent_dtype, args.seed, args.negative_prompt, patch_size=args.patch_size
-    )
+        options, args.latent_dtype, args.seed, args.negative_prompt, patch_size=args.patch_size,
+        keyframes=KeyframeSelection(anchors=args.keyframes == "anchors", stride=args.keyframe_stride),
+    )  # fmt: skip
     encoders = Encoders.load(
         args.vae,
         args.text_encoder,

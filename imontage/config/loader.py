@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imontage.config.imagic import check_imagic
+from imontage.config.keyframes import keyframe_problems
 from imontage.config.model_file import check_model_config, is_pipeline, pipeline_components, read_model_config
 from imontage.config.schema import (
     ATTENTION_BACKENDS,
@@ -672,3 +673,10 @@ def validate_data(data: DictConfig, prefix: str, model: DictConfig, origin: Orig
         origin,
         "needs model.text_encoder=precomputed",
     )
+    try:
+        spec = packing_spec(model)
+    except ValueError:  # a model that cannot be built is named by _validate_model_inputs
+        return
+    for key, reason in keyframe_problems(data.keyframes, spec.layout, spec.patch_size[0],
+                                         spec.keyframe_condition is not None):  # fmt: skip
+        _check(False, f"{prefix}.keyframes.{key}", origin, reason)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import MISSING
 
 from imontage.config.imagic import ImagicConfig
+from imontage.config.keyframes import KeyframesConfig
 from imontage.config.validation import ValidationConfig
 from imontage.models.lora import LoraConfig
 from imontage.models.registry import DEFAULT_FAMILY, FAMILIES
@@ -166,6 +167,8 @@ class DataConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     video: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
     bad_data: BadDataConfig = field(default_factory=BadDataConfig)
+    # DreaMontage: which stored keyframe latents condition their clip, and how (imontage/data/keyframes.py).
+    keyframes: KeyframesConfig = field(default_factory=KeyframesConfig)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from imontage.data import conditions, media
 from imontage.data.buckets import Size, frame_bucket, sample_frame_indices, target_size
 from imontage.data.facts import SampleFacts, SegmentFacts
+from imontage.data.keyframes import NO_KEYFRAMES, KeyframeOptions, channel_keyframes
 from imontage.data.problems import DataError
 from imontage.data.records import (
     SampleRecord,
@@ -52,6 +53,7 @@ class DecodeOptions:
     max_pixels: int = 1 << 24  # larger images and video frames are skipped
     max_video_frames: int = 4096  # longer videos are skipped before decoding
     text_embeddings: bool = False  # text from the `text_embedding` member, not the `text` string
+    keyframes: KeyframeOptions = NO_KEYFRAMES  # which stored keyframes condition their clip, and how
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> DecodeOptions:
@@ -67,6 +69,7 @@ class DecodeOptions:
             max_pixels=int(bad.max_pixels),
             max_video_frames=int(bad.max_video_frames),
             text_embeddings=bool(data_cfg.text_embeddings),
+            keyframes=KeyframeOptions.from_config(data_cfg),
         )
 
 
@@ -118,8 +121,26 @@ def _segment_facts(raw: RawSample, segment: SegmentRecord) -> SegmentFacts:
             )
             raise _media_error(raw, segment.condition_latent, error)
         condition = shape[0]
+    if segment.keyframes is not None:
+        _check_keyframes(raw, segment, (channels, frames, height, width))
     return SegmentFacts(segment.kind, segment.role, segment.group, segment.anchor, channels, frames,
-                        height, width, fps, condition, segment.members[0])  # fmt: skip
+                        height, width, fps, condition, segment.members[0], segment.keyframe_frames)  # fmt: skip
+
+
+def _check_keyframes(raw: RawSample, segment: SegmentRecord, shape: Shape) -> None:
+    """A target's ``keyframes`` member must hold one ``[C, H, W]`` latent per keyframe frame, each
+    inside the clip: ``[C, K, H, W]`` from its header (nothing loaded)."""
+    assert segment.keyframes is not None
+    channels, frames, height, width = shape
+    found = _array_shape(raw, segment.keyframes, 4, "keyframes are [C, K, H, W]")
+    wanted = (channels, len(segment.keyframe_frames), height, width)
+    problem = ""
+    if found != wanted:
+        problem = f"keyframes of shape {list(found)}, its segment ({list(shape)}) and keyframe_frames need {list(wanted)}"
+    elif segment.keyframe_frames[-1] >= frames:
+        problem = f"keyframe_frames {list(segment.keyframe_frames)} reach past the clip's {frames} frames"
+    if problem:
+        raise _media_error(raw, segment.keyframes, media.MediaError(problem))
 
 
 def _array_shape(raw: RawSample, member: str, dims: int, what: str) -> tuple[int, ...]:
@@ -292,6 +313,7 @@ def _sample_tokens(
     group: str | None,
     text_tokens: int,
     spec: PackingSpec | None,
+    keyframes: KeyframeOptions = NO_KEYFRAMES,
 ) -> int:
     """Tokens of one sample of the item, checked against the model; 0 without one (previews)."""
     if spec is None:
@@ -315,7 +337,33 @@ def _sample_tokens(
         check_layout(spec.layout, grids)
     except ValueError as error:
         raise _Reject("unpackable", f"layout {spec.layout}: {error}") from None
-    return sum(grid.num_tokens for grid in grids)
+    return sum(grid.num_tokens for grid in grids) + _keyframe_tokens(facts, group, spec, keyframes)
+
+
+def _keyframe_tokens(
+    facts: SampleFacts, group: str | None, spec: PackingSpec, keyframes: KeyframeOptions
+) -> int:
+    """Tokens of the keyframe condition segments a sample may get (``shared`` conditioning): each
+    target's most, so that the sample fits its batch whatever its draw; checks the model can take
+    them."""
+    if not keyframes.on:
+        return 0
+    if keyframes.conditioning == "channel" and spec.keyframe_condition is None:
+        raise _Reject("unpackable", "data.keyframes.conditioning=channel: the model takes no channel "
+                      "condition to lay keyframes in (an image-to-video model's)")  # fmt: skip
+    if keyframes.conditioning == "channel":
+        return 0
+    tokens = 0
+    for index, segment in enumerate(facts.segments):
+        if segment.role != "target" or segment.group not in (None, group) or not segment.keyframe_frames:
+            continue
+        if spec.patch_size[0] != 1 or spec.layout != "shared":
+            raise _Reject("unpackable", f"segment {index}: keyframe condition segments are one latent frame "
+                          f"anchored on the target's positions: they need layout shared and patch_size[0] = 1 "
+                          f"(got {spec.layout}, {spec.patch_size[0]})")  # fmt: skip
+        grid = patch_grid((segment.channels, 1, segment.height, segment.width), spec.patch_size)
+        tokens += keyframes.most(segment.keyframe_frames, segment.frames) * grid[1] * grid[2]
+    return tokens
 
 
 def _check_model_inputs(facts: SampleFacts, plans: Sequence[SegmentPlan], spec: PackingSpec) -> None:
@@ -345,8 +393,12 @@ def plan_item(
         plans = tuple(_segment_plan(segment, options, spec) for segment in facts.segments)
         text_tokens = _text_tokens(facts, options, spec)
         if tokens is None:
-            tokens = sum(_sample_tokens(facts, plans, group, text_tokens, spec) for group in groups)
-            if spec is not None:
+            tokens = sum(
+                _sample_tokens(facts, plans, group, text_tokens, spec, options.keyframes) for group in groups
+            )
+            # keyframes laid in the channels replace the first frame's channel condition
+            keyframe_channels = options.keyframes.on and options.keyframes.conditioning == "channel"
+            if spec is not None and not keyframe_channels:
                 _check_model_inputs(facts, plans, spec)
     except _Reject as reject:
         raise DataError.of(reject.reason, url, key, str(reject)) from None
@@ -448,6 +500,41 @@ def _sample_inputs(raw: RawSample, record: SampleRecord, spec: PackingSpec | Non
     return fields
 
 
+def _keyframe_conditions(
+    raw: RawSample,
+    record: SampleRecord,
+    visual: list[Segment],
+    group: str | None,
+    spec: PackingSpec | None,
+    keyframes: KeyframeOptions,
+    epoch: int,
+) -> tuple[list[Segment], list[Segment]]:
+    """``visual`` with the chosen keyframes of each target laid in its channels (``channel``), and the
+    keyframe condition segments to append (``shared``): :mod:`imontage.data.keyframes`."""
+    out, extra = list(visual), []
+    for index, (segment, entry) in enumerate(zip(visual, record.segments, strict=True)):
+        if segment.role != "target" or entry.group not in (None, group):
+            continue
+        assert segment.data is not None
+        clip_frames = segment.data.shape[1]
+        chosen: tuple[int, ...] = ()
+        stored = None
+        if entry.keyframes is not None:
+            stored = _array(raw, entry.keyframes)  # [C, K, H, W], checked against its header at inspection
+            chosen = keyframes.choose(entry.keyframe_frames, clip_frames, raw.key, index, epoch)
+        if keyframes.conditioning == "shared":
+            assert stored is not None or not chosen
+            extra += [Segment("latent", "condition", data=stored[:, i : i + 1], anchor=entry.keyframe_frames[i])
+                      for i in chosen if stored is not None]  # fmt: skip
+            continue
+        assert spec is not None and spec.keyframe_condition is not None  # plan_item rejected others
+        if stored is None:
+            stored = segment.data.new_zeros(segment.data.shape[0], 0, *segment.data.shape[2:])
+        latents, given = channel_keyframes(stored, entry.keyframe_frames, chosen, clip_frames)
+        out[index] = dataclasses.replace(segment, channel_condition=spec.keyframe_condition(latents, given))
+    return out, extra
+
+
 def _with_channel_conditions(
     raw: RawSample, record: SampleRecord, visual: list[Segment], group: str | None, spec: PackingSpec | None
 ) -> list[Segment]:
@@ -482,13 +569,14 @@ def decode_item(
     spec: PackingSpec | None = None,
     facts: SampleFacts | None = None,
     tokens: int | None = None,
+    epoch: int = 0,
 ) -> DecodedItem:
     """Decode one raw sample into its training sample(s); a :class:`DataError` names what is wrong.
 
     ``facts`` (from a shard index) and ``tokens`` (the sample's count in a catalog) save checking
     them against the model again (see :func:`plan_item`); the sample's own headers must give the
     same facts, or it is ``unpackable`` (the index is out of date or not the shard's), since its
-    batch was planned from them.
+    batch was planned from them. ``epoch`` seeds Adaptive Tuning's keyframe draws (with the key).
     """
     record, found = inspect_sample(raw)
     if facts is not None and found != facts:
@@ -510,12 +598,19 @@ def decode_item(
     inputs = _sample_inputs(raw, record, spec)
     samples = []
     for group in record.groups:
-        conditioned = _with_channel_conditions(raw, record, visual, group, spec)
+        if options.keyframes.on:
+            conditioned, keyframe_segments = _keyframe_conditions(
+                raw, record, visual, group, spec, options.keyframes, epoch
+            )
+            if options.keyframes.conditioning == "shared":
+                conditioned = _with_channel_conditions(raw, record, conditioned, group, spec)
+        else:
+            conditioned, keyframe_segments = _with_channel_conditions(raw, record, visual, group, spec), []
         segments = [
             seg
             for seg, entry in zip(conditioned, record.segments, strict=True)
             if entry.group in (None, group)
-        ]
+        ] + keyframe_segments
         key = raw.key if group is None else f"{raw.key}#{group}"
         samples.append(Sample([*text, *segments], key=key, task=record.task, **inputs))
     return DecodedItem(raw.key, raw.url, record.task, samples, plan.tokens)

@@ -29,10 +29,16 @@ class SegmentFacts:
     fps: float  # 0 when unknown
     condition_channels: int = 0  # channels C of the segment's condition_latent [C, T, H, W]; 0 without
     member: str = ""  # the member holding it (a frame-image video's first frame), for messages
+    # latent frames of the standalone keyframe latents stored beside it (``keyframes``); () without
+    keyframe_frames: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any) -> SegmentFacts:
-        return cls(**_checked_fields(data, _SEGMENT_FACTS))
+        if isinstance(data, dict):  # an index written before keyframes: none
+            data = {"keyframe_frames": [], **data}
+        fields = _checked_fields(data, _SEGMENT_FACTS)
+        fields["keyframe_frames"] = tuple(fields["keyframe_frames"])
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ _SEGMENT_FACTS: dict[str, Callable[[Any], bool]] = {
     and math.isfinite(value) and value >= 0,
     "condition_channels": _is_count,
     "member": lambda value: isinstance(value, str),
+    "keyframe_frames": lambda value: isinstance(value, (list, tuple)) and all(_is_count(f) for f in value)
+    and list(value) == sorted(set(value)),
 }  # fmt: skip
 _SAMPLE_FACTS: dict[str, Callable[[Any], bool]] = {
     "task": lambda value: isinstance(value, str),

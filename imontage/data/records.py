@@ -38,8 +38,9 @@ SEGMENT_ROLES = ("condition", "target")
 PREFERENCE_GROUPS = ("win", "lose")
 RECORD_MEMBER = "json"
 _SEGMENT_FIELDS = frozenset(
-    {"role", "kind", "member", "frames", "fps", "anchor", "group", "tensor", "condition_latent"}
-)
+    {"role", "kind", "member", "frames", "fps", "anchor", "group", "tensor", "condition_latent",
+     "keyframes", "keyframe_frames"}
+)  # fmt: skip
 # Top-level fields naming array members the models read per sample (docs/data.md).
 ARRAY_FIELDS = ("text_embedding", "pooled_text", "image_embeds", "text_embedding_2")
 
@@ -63,6 +64,11 @@ class SegmentRecord:
     # latent targets: a member with the latent an image-to-video channel condition takes [C, T, H, W]
     # (Wan 2.1 I2V: the condition image followed by zero frames, through the VAE)
     condition_latent: str | None = None
+    # latent targets: a member with standalone latents of some of the clip's frames [C, K, H, W]
+    # (each frame encoded alone, as a user's keyframe is at sampling), and the latent frame of the
+    # target each lies in, ascending (tools/encode_shards.py --keyframes; imontage.data.keyframes)
+    keyframes: str | None = None
+    keyframe_frames: tuple[int, ...] = ()
 
     @property
     def is_frame_list(self) -> bool:
@@ -84,7 +90,8 @@ class SampleRecord:
     def array_members(self) -> tuple[str, ...]:
         """Its array members besides the latents: text embeddings, pooled text, image tokens, condition latents."""
         named = (self.text_embedding, self.pooled_text, self.image_embeds, self.text_embedding_2)
-        conditions = (segment.condition_latent for segment in self.segments)
+        conditions = [segment.condition_latent for segment in self.segments]
+        conditions += [segment.keyframes for segment in self.segments]
         return tuple(member for member in (*named, *conditions) if member is not None)
 
     @property
@@ -163,8 +170,28 @@ def _parse_segment(raw: RawSample, entry: Any, where: str) -> SegmentRecord:
         if kind != "latent" or role != "target":
             raise _Invalid("bad_json", f"{where}: 'condition_latent' goes with a latent target segment")
         _check_member(raw, condition, ARRAY_EXTENSIONS, f"{where} condition_latent")
+    keyframes, frames = _keyframes(raw, entry, kind, role, where)
     fps_value = None if fps is None else float(fps)
-    return SegmentRecord(role, kind, members, anchor, group, fps_value, tensor, condition)
+    return SegmentRecord(role, kind, members, anchor, group, fps_value, tensor, condition, keyframes, frames)
+
+
+def _keyframes(
+    raw: RawSample, entry: dict[str, Any], kind: str, role: str, where: str
+) -> tuple[str | None, tuple[int, ...]]:
+    """A latent target's ``keyframes`` member and ``keyframe_frames`` (both or neither)."""
+    member = _field(entry, "keyframes", str, where)
+    frames = entry.get("keyframe_frames")
+    if member is None and frames is None:
+        return None, ()
+    if kind != "latent" or role != "target":
+        raise _Invalid("bad_json", f"{where}: 'keyframes' go with a latent target segment")
+    if member is None or not isinstance(frames, list) or not frames:
+        raise _Invalid("bad_json", f"{where}: 'keyframes' and a non-empty 'keyframe_frames' go together")
+    counts = all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in frames)
+    if not counts or frames != sorted(set(frames)):
+        raise _Invalid("bad_json", f"{where}: 'keyframe_frames' must be distinct frames >= 0, ascending")
+    _check_member(raw, member, ARRAY_EXTENSIONS, f"{where} keyframes")
+    return member, tuple(frames)
 
 
 def _parse(raw: RawSample) -> SampleRecord:

@@ -282,7 +282,7 @@ class WorkerStream:
         facts = shard.index.entries[sample.shard_position].facts
         tokens = int(shard.tokens[sample.shard_position])
         try:
-            return decode_item(sample.raw, self.options, self.spec, facts, tokens)
+            return decode_item(sample.raw, self.options, self.spec, facts, tokens, self.epoch)
         except DataError as error:
             self._skip(error)
             return None

@@ -58,6 +58,7 @@ from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
+from imontage.dataprep.keyframes import KeyframeSelection, carry_keyframes, encode_keyframes
 from imontage.models.common.family import ImageEncoding
 from imontage.models.common.sequence import patch_grid
 from imontage.models.registry import FAMILIES
@@ -590,15 +591,24 @@ class EncodeSettings:
     # (pt, ph, pw) of the model the latents are for: a latent that does not divide into them is left
     # out (unpackable), as training would skip it. Every shipped latent preset patchifies by (1, 2, 2).
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
+    # Target clips' frames also encoded alone, stored beside their latent (imontage.dataprep.keyframes).
+    keyframes: KeyframeSelection = field(default_factory=KeyframeSelection)
 
     def to_json(self) -> dict[str, Any]:
-        options = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.options).items()}
+        # keyframes: a training setting (which stored keyframes condition a clip); encoding reads none
+        options = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(self.options).items()
+            if k != "keyframes"
+        }
         out = {"options": options, "latent_dtype": self.latent_dtype, "seed": self.seed}
         # Only when set: the manifests of folders encoded before stay valid.
         if self.negative_prompt is not None:
             out["negative_prompt"] = self.negative_prompt
         if tuple(self.patch_size) != DEFAULT_PATCH_SIZE:
             out["patch_size"] = list(self.patch_size)
+        if self.keyframes.active:
+            out["keyframes"] = self.keyframes.to_json()
         return out
 
 
@@ -662,7 +672,8 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         (record.image_embeds, encoders.image),
         (record.text_embedding_2, encoders.text_2),
     )
-    conditions = [segment.condition_latent for segment in record.segments if segment.condition_latent]
+    conditions = [member for segment in record.segments for member in (segment.condition_latent, segment.keyframes)
+                  if member]  # fmt: skip
     check_array_members(raw, [member for member, encoder in own if member and encoder is None] + conditions)
     generator = _generator(settings, raw.key, vae.device) if vae.sample_posterior else None
     members: dict[str, bytes] = {}
@@ -687,6 +698,10 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
             if entry.condition_latent is not None:  # travels along, like the latent it lies over
                 out["condition_latent"] = condition_member(index, extension(entry.condition_latent))
                 members[out["condition_latent"]] = raw.members[entry.condition_latent]
+            if entry.keyframes is not None:  # so do its keyframes
+                fields, carried = carry_keyframes(raw, index, entry.keyframes, entry.keyframe_frames)
+                out.update(fields)
+                members.update(carried)
             shapes.append({"kind": "latent", "pixels": None})
         else:
             try:
@@ -704,6 +719,12 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
             shapes.append({"kind": entry.kind, "pixels": list(pixels.shape)})
             fitted[index] = pixels
         segments.append(out)
+    if settings.keyframes.active:
+        members.update(encode_keyframes(
+            record, settings.keyframes, lambda pixels: vae.encode(pixels, mode=True), vae.temporal, fitted,
+            segments, shapes,
+            lambda member, name, tensor: _safetensors(raw, member, name, tensor, settings.latent_dtype, norm_meta),
+        ))  # fmt: skip
     image_tokens = 0
     if encoders.image is not None or encoders.i2v_condition:
         image_tokens = _encode_image_condition(raw, record, encoders, settings, fitted, segments, members)

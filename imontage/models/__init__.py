@@ -144,4 +144,5 @@ def packing_spec(cfg: Any, guidance: float | None = None) -> PackingSpec:
         else None,
         channel_condition=inputs.channel_condition,
         text_embed_dim=int(cfg.text_dim) if str(cfg.text_encoder) == "precomputed" else 0,
+        keyframe_condition=inputs.keyframe_condition,
     )

@@ -38,6 +38,9 @@ class ModelInputs:
     text_embed_2_dim: int = 0  # width of its second text encoder's rows (text segments of encoder 1)
     channel_condition: str = ""
     guidance_embedding: bool = False
+    # Its channel condition with keyframes at any latent frames: (latents [C, T, H, W], zeros on frames
+    # not given; given [T] bool) -> [C', T, H, W], as its image-to-video pipeline lays an image and mask.
+    keyframe_condition: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)

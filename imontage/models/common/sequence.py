@@ -221,6 +221,9 @@ class PackingSpec:
     # Width of a second text encoder's embeddings (text segments of encoder 1; HunyuanVideo 1.5's
     # glyph-text ByT5); 0: the model reads no second text.
     text_embed_2_dim: int = 0
+    # How keyframe latents laid at arbitrary frames become the model's channel condition (an image-to-
+    # video family's: ModelInputs.keyframe_condition); None: the model takes no channel condition.
+    keyframe_condition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 # Channel conditions a model may take, laid over each target segment [C', T, H, W]:

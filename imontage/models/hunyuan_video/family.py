@@ -23,6 +23,7 @@ from imontage.models.common.parallel_plan import (
 )
 from imontage.models.hunyuan_video.config import HunyuanVideoConfig
 from imontage.models.hunyuan_video.cost import COST
+from imontage.models.hunyuan_video.keyframes import keyframe_condition
 
 IMAGE_CONDITIONS = ("", "latent_concat", "token_replace")  # model.hunyuan_video.image_condition_type
 
@@ -61,6 +62,7 @@ def model_inputs(cfg: Any) -> ModelInputs:
     return ModelInputs(
         pooled_text_dim=int(hv.pooled_projection_dim),
         channel_condition="latent_concat" if condition == "latent_concat" else "",
+        keyframe_condition=keyframe_condition if condition == "latent_concat" else None,
         guidance_embedding=bool(hv.guidance_embeds),
     )
 

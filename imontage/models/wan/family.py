@@ -11,6 +11,7 @@ from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, Famil
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.config import WanConfig
 from imontage.models.wan.cost import COST
+from imontage.models.wan.keyframes import keyframe_condition
 
 
 def _splits() -> dict[str, TensorSplit]:
@@ -50,7 +51,11 @@ def model_inputs(cfg: Any) -> ModelInputs:
             f"model.in_channels={cfg.in_channels}: a Wan model takes its {latent} latent channels, plus "
             f"{WAN_MASK_CHANNELS} mask + {latent} condition channels for image-to-video ({2 * latent + 4})"
         )
-    return ModelInputs(image_embed_dim=int(cfg.wan.image_dim), channel_condition="wan_i2v" if extra else "")
+    return ModelInputs(
+        image_embed_dim=int(cfg.wan.image_dim),
+        channel_condition="wan_i2v" if extra else "",
+        keyframe_condition=keyframe_condition if extra else None,
+    )
 
 
 def clean_first_frame(cfg: Any) -> bool:
