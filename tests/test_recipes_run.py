@@ -72,8 +72,10 @@ def data_overrides(name: str, root: Path) -> list[str]:
         if not latents.exists():
             samples = [(key, members) for key, members, _ in pixel_samples()]
             write_conditioned_shards(latents, [samples], i2v=False)
-        spec = str(latents / "latents/pixels-*.tar")
-        return [f"data.shards={spec}", "model=hunyuan_video_tiny", f"model.text_dim={TEXT_DIM}",
+        spec = str(latents / "latents/pixels-*.tar")  # every task's dataset (CocktailMix) reads them
+        datasets = ", ".join(f"{{name: {d.name}, shards: '{spec}'}}" for d in load_recipe(REPO / "configs/recipes"
+                             / f"{name}.yaml").data.datasets)  # fmt: skip
+        return [f"data.datasets=[{datasets}]", "model=hunyuan_video_tiny", f"model.text_dim={TEXT_DIM}",
                 f"model.in_channels={2 * LATENT_CHANNELS + 1}", "model.hunyuan_video.image_condition_type=latent_concat",
                 "model.hunyuan_video.guidance_embeds=false", f"model.hunyuan_video.pooled_projection_dim={POOLED_DIM}",
                 "parallel=single", "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip

@@ -4,6 +4,7 @@
         --vae models/wan/vae --text-encoder models/wan/text_encoder --tokenizer models/wan/tokenizer \\
         [--text-recipe hunyuan_video] [--pooled-text-encoder models/hv/text_encoder_2] [--negative-prompt ""]
         [--text-encoder-2 models/hv15/text_encoder_2 --tokenizer-2 models/hv15/tokenizer_2]
+        [--text-recipe hunyuan_video_i2v --text-image-processor models/hv-i2v/image_processor --text-images first]
         [--rank R --world N] [--device cuda] [--dtype bfloat16] [--max-frames 81]
         [--image-encoder models/wan-i2v/image_encoder --image-processor models/wan-i2v/image_processor --i2v-condition]
 
@@ -39,6 +40,7 @@ from imontage.dataprep.encode import (
     ShardReport,
     encode_shards,
 )
+from imontage.dataprep.image_text import TEXT_IMAGES
 from imontage.dataprep.keyframes import KeyframeSelection
 from imontage.untrusted import InputError
 
@@ -79,6 +81,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "prompt's quoted glyph text), read as --text-recipe names it",
     )
     parser.add_argument("--tokenizer-2", help="its tokenizer folder (default: the encoder's)")
+    parser.add_argument(
+        "--text-image-processor",
+        help="under a recipe whose text encoder also sees an image (hunyuan_video_i2v: the LLaVA), its "
+        "image processor folder (HunyuanVideo-I2V's image_processor/; default: the text encoder's)",
+    )
+    parser.add_argument(
+        "--text-images",
+        choices=TEXT_IMAGES,
+        default="first",
+        help="which image that encoder sees: the sample's first condition image, or a black one "
+        "(docs/data.md says why not the others)",
+    )
     parser.add_argument(
         "--max-text-length", type=int, help="tokens kept at most (default: the recipe's, 512 or 256)"
     )
@@ -175,6 +189,8 @@ def encode(args: argparse.Namespace) -> list[ShardReport]:
         text_recipe=args.text_recipe,
         text_2=args.text_encoder_2,
         tokenizer_2=args.tokenizer_2,
+        text_image_processor=args.text_image_processor,
+        text_images=args.text_images,
     )
     return encode_shards(
         args.shards, args.out, encoders, args.rank, args.world, settings, progress=not args.no_progress

@@ -58,8 +58,9 @@ from imontage.data.index import read_sidecar, scan_shard, write_index
 from imontage.data.problems import DataError
 from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_record
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
+from imontage.dataprep.image_text import TEXT_IMAGES, ImageTextEncoder, text_image
 from imontage.dataprep.keyframes import KeyframeSelection, carry_keyframes, encode_keyframes
-from imontage.models.common.family import ImageEncoding
+from imontage.models.common.family import ImageEncoding, ImageInText, TextEncoding
 from imontage.models.common.sequence import patch_grid
 from imontage.models.registry import FAMILIES
 
@@ -265,6 +266,8 @@ class TextRecipe:
     pad: bool = False  # pad to the truncation length, as the family's pipeline runs the encoder
     chat_system: str | None = None
     select: Callable[[str], str | None] | None = None
+    image: ImageInText | None = None  # the encoder sees an image too (imontage.dataprep.image_text)
+    images: str = "first"  # with ``image``: which (``--text-images``, one of TEXT_IMAGES)
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "template": self.template, "crop_start": self.crop_start,
@@ -274,10 +277,12 @@ class TextRecipe:
             out["chat_system"] = self.chat_system
         if self.select is not None:
             out["select"] = f"{self.select.__module__}.{self.select.__qualname__}"
+        if self.image is not None:
+            out.update(image=vars(self.image), images=self.images)
         return out
 
     @classmethod
-    def named(cls, name: str, second: bool = False) -> TextRecipe:
+    def named(cls, name: str, second: bool = False, images: str = "first") -> TextRecipe:
         """The recipe ``name`` (one of :data:`TEXT_RECIPES`); ``second``: for the family's second
         text encoder (``ModelFamily.text_encoding_2``).
 
@@ -285,11 +290,17 @@ class TextRecipe:
         - a family's name: what that family's pipeline feeds its transformer
           (``ModelFamily.text_encoding``; HunyuanVideo: its Llama prompt template, ``crop_start`` 95,
           the third-to-last hidden state, 256 tokens, padded).
+        - another text recipe of a family (``ModelFamily.other_text_encodings``; HunyuanVideo-I2V's,
+          whose encoder also sees the image ``images`` names: :mod:`imontage.dataprep.image_text`).
         """
         if name == "last_hidden_state" and not second:
             return cls(name)
+        if images not in TEXT_IMAGES:
+            raise ValueError(f"--text-images {images} is not one of {', '.join(TEXT_IMAGES)}")
         record = FAMILIES.get(name)
         encoding_of = None if record is None else record.text_encoding_2 if second else record.text_encoding
+        if not second:
+            encoding_of = OTHER_TEXT_RECIPES.get(name, encoding_of)
         if encoding_of is None:
             if second:
                 raise ValueError(
@@ -300,12 +311,20 @@ class TextRecipe:
         encoding = encoding_of()
         return cls(
             name, encoding.template, encoding.crop_start, encoding.hidden_state, encoding.max_length,
-            encoding.pad, encoding.chat_system, encoding.select,
+            encoding.pad, encoding.chat_system, encoding.select, encoding.image, images,
         )  # fmt: skip
 
 
-# The plain one, then one per family that says how its pipeline encodes text.
-TEXT_RECIPES = ("last_hidden_state", *(n for n, r in FAMILIES.items() if r.text_encoding is not None))
+# The families' other text recipes, by name (HunyuanVideo-I2V's).
+OTHER_TEXT_RECIPES: dict[str, Callable[[], TextEncoding]] = {
+    name: encoding for record in FAMILIES.values() for name, encoding in record.other_text_encodings
+}
+# The plain one, then one per family that says how its pipeline encodes text, then the others.
+TEXT_RECIPES = (
+    "last_hidden_state",
+    *(n for n, r in FAMILIES.items() if r.text_encoding is not None),
+    *OTHER_TEXT_RECIPES,
+)
 # The families whose pipelines run a second text encoder (--text-encoder-2).
 SECOND_TEXT_RECIPES = tuple(n for n, r in FAMILIES.items() if r.text_encoding_2 is not None)
 
@@ -467,7 +486,8 @@ class Encoders:
     """The models a run encodes with, and the folders they came from (for OUT/encode.json)."""
 
     vae: VideoVAE
-    text: TextEncoder | None = None  # per-token embeddings [L, E]
+    # per-token embeddings [L, E]; an ImageTextEncoder also sees an image (the recipe's ``image``)
+    text: TextEncoder | ImageTextEncoder | None = None
     pooled: TextEncoder | None = None  # one pooled vector [E] (HunyuanVideo: CLIP-L's)
     folders: dict[str, str | None] = field(default_factory=dict)
     image: ImageEncoder | None = None  # the condition image's tokens [L, E] (Wan 2.1 I2V: CLIP ViT-H's)
@@ -502,17 +522,24 @@ class Encoders:
         text_recipe: str = "last_hidden_state",
         text_2: str | None = None,
         tokenizer_2: str | None = None,
+        text_image_processor: str | None = None,
+        text_images: str = "first",
     ) -> Encoders:
         """``max_text_length`` None: the text recipe's (:meth:`TextRecipe.named`). ``text_recipe`` a
         family's name also says how its second text encoder (``text_2``) and its image encoder are
-        read (``ModelFamily.text_encoding_2``, ``image_encoding``)."""
+        read (``ModelFamily.text_encoding_2``, ``image_encoding``). A recipe whose text encoder also
+        sees an image (HunyuanVideo-I2V's) reads it through ``text_image_processor`` (default: the
+        text encoder's folder); ``text_images`` says which (:mod:`imontage.dataprep.image_text`)."""
         folders = {"vae": vae, "text_encoder": text, "tokenizer": tokenizer or text,
                    "pooled_text_encoder": pooled, "pooled_tokenizer": pooled_tokenizer or pooled}  # fmt: skip
         if image is not None:  # only then: the manifests of folders encoded before stay valid
             folders.update(image_encoder=image, image_processor=image_processor or image)
         if text_2 is not None:
             folders.update(text_encoder_2=text_2, tokenizer_2=tokenizer_2 or text_2)
-        recipe = TextRecipe.named(text_recipe)
+        recipe = TextRecipe.named(text_recipe, images=text_images)
+        text_length = recipe.max_length if max_text_length is None else max_text_length
+        if recipe.image is not None and text is not None:  # only then: earlier manifests stay valid
+            folders.update(text_image_processor=text_image_processor or text)
         if text is None and recipe.name != "last_hidden_state":
             raise ValueError(f"text recipe '{recipe.name}' needs a text encoder (--text-encoder)")
         recipe_2 = None if text_2 is None else TextRecipe.named(text_recipe, second=True)
@@ -534,7 +561,11 @@ class Encoders:
             VideoVAE.load(vae, device, dtype, sample_posterior, tiling),
             None
             if text is None
-            else TextEncoder.load(text, tokenizer, device, dtype, max_text_length, recipe),
+            else TextEncoder.load(text, tokenizer, device, dtype, max_text_length, recipe)
+            if recipe.image is None
+            else ImageTextEncoder.load(
+                text, tokenizer, text_image_processor, device, dtype, text_length, recipe, pretrained_model
+            ),
             pooled_encoder,
             {name: None if path is None else os.path.abspath(path) for name, path in folders.items()},
             None
@@ -737,7 +768,11 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         "segments": shapes,
     }
     if text is not None:
-        embedding = text.encode(record.text)  # [L, E]
+        embedding: torch.Tensor | None
+        if isinstance(text, ImageTextEncoder):  # [image rows + text rows, E]
+            embedding = text.encode(record.text, text_image(raw, record, fitted, text.recipe.images))
+        else:
+            embedding = text.encode(record.text)  # [L, E]
         assert embedding is not None  # a first text encoder's recipe selects the whole text
         members[TEXT_MEMBER] = _safetensors(
             raw, TEXT_MEMBER, TEXT_TENSOR, embedding, settings.latent_dtype, {}
@@ -750,6 +785,8 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
         }
         if text.recipe.name != "last_hidden_state":
             result["text_encoder"]["recipe"] = text.recipe.name
+        if isinstance(text, ImageTextEncoder):  # which image it saw: the first condition one, or black
+            result["text_encoder"]["image"] = text.recipe.images
     elif record.text_embedding is not None:  # no encoder given: the precomputed one travels along
         name = f"text.{extension(record.text_embedding)}"
         members[name] = raw.members[record.text_embedding]
@@ -946,7 +983,11 @@ def write_negative(out: str | os.PathLike[str], encoders: Encoders, settings: En
         return path
     from safetensors.torch import save_file
 
-    embedding = encoders.text.encode(settings.negative_prompt)
+    embedding: torch.Tensor | None
+    if isinstance(encoders.text, ImageTextEncoder):  # with a black image, as the pipeline encodes it
+        embedding = encoders.text.encode(settings.negative_prompt, None)
+    else:
+        embedding = encoders.text.encode(settings.negative_prompt)
     assert embedding is not None  # a first text encoder's recipe selects the whole text
     tensors = {TEXT_TENSOR: embedding}
     if encoders.pooled is not None:

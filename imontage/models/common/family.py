@@ -84,6 +84,25 @@ class TextEncoding:
     # What of the prompt is encoded (None: all of it); it gives None when there is nothing to
     # encode, and then no rows are stored (HunyuanVideo 1.5's glyph text: the quoted strings).
     select: Callable[[str], str | None] | None = None
+    # The encoder also sees one image, as tokens in the template (None: text only).
+    image: ImageInText | None = None
+
+
+@dataclass(frozen=True)
+class ImageInText:
+    """How a text encoder that also sees an image (a LLaVA, HunyuanVideo-I2V's) reads it and what of
+    its output is kept: the template's one image placeholder token at ``start`` (in the tokenised
+    template) becomes ``tokens`` image-token positions; the rows at those positions are kept, every
+    ``interleave``-th, ahead of the text's rows; of the text, the ``cut`` tokens before the position
+    after the last ``marker`` token (the assistant turn's header) are dropped. ``processor`` is the
+    transformers image processor class that turns the image into the model's pixel values."""
+
+    processor: str
+    tokens: int
+    start: int
+    interleave: int
+    marker: str
+    cut: int
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,8 @@ class ModelFamily:
     diffusers_config: Callable[[], ModuleType] | None = None
     sampling: SamplingDefaults = SamplingDefaults()
     text_encoding: Callable[[], TextEncoding] | None = None  # encode_shards.py --text-recipe <name>
+    # Its other pipelines' text recipes, by recipe name (--text-recipe <recipe>; HunyuanVideo-I2V's).
+    other_text_encodings: tuple[tuple[str, Callable[[], TextEncoding]], ...] = ()
     # Its second text encoder's, whose rows are text segments of encoder 1 (--text-encoder-2).
     text_encoding_2: Callable[[], TextEncoding] | None = None
     # Its image encoder's, under --text-recipe <name> (None: CLIP's penultimate layer, Wan 2.1 I2V's).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from imontage.models.common.dual_stream import DUAL_STREAM_BLOCKS, MODULATION
 from imontage.models.common.family import (
+    ImageInText,
     ModelFamily,
     ModelInputs,
     SamplingDefaults,
@@ -102,6 +104,34 @@ def text_encoding() -> TextEncoding:
     return TextEncoding(str(template["template"]), int(template["crop_start"]), -3, 256, pad=True)
 
 
+def i2v_text_encoding(image_condition_type: str) -> TextEncoding:
+    """What diffusers' ``HunyuanVideoImageToVideoPipeline._get_llama_prompt_embeds`` feeds a transformer
+    of ``image_condition_type``, with the defaults its ``encode_prompt`` and ``__call__`` pass: the
+    prompt in its ``DEFAULT_PROMPT_TEMPLATE`` (read from diffusers: one ``<image>`` at token
+    ``image_emb_start`` 5 standing for ``image_emb_len`` 576 image tokens, ``crop_start`` 103), through
+    the LLaVA with the condition image (its ``CLIPImageProcessor``), ``hidden_states[-3]``
+    (``num_hidden_layers_to_skip`` 2), ``max_sequence_length`` 256 padded; kept: the image tokens'
+    rows, every ``image_embed_interleave``-th (2 for ``latent_concat``, 4 for ``token_replace``), then
+    the text's after the crop without the 4 tokens that open the assistant turn."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+    template: dict[str, Any] = DEFAULT_PROMPT_TEMPLATE
+    interleave = {"latent_concat": 2, "token_replace": 4}[image_condition_type]
+    start, end, tokens = (int(template[k]) for k in ("image_emb_start", "image_emb_end", "image_emb_len"))
+    if end - start != tokens:
+        raise ValueError(
+            f"diffusers' HunyuanVideo-I2V template spans {end - start} image tokens, not {tokens}"
+        )
+    image = ImageInText("CLIPImageProcessor", tokens, start, interleave, "<|end_header_id|>", 4)
+    return TextEncoding(
+        str(template["template"]), int(template["crop_start"]), -3, 256, pad=True, image=image
+    )
+
+
+# HunyuanVideo-I2V's text recipes, by image_condition_type (which sets the pipeline's interleave).
+I2V_TEXT_RECIPES = {"hunyuan_video_i2v": "latent_concat", "hunyuan_video_i2v_token_replace": "token_replace"}
+
+
 FAMILY = ModelFamily(
     name="hunyuan_video",
     summary="HunyuanVideo text- and image-to-video (diffusers' HunyuanVideoTransformer3DModel)",
@@ -121,5 +151,8 @@ FAMILY = ModelFamily(
     # unconditional pass, when asked for, must be named.
     sampling=SamplingDefaults(guidance=1.0, negative_required=True),
     text_encoding=text_encoding,
+    other_text_encodings=tuple(
+        (name, partial(i2v_text_encoding, condition)) for name, condition in I2V_TEXT_RECIPES.items()
+    ),
     cost=COST,
 )
