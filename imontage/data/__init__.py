@@ -8,7 +8,14 @@ synthetic data, the tests' shards) is :mod:`imontage.dataprep`.
 """
 
 from imontage.data.decode import decode_sample
-from imontage.data.loader import build_loader, load_image, preview_samples
+from imontage.data.loader import build_loader, heldout_items, load_image, preview_samples
 from imontage.data.shards import expand_shards
 
-__all__ = ["build_loader", "decode_sample", "expand_shards", "load_image", "preview_samples"]
+__all__ = [
+    "build_loader",
+    "decode_sample",
+    "expand_shards",
+    "heldout_items",
+    "load_image",
+    "preview_samples",
+]

@@ -13,6 +13,7 @@ drawing each batch from one of ``data.datasets`` by weights that may change with
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -355,21 +356,24 @@ def build_loader(data_cfg: DataConfig | Any, spec: PackingSpec, rank: int = 0, w
 # previews and single images
 
 
-def _dataset_samples(
-    urls: Sequence[str], options: DecodeOptions, spec: PackingSpec | None
-) -> Iterator[Sample]:
-    """Trainable samples of the shards in stored order; bad shards and samples are passed over."""
+def _dataset_items(
+    urls: Sequence[str], options: DecodeOptions, spec: PackingSpec | None, strict: bool = False
+) -> Iterator[list[Sample]]:
+    """The trainable samples of each item of the shards, in stored order (two for a preference pair);
+    bad shards and samples are passed over, or with ``strict`` raised as a :class:`DataError`."""
     for url in urls:
         try:
             for raw in read_shard(url):
                 if raw.duplicate:
                     continue
                 try:
-                    yield from decode_item(raw, options, spec).samples
+                    yield decode_item(raw, options, spec).samples
                 except DataError:
-                    continue
-        except ShardProblem:
-            continue
+                    if strict:
+                        raise
+        except ShardProblem as problem:
+            if strict:
+                raise DataError.of(problem.reason, url, None, problem.detail) from problem
 
 
 def preview_samples(data_cfg: Any, count: int, spec: PackingSpec | None = None) -> list[Sample]:
@@ -378,7 +382,8 @@ def preview_samples(data_cfg: Any, count: int, spec: PackingSpec | None = None) 
     cfg = with_defaults(data_cfg)
     options = DecodeOptions.from_config(cfg)
     streams = [
-        _dataset_samples(expand_shards(shards), options, spec) for _, shards, _ in dataset_sources(cfg)
+        (sample for item in _dataset_items(expand_shards(shards), options, spec) for sample in item)
+        for _, shards, _ in dataset_sources(cfg)
     ]
     samples: list[Sample] = []
     while streams and len(samples) < count:
@@ -389,6 +394,20 @@ def preview_samples(data_cfg: Any, count: int, spec: PackingSpec | None = None) 
             elif len(samples) < count:
                 samples.append(sample)
     return samples
+
+
+def heldout_items(
+    shards: str, data_cfg: Any, count: int, spec: PackingSpec | None = None
+) -> list[list[Sample]]:
+    """The first ``count`` items of ``shards`` in stored order, each its samples (a preference pair:
+    winner, loser), decoded as training decodes the ``data_cfg`` section's samples: a held-out set.
+
+    Nothing is passed over: a bad shard or sample raises :class:`DataError` naming it, since a set
+    that silently lost part of itself would report another loss.
+    """
+    cfg = with_defaults(data_cfg)
+    items = _dataset_items(expand_shards(shards), DecodeOptions.from_config(cfg), spec, strict=True)
+    return list(itertools.islice(items, count))
 
 
 def load_image(path: str | os.PathLike[str]) -> torch.Tensor:

@@ -150,6 +150,10 @@ class LocalBackend:
     def sum_over_data(self, value: float) -> float:
         return value
 
+    def sum_tensor_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed element-wise over the data-parallel ranks (here: itself)."""
+        return tensor
+
     def ema_weights(self) -> contextlib.AbstractContextManager:
         return self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext()
 
@@ -399,6 +403,12 @@ class DeepSpeedBackend:
 
     def sum_over_data(self, value: float) -> float:
         return self._reduce_over_data(value, average=False)
+
+    def sum_tensor_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed element-wise over the data-parallel ranks, in place (not over TP or CP,
+        whose ranks hold the same values)."""
+        dist.all_reduce(tensor, group=self.data_group)
+        return tensor
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """The EMA in the engine's module; under ZeRO-3 through its partitions (``EMA.applied_to``)."""

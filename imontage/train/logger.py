@@ -25,8 +25,12 @@ class RunLogger:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
         if jsonl:
-            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-            self.metrics.flush()
+            self.record(step, values)
+
+    def record(self, step: int, values: dict[str, Any]) -> None:
+        """One metrics.jsonl line; :func:`read_metrics` merges the lines of one step."""
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """``image``: ``[H, W, 3]`` uint8."""
@@ -49,6 +53,9 @@ class NullLogger:
     def scalars(self, step: int, values: dict[str, Any], prefix: str = "train", jsonl: bool = True) -> None:
         """Rank 0 writes the scalars."""
 
+    def record(self, step: int, values: dict[str, Any]) -> None:
+        """Rank 0 writes metrics.jsonl."""
+
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """Rank 0 writes the images."""
 
@@ -60,12 +67,13 @@ class NullLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-step records of ``RUN_DIR/metrics.jsonl``, last record per step winning (after a resume)."""
+    """The per-step records of ``RUN_DIR/metrics.jsonl``: the lines of one step (training's, validation's)
+    merged, a later line's value of a key winning (a step logged again after a resume)."""
     path = run_dir / "metrics.jsonl"
     records: dict[int, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 record = json.loads(line)
-                records[record["step"]] = record
+                records.setdefault(record["step"], {}).update(record)
     return [records[step] for step in sorted(records)]

@@ -48,6 +48,7 @@ from imontage.train.resilience import (
     set_collective_timeout,
 )
 from imontage.train.schedule import learning_rate
+from imontage.train.validation import Validator, build_validators, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class Trainer:
         # Noise, t and text dropout: the same within a TP/CP group, different across DP ranks.
         self.generator = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_STRIDE * self.backend.data_rank)
         self.stages = build_stages(cfg)
+        # Held-out sets, read now: a wrong one stops the run before its first step.
+        self.validators = build_validators(cfg, self.selected_stages(), self.spec)
         self.step = 0
         self.saved_step = -1
         self.loader: Any = None
@@ -182,6 +185,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         started = self.step
+        validator = self.validators.get(stage.index)
+        if validator is not None and validator.at_start and self.step == stage.first_step:
+            self.validate(validator)  # the weights the stage starts from
         with bar:
             while self.step < stage.last_step and not self.stop_requested():
                 metrics = self.train_step()
@@ -288,8 +294,24 @@ class Trainer:
             self.log_data_metrics()
         if train.sample.every and self.step % train.sample.every == 0:
             self.write_samples()
+        assert self.stage is not None
+        validator = self.validators.get(self.stage.index)
+        if validator is not None and validator.due(self.step):
+            self.validate(validator)
+        if validator is not None and validator.preview_due(self.step):
+            self.write_samples(validator.heldout.previews(validator.preview_count), "val_")
         if train.checkpoint.every and self.step % train.checkpoint.every == 0:
             self.save_checkpoint()
+
+    def validate(self, validator: Validator) -> dict[str, float]:
+        """The stage's held-out numbers now: TensorBoard ``val/...``, metrics.jsonl and a console line."""
+        assert self.stage is not None
+        metrics = validator.evaluate(self.model, self.backend)
+        self.logger.scalars(self.step, metrics, prefix="val", jsonl=False)
+        self.logger.record(self.step, {f"val/{name}": value for name, value in metrics.items()})
+        if self.is_main:
+            log.info(progress_line(self.step, self.stage.name, metrics))
+        return metrics
 
     # --------------------------------------------------------------------------- stage setup
     def start_stage(self, stage: Stage) -> None:
@@ -456,10 +478,12 @@ class Trainer:
         return path
 
     # -------------------------------------------------------------------------------- samples
-    def write_samples(self) -> Path:
-        """Sample the preview conditions with the EMA weights; PNG to RUN_DIR/samples and TensorBoard."""
+    def write_samples(self, samples: list[Any] | None = None, prefix: str = "") -> Path:
+        """Sample the preview conditions (or ``samples``: the held-out ones, with ``prefix`` ``val_``)
+        with the EMA weights; PNG to RUN_DIR/samples/PREFIXstep_N.png and TensorBoard PREFIXsamples."""
         sample_cfg = self.cfg.train.sample
-        samples = preview_samples(self.cfg.data, sample_cfg.num_samples, self.spec)
+        if samples is None:
+            samples = preview_samples(self.cfg.data, sample_cfg.num_samples, self.spec)
         generator = torch.Generator().manual_seed(self.cfg.seed)  # the same noise at every preview
         self.model.eval()  # every rank samples: the parallel model's collectives need them all
         try:
@@ -467,12 +491,12 @@ class Trainer:
                 outputs = self.sample(samples, generator)
         finally:
             self.model.train()
-        path = self.run_dir / "samples" / f"{ckpt.checkpoint_name(self.step)}.png"
+        path = self.run_dir / "samples" / f"{prefix}{ckpt.checkpoint_name(self.step)}.png"
         if not self.is_main:
             return path
         image = make_grid(preview_rows(samples, outputs))
         save_png(image, path)
-        self.logger.image(self.step, "samples", image)
+        self.logger.image(self.step, f"{prefix}samples", image)
         return path
 
     def sample(self, samples: list[Any], generator: torch.Generator) -> list[list[torch.Tensor | None]]:
