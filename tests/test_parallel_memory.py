@@ -39,6 +39,7 @@ from imontage.cost import (
 )
 from imontage.models import build_model, packing_spec
 from imontage.models.common import PackedBatch, Sample, Segment, pack_samples
+from imontage.models.common.experts import TimestepExperts
 from imontage.parallel.engine import block_numel
 
 
@@ -154,8 +155,15 @@ def block_scopes(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def measured_activations(model: torch.nn.Module, batch: PackedBatch) -> dict[str, int]:
-    """Bytes autograd keeps per block (``blocks.0``, ...) and ``outside`` them, for one forward pass."""
-    with gpu_kernel_savings(), count_saved_tensors(model, block_scopes(model), batch_tensors(batch)) as saved:
+    """Bytes autograd keeps per block (``blocks.0``, ...) and ``outside`` them, for one forward pass
+    (of a model of experts: the blocks of the expert the batch runs)."""
+    network = (
+        model.get_submodule(model.routed_expert(batch).name) if isinstance(model, TimestepExperts) else model
+    )
+    with (
+        gpu_kernel_savings(),
+        count_saved_tensors(model, block_scopes(network), batch_tensors(batch)) as saved,
+    ):
         model(batch)
     return saved.by_scope()
 
@@ -189,6 +197,16 @@ def wan_case(variant: str) -> tuple[Any, Any, PackedBatch, MicroBatch]:
     image = batch.image_embeds.shape[0] * batch.image_embeds.shape[1] if batch.image_embeds is not None else 0
     rows = MicroBatch(int((~batch.is_text).sum()), int(batch.is_text.sum()), batch.num_samples, image)
     return cfg, model, batch, rows
+
+
+def wan_experts_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
+    """Both experts of a tiny Wan 2.2 A14B in one model (``model.expert`` unset), on :func:`wan_case`'s
+    T2V batch with every noised timestep below the boundary: the low-noise expert (transformer_2) runs it."""
+    cfg, _, batch, rows = wan_case("t2v")
+    cfg = OmegaConf.merge(cfg, {"wan": {"boundary_ratio": 0.875}})
+    batch = batch.replace(timesteps=batch.timesteps * 0.8)
+    torch.manual_seed(0)
+    return cfg, build_model(cfg), batch, rows
 
 
 def dit_case() -> tuple[Any, Any, PackedBatch, MicroBatch]:
@@ -251,6 +269,7 @@ CASES = {
     "dit": dit_case,
     "wan_t2v": lambda: wan_case("t2v"),
     "wan_i2v": lambda: wan_case("i2v"),
+    "wan_experts": wan_experts_case,
     "hunyuan_video": hunyuan_case,
     "hunyuan_video_15": hunyuan_15_case,
 }
@@ -259,6 +278,11 @@ LORA_TARGETS = {
     "dit": ["blocks.*.qkv", "blocks.*.proj", "blocks.*.fc1", "blocks.*.fc2"],
     "wan_t2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.ffn.net.*"],
     "wan_i2v": ["blocks.*.attn1.to_*", "blocks.*.attn2.to_*", "blocks.*.attn2.add_*", "blocks.*.ffn.net.*"],
+    "wan_experts": [
+        "transformer*.blocks.*.attn1.to_*",
+        "transformer*.blocks.*.attn2.to_*",
+        "transformer*.blocks.*.ffn.net.*",
+    ],
     "hunyuan_video_15": ["transformer_blocks.*.attn.*", "transformer_blocks.*.ff*.net.*"],
 }
 
@@ -310,6 +334,7 @@ def test_activation_estimate_equals_what_autograd_keeps(case: str, precision: st
         ("wan_t2v", "bf16"),
         ("wan_t2v", "fp32"),
         ("wan_i2v", "bf16"),
+        ("wan_experts", "bf16"),
         ("hunyuan_video_15", "bf16"),
         ("hunyuan_video_15", "fp32"),
     ],
@@ -417,6 +442,39 @@ def test_bucket_unit_is_the_engines(name: str) -> None:
     block lists, HunyuanVideo's dual- and single-stream ones both, else the whole model)."""
     model = build_model(preset(name), device="meta")
     assert parameter_census(model, Layout()).block == block_numel(model)
+
+
+def test_two_experts_in_one_run_shard_both_and_a_step_runs_one() -> None:
+    """Both experts of Wan 2.2 A14B in one ZeRO-3 engine: every term that partitions (weights,
+    gradients, master copy, moments) holds both experts, what a step gathers, buckets, exchanges and
+    keeps is one expert's (the engine's own bucket size; the activations of one network)."""
+    cfg = OmegaConf.merge(preset("wan_tiny"), {"wan": {"boundary_ratio": 0.875}})
+    both = build_model(cfg, device="meta")
+    one = build_model(OmegaConf.merge(cfg, {"expert": "transformer_2"}), device="meta")
+    assert isinstance(both, TimestepExperts)
+    shape, rows = model_shape(cfg), MicroBatch(64, 8)
+    for layout in (
+        Layout(world=4),
+        Layout(tensor=2, sequence_parallel=True, world=4),
+        Layout(context=2, world=4),
+    ):
+        pair, single = (estimate_memory(m, shape, rows, layout) for m in (both, one))
+        assert pair.census.networks == 2 and single.census.networks == 1
+        assert (
+            pair.census.rank == 2 * single.census.rank
+            and pair.census.trainable == 2 * single.census.trainable
+        )
+        assert pair.census.step_rank == single.census.rank and pair.census.block == single.census.block
+        terms, alone = dict(pair.terms()), dict(single.terms())
+        for name, value in terms.items():
+            doubled = "partition" in name or name.startswith(
+                "fp32"
+            )  # weights, gradients, master, moments, EMA
+            assert value == (2 * alone[name] if doubled else alone[name]), (layout, name)
+        assert zero3_traffic(pair.census, layout, pair.precision) == zero3_traffic(
+            single.census, layout, pair.precision
+        )
+    assert parameter_census(both, Layout()).block == block_numel(both)  # the engine's bucket
 
 
 def test_layouts_the_model_cannot_take_are_refused() -> None:

@@ -10,6 +10,7 @@ the estimate's, block by block and outside the blocks.
 from __future__ import annotations
 
 import importlib.util
+import shlex
 from collections import Counter
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO
 from distributed import run_ranks
+from omegaconf import OmegaConf
 from test_parallel_memory import (
     dit_case,
     expected_by_scope,
@@ -25,6 +27,7 @@ from test_parallel_memory import (
     lora_case,
     measured_activations,
     wan_case,
+    wan_experts_case,
 )
 
 from imontage.cost import (
@@ -55,6 +58,8 @@ LAYOUTS = {
 FAMILIES = {
     "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
     "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
+    # Wan 2.2 A14B's two experts in one model: a step runs, exchanges and keeps one expert's
+    "wan_experts": (["tp2", "tp2_sp", "ulysses2"], ["t2v"]),
     "hunyuan_video": (["tp2", "tp2_sp", "ulysses2"], ["t2v"]),
     "hunyuan_video_15": (["tp2", "tp2_sp", "ulysses2"], ["i2v"]),
     # a frozen base, adapters on every attention and FFN linear
@@ -67,6 +72,7 @@ def case(family: str, variant: str) -> tuple[Any, Any, Any, MicroBatch]:
     cases = {
         "dit": dit_case,
         "wan": lambda: wan_case(variant),
+        "wan_experts": wan_experts_case,
         "hunyuan_video": hunyuan_case,
         "hunyuan_video_15": hunyuan_15_case,
         "wan_lora": lambda: lora_case(f"wan_{variant}"),
@@ -215,3 +221,37 @@ def test_plan_cli_takes_every_preset(capsys: pytest.CaptureFixture[str], name: s
         capsys, *args, "model.lora.rank=16", f"model.lora.targets=[{targets}]", "--compare", "dp-ac"
     )
     assert "base frozen" in lora.splitlines()[0] and lora.splitlines()[-1].startswith("dp-ac"), lora
+
+
+def doc_commands(heading: str) -> list[tuple[list[str], str]]:
+    """The ``$ python tools/plan.py ...`` commands of docs/parallel.md's section ``heading``, each
+    with the output printed under it (up to a blank line or the end of its block)."""
+    text = (REPO / "docs" / "parallel.md").read_text()
+    section = text.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    commands: list[tuple[list[str], str]] = []
+    for block in section.split("```")[1::2]:
+        for chunk in block.strip("\n").split("\n\n"):
+            command, _, output = chunk.partition("\n")
+            assert command.startswith("$ python tools/plan.py "), chunk
+            commands.append((shlex.split(command.removeprefix("$ python tools/plan.py ")), output))
+    return commands
+
+
+def test_doc_layouts_of_both_a14b_experts_are_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/parallel.md's figures for Wan 2.2 I2V-A14B with both experts in one run are what
+    tools/plan.py prints for its commands, line for line (each model built once on meta)."""
+    commands = doc_commands("`wan2.2_i2v_a14b`: both experts in one run")
+    assert len(commands) == 6
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    built: dict[str, Any] = {}
+    build = tool.build_model
+    tool.build_model = lambda cfg, device: (
+        built.get(key := OmegaConf.to_yaml(cfg)) or built.setdefault(key, build(cfg, device=device))
+    )
+    for args, output in commands:
+        assert tool.main(args) == 0
+        assert capsys.readouterr().out.rstrip("\n") == output, " ".join(args)
+    assert len(built) == 2  # full fine-tuning and LoRA

@@ -20,9 +20,12 @@ only), or ``tpN``, ``cpN``, ``sp``, ``ac`` / ``noac`` joined by ``-`` (``tp4-sp-
 ``--parallel`` file (put overrides before ``--compare``). LoRA: ``model.lora.rank=64
 'model.lora.targets=[blocks.*.attn1.to_*,blocks.*.attn2.to_*,blocks.*.ffn.net.*]'`` (the
 estimate models adapters on every attention and FFN linear of the blocks, DiT, Wan and
-HunyuanVideo 1.5, without TP, and refuses other cases). A model of experts (Wan 2.2 A14B) is
-planned one expert at a time, named by ``model.expert``; both in one run are not planned. The memory estimate and what it leaves out: ``imontage.cost.memory.
-estimate_memory``; ZeRO-3's own collectives are not in the per-layer table (docs/parallel.md).
+HunyuanVideo 1.5, without TP, and refuses other cases). A model of experts (Wan 2.2 A14B): with
+``model.expert`` the one expert a run trains; without it both experts in one run, one ZeRO-3 engine
+that partitions both experts' weights, gradients and optimiser state while each step gathers,
+exchanges and keeps the activations of one (LoRA targets then name both: ``transformer*.blocks.*...``).
+The memory estimate and what it leaves out: ``imontage.cost.memory.estimate_memory``; ZeRO-3's own
+collectives are not in the per-layer table (docs/parallel.md).
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         module = build_model(cfg, device="meta")
-    except ValueError as error:  # a model it cannot build as asked (a model of experts names one)
+    except ValueError as error:  # a model it cannot build as asked (an expert it lacks, bad targets)
         raise SystemExit(f"plan.py: {args.model}: {error}") from None
     print(
         f"model {args.model} ({shape.family}): depth {shape.depth}, hidden {shape.hidden_size}, {shape.num_heads} heads; "

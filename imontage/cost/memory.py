@@ -26,6 +26,7 @@ from imontage.models.common.cost import (
     Saved,
     Shards,
 )
+from imontage.models.common.experts import expert_networks
 from imontage.models.lora import adapted_modules
 from imontage.parallel.parallelize import check_layout, family_plan, tensor_split
 
@@ -62,6 +63,21 @@ class ParameterCensus:
     trainable: int  # this rank's ZeRO-3 partition of the trainable parameters (⌈share / ZeRO ranks⌉ each)
     frozen: int  # its partition of the frozen ones (no gradient, no optimiser state)
     block: int  # one TP rank's share of the largest block: the engine's bucket unit
+    networks: int = 1  # networks of the model: its experts' (Wan 2.2 A14B, both in one run), or one
+    # One TP rank's share of the network a step runs (and of its trainable parameters): ZeRO-3
+    # gathers and reduces only those; 0: the whole model (``rank``, ``rank_trainable``).
+    step: int = 0
+    step_trainable: int = 0
+
+    @property
+    def step_rank(self) -> int:
+        """One TP rank's share of the parameters a step gathers: the running network's."""
+        return self.step or self.rank
+
+    @property
+    def step_rank_trainable(self) -> int:
+        """Of which trainable: the gradients a step reduce-scatters."""
+        return self.step_trainable if self.step else self.rank_trainable
 
 
 def parameter_census(model: nn.Module, layout: Layout) -> ParameterCensus:
@@ -71,41 +87,65 @@ def parameter_census(model: nn.Module, layout: Layout) -> ParameterCensus:
     weights); a TP layout the model cannot take is refused with ``check_layout``'s message. Trainable
     means ``requires_grad``: a model whose base weights are frozen (adapters) counts only the
     adapters' gradients and optimiser state.
+
+    A model of several experts in one run (:class:`~imontage.models.common.experts.TimestepExperts`)
+    is one ZeRO-3 engine over every network: every expert's parameters, gradients and optimiser
+    state are partitioned, while a step runs, gathers and reduces one network (``step``); each
+    network is cut and bucketed as the engine does it (``parallelize_model``, ``zero3_config``).
     """
+    networks = expert_networks(model)
     plan = None
     if layout.tensor > 1:  # the TP cuts are the family's parallel plan's (refused for a family without one)
-        check_layout(model, layout.tensor, layout.context)
-        plan = family_plan(model)
-    shares: dict[str, int] = {}
+        for _, network in networks:
+            check_layout(network, layout.tensor, layout.context)
+        plan = family_plan(networks[0][1])
     trainable = frozen = rank_trainable = 0
-    for name, param in model.named_parameters():
-        split = tensor_split(name, plan) if plan is not None and layout.tensor > 1 else None
-        share = param.numel()
-        if split is not None:
-            try:
-                share = split.shard(torch.empty(param.shape, device="meta"), 0, layout.tensor).numel()
-            except ValueError as error:
-                raise PlanError(f"{name} {tuple(param.shape)}: {error}") from None
-        shares[name] = share
-        partition = -(-share // layout.zero)  # DeepSpeed pads each parameter's partitions equally
-        if param.requires_grad:
-            trainable += partition
-            rank_trainable += share
-        else:
-            frozen += partition
+    blocks, steps = [], []
+    cut: dict[tuple[int, tuple[int, ...]], int] = {}  # (split, shape): share; every block is cut alike
+    for prefix, network in networks:
+        shares: dict[str, int] = {}
+        network_trainable = 0
+        for name, param in network.named_parameters():
+            split = tensor_split(name, plan) if plan is not None else None
+            share = param.numel()
+            if split is not None:
+                key = (id(split), tuple(param.shape))
+                if key not in cut:
+                    try:
+                        cut[key] = split.shard(
+                            torch.empty(param.shape, device="meta"), 0, layout.tensor
+                        ).numel()
+                    except ValueError as error:
+                        raise PlanError(f"{prefix}{name} {tuple(param.shape)}: {error}") from None
+                share = cut[key]
+            shares[name] = share
+            partition = -(-share // layout.zero)  # DeepSpeed pads each parameter's partitions equally
+            if param.requires_grad:
+                trainable += partition
+                network_trainable += share
+            else:
+                frozen += partition
+        rank_trainable += network_trainable
+        blocks.append(_bucket_block(network, shares))
+        steps.append((sum(shares.values()), network_trainable))
+    step, step_trainable = max(steps)
+    several = len(networks) > 1
     return ParameterCensus(
         model=sum(p.numel() for p in model.parameters()),
-        rank=sum(shares.values()),
+        rank=sum(share for share, _ in steps),
         rank_trainable=rank_trainable,
         trainable=trainable,
         frozen=frozen,
-        block=_bucket_block(model, shares),
+        block=max(blocks),
+        networks=len(networks),
+        step=step if several else 0,
+        step_trainable=step_trainable if several else 0,
     )
 
 
 def _bucket_block(model: nn.Module, shares: Mapping[str, int]) -> int:
-    """``engine.block_numel`` on one rank's shares: the largest transformer block (of every list
-    the family's plan names: HunyuanVideo has two), or the whole model when it has none."""
+    """``engine.block_numel`` on one rank's shares of one network: the largest transformer block
+    (of every list the family's plan names: HunyuanVideo has two), or the whole network when it has none."""
     try:
         lists = set(family_plan(model).blocks)
     except ValueError:  # a family without a plan: the engine looks for model.blocks
@@ -201,7 +241,7 @@ class MemoryEstimate:
 
     def terms(self) -> list[tuple[str, int]]:
         c, p = self.census, self.precision
-        gathered = min(MAX_LIVE_BLOCKS * c.block, c.rank)
+        gathered = min(MAX_LIVE_BLOCKS * c.block, c.step_rank)
         return [
             (f"{p.name} weights, ZeRO-3 partition", (c.trainable + c.frozen) * p.parameter_bytes),
             (f"{p.name} weights gathered (≤ {MAX_LIVE_BLOCKS} blocks live)", gathered * p.parameter_bytes),
@@ -259,11 +299,13 @@ def estimate_memory(
 
 def _check_lora_targets(module: nn.Module, model: ModelShape) -> None:
     """The adapters ``module`` carries must be the modelled ones (:func:`lora_block_linears`)."""
-    adapted = {name for name, _ in adapted_modules(module)}
     blocks = lora_blocks(model)
     modelled = {f"{blocks}.{i}.{leaf}" for i in range(model.depth) for leaf in lora_block_linears(model)}
-    if adapted != modelled:
-        odd = sorted(adapted - modelled) or sorted(modelled - adapted)
+    for prefix, network in expert_networks(module):  # each expert's network, adapted alike
+        adapted = {name for name, _ in adapted_modules(network)}
+        if adapted == modelled:
+            continue
+        odd = [prefix + name for name in sorted(adapted - modelled) or sorted(modelled - adapted)]
         raise PlanError(
             f"model.lora.targets: the activation estimate models adapters on every attention and FFN "
             f"linear of the blocks ({', '.join(f'{blocks}.*.{leaf}' for leaf in lora_block_linears(model))}) "
@@ -276,12 +318,13 @@ def zero3_traffic(census: ParameterCensus, layout: Layout, precision: Precision)
 
     Each parameter is all-gathered for the forward pass and again for the backward pass (the
     recompute under activation checkpointing reuses the backward's gather), and each trainable
-    parameter's gradient is reduce-scattered once. Not part of :func:`communication_plan` (its calls depend on the buckets).
+    parameter's gradient is reduce-scattered once. Not part of :func:`communication_plan` (its calls depend on the buckets). With several experts
+    in one run, only the network a step runs is gathered and reduced.
     """
     share = (layout.zero - 1) / layout.zero
     return {
-        "all_gather": 2 * census.rank * precision.parameter_bytes * share,
-        "reduce_scatter": census.rank_trainable * precision.gradient_bytes * share,
+        "all_gather": 2 * census.step_rank * precision.parameter_bytes * share,
+        "reduce_scatter": census.step_rank_trainable * precision.gradient_bytes * share,
     }
 
 
@@ -292,7 +335,12 @@ def format_memory(estimate: MemoryEstimate) -> str:
     lines = [
         f"parameters: {c.model / 1e9:.3f}e9 in the model, {c.rank / 1e9:.3f}e9 per TP rank, "
         f"ZeRO-3 partition {(c.trainable + c.frozen) / 1e9:.3f}e9 ({c.frozen / 1e9:.3f}e9 frozen), "
-        f"largest block {c.block / 1e6:.1f}e6",
+        f"largest block {c.block / 1e6:.1f}e6"
+        + (
+            f"; {c.networks} experts, a step runs one: {c.step_rank / 1e9:.3f}e9 per TP rank"
+            if c.networks > 1
+            else ""
+        ),
     ]
     width = max(len(name) for name, _ in estimate.terms())
     lines += [f"  {name:<{width}} {value / 2**30:>9.2f} GiB" for name, value in estimate.terms()]
