@@ -23,7 +23,12 @@ kept in an unconditional pass must be asked for. A guidance-distilled HunyuanVid
 segment (DreaMontage SAR, :mod:`imontage.sample.sar`): windows of ``--window`` frames, each
 conditioned on the last ``--context`` frames of the one before and on the ``--keyframe IDX=PATH``
 images (``IDX=A.png,B.png``: a clip from frame IDX on) that fall in it. The grid has one row per
-segment: its keyframes, then the frames it generated.
+segment: its keyframes, then the frames it generated; the video is written beside it as an MP4
+(``--out long.png``: ``long.mp4``), segment by segment. A latent model's SAR takes ``--vae``: the
+keyframes are encoded with it as ``tools/encode_shards.py`` encodes an image (IDX a pixel frame, at
+latent frame ``ceil(IDX / temporal)``), FRAMES, ``--window`` and ``--context`` count latent frames, and
+each segment's new latent frames are decoded as they come (:mod:`imontage.sample.video`); its caption
+is precomputed text, ``--text-embedding FILE``.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -44,6 +51,7 @@ from imontage.checkpoint import convert, diffusers, zero3
 from imontage.checkpoint import store as ckpt
 from imontage.config.model_file import model_config
 from imontage.data import load_image, preview_samples
+from imontage.dataprep.encode import VideoVAE
 from imontage.models import build_model, packing_spec
 from imontage.models.common import Sample, Segment
 from imontage.models.common.sequence import DEFAULT_EMBEDDED_GUIDANCE, PackingSpec
@@ -51,9 +59,20 @@ from imontage.models.lora import base_model_config, frozen_names, lora_enabled
 from imontage.models.registry import family
 from imontage.objectives.flow_matching import clean_first_frame
 from imontage.parallel.state import resolve_device
-from imontage.sample.grid import make_grid, preview_rows, save_png
+from imontage.sample.grid import frame_grid, make_grid, preview_rows, save_png, to_frames
 from imontage.sample.sampler import Negative, sample_flow
 from imontage.sample.sar import Keyframe, iter_sar, plan_video
+from imontage.sample.video import (
+    DEFAULT_FPS,
+    Mp4Writer,
+    StreamingDecoder,
+    encode_keyframe,
+    keyframe_cell,
+    pixel_frames,
+    pixel_span,
+    read_text_embedding,
+    stream_video,
+)
 from imontage.untrusted import ConversionError
 
 log = logging.getLogger(__name__)
@@ -286,10 +305,45 @@ def parse_keyframe(value: str) -> Keyframe:
     return Keyframe(int(index), torch.cat(frames, dim=1))
 
 
-def sar_inputs(args: argparse.Namespace, spec: PackingSpec) -> tuple[list[Keyframe], tuple[int, int, int]]:
-    """The keyframes of ``--keyframe`` and the video's (C, H, W), checked against the segment plan."""
-    keyframes = [parse_keyframe(value) for value in args.keyframe]
-    sizes = {tuple(k.data.shape[2:]) for k in keyframes}
+@dataclass(frozen=True)
+class SarInputs:
+    """What ``--sar`` generates from, checked: the keyframes as given (pixels ``[3, T, H, W]`` at pixel
+    frames) and in model space (through the VAE for a latent model), the video's (C, H, W) in model
+    space, its frame size in pixels, and its text (a caption, or precomputed embeddings ``[L, E]``)."""
+
+    given: list[Keyframe]
+    keyframes: list[Keyframe]
+    size: tuple[int, int, int]
+    pixels: tuple[int, int]
+    text: str | torch.Tensor | None
+
+
+def sar_text(args: argparse.Namespace, spec: PackingSpec) -> str | torch.Tensor | None:
+    """``--text`` for a model that encodes its text, ``--text-embedding`` for one that reads it precomputed."""
+    if spec.text_embed_dim:
+        if args.text is not None:
+            raise ValueError(
+                f"--text: this model reads precomputed text embeddings [L, {spec.text_embed_dim}] "
+                "(model.text_encoder: precomputed): give them with --text-embedding FILE"
+            )
+        return (
+            None
+            if args.text_embedding is None
+            else read_text_embedding(args.text_embedding, spec.text_embed_dim)
+        )
+    if args.text_embedding is not None:
+        raise ValueError("--text-embedding: this model encodes its text itself: give the caption with --text")
+    return args.text
+
+
+def sar_inputs(args: argparse.Namespace, spec: PackingSpec, vae: VideoVAE | None) -> SarInputs:
+    """The ``--sar`` inputs, checked against the VAE and the segment plan before anything is sampled.
+
+    A latent model's ``--sar``, ``--window`` and ``--context`` count latent frames; its keyframes'
+    IDX are pixel frames of the decoded video, each encoded alone and placed at latent frame
+    ``ceil(IDX / temporal)`` (:mod:`imontage.sample.video`)."""
+    given = [parse_keyframe(value) for value in args.keyframe]
+    sizes = {tuple(k.data.shape[2:]) for k in given}
     if args.size:
         try:
             height, width = (int(n) for n in args.size.lower().split("x"))
@@ -303,42 +357,77 @@ def sar_inputs(args: argparse.Namespace, spec: PackingSpec) -> tuple[list[Keyfra
     if args.window is None:
         raise ValueError("--sar needs --window (frames the model generates at once)")
     height, width = sizes.pop()
-    size = (spec.in_channels, height, width)
+    text = sar_text(args, spec)
+    if vae is None:
+        if spec.in_channels != 3:
+            raise ValueError(
+                f"--sar: the model generates {spec.in_channels}-channel latents: give its VAE with --vae "
+                "(keyframes are encoded with it and the video decoded)"
+            )
+        keyframes, size = given, (spec.in_channels, height, width)
+    else:
+        if vae.channels != spec.in_channels:
+            raise ValueError(
+                f"--vae {args.vae}: {vae.channels} latent channels, the model takes {spec.in_channels}"
+            )
+        cell = keyframe_cell(vae, spec.patch_size)
+        if height % cell[0] or width % cell[1]:
+            raise ValueError(
+                f"--sar: frames of {height}x{width} pixels; this model's need a height that is a multiple of "
+                f"{cell[0]} and a width of {cell[1]} (the VAE's {vae.spatial}-pixel cell times the model's patch)"
+            )
+        frames = pixel_frames(vae, args.sar)
+        keyframes = []
+        for value, keyframe in zip(args.keyframe, given, strict=True):
+            last = keyframe.frame + keyframe.num_frames - 1
+            if last >= frames:
+                raise ValueError(
+                    f"--keyframe '{value}': pixel frames {keyframe.frame}..{last}, outside the video's "
+                    f"0..{frames - 1} ({args.sar} latent frames)"
+                )
+            keyframes.append(encode_keyframe(vae, keyframe, cell, f"--keyframe '{value}'"))
+        size = (vae.channels, height // vae.spatial, width // vae.spatial)
     plan_video(spec, args.sar, size, args.window, args.context, keyframes)  # bad arguments fail here
-    return keyframes, size
+    return SarInputs(given, keyframes, size, (height, width), text)
 
 
-def sar_rows(
+def video_path(out: Path) -> Path:
+    """The MP4 written beside the grid ``out``: the same name, suffix ``.mp4``."""
+    path = out.with_suffix(".mp4")
+    if path == out:
+        raise ValueError(f"--out {out}: the grid is a PNG; the SAR video is written beside it as {path.name}")
+    return path
+
+
+def sar_video(
     args: argparse.Namespace,
     model: nn.Module,
     spec: PackingSpec,
-    keyframes: list[Keyframe],
-    size: tuple[int, int, int],
+    inputs: SarInputs,
+    decoder: StreamingDecoder | None,
+    mp4: Path,
     device: torch.device,
     guidance: float,
-) -> list[list[list[torch.Tensor]]]:
-    """Generate the ``--sar`` video; grid rows, one per segment: [its keyframes, its new frames]."""
+) -> list[list[list[np.ndarray]]]:
+    """Generate the ``--sar`` video, writing it to the MP4 beside ``--out`` segment by segment; grid
+    rows of 8-bit frames, one per segment: [its keyframes, the frames it generated], in pixels."""
     generator = torch.Generator().manual_seed(args.seed)
     segments = iter_sar(
-        model,
-        spec,
-        args.sar,
-        size,
-        args.window,
-        args.context,
-        keyframes,
-        args.text,
-        args.steps,
-        guidance,
-        args.shift,
-        generator,
-        device,
-    )
+        model, spec, args.sar, inputs.size, args.window, args.context, inputs.keyframes, inputs.text,
+        args.steps, guidance, args.shift, generator, device,
+    )  # fmt: skip
+    vae = None if decoder is None else decoder.vae
     rows = []
-    for segment, frames in segments:
-        given = [keyframes[piece.keyframe].data[:, piece.first : piece.last] for piece in segment.keyframes]
-        rows.append([given, [frames]])
-        log.info("SAR segment %d: frames %d..%d", segment.index, segment.new_start, segment.end - 1)
+    with Mp4Writer(mp4, *inputs.pixels, args.fps or DEFAULT_FPS) as writer:
+        for segment, pixels in stream_video(segments, decoder, writer):
+            given = []
+            for piece in segment.keyframes:
+                first, last = (
+                    (piece.first, piece.last) if vae is None else pixel_span(vae, piece.first, piece.last)
+                )
+                given += to_frames(inputs.given[piece.keyframe].data[:, first:last])
+            rows.append([given, to_frames(pixels)])
+            log.info("SAR segment %d: frames %d..%d", segment.index, segment.new_start, segment.end - 1)
     return rows
 
 
@@ -388,16 +477,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vae",
         type=Path,
-        help="diffusers VAE folder: a latent model's segments are decoded to pixels for the grid",
+        help="diffusers VAE folder: a latent model's segments are decoded to pixels for the grid "
+        "(--sar: and its keyframes encoded, its video decoded)",
     )
     sar = parser.add_argument_group("--sar", "segment-wise auto-regressive video (a `shared` layout model)")
     sar.add_argument("--window", type=int, help="frames per segment (the model's window)")
     sar.add_argument("--context", type=int, default=1, help="frames a segment takes from the one before")
     sar.add_argument("--keyframe", action="append", default=[], metavar="IDX=PATH[,PATH...]")
     sar.add_argument("--text", help="the video's caption")
-    sar.add_argument("--size", metavar="HxW", help="frame size, when no keyframe gives it")
+    sar.add_argument(
+        "--text-embedding",
+        type=Path,
+        metavar="FILE",
+        help="the caption's precomputed text [L, E] (.safetensors/.npy), for model.text_encoder=precomputed",
+    )
+    sar.add_argument("--size", metavar="HxW", help="frame size in pixels, when no keyframe gives it")
+    sar.add_argument("--fps", type=int, help=f"frame rate of the MP4 (default {DEFAULT_FPS})")
     args = parser.parse_args(argv)
-    sar_only = [name for name in ("window", "keyframe", "text", "size") if getattr(args, name)]
+    sar_options = ("window", "keyframe", "text", "text_embedding", "size", "fps")
+    sar_only = [name.replace("_", "-") for name in sar_options if getattr(args, name)]
     if sar_only and args.sar is None:
         parser.error(f"--sar options without --sar: --{', --'.join(sar_only)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -406,8 +504,6 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         vae = None
         if args.vae:
-            from imontage.dataprep.encode import VideoVAE  # deferred: diffusers is needed only here
-
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, model_cfg = load_model_config(checkpoint, not args.no_ema, device, args.base)
@@ -419,7 +515,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(
                     "--sar samples with text dropout's unconditional pass; --negative FILE is for --data"
                 )
-            keyframes, size = sar_inputs(args, spec)
+            if clean:
+                raise ValueError(
+                    "--sar: this model keeps each target's first latent frame as given (token_replace); "
+                    "SAR segments give none"
+                )
+            inputs = sar_inputs(args, spec, vae)
+            decoder = None if vae is None else StreamingDecoder(vae)
+            mp4 = video_path(args.out)
         elif args.data:
             # A model without a text encoder of its own (Wan, precomputed text) reads each
             # sample's text_embedding member, as training does with data.text_embeddings; the
@@ -440,9 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imontage-sample: {error}", file=sys.stderr)
         return 2
     if args.sar is not None:
-        rows = sar_rows(args, model, spec, keyframes, size, device, guidance)
-        save_png(make_grid(decode_rows(rows, vae)), args.out)
-        print(f"wrote {args.out} ({args.sar} frames, {len(keyframes)} keyframes, from {checkpoint})")
+        frames = sar_video(args, model, spec, inputs, decoder, mp4, device, guidance)
+        save_png(frame_grid(frames), args.out)
+        count = sum(len(row[1]) for row in frames)
+        print(
+            f"wrote {args.out} and {mp4} ({count} frames of {inputs.pixels[0]}x{inputs.pixels[1]}, "
+            f"{len(inputs.keyframes)} keyframes, from {checkpoint})"
+        )
         return 0
     generator = torch.Generator().manual_seed(args.seed)
     outputs = sample_flow(

@@ -33,14 +33,21 @@ def make_grid(rows: Sequence[Sequence[Sequence[torch.Tensor]]], background: int 
     Groups (conditions, generated, ground truth) are set apart by a wider gap; every frame of a
     video becomes its own cell.
     """
-    row_cells = [[[frame for seg in group for frame in to_frames(seg)] for group in row] for row in rows]
+    return frame_grid(
+        [[[frame for seg in group for frame in to_frames(seg)] for group in row] for row in rows], background
+    )
+
+
+def frame_grid(row_cells: Sequence[Sequence[Sequence[np.ndarray]]], background: int = 255) -> np.ndarray:
+    """:func:`make_grid` of frames already made cells: ``row_cells[r][group]`` = list of ``[H, W, 3]``
+    uint8 frames (:func:`to_frames`), as a caller that keeps a long video's frames 8-bit holds them."""
     heights = [max((c.shape[0] for group in row for c in group), default=0) for row in row_cells]
     widths = [
         sum(c.shape[1] + GAP for group in row for c in group) + SEPARATOR * max(len(row) - 1, 0)
         for row in row_cells
     ]
     canvas = np.full(
-        (sum(heights) + GAP * (len(rows) + 1), max(widths, default=0) + GAP, 3), background, np.uint8
+        (sum(heights) + GAP * (len(row_cells) + 1), max(widths, default=0) + GAP, 3), background, np.uint8
     )
     y = GAP
     for row, height in zip(row_cells, heights, strict=True):

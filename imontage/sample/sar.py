@@ -178,6 +178,20 @@ def plan_video(
             f"SAR sampling conditions segments through the shared layout; the model uses "
             f"model.positions.layout={spec.layout}"
         )
+    reads = [
+        what
+        for what, value in (
+            ("pooled text", spec.pooled_text_dim),
+            ("image tokens", spec.image_embed_dim),
+            (f"a {spec.channel_condition} channel condition", spec.channel_condition),
+        )
+        if value
+    ]
+    if reads:  # an image-to-video model: its condition would have to carry the context and keyframes
+        raise ValueError(
+            f"SAR: the model reads {' and '.join(reads)} per sample, which SAR segments do not give "
+            "(SAR conditions through shared-layout tokens: a text-to-video model)"
+        )
     if size[0] != spec.in_channels:
         raise ValueError(f"SAR: the video has {size[0]} channels, the model takes {spec.in_channels}")
     for number, keyframe in enumerate(keyframes):
