@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,6 +263,14 @@ def test_bad_sar_inputs_on_wan_end_in_one_line(
     from safetensors.torch import save_file
 
     save_file({"text": wan["text"]}, text)
+    claims = tmp_path / "claims"  # config.json claiming a VAE far larger than its weights
+    shutil.copytree(wan["vae_dir"], claims)
+    config = json.loads((claims / "config.json").read_text())
+    (claims / "config.json").write_text(json.dumps({**config, "base_dim": 100_000}))
+    pickled = tmp_path / "pickled"  # weights only as a pickle
+    pickled.mkdir()
+    shutil.copy(wan["vae_dir"] / "config.json", pickled)
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not to be opened")
     key = f"{KEY_PIXEL_FRAMES[0]}={wan['images'][0]}"
     base = [
         str(wan["run"]),
@@ -281,6 +290,8 @@ def test_bad_sar_inputs_on_wan_end_in_one_line(
             *base, "--vae", str(wan["vae_dir"]), "--keyframe", f"4={wan['images'][0]},{wan['images'][1]}",
         ],
         "multiple of 16": [*base, "--vae", str(wan["vae_dir"]), "--size", "24x32", "--text-embedding", str(text)],
+        "has shape (16,), the model's is (200000,)": [*base, "--vae", str(claims), "--keyframe", key],
+        "a pickle checkpoint": [*base, "--vae", str(pickled), "--keyframe", key],
     }  # fmt: skip
     for message, argv in cases.items():
         assert cli.main(argv) == 2, message

@@ -66,6 +66,7 @@ from imontage.sample.video import (
     DEFAULT_FPS,
     Mp4Writer,
     StreamingDecoder,
+    check_vae_folder,
     encode_keyframe,
     keyframe_cell,
     pixel_frames,
@@ -504,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         vae = None
         if args.vae:
+            check_vae_folder(args.vae)  # untrusted: its weights must be what its config describes
             vae = VideoVAE.load(args.vae, device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         model, model_cfg = load_model_config(checkpoint, not args.no_ema, device, args.base)

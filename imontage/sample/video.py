@@ -30,14 +30,42 @@ from typing import Any
 
 import torch
 
+from imontage.checkpoint.diffusers import check_tensors
+from imontage.checkpoint.tensors import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, tensor_headers, weight_sources
 from imontage.data.media import MediaError, load_array
-from imontage.dataprep.encode import VideoVAE
+from imontage.dataprep.encode import VideoVAE, vae_class_name
+from imontage.models import tensor_limit
 from imontage.sample.sar import Keyframe, SarSegment
+from imontage.untrusted import InputError, read_json
 
 # The VAE classes whose decoder is causal frame by frame with a feature cache (diffusers' ``_decode``
 # loop): only those decode a video in pieces to the same pixels as whole.
 STREAMING_VAES = ("AutoencoderKLWan",)
 DEFAULT_FPS = 16  # Wan's pipelines export their videos at 16 frames a second
+
+
+def check_vae_folder(folder: Path) -> None:
+    """A VAE folder read as untrusted input before a byte of its weights is: ``config.json`` bounded
+    and naming a known VAE class, weights in safetensors only (pickles refused by name, never
+    opened), and the model its config describes, built on the meta device (stopped past twice the
+    tensors offered), holding exactly the folder's tensors at their shapes: so that loading it
+    allocates what its weights files hold, never what its config claims."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    class_name = vae_class_name(folder)
+    config = read_json(config_file, dict)
+    sources = weight_sources(folder)
+    shapes, _ = tensor_headers(sources)
+    model_class = getattr(importlib.import_module("diffusers"), class_name)
+    try:
+        with tensor_limit(2 * len(sources) + 64, str(config_file)), torch.device("meta"):
+            model = model_class.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:  # values of the wrong kind
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{config_file}: not a {class_name} config ({reason})") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    index = folder / DIFFUSERS_INDEX
+    check_tensors(index if index.is_file() else folder / DIFFUSERS_WEIGHTS, sources, shapes, expected)
 
 
 def latent_frame(vae: VideoVAE, pixel_frame: int) -> int:
@@ -76,21 +104,15 @@ def encode_keyframe(vae: VideoVAE, keyframe: Keyframe, cell: tuple[int, int], wh
 
 
 def read_text_embedding(path: Path, width: int) -> torch.Tensor:
-    """Precomputed text ``[L, width]`` from a ``.safetensors`` file of one tensor (or a latent shard's
-    ``text.safetensors`` member, tensor ``text_embedding``) or a ``.npy`` array (never unpickled)."""
+    """Precomputed text ``[L, width]`` from a ``.safetensors`` file of one tensor (a latent shard's
+    ``text.safetensors`` member is one) or a ``.npy`` array (never unpickled)."""
     suffix = path.suffix.lstrip(".")
     if suffix not in ("safetensors", "npy"):
         raise ValueError(f"{path}: a text embedding must be a .safetensors or .npy file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
     try:
-        try:
-            array = load_array(data, suffix)
-        except MediaError:
-            if suffix != "safetensors":
-                raise
-            array = load_array(data, suffix, "text_embedding")  # a shard's text member
+        array = load_array(path.read_bytes(), suffix)
     except MediaError as error:
         raise ValueError(f"{path}: {error}") from error
     if array.ndim != 2 or array.shape[1] != width:
