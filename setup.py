@@ -34,7 +34,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=10.0",
-        "av>=12.0",  # PyAV: mp4/webm decoding in the data pipeline
+        "av>=12.0",  # PyAV: mp4/webm decoding in the data pipeline, SAR videos written as MP4 (H.264)
         "tqdm>=4.66",
         "pytest>=8.0",
         # Pretrained families: model classes to import from and export to, VAEs and text

@@ -26,6 +26,7 @@ from latent_shards import TEXT_DIM, save_tiny_text_encoder, save_tiny_vae
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load as load_safetensors
+from test_encode_wan22 import save_tiny_wan22_vae
 from test_sar import peak_allocated
 
 from imontage.checkpoint.store import save_checkpoint
@@ -166,13 +167,36 @@ def test_keyframes_encoded_alone_context_carried_decoded_as_it_streams(
     # Streamed pixels: the whole latent video decoded at once; the MP4 has every frame at the size.
     pixels = torch.cat([p for _, p in streamed], dim=1)
     assert pixels.shape == (3, PIXEL_FRAMES, *PIXELS)
-    assert torch.equal(pixels, vae.decode(torch.cat(new_latents, dim=1)))
+    torch.testing.assert_close(pixels, vae.decode(torch.cat(new_latents, dim=1)), atol=1e-5, rtol=0)
     video = read_mp4(tmp_path / "long.mp4")
     assert video.shape == (PIXEL_FRAMES, *PIXELS, 3)
     expected = ((pixels + 1) * 127.5).round().permute(1, 2, 3, 0).numpy()
     error = np.abs(video.astype(np.float32) - expected).mean()
     print(f"MP4 vs decoded pixels: mean abs error {error:.2f} of 255")
     assert error < 20  # H.264 of random-weight noise is lossy, but the frames are these frames
+
+
+def test_streamed_decode_equals_whole_for_wan_vaes_and_only_for_them(wan: dict, tmp_path: Path) -> None:
+    """Pieces of 2, 1 and 3 latent frames decode to the whole video's pixels, for Wan 2.1's VAE and
+    for Wan 2.2's (patch size 2, residual); a VAE not causal frame by frame, or tiled, is refused."""
+    import diffusers
+
+    for vae in (VideoVAE.load(wan["vae_dir"]), VideoVAE.load(save_tiny_wan22_vae(tmp_path / "wan22"))):
+        stored = torch.randn(vae.channels, 6, 2, 2, generator=torch.Generator().manual_seed(0))
+        decoder = StreamingDecoder(vae)
+        pieces = [decoder.push(stored[:, :2]), decoder.push(stored[:, 2:3]), decoder.push(stored[:, 3:])]
+        assert [p.shape[1] for p in pieces] == [5, 4, 12]
+        # Equal up to float rounding: the 1x1x1 post-quant convolution run over 2, 1 and 3 frames instead
+        # of 6 may round differently, and the decoder carries it on (up to 1.7e-6 seen, pixels in [-1, 1]).
+        torch.testing.assert_close(torch.cat(pieces, dim=1), vae.decode(stored), atol=1e-5, rtol=0)
+    hunyuan = diffusers.AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        mid_block_add_attention=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="does not decode a video frame by frame"):
+        StreamingDecoder(VideoVAE(hunyuan, "AutoencoderKLHunyuanVideo"))
+    with pytest.raises(ValueError, match="SAR streams untiled"):
+        StreamingDecoder(VideoVAE.load(wan["vae_dir"], tiling=True))
 
 
 def test_peak_memory_of_three_windows_is_that_of_one(wan: dict, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ turn it into a video without holding it whole:
   latent frame ``ceil(f / temporal)``, as encode_shards maps an ``anchor``.
 - :class:`StreamingDecoder`: the causal video VAE's decoder run latent frame by latent frame with its
   feature cache carried between calls, so that a segment's new latent frames are decoded as soon as
-  they exist and the pixels equal decoding the whole latent video at once; the cache holds a few
+  they exist and the pixels equal decoding the whole latent video at once (up to float rounding: the
+  1x1x1 post-quant convolution over fewer frames may round differently); the cache holds a few
   frames of features per causal convolution, whatever the length.
 - :class:`Mp4Writer`: frames appended to an H.264 MP4 through PyAV (FFmpeg's libraries, in process;
   no program is run), written under a temporary name and renamed when complete.
@@ -39,7 +40,7 @@ from imontage.sample.sar import Keyframe, SarSegment
 from imontage.untrusted import InputError, read_json
 
 # The VAE classes whose decoder is causal frame by frame with a feature cache (diffusers' ``_decode``
-# loop): only those decode a video in pieces to the same pixels as whole.
+# loop): only those decode a video in pieces to the pixels of decoding it whole.
 STREAMING_VAES = ("AutoencoderKLWan",)
 DEFAULT_FPS = 16  # Wan's pipelines export their videos at 16 frames a second
 
