@@ -79,6 +79,13 @@ def data_overrides(name: str, root: Path) -> list[str]:
                 f"model.in_channels={2 * LATENT_CHANNELS + 1}", "model.hunyuan_video.image_condition_type=latent_concat",
                 "model.hunyuan_video.guidance_embeds=false", f"model.hunyuan_video.pooled_projection_dim={POOLED_DIM}",
                 "parallel=single", "train.precision=fp32", "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
+    if name == "dreamontage_wan2.1_i2v_14b":  # keyframe clips drawn into a tiny Wan I2V's channels
+        from test_keyframe_channels import tiny_wan_i2v, write_clips
+
+        clips = root / "keyframe_clips"
+        spec = str(clips / "clips-*.tar") if clips.exists() else write_clips(clips)
+        return [f"data.shards={spec}", *tiny_wan_i2v(), "parallel=single", "train.precision=fp32",
+                "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
     raise AssertionError(f"configs/recipes/{name}.yaml: tell tests/test_recipes_run.py where its data is")
 
 
