@@ -484,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     sar = parser.add_argument_group("--sar", "segment-wise auto-regressive video (a `shared` layout model)")
     sar.add_argument("--window", type=int, help="frames per segment (the model's window)")
     sar.add_argument("--context", type=int, default=1, help="frames a segment takes from the one before")
-    sar.add_argument("--keyframe", action="append", default=[], metavar="IDX=PATH[,PATH...]")
+    sar.add_argument(
+        "--keyframe",
+        action="append",
+        default=[],
+        metavar="IDX=PATH[,PATH...]",
+        help="an image (or clip) from frame IDX on; with --vae, IDX is a pixel frame of the decoded video",
+    )
     sar.add_argument("--text", help="the video's caption")
     sar.add_argument(
         "--text-embedding",

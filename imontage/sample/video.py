@@ -86,7 +86,8 @@ def encode_keyframe(vae: VideoVAE, keyframe: Keyframe, cell: tuple[int, int], wh
 
     The pixels are encoded alone, as encode_shards encodes an image or video segment (``vae.fit``,
     then ``vae.encode``, the posterior's mode): nothing is cropped or dropped here, so a keyframe
-    whose sides are not multiples of ``cell`` (:func:`keyframe_cell`) or a clip whose frame count is not ``1 + k·temporal`` is refused, naming ``where``.
+    whose sides are not multiples of ``cell`` (:func:`keyframe_cell`) or a clip whose frame count is
+    not ``1 + k·temporal`` is refused, naming ``where``.
     """
     _, frames, height, width = keyframe.data.shape
     if height % cell[0] or width % cell[1]:
