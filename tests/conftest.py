@@ -1,10 +1,11 @@
 """Shared fixtures and helpers: the repository root, a tiny model configuration, a poisoned objective."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from imontage.config.schema import ModelConfig
@@ -15,6 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a long in-process training loop on one thread, as each of run_ranks's ranks does.
+
+    The tests' models are tiny, so a second intra-op thread gains little on two idle cores; when
+    other processes compete for them (2-rank launches, the stress scripts' busy processes), its
+    spin-waiting made a training step of tests/test_sar.py 30 times slower (4.6 s against 0.15 s).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_model_config(**changes: object) -> DictConfig:
