@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import re
 import runpy
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,34 +124,53 @@ def condition_image(members: dict[str, bytes]) -> Image.Image:
     return Image.open(io.BytesIO(members["0.png"])).convert("RGB")
 
 
+def doc_block(doc: str, starts: str) -> str:
+    """The bash block of ``docs/<doc>`` that starts with ``starts``, its continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / doc).read_text(), re.S)
+    [block] = [b.replace("\\\n", " ") for b in blocks if b.startswith(starts)]
+    return block
+
+
+def run_encode_loop(root: Path) -> None:
+    """docs/data.md's encode_shards loop over the tasks, each command run in-process from ``root``."""
+    loop = doc_block("data.md", "for task in ")
+    match = re.fullmatch(r"for task in ([\w ]+); do\n(.*)\ndone\n", loop, re.S)
+    assert match is not None, loop
+    assert match.group(1).split() == list(TASKS)
+    tool = runpy.run_path(str(REPO / "tools" / "encode_shards.py"), run_name="encode_shards")
+    cwd = os.getcwd()
+    os.chdir(root)  # the loop's paths are relative to where it runs
+    try:
+        for task in TASKS:
+            command = shlex.split(match.group(2).replace("${task}", task).replace("$task", task))
+            assert command[:2] == ["python", "tools/encode_shards.py"]
+            assert tool["main"]([*command[2:], "--no-progress"]) == 0
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A sample of each task, one input shard per task, encoded by the tool as docs/data.md writes it
-    (with an empty negative prompt), and the pipeline holding the same models."""
+    """A sample of each task in ``data/<task>/shard-000000.tar``, the tiny models laid out as the
+    diffusers folder ``models/HunyuanVideo-I2V``, docs/data.md's loop run on them (an empty negative
+    prompt), and the pipeline holding the same models."""
     from diffusers import HunyuanVideoImageToVideoPipeline
 
     root = tmp_path_factory.mktemp("hv_i2v")
-    llava = save_tiny_llava(root, TextRecipe.named("hunyuan_video_i2v").template)
-    vae = save_tiny_vae(root / "vae", family="hunyuan_video")
+    folder = root / "models/HunyuanVideo-I2V"
+    llava = save_tiny_llava(folder, TextRecipe.named("hunyuan_video_i2v").template)
+    vae = save_tiny_vae(folder / "vae", family="hunyuan_video")
     _, clip_tokenizer = save_tiny_text_encoder(root / "clip")
-    clip = save_tiny_clip(root / "clip" / "text_encoder_2")
+    (folder / "tokenizer_2").symlink_to(clip_tokenizer)
+    clip = save_tiny_clip(folder / "text_encoder_2")
     inputs: dict[str, dict[str, dict[str, bytes]]] = {}
-    (root / "pixels").mkdir()
     for task in TASKS:
-        samples = dict([montage_sample(task, 0)])
-        inputs[task] = samples
-        with ShardWriter(root / "pixels" / f"{task}.tar") as writer:
-            for key, members in samples.items():
-                writer.add_sample(key, members)
-    tool = runpy.run_path(str(REPO / "tools" / "encode_shards.py"), run_name="encode_shards")
-    argv = [
-        f"{root}/pixels/*.tar", "--out", str(root / "latents"), "--vae", str(vae),
-        "--text-encoder", str(llava["text_encoder"]), "--tokenizer", str(llava["tokenizer"]),
-        "--text-recipe", "hunyuan_video_i2v", "--text-image-processor", str(llava["image_processor"]),
-        "--pooled-text-encoder", str(clip), "--pooled-tokenizer", str(clip_tokenizer),
-        "--negative-prompt", "", "--no-progress",
-    ]  # fmt: skip
-    assert tool["main"](argv) == 0
+        key, members = montage_sample(task, 0)
+        inputs[task] = {key: members}
+        (root / "data" / task).mkdir(parents=True)
+        with ShardWriter(root / "data" / task / "shard-000000.tar") as writer:
+            writer.add_sample(key, members)
+    run_encode_loop(root)
     encoders = Encoders.load(
         str(vae), str(llava["text_encoder"]), str(llava["tokenizer"]), str(clip), str(clip_tokenizer),
         text_recipe="hunyuan_video_i2v", text_image_processor=str(llava["image_processor"]),
@@ -159,8 +181,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         text_encoder=text.model, tokenizer=text.tokenizer, transformer=None, vae=encoders.vae.vae,
         scheduler=None, text_encoder_2=pooled.model, tokenizer_2=pooled.tokenizer, image_processor=text.processor,
     )  # fmt: skip
-    stored = {raw.key: raw for task in TASKS for raw in read_shard(str(root / "latents" / f"{task}.tar"))}
-    return SimpleNamespace(root=root, inputs=inputs, stored=stored, encoders=encoders, pipe=pipe, llava=llava)
+    latents = {task: root / "data" / f"{task}_latents" for task in TASKS}
+    stored = {raw.key: raw for task in TASKS for raw in read_shard(str(latents[task] / "shard-000000.tar"))}
+    return SimpleNamespace(
+        root=root, inputs=inputs, stored=stored, encoders=encoders, pipe=pipe, latents=latents
+    )
 
 
 def pipeline_text(pipe: object, text: str, image: Image.Image, **kwargs: object) -> torch.Tensor:
@@ -199,13 +224,15 @@ def test_text_equals_the_pipelines_encode_prompt_with_the_first_condition_image(
             torch.testing.assert_close(
                 load(raw.members[record["pooled_text"]])["pooled_text"], pooled, rtol=0, atol=0
             )
-        if TASKS[task][0] > 1:  # another condition image first gives other rows: the first one is seen
+        if (
+            task == "character_reference"
+        ):  # another of its condition images gives other rows: the first is seen
             other = Image.open(io.BytesIO(members["1.png"])).convert("RGB")
             assert not torch.equal(pipeline_text(run.pipe, text, other), stored)
-    negative = load_file(run.root / "latents" / encode.NEGATIVE)
+    negative = load_file(run.latents["editing"] / encode.NEGATIVE)
     black = Image.new("RGB", (32, 48), 0)
     torch.testing.assert_close(negative["text_embedding"], pipeline_text(run.pipe, "", black), rtol=0, atol=0)
-    manifest = json.loads((run.root / "latents" / encode.MANIFEST).read_text())
+    manifest = json.loads((run.latents["editing"] / encode.MANIFEST).read_text())
     recipe = manifest["text_encoder"]["recipe"]
     assert (recipe["crop_start"], recipe["hidden_state"], recipe["images"]) == (103, -3, "first")
     assert recipe["image"] == {"processor": "CLIPImageProcessor", "tokens": 576, "start": 5, "interleave": 2,
@@ -283,27 +310,47 @@ def test_black_shows_a_black_image_and_first_needs_a_condition_image(
 
 
 def test_the_cocktailmix_recipe_trains_the_tiny_model_on_these_shards(
-    run: SimpleNamespace, tmp_path: Path
+    run: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """configs/recipes/imontage_hunyuan_video_i2v.yaml declares iMontage's six tasks as datasets with a
-    curriculum (editing alone first, all six at the end); with each dataset on its encoded shard, a tiny
-    latent_concat HunyuanVideo-I2V at the LLaVA's width trains on them (text up to 288 image rows +
-    256 text rows, model.max_text_len)."""
+    curriculum (editing alone first, all six at the end) reading ``data/<task>_latents``; docs/recipes.md's
+    command trains a tiny latent_concat HunyuanVideo-I2V at the LLaVA's width from its diffusers folder on
+    the shards the loop wrote (text up to 288 image rows + 256 text rows, model.max_text_len)."""
+    from omegaconf import OmegaConf
+
+    from imontage.checkpoint.diffusers import build_diffusers_model
+    from imontage.config.schema import ModelConfig
+
     recipe = load_recipe(RECIPE)
-    assert [d.name for d in recipe.data.datasets] == list(TASKS)
+    assert [(d.name, d.shards) for d in recipe.data.datasets] == [
+        (task, f"data/{task}_latents/shard-*.tar") for task in TASKS
+    ]
     first, last = recipe.data.mixture[0], recipe.data.mixture[-1]
     assert (first.step, dict(first.weights)) == (0, {"editing": 1.0})
     assert set(last.weights) == set(TASKS) and all(w > 0 for w in last.weights.values())
     assert recipe.model.max_text_len == IMAGE_ROWS + 256
-    datasets = ", ".join(f"{{name: {t}, shards: '{run.root}/latents/{t}.tar'}}" for t in TASKS)
+    tiny = {"text_dim": LLAVA_DIM, "in_channels": 2 * LATENT_CHANNELS + 1,
+            "hunyuan_video": {"image_condition_type": "latent_concat", "guidance_embeds": False,
+                              "pooled_projection_dim": POOLED_DIM}}  # fmt: skip
+    preset = OmegaConf.load(REPO / "configs/model/hunyuan_video_tiny.yaml")
+    transformer = run.root / "models/HunyuanVideo-I2V/transformer"
+    if not transformer.exists():
+        build_diffusers_model(
+            OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, tiny)
+        ).save_pretrained(transformer)
+    command = shlex.split(
+        doc_block("recipes.md", "imontage-train configs/recipes/imontage_hunyuan_video_i2v.yaml")
+    )
+    assert command[:2] == ["imontage-train", "configs/recipes/imontage_hunyuan_video_i2v.yaml"]
     overrides = [
-        f"run_dir={tmp_path / 'run'}", "train.progress=false", "train.checkpoint.every=0", "stages.sft.steps=3",
-        f"data.datasets=[{datasets}]", "data.max_tokens=2048", "data.batch_size=1", "data.num_workers=0",
+        *command[2:], f"run_dir={tmp_path / 'run'}", "train.progress=false", "train.checkpoint.every=0",
+        "stages.sft.steps=3", "data.max_tokens=2048", "data.batch_size=1", "data.num_workers=0",
         "data.shuffle_buffer=0", "model=hunyuan_video_tiny", f"model.text_dim={LLAVA_DIM}",
         f"model.in_channels={2 * LATENT_CHANNELS + 1}", "model.hunyuan_video.image_condition_type=latent_concat",
         "model.hunyuan_video.guidance_embeds=false", f"model.hunyuan_video.pooled_projection_dim={POOLED_DIM}",
         "parallel=single", "train.precision=fp32",
     ]  # fmt: skip
+    monkeypatch.chdir(run.root)  # the recipe's and the command's paths are relative to it
     run_dir = train(load_recipe(RECIPE, overrides))
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
