@@ -15,6 +15,7 @@ import os
 import re
 import runpy
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +55,19 @@ TASKS = {  # task -> (condition images, target images, text): iMontage's six, as
     "multi_view": (1, 3, "the blue circle left right and up"),
     "storyboard": (1, 3, "a video of the green square moves down then left then up"),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """The module's tiny models on one intra-op thread (as conftest's ``one_thread``, for the module's
+    shared fixture too): beside other processes on 2 cores, a second thread's spin-waiting costs more
+    than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_tiny_llava(folder: Path, template: str) -> dict[str, Path]:
