@@ -12,6 +12,11 @@ output and gradients equal one process.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,7 @@ from imontage.config import load_recipe
 from imontage.config.schema import DataConfig
 from imontage.data import build_loader
 from imontage.data.loader import StreamLoader
-from imontage.data.shards import ShardWriter
+from imontage.data.shards import ShardWriter, read_shard
 from imontage.models import build_model, packing_spec
 from imontage.models.common.sequence import PackedBatch, patchify, unpatchify
 from imontage.models.wan.model import build_wan
@@ -204,6 +209,7 @@ def recipe_overrides(family: str, shards: str, run_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+@pytest.mark.slow
 def test_the_recipe_trains_20_steps_with_falling_loss(shards: str, family: str, tmp_path: Path) -> None:
     cfg = load_recipe(RECIPE, recipe_overrides(family, shards, tmp_path / "run"))
     assert cfg.data.keyframes.mode == "adaptive" and cfg.data.keyframes.conditioning == "channel"
@@ -261,3 +267,85 @@ def test_parallel_layouts_equal_one_process(shards: str, family: str, tensor: in
             assert_close(ranks[0]["grads"][name], grad, f"grad of {name}")
         else:
             assert_close(split.unshard([r["grads"][name] for r in ranks]), grad, f"gathered grad of {name}")
+
+
+def docs_commands() -> list[str]:
+    """docs/finetune_wan.md's DreaMontage-on-Wan-I2V block: the code block holding ``--keyframe-stride``."""
+    blocks: list[str] = []
+    lines: list[str] = []
+    inside = False
+    for line in (REPO / "docs/finetune_wan.md").read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            if inside:
+                blocks.append("".join(lines))
+            lines, inside = [], not inside
+        elif inside:
+            lines.append(line)
+    (block,) = [text for text in blocks if "--keyframe-stride" in text]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_docs_commands_run_on_tiny_models(tmp_path: Path) -> None:
+    from conditioned_shards import IMAGE_DIM as CLIP_DIM
+    from conditioned_shards import save_tiny_clip_vision
+    from latent_shards import TEXT_DIM as UMT5_DIM
+    from latent_shards import save_tiny_encoders
+    from test_keyframe_latents import clip_sample as pixel_clip
+
+    from imontage.checkpoint.diffusers import build_diffusers_model
+
+    wan = tmp_path / "models/Wan2.1-I2V-14B-480P-Diffusers"
+    encoders = save_tiny_encoders(tmp_path / "encoders")
+    wan.mkdir(parents=True)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        (wan / part).symlink_to(encoders[part])
+    save_tiny_clip_vision(wan / "image_encoder")
+    (wan / "image_processor").symlink_to(wan / "image_encoder")
+    tiny = ["model=wan_tiny", f"model.in_channels={WAN_CHANNELS}", f"model.text_dim={UMT5_DIM}",
+            f"model.wan.image_dim={CLIP_DIM}", "model.wan.added_kv_proj_dim=32", "parallel=single",
+            "train.precision=fp32", "stages.sft.steps=3", "train.checkpoint.every=0", "train.progress=false",
+            "data.num_workers=0", "data.batch_size=2", "data.max_tokens=0", "data.shuffle_buffer=0"]  # fmt: skip
+    torch.manual_seed(0)
+    build_diffusers_model(load_recipe(RECIPE, ["data.shards=x", *tiny]).model).save_pretrained(
+        wan / "transformer"
+    )
+    (tmp_path / "data/clips").mkdir(parents=True)
+    with ShardWriter(tmp_path / "data/clips/shard-000000.tar") as writer:
+        for index in range(3):  # 9-frame clips: stride 8 keeps frames 0 and 8, latent frames 0 and 2
+            writer.add_sample(f"{index:06d}", pixel_clip(index))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    commands = docs_commands()
+    assert len(commands) == 2 and commands[1].startswith(
+        "torchrun --nproc-per-node 8 --no-python imontage-train"
+    )
+    for command in commands:
+        command = command.replace(" configs/", f" {REPO}/configs/").replace(" tools/", f" {REPO}/tools/")
+        command = re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", command)
+        if "imontage-train" in command:  # one process, the tiny model, a few steps
+            command = command.replace("torchrun --nproc-per-node 8 --no-python ", "")
+            command += " " + " ".join(shlex.quote(o) for o in [f"run_dir={tmp_path / 'run'}", *tiny])
+        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    encoded = next(read_shard(str(tmp_path / "data/clips_latents/shard-000000.tar")))
+    record = json.loads(encoded.members["json"])
+    assert record["segments"][-1]["keyframe_frames"] == [0, 2] and record["image_embeds"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [(["model=wan2.1_t2v_1.3b"], "conditioning", "takes no channel condition"),
+     (["data.keyframes.conditioning=shared"], "conditioning", "need model.positions.layout=shared"),
+     (["data.keyframes.counts=[0,0]"], "counts", "must not all be 0"),
+     (["data.keyframes.positions=[1,-1]"], "positions", "finite and >= 0"),
+     (["data.keyframes.mode=often"], "mode", "not one of off, stored, adaptive")],
+)  # fmt: skip
+def test_settings_the_model_cannot_take_are_refused_naming_the_key(
+    overrides: list[str], key: str, reason: str
+) -> None:
+    from imontage.config.loader import RecipeError
+
+    with pytest.raises(RecipeError, match=rf"key 'data\.keyframes\.{key}': .*{reason}"):
+        load_recipe(RECIPE, ["data.shards=x", *overrides])

@@ -51,6 +51,6 @@ def keyframe_problems(
                          f"positions: they need model.positions.layout=shared and patch_size[0] = 1 (got "
                          f"{layout}, {temporal_patch})"))  # fmt: skip
     if keyframes.conditioning == "channel" and not channel:
-        problems.append(("conditioning", "the model takes no channel condition to lay keyframes in (an "
-                         "image-to-video model's: Wan I2V's in_channels, HunyuanVideo's latent_concat)"))  # fmt: skip
+        problems.append(("conditioning", "the model takes no channel condition to lay keyframes in "
+                         "(an image-to-video model's mask and condition channels)"))  # fmt: skip
     return problems

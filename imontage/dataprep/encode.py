@@ -730,9 +730,9 @@ def encode_sample(raw: RawSample, encoders: Encoders, settings: EncodeSettings) 
                 out["condition_latent"] = condition_member(index, extension(entry.condition_latent))
                 members[out["condition_latent"]] = raw.members[entry.condition_latent]
             if entry.keyframes is not None:  # so do its keyframes
-                fields, carried = carry_keyframes(raw, index, entry.keyframes, entry.keyframe_frames)
+                fields, own_keyframes = carry_keyframes(raw, index, entry.keyframes, entry.keyframe_frames)
                 out.update(fields)
-                members.update(carried)
+                members.update(own_keyframes)
             shapes.append({"kind": "latent", "pixels": None})
         else:
             try:
