@@ -4,6 +4,8 @@ leaves every weight bitwise unchanged and lowers the reconstruction loss, fine-t
 further), and ``imontage-imagic`` edits from a diffusers folder, the image encoded by ``--vae`` or
 given as a latent, its panels decoded by ``--vae``, with clear errors for what a latent model needs."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,17 @@ def test_a_text_string_is_refused_for_wans_precomputed_text(
     np.save(tmp_path / "latent.npy", np.zeros((4, 1, 4, 6), np.float32))
     assert imagic_main(argv) == 2
     assert "precomputed text embeddings" in capsys.readouterr().err
+
+
+def test_a_vae_folder_claiming_more_than_its_weights_is_refused_before_loading(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    claims = tmp_path / "vae"  # config.json claiming a VAE far larger than its weights
+    shutil.copytree(folders["vae"], claims)
+    config = json.loads((claims / "config.json").read_text())
+    (claims / "config.json").write_text(json.dumps({**config, "base_dim": 100_000}))
+    photo = str(folders["root"] / "photo.png")
+    assert run_cli(folders, tmp_path / "grid.png", "--image", photo, "--vae", str(claims)) == 2
+    error = capsys.readouterr().err.strip()
+    assert "has shape" in error and str(claims) in error and "\n" not in error, error
+    assert not (tmp_path / "grid.png").exists()

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from imontage.checkpoint.diffusers import check_component_folder
 from imontage.data.decode import DecodeOptions
 from imontage.data.shards import expand_shards
 from imontage.dataprep.encode import (
@@ -39,6 +40,7 @@ from imontage.dataprep.encode import (
     EncodeSettings,
     ShardReport,
     encode_shards,
+    vae_class_name,
 )
 from imontage.dataprep.image_text import TEXT_IMAGES
 from imontage.dataprep.keyframes import KeyframeSelection
@@ -171,6 +173,7 @@ def encode(args: argparse.Namespace) -> list[ShardReport]:
         options, args.latent_dtype, args.seed, args.negative_prompt, patch_size=args.patch_size,
         keyframes=KeyframeSelection(anchors=args.keyframes == "anchors", stride=args.keyframe_stride),
     )  # fmt: skip
+    check_component_folder(args.vae, vae_class_name(args.vae))  # untrusted: weights as its config says
     encoders = Encoders.load(
         args.vae,
         args.text_encoder,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imontage.checkpoint.diffusers import check_component_folder
 from imontage.config.imagic import COMMAND_LINE, ImagicConfigError, load_imagic_config
 from imontage.data import load_image
 from imontage.data.media import MediaError, load_array
@@ -233,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{checkpoint}: {error}") from error
         vae = None
         if args.vae is not None:
-            from imontage.dataprep.encode import VideoVAE  # deferred: diffusers is needed only here
+            from imontage.dataprep.encode import (  # deferred: diffusers is needed only here
+                VideoVAE,
+                vae_class_name,
+            )
 
+            # untrusted: the VAE its config describes must be the weights its folder holds
+            check_component_folder(args.vae, vae_class_name(args.vae))
             vae = VideoVAE.load(args.vae, device)
             if vae.channels != spec.in_channels:
                 raise ValueError(

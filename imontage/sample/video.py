@@ -31,13 +31,10 @@ from typing import Any
 
 import torch
 
-from imontage.checkpoint.diffusers import check_tensors
-from imontage.checkpoint.tensors import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, tensor_headers, weight_sources
+from imontage.checkpoint.diffusers import check_component_folder
 from imontage.data.media import MediaError, load_array
 from imontage.dataprep.encode import VideoVAE, vae_class_name
-from imontage.models import tensor_limit
 from imontage.sample.sar import Keyframe, SarSegment
-from imontage.untrusted import InputError, read_json
 
 # The VAE classes whose decoder is causal frame by frame with a feature cache (diffusers' ``_decode``
 # loop): only those decode a video in pieces to the pixels of decoding it whole.
@@ -45,28 +42,10 @@ STREAMING_VAES = ("AutoencoderKLWan",)
 DEFAULT_FPS = 16  # Wan's pipelines export their videos at 16 frames a second
 
 
-def check_vae_folder(folder: Path) -> None:
-    """A VAE folder read as untrusted input before a byte of its weights is: ``config.json`` bounded
-    and naming a known VAE class, weights in safetensors only (pickles refused by name, never
-    opened), and the model its config describes, built on the meta device (stopped past twice the
-    tensors offered), holding exactly the folder's tensors at their shapes: so that loading it
-    allocates what its weights files hold, never what its config claims."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    class_name = vae_class_name(folder)
-    config = read_json(config_file, dict)
-    sources = weight_sources(folder)
-    shapes, _ = tensor_headers(sources)
-    model_class = getattr(importlib.import_module("diffusers"), class_name)
-    try:
-        with tensor_limit(2 * len(sources) + 64, str(config_file)), torch.device("meta"):
-            model = model_class.from_config(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as error:  # values of the wrong kind
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"{config_file}: not a {class_name} config ({reason})") from None
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    index = folder / DIFFUSERS_INDEX
-    check_tensors(index if index.is_file() else folder / DIFFUSERS_WEIGHTS, sources, shapes, expected)
+def check_vae_folder(folder: str | Path) -> None:
+    """A VAE folder read as untrusted input before a byte of its weights is: a known VAE class whose
+    config describes exactly the folder's safetensors tensors (checkpoint.diffusers.check_component_folder)."""
+    check_component_folder(folder, vae_class_name(folder))
 
 
 def latent_frame(vae: VideoVAE, pixel_frame: int) -> int:
