@@ -21,9 +21,10 @@ from latent_shards import LATENT_CHANNELS, LATENTS_MEAN, LATENTS_STD, save_tiny_
 
 from imontage.config.schema import DataConfig
 from imontage.data import build_loader
-from imontage.data.decode import DecodeOptions, decode_item
+from imontage.data.decode import DecodeOptions, decode_item, inspect_sample
 from imontage.data.media import load_array
-from imontage.data.shards import ShardWriter, read_shard
+from imontage.data.problems import DataError
+from imontage.data.shards import RawSample, ShardWriter, read_shard
 from imontage.dataprep.testing import image_bytes, video_bytes
 from imontage.models.common.sequence import PackingSpec, patchify
 
@@ -173,3 +174,38 @@ def test_the_loader_pairs_each_clip_with_its_keyframes(strided: Path) -> None:
             )
             assert set(batch.positions[rows, 1].tolist()) == {target["keyframe_frames"][number]}  # its t
     loader.close()
+
+
+def latent_clip(keyframes: torch.Tensor, frames: object) -> RawSample:
+    """A latent clip [4, 3, 4, 6] with ``keyframes`` and ``keyframe_frames`` as given."""
+    from safetensors.torch import save
+
+    segment = {"role": "target", "kind": "latent", "member": "0.latent.safetensors",
+               "keyframes": "0.keyframes.safetensors", "keyframe_frames": frames}  # fmt: skip
+    members = {
+        "0.latent.safetensors": save({"latent": torch.zeros(LATENT_CHANNELS, 3, 4, 6)}),
+        "0.keyframes.safetensors": save({"keyframes": keyframes}),
+        "json": json.dumps({"segments": [segment]}).encode(),
+    }
+    return RawSample("000000", "clips.tar", members, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "frames", "reason", "detail"),
+    [((LATENT_CHANNELS, 2, 4, 6), [0, 2], None, None),
+     ((LATENT_CHANNELS, 3, 4, 6), [0, 2], "undecodable", "keyframes of shape [4, 3, 4, 6]"),
+     ((LATENT_CHANNELS, 1, 4, 4), [1], "undecodable", "keyframe_frames need [4, 1, 4, 6]"),
+     ((LATENT_CHANNELS, 2, 4, 6), [0, 3], "undecodable", "reach past the clip's 3 frames"),
+     ((LATENT_CHANNELS, 2, 4, 6), [2, 0], "bad_json", "distinct frames >= 0, ascending"),
+     ((LATENT_CHANNELS, 1, 4, 6), [], "bad_json", "non-empty 'keyframe_frames'")],
+)  # fmt: skip
+def test_keyframes_are_checked_against_their_clip_from_headers(
+    shape: tuple[int, ...], frames: list[int], reason: str | None, detail: str | None
+) -> None:
+    raw = latent_clip(torch.zeros(shape), frames)
+    if reason is None:
+        assert inspect_sample(raw)[1].segments[0].keyframe_frames == tuple(frames)
+        return
+    with pytest.raises(DataError) as error:
+        inspect_sample(raw)
+    assert error.value.reason == reason and detail in str(error.value), str(error.value)
