@@ -24,10 +24,11 @@ from test_trainer import TINY, final_tensors
 from imontage.config import load_recipe
 from imontage.config.loader import RecipeError
 from imontage.dataprep.synthetic import write_shards
+from imontage.models.common.sequence import Sample
 from imontage.train import cli
 from imontage.train.logger import read_metrics
 from imontage.train.trainer import train
-from imontage.train.validation import HeldOutSet, Validator
+from imontage.train.validation import HeldOutSet, preference_metrics
 
 QUICKSTART = REPO / "configs/recipes/quickstart.yaml"
 # How far the loss of one set of weights may move when TP+SP reorders the forward pass's sums.
@@ -146,10 +147,8 @@ def test_the_preference_accuracy_is_the_share_of_pairs_the_mean_margin_orders() 
     errors = torch.tensor([[0.1, 0.1], [0.4, 0.6], [0.5, 0.2], [0.3, 0.3]], dtype=torch.float64)
     reference = torch.tensor([[0.2, 0.2], [0.4, 0.4], [0.3, 0.3], [0.3, 0.3]], dtype=torch.float64)
     table = torch.stack([errors * values, torch.full_like(errors, values), reference * values], dim=2)
-    heldout = HeldOutSet(["a", "b"], [None] * 4, ["a", "a", "b", "b"], [], pairs=True)  # type: ignore[list-item]
-    metrics = Validator.__new__(Validator)
-    metrics.heldout = heldout
-    result = metrics._preferences(table, beta=2.0)
+    heldout = HeldOutSet(["a", "b"], [Sample([])] * 4, ["a", "a", "b", "b"], [], pairs=True)
+    result = preference_metrics(table, heldout, beta=2.0)
     assert result["dpo/accuracy"] == 0.5
     assert result["dpo/reward_margin"] == pytest.approx((0.2 - 0.05) / 2, abs=1e-12)
     assert result["dpo/accuracy/a"] == 1.0 and result["dpo/accuracy/b"] == 0.0

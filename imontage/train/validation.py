@@ -231,27 +231,29 @@ class Validator:
             metrics[f"loss/{task}"] = math.fsum(errors) / max(math.fsum(values), 1.0)
         if heldout.pairs:
             assert isinstance(self.objective, FlowDPO)
-            metrics.update(self._preferences(table, self.objective.beta))
+            metrics.update(preference_metrics(table, heldout, self.objective.beta))
         return metrics
 
-    def _preferences(self, table: torch.Tensor, beta: float) -> dict[str, float]:
-        """Per pair, the implicit reward margin ``−β/2 · mean over t of [(e_w − e_w_ref) − (e_l − e_l_ref)]``
-        (``e``: mean squared error per target value); accuracy: the share of pairs with a positive one."""
-        errors = table[:, :, 0] / table[:, :, 1].clamp(min=1)  # [samples, timesteps]
-        reference = table[:, :, 2] / table[:, :, 1].clamp(min=1)
-        margins: dict[str, list[float]] = {task: [] for task in self.heldout.tasks}
-        for win in range(0, len(self.heldout.samples), 2):
-            lose = win + 1
-            gaps = ((errors[win] - reference[win]) - (errors[lose] - reference[lose])).tolist()
-            margins[self.heldout.sample_tasks[win]].append(-beta / 2 * math.fsum(gaps) / len(gaps))
-        every = [m for ms in margins.values() for m in ms]
-        metrics = {
-            "dpo/accuracy": sum(m > 0 for m in every) / len(every),
-            "dpo/reward_margin": math.fsum(every) / len(every),
-        }
-        for task, ms in margins.items():
-            metrics[f"dpo/accuracy/{task}"] = sum(m > 0 for m in ms) / len(ms)
-        return metrics
+
+def preference_metrics(table: torch.Tensor, heldout: HeldOutSet, beta: float) -> dict[str, float]:
+    """A flow_dpo stage's held-out preferences from the summed ``[samples, timesteps, 3]`` table. Per
+    pair, the implicit reward margin ``−β/2 · mean over t of [(e_w − e_w_ref) − (e_l − e_l_ref)]``
+    (``e``: mean squared error per target value); accuracy: the share of pairs with a positive one."""
+    errors = table[:, :, 0] / table[:, :, 1].clamp(min=1)  # [samples, timesteps]
+    reference = table[:, :, 2] / table[:, :, 1].clamp(min=1)
+    margins: dict[str, list[float]] = {task: [] for task in heldout.tasks}
+    for win in range(0, len(heldout.samples), 2):
+        lose = win + 1
+        gaps = ((errors[win] - reference[win]) - (errors[lose] - reference[lose])).tolist()
+        margins[heldout.sample_tasks[win]].append(-beta / 2 * math.fsum(gaps) / len(gaps))
+    every = [m for ms in margins.values() for m in ms]
+    metrics = {
+        "dpo/accuracy": sum(m > 0 for m in every) / len(every),
+        "dpo/reward_margin": math.fsum(every) / len(every),
+    }
+    for task, ms in margins.items():
+        metrics[f"dpo/accuracy/{task}"] = sum(m > 0 for m in ms) / len(ms)
+    return metrics
 
 
 def progress_line(step: int, stage: str, metrics: dict[str, float]) -> str:
