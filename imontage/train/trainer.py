@@ -149,9 +149,18 @@ class Trainer:
                         break
                 if self.preempted:
                     self.stop_for_requeue()
-            finally:
+            except RunStopped:  # every rank saved the stop checkpoint: they leave together
                 self.logger.close()
                 self.backend.close()
+                raise
+            except BaseException:
+                # A failure leaves at once, without close()'s barrier: that would wait a whole
+                # collective timeout more for ranks that may be gone (a host cut off), or meet a
+                # collective of a rank still training.
+                self.logger.close()
+                raise
+            self.logger.close()
+            self.backend.close()
 
     def selected_stages(self) -> list[Stage]:
         """Every stage, or only ``train.only_stage`` (``stage=NAME`` on the command line)."""
