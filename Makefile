@@ -41,11 +41,11 @@ quickstart: $(SYNTHETIC_DIR)/.complete
 		run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar' $(TRAIN_ARGS)
 
 test: $(VENV)/.installed $(TRITON36_ENV)/.installed
-	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark and not multihost" $(PYTEST_ARGS)
+	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
 
-# The heavier scenarios of the two-host SLURM cluster in network namespaces (root; docs/slurm.md).
+# The two-host SLURM cluster's cases alone (root; docs/slurm.md); make test runs them too.
 test-multihost: $(VENV)/.installed
-	$(PY) -m pytest tests/test_slurm_multi_host.py -m multihost $(PYTEST_ARGS)
+	$(PY) -m pytest tests/test_slurm_multi_host.py $(PYTEST_ARGS)
 
 triton36-env: $(TRITON36_ENV)/.installed
 

@@ -19,7 +19,7 @@
 # through tools/submit.py --env-hook, as a site's NCCL settings would be. Host names resolve
 # nowhere: slurmctld reaches a host at its NodeAddr, and the job script takes the master's
 # NodeAddr from `scontrol show node` (slurm/multi_node.sbatch).
-# Auth as in slurm/local_cluster.sh: auth/none and cred/none (no munge), proctrack/linuxproc.
+# Auth as in slurm/local_cluster.sh: auth/none and cred/none (no munge); proctrack/pgid (see the conf).
 # Ports: SLURMCTLD_PORT (default 6917) on the bridge's address, SLURMD_PORT (default 6918) inside
 # each namespace, so the one-node cluster's ports (6817/6818, or the tests' free ports) never clash.
 set -euo pipefail
@@ -141,7 +141,11 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
-ProctrackType=proctrack/linuxproc
+# pgid, not linuxproc: when a host fails, slurmctld cancels the job; srun, which forwards the first
+# SIGTERM and keeps waiting for the lost host's task, outlives the batch script, and linuxproc,
+# which finds a job's processes by their parents, loses it once it is orphaned (the step is "done"
+# with srun still running). In the batch script's process group, srun is killed with it.
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
