@@ -159,7 +159,8 @@ def visual_rows(out: torch.Tensor, batch: PackedBatch, sample: int) -> torch.Ten
     return out[span.start : span.start + span.length]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# T2V (guidance) and I2V latent_concat, as the presets, are in test_family_conformance.py.
+@pytest.mark.parametrize("variant", ["i2v_token_replace"])
 def test_single_sample_equals_diffusers(variant: str, tmp_path: Path) -> None:
     reference = random_diffusers(variant)
     model = imported(reference, tmp_path)
@@ -175,7 +176,7 @@ def test_single_sample_equals_diffusers(variant: str, tmp_path: Path) -> None:
     close(visual_rows(out, batch, 0), case.diffusers_output(reference, text_pad=0))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ["i2v_token_replace"])
 def test_packed_samples_each_equal_their_own_diffusers_run(variant: str, tmp_path: Path) -> None:
     reference = random_diffusers(variant, seed=2)
     model = imported(reference, tmp_path)
@@ -299,23 +300,6 @@ def test_diffusers_config_round_trips() -> None:
 def test_diffusers_config_refuses_what_it_cannot_represent(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=key):
         model_config_from_diffusers({**TINY, key: value})
-
-
-@pytest.mark.parametrize("preset", ["hunyuan_video_tiny", "hunyuan_video_t2v_13b", "hunyuan_video_i2v_13b"])
-def test_presets_have_diffusers_parameters(preset: str) -> None:
-    """On the meta device: the same names and shapes as diffusers' model of the same config."""
-    cfg = load_recipe(QUICKSTART, [f"model={preset}", "model.prediction=velocity"]).model
-    model = build_model(cfg, device="meta")
-    assert isinstance(model, HunyuanVideoTransformer)
-    config = diffusers_config(cfg)
-    del config["_class_name"]
-    with torch.device("meta"):
-        reference = diffusers_model_class()(**config)
-    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    assert shapes == {name: tuple(p.shape) for name, p in reference.state_dict().items()}
-    count = sum(p.numel() for p in model.parameters())
-    if cfg.stated_params:
-        assert abs(count / cfg.stated_params - 1) <= 0.01, count
 
 
 def test_every_parameter_learns_and_checkpointing_gives_the_same_gradients() -> None:

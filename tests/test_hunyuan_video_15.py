@@ -4,8 +4,9 @@ A tiny random ``HunyuanVideo15Transformer3DModel`` (fp32, CPU; I2V, whose weight
 saved once per module with ``save_pretrained`` and imported through the generic diffusers importer;
 outputs and gradients are compared with diffusers' own forward pass on the same inputs: Qwen text
 (padded and masked in diffusers, packed in imontage), glyph text (ByT5, text segments of encoder 1)
-and the condition image's tokens. The parallel layouts and LoRA are in test_parallel_families.py
-and test_lora.py.
+and the condition image's tokens. Export and import, the parallel layouts and LoRA of the T2V and
+I2V presets are in test_family_conformance.py (the parallel layouts with LoRA also in
+test_parallel_families.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import torch
 from conftest import REPO
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_diffusers_io import stored_tensors
 from test_hunyuan_video import close
 
 from imontage.checkpoint import diffusers as dio
 from imontage.checkpoint.convert import load_consolidated
-from imontage.checkpoint.pipeline import export_pipeline, import_pipeline
+from imontage.checkpoint.pipeline import import_pipeline
 from imontage.config import load_recipe
 from imontage.config.schema import ModelConfig
 from imontage.models import build_model, packing_spec
@@ -225,33 +225,6 @@ def test_packed_samples_and_their_gradients_equal_diffusers(
         # shift every score of a query alike, so their true gradient is 0 (both are fp32 noise).
         error = float((p.grad - expected_grad).abs().max())
         assert error <= max(1e-4 * float(expected_grad.abs().max()), 1e-6 * largest), name
-
-
-def test_export_loads_in_diffusers_and_round_trips_bit_for_bit(
-    reference: Any, folder: Path, imported: Path, tmp_path: Path
-) -> None:
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    export_pipeline({"transformer": imported}, tmp_path / "export", dio.read_model_config(folder)[2])
-    exported = tmp_path / "export" / "transformer"
-    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
-    assert index["_class_name"] == "HunyuanVideo15ImageToVideoPipeline"
-    before, after = stored_tensors(folder), stored_tensors(exported)
-    assert before.keys() == after.keys()
-    for name, tensor in before.items():
-        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
-    assert (
-        json.loads((exported / "config.json").read_text())["_class_name"]
-        == "HunyuanVideo15Transformer3DModel"
-    )
-    loaded = HunyuanVideo15Transformer3DModel.from_pretrained(exported).eval()
-    inputs = Case(torch.Generator().manual_seed(3), 2, 2, 3, text_len=4, glyph_len=2, t=0.4).diffusers_inputs(
-        1, 1
-    )
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    with torch.no_grad():
-        close(loaded(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
 
 
 def test_diffusers_config_round_trips() -> None:

@@ -1,7 +1,8 @@
-"""parallelize_model on the pretrained families (some with LoRA adapters), 2 gloo ranks against one process.
+"""parallelize_model on the pretrained families (most with LoRA adapters), 2 gloo ranks against one process.
 
-Wan 2.1 (T2V, I2V) and HunyuanVideo (T2V with guidance, I2V latent_concat, and iMontage's montage
-layout with 5 inputs and 6 outputs) under TP=2, TP=2 with sequence parallelism and Ulysses=2, on
+Every preset without adapters runs each layout in tests/test_family_conformance.py; here Wan 2.1
+(T2V with one timestep for every row, I2V), HunyuanVideo (I2V latent_concat, and iMontage's montage
+layout with 5 inputs and 6 outputs) and HunyuanVideo 1.5 I2V, under TP=2, TP=2+SP or Ulysses=2, on
 packed batches of samples of different sizes and text lengths (odd row counts, so the parallel
 layouts pad each stream): the forward output, the input gradients and every parameter's gradient
 match one process (gathered over TP; summed over CP, where each rank holds its tokens' share), and
@@ -162,19 +163,17 @@ def test_uneven_batches_pad_every_stream(family: str, variant: str) -> None:
         assert int(batch.is_text.sum()) % 2 == 1
 
 
-# Each case is two processes for ~15 s on 2 cores, so the suite keeps to these. Wan: I2V runs
-# every path T2V does (plus image keys and padded text, one modulation row per token); T2V once
-# more, at TP+SP, for unpadded text and one timestep for every row (the modulation a table).
-# HunyuanVideo: plain TP on T2V (guidance), TP+SP on I2V (channel conditions). The I2V cases
-# and HunyuanVideo's montage carry LoRA adapters on every linear of their blocks (column- and
-# row-parallel, with and without SP, the joined proj_out, the cross-attention's whole inputs).
+# Each case is two processes for a few seconds on 2 cores, so the suite keeps to these; every
+# preset without adapters runs TP=2, TP=2+SP and Ulysses=2 in tests/test_family_conformance.py.
+# Wan T2V at TP+SP for unpadded text and one timestep for every row (the modulation a table). The
+# others carry LoRA adapters on every linear of their blocks (column- and row-parallel, with and
+# without SP, the joined proj_out, the cross-attention's whole inputs).
 @pytest.mark.parametrize(
     ("family", "sequence_parallel", "variant", "lora"),
     [("wan", True, "t2v_one_timestep", False), ("wan", False, "i2v", True), ("wan", True, "i2v", True),
-     ("hunyuan_video", False, "t2v", False), ("hunyuan_video", True, "i2v_latent_concat", True),
-     ("hunyuan_video_15", False, "t2v", False), ("hunyuan_video_15", True, "i2v", True)],
-    ids=["wan-tp2_sp-t2v-one-timestep", "wan-tp2-i2v-lora", "wan-tp2_sp-i2v-lora", "hunyuan-tp2-t2v", "hunyuan-tp2_sp-i2v-lora",
-         "hunyuan15-tp2-t2v", "hunyuan15-tp2_sp-i2v-lora"],
+     ("hunyuan_video", True, "i2v_latent_concat", True), ("hunyuan_video_15", True, "i2v", True)],
+    ids=["wan-tp2_sp-t2v-one-timestep", "wan-tp2-i2v-lora", "wan-tp2_sp-i2v-lora", "hunyuan-tp2_sp-i2v-lora",
+         "hunyuan15-tp2_sp-i2v-lora"],
 )  # fmt: skip
 def test_tensor_parallel_matches_one_process(
     family: str, sequence_parallel: bool, variant: str, lora: bool
@@ -220,10 +219,8 @@ def test_tensor_parallel_matches_one_process(
         )
 
 
-@pytest.mark.parametrize(
-    ("family", "variant", "lora"),
-    [("wan", "i2v", False), ("hunyuan_video", "montage", True), ("hunyuan_video_15", "i2v", False)],
-)
+# Without adapters, every preset's Ulysses=2: tests/test_family_conformance.py.
+@pytest.mark.parametrize(("family", "variant", "lora"), [("hunyuan_video", "montage", True)])
 def test_ulysses_matches_one_process(family: str, variant: str, lora: bool) -> None:
     ranks = run_ranks(parallel_run, 2, 1, 2, False, family, variant, lora)
     expected = forward_backward(reference_model(family, variant, lora), family, variant)

@@ -1,7 +1,7 @@
 """Wan 2.2 as presets of the Wan family: T2V/I2V-A14B (two experts of one shape) and TI2V-5B.
 
-The presets' parameter counts are checked on the meta device against diffusers' own
-``WanTransformer3DModel`` built from the same config, and against the public sizes. Tiny random
+The presets' parameter counts, against diffusers' class and the public sizes, and each preset's
+forward, gradients, export and parallel layouts are in tests/test_family_conformance.py. Tiny random
 pipeline folders (diffusers' classes from small configs, ``save_pretrained``) are imported and
 exported in the pipeline layout: ``transformer/``, ``transformer_2/``, ``model_index.json``'s
 ``boundary_ratio`` and ``expand_timesteps``; TI2V's per-token timesteps are imontage's.
@@ -28,13 +28,13 @@ from latent_shards import (
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from imontage.checkpoint.diffusers import ConversionError, build_diffusers_model
+from imontage.checkpoint.diffusers import ConversionError
 from imontage.checkpoint.pipeline import PIPELINE_INDEX, export_pipeline, import_pipeline, read_pipeline
 from imontage.config import RecipeError, load_recipe
-from imontage.models import build_model, count_parameters, packing_spec
+from imontage.models import build_model, packing_spec
 from imontage.models.common import Sample, Segment, pack_samples, unpatchify_segments
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
-from imontage.models.wan.model import WanTransformer, build_wan
+from imontage.models.wan.model import build_wan
 from imontage.objectives.flow_matching import (
     clean_first_frame,
     first_frame_mask,
@@ -42,28 +42,11 @@ from imontage.objectives.flow_matching import (
     sample_timesteps,
 )
 
-# One expert of the A14B pair is the Wan 2.1 14B shape (I2V: 20 more input channels, no CLIP path);
-# TI2V-5B is named for its size.
-PUBLIC = {"wan2.2_t2v_a14b": 14.29e9, "wan2.2_i2v_a14b": 14.29e9, "wan2.2_ti2v_5b": 5.0e9}
-
 
 def preset_config(preset: str, *overrides: str) -> object:
     return load_recipe(
         REPO / "configs/recipes/quickstart.yaml", [f"model={preset}", "model.prediction=velocity", *overrides]
     ).model
-
-
-@pytest.mark.parametrize("preset", sorted(PUBLIC))
-def test_preset_parameter_counts(preset: str) -> None:
-    cfg = preset_config(preset, *(["model.expert=transformer"] if "a14b" in preset else []))
-    model = build_model(cfg, device="meta")
-    assert isinstance(model, WanTransformer) and len(model.blocks) == cfg.depth  # type: ignore[attr-defined]
-    with torch.device("meta"):
-        reference = build_diffusers_model(cfg)
-    count = count_parameters(model)
-    assert count == count_parameters(reference), preset
-    assert abs(count / PUBLIC[preset] - 1) <= 0.01, (preset, count)
-    assert abs(count / cfg.stated_params - 1) <= 0.01, (preset, count)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
