@@ -1,6 +1,6 @@
 """The GPU check of issue 19 in one go: kernels, benchmarks, a training run; a short table last.
 
-    python tools/device_check.py OUT_DIR [--cpu] [--steps kernels,train,rope,wan_step,train_step]
+    python tools/device_check.py OUT_DIR [--cpu] [--steps kernels,train,rope,wan_step,train_step,family_step]
         [--budget-s 450] [--scratch DIR]
 
 Run it through ``tools/device_check.sh`` on a lent GPU machine (which installs the wheels it needs first;
@@ -17,6 +17,9 @@ docs/performance.md, "GPU check"). Each step is a child process of its own, with
   ``test_wan_step_bench.py``: ``wan2.1_t2v_1.3b`` bf16 at 16k and 32k video tokens against diffusers;
   ``test_train_step_bench.py``: ``dit_1b`` MFU), with fewer repeats so that all fits in the budget;
   their CSVs land in OUT_DIR.
+- ``family_step``: ``test_family_step_bench.py``, Wan 2.2 TI2V-5B, an A14B expert and HunyuanVideo 1.5
+  I2V bf16 at 16k video tokens against diffusers (blocks cut so both models fit), 2 repeats; last, so
+  that the budget leaves it out before the others.
 
 ``--cpu`` runs the same steps at small sizes on the CPU (kernels through Triton's interpreter) so that CI
 checks the script does not rot; its figures say nothing about a GPU. Every step gets at most its own cap
@@ -46,7 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Correctness first, then the figures: what the budget leaves out is the last.
-STEPS = ("kernels", "train", "rope", "wan_step", "train_step")
+STEPS = ("kernels", "train", "rope", "wan_step", "train_step", "family_step")
 
 
 @dataclass
@@ -197,6 +200,17 @@ def wan_step(check: Check) -> tuple[str, list[tuple[str, str]]]:
     return status_of(code), figures
 
 
+def family_step(check: Check) -> tuple[str, list[tuple[str, str]]]:
+    code = check.pytest("family_step", check.bench_args("family_step", 2, "a14b_expert"), 150)
+    figures = []
+    for r in read_csv(check.out / "family_step.csv"):
+        text = f"{r['video_tokens']} tokens {r['precision']}: imontage/diffusers {r['ratio']}x"
+        if r["imontage_gib"]:
+            text += f", peak {r['imontage_gib']} GiB (diffusers {r['diffusers_gib']})"
+        figures.append((f"{r['model']} {r['case']}", text))
+    return status_of(code), figures
+
+
 def train_step(check: Check) -> tuple[str, list[tuple[str, str]]]:
     code = check.pytest("train_step", check.bench_args("train_step", 5, "16k"), 120)
     figures = []
@@ -275,6 +289,7 @@ def consolidated_tensors(path: Path) -> tuple[int, bool]:
 
 STEP_FUNCTIONS: dict[str, Callable[[Check], tuple[str, list[tuple[str, str]]]]] = {
     "kernels": kernels, "rope": rope, "wan_step": wan_step, "train_step": train_step, "train": train,
+    "family_step": family_step,
 }  # fmt: skip
 
 

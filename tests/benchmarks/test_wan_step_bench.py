@@ -38,6 +38,7 @@ import csv
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,12 @@ CPU_FULL = [
 SMALL = [Case("16k", "wan_tiny", 2, 32, 8), Case("32k", "wan_tiny", 4, 32, 8)]
 
 
-def model_config(name: str, overrides: tuple[tuple[str, int], ...] = ()) -> ModelConfig:
+def model_config(name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> ModelConfig:
+    """The preset ``name`` with ``overrides`` (dotted keys: ``("wan.boundary_ratio", 0.875)``)."""
     return OmegaConf.merge(
         OmegaConf.structured(ModelConfig),
         OmegaConf.load(REPO / f"configs/model/{name}.yaml"),
-        dict(overrides),
+        OmegaConf.from_dotlist([f"{key}={value}" for key, value in overrides]),
     )
 
 
@@ -192,27 +194,32 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
-    cfg = model_config(case.model, case.overrides)
-    bf16 = dtype == torch.bfloat16
-    torch.manual_seed(0)
-    reference = diffusers_model(cfg)
-    model = build_wan(cfg)
-    model.load_state_dict(reference.state_dict(), strict=True)
-    reference, model = to_bf16(reference) if bf16 else reference, model.to(dtype)
-    reference, model = reference.to(device).train(), model.to(device).train()
-    if case.checkpointing:
-        model.gradient_checkpointing = True
-        reference.enable_gradient_checkpointing()
-    inputs = make_inputs(cfg, case, device, dtype)
-    step = steps(model, reference, inputs)
+@dataclass
+class Timed:
+    """What :func:`alternate_steps` measured, per step name."""
 
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]]  # the first run's (output, loss)
+    seconds: dict[str, float]  # median wall time of the timed repeats
+    cpu_seconds: dict[str, float]  # median process CPU time (one thread on CPU)
+    peak_gib: dict[
+        str, Any
+    ]  # GiB allocated at the first run's peak on CUDA (both models resident); "" on CPU
+
+
+def alternate_steps(
+    step: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> Timed:
+    """Run each of ``step``'s functions ``warmup + repeats`` times, alternating (drift in the machine's
+    speed hits them alike), and take the medians of the timed repeats."""
     times: dict[str, list[float]] = {name: [] for name in step}
-    cpu_times: dict[str, list[float]] = {name: [] for name in step}  # process CPU time (one thread)
+    cpu_times: dict[str, list[float]] = {name: [] for name in step}
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    peak_memory = dict.fromkeys(step, "")  # GiB allocated at the step's peak (both models resident)
+    peak_memory: dict[str, Any] = dict.fromkeys(step, "")
     for index in range(warmup + repeats):
-        for name, fn in step.items():  # alternate: drift in the machine's speed hits both alike
+        for name, fn in step.items():
             synchronize(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -227,10 +234,35 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
             elif index >= warmup:
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu)
+    return Timed(
+        results,
+        {name: statistics.median(values) for name, values in times.items()},
+        {name: statistics.median(values) for name, values in cpu_times.items()},
+        peak_memory,
+    )
 
+
+def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
+    cfg = model_config(case.model, case.overrides)
+    bf16 = dtype == torch.bfloat16
+    torch.manual_seed(0)
+    reference = diffusers_model(cfg)
+    model = build_wan(cfg)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    reference, model = to_bf16(reference) if bf16 else reference, model.to(dtype)
+    reference, model = reference.to(device).train(), model.to(device).train()
+    if case.checkpointing:
+        model.gradient_checkpointing = True
+        reference.enable_gradient_checkpointing()
+    inputs = make_inputs(cfg, case, device, dtype)
+    timed = alternate_steps(steps(model, reference, inputs), device, repeats, warmup)
+    results, seconds, cpu_seconds, peak_memory = (
+        timed.results,
+        timed.seconds,
+        timed.cpu_seconds,
+        timed.peak_gib,
+    )
     (ours, our_loss), (theirs, their_loss) = results["imontage"], results["diffusers"]
-    seconds = {name: statistics.median(values) for name, values in times.items()}
-    cpu_seconds = {name: statistics.median(values) for name, values in cpu_times.items()}
     on_cpu = device.type == "cpu"
     flops, peak = model_flops(model, inputs), peak_flops(device)
     probe = torch.empty(0, device=device, dtype=dtype)
