@@ -43,6 +43,8 @@ LOST_JOB_END_S = 30  # from the kill to the job's end: srun's kill of the step a
 # From the cut to the job's end: SlurmdTimeout, then up to a ping interval (a third of it) and a
 # failed ping's wait before slurmctld sets the host DOWN, plus slack for loaded cores.
 CUT_JOB_END_S = SLURMD_TIMEOUT_S + 30
+# From USR2 to the job requeued: both ranks finish their step, save, leave, the script requeues.
+PREEMPT_REQUEUE_S = 60
 JOB_PROCESSES_GONE_S = 30  # from the job's end until none of its processes is left on either host
 
 
@@ -59,6 +61,12 @@ def multi_host_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         pytest.skip(f"no multi-host SLURM: {result.stderr.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr
     try:
+        status = subprocess.run(["bash", CLUSTER, "status", str(state)], cwd=REPO, env=env, capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        made = cluster_id(state)
+        for host in (1, 2):  # sinfo's line of each host, and the processes of its namespace (its slurmd)
+            assert re.search(rf"^im{made}h{host} .* idle ", status, re.MULTILINE), status
+            assert f"imontage-{made}-h{host}: " in status, status
         yield {**env, "SLURM_CONF": str(state / "slurm.conf"), "IMONTAGE_CLUSTER_DIR": str(state)}
     finally:
         subprocess.run(["bash", CLUSTER, "stop", str(state)], cwd=REPO, check=False)
@@ -237,8 +245,12 @@ def test_usr2_reaches_both_hosts_and_the_requeue_resumes_on_both(
     job = submit_across_hosts(multi_host_cluster, tmp_path, name, 1, [f"run_dir={run_dir}", *dp2_overrides])
     wait_for_step(run_dir, FAULT_AFTER_STEP, job, multi_host_cluster)
     subprocess.run(["scancel", "--signal=USR2", job], env=multi_host_cluster, check=True)
-    release_requeued(job, multi_host_cluster)
+    signalled = time.monotonic()
+    release_requeued(job, multi_host_cluster, timeout=PREEMPT_REQUEUE_S)
+    requeued_s = time.monotonic() - signalled
     job_state = wait_for_job(job, multi_host_cluster)
+    print(f"preemption: requeued {requeued_s:.1f} s after the signal (bound {PREEMPT_REQUEUE_S} s), "
+          f"the resumed job ended {time.monotonic() - signalled:.1f} s after it")  # fmt: skip
     log = job_log(tmp_path, name, job)
     assert job_state == "COMPLETED", log
     assert job_field(job, multi_host_cluster, "Restarts") == "1"
