@@ -54,7 +54,7 @@ LAYOUTS = {
     "tp2_sp_recompute": Layout(tensor=2, sequence_parallel=True, activation_checkpointing=True),
     "ulysses2": Layout(context=2),
 }
-# family: (layouts, variants); HunyuanVideo and 1.5 have no communication plan yet: activations only
+# family: (layouts, variants); HunyuanVideo has no communication plan yet: activations only
 FAMILIES = {
     "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
     "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
@@ -237,11 +237,20 @@ def doc_commands(heading: str) -> list[tuple[list[str], str]]:
     return commands
 
 
-def test_doc_layouts_of_both_a14b_experts_are_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
-    """docs/parallel.md's figures for Wan 2.2 I2V-A14B with both experts in one run are what
-    tools/plan.py prints for its commands, line for line (each model built once on meta)."""
-    commands = doc_commands("`wan2.2_i2v_a14b`: both experts in one run")
-    assert len(commands) == 6
+# docs/parallel.md's sections whose every command is checked: (commands, models they build)
+DOC_SECTIONS = {
+    "`wan2.2_i2v_a14b`: both experts in one run": (6, 2),  # full fine-tuning and LoRA
+    "`hunyuan_video_1.5_i2v`": (7, 2),
+}
+
+
+@pytest.mark.parametrize("heading", list(DOC_SECTIONS))
+def test_doc_layouts_are_the_tools(capsys: pytest.CaptureFixture[str], heading: str) -> None:
+    """docs/parallel.md's figures for Wan 2.2 I2V-A14B with both experts in one run and for
+    HunyuanVideo 1.5 I2V are what tools/plan.py prints for their commands, line for line (each
+    model built once on meta)."""
+    commands = doc_commands(heading)
+    assert len(commands) == DOC_SECTIONS[heading][0]
     spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
     assert spec is not None and spec.loader is not None
     tool = importlib.util.module_from_spec(spec)
@@ -254,4 +263,4 @@ def test_doc_layouts_of_both_a14b_experts_are_the_tools(capsys: pytest.CaptureFi
     for args, output in commands:
         assert tool.main(args) == 0
         assert capsys.readouterr().out.rstrip("\n") == output, " ".join(args)
-    assert len(built) == 2  # full fine-tuning and LoRA
+    assert len(built) == DOC_SECTIONS[heading][1]

@@ -37,8 +37,9 @@ I2V's ``add_k_proj``/``add_v_proj``) read the whole context, never sequence-shar
 Outside the blocks (both): under SP the backward all-gathers the gradients of the embeddings and
 the modulation (``[n, d]`` and ``[n, 6, d]``) and the forward all-gathers the blocks' output
 ``[n, d]``; under CP the forward all-gathers the model output ``[N, C·p]``. With activation
-checkpointing every block's forward collectives run twice. HunyuanVideo has no communication plan
-yet (:class:`PlanError`); its memory is estimated.
+checkpointing every block's forward collectives run twice. HunyuanVideo 1.5's plan (both streams, joint
+attention) is in its family's ``cost.py``; HunyuanVideo has no communication plan yet
+(:class:`PlanError`); its memory is estimated.
 """
 
 from __future__ import annotations
@@ -75,13 +76,16 @@ def communication_plan(
     calls = CallPlan(model, layout, element_bytes)
     if layout.tensor > 1:
         cost.tensor_parallel(calls, model, rows.sequence, batch)
-        if layout.sequence_parallel:
+        if layout.sequence_parallel and cost.sequence_parallel_outside is not None:
+            cost.sequence_parallel_outside(calls, model, batch)
+        elif layout.sequence_parallel:
             n, d = rows.sequence, model.hidden_size
             calls.add("embeddings", "all_gather", "tp", n * d, "backward", 1)
             calls.add("modulation", "all_gather", "tp", n * 6 * d, "backward", 1)
             calls.add("blocks_output", "all_gather", "tp", n * d, "forward", 1)
     if layout.context > 1:
-        n, head_dim = rows.sequence, model.head_dim
+        n = rows.sequence if cost.attention_rows is None else cost.attention_rows(model, batch, layout)
+        head_dim = model.head_dim
         heads = model.num_heads // layout.tensor  # heads of one TP rank
         where = cost.attention
         for phase in ("forward", "backward"):

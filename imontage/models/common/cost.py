@@ -427,3 +427,9 @@ class FamilyCost:
     tensor_parallel: Callable[[CallPlan, ModelShape, int, MicroBatch], None] | None = None
     attention: str = "block"  # the module whose self-attention Ulysses' all-to-alls run around
     lora: LoraCost | None = None  # None: adapters on the family are not modelled yet
+    # Rows one CP rank's attention sees (model, batch, layout); None: the CP shard of batch.sequence
+    # (a dual-stream family attends its visual and text shards jointly).
+    attention_rows: Callable[[ModelShape, MicroBatch, Layout], int] | None = None
+    # Outside the blocks under SP (calls, model, batch): None: the embeddings' and modulation's
+    # gradients and the blocks' output all-gathered on the sequence rows (DiT, Wan).
+    sequence_parallel_outside: Callable[[CallPlan, ModelShape, MicroBatch], None] | None = None

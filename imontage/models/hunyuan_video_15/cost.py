@@ -15,6 +15,7 @@ from typing import Any
 
 from imontage.models.common.cost import (
     Activations,
+    CallPlan,
     FamilyCost,
     Kept,
     Layout,
@@ -85,6 +86,64 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, e: int) ->
     return stream_activations(model, batch, layout, e, text_rows(model, batch), conditioning)
 
 
+def tensor_parallel(calls: CallPlan, model: ModelShape, n: int, batch: MicroBatch) -> None:
+    """Per dual-stream block, each stream (``n`` visual rows, the text stream's own): q, k, v and the
+    first FFN linear column-parallel, the attention output and the second FFN linear row-parallel;
+    the last block's text output reaches no output, so its text output projection and feed-forward
+    get no gradient. Per-head QK norms see the rank's heads; under SP the modulation linears (and
+    the row biases added after the reduce-scatter) see the rank's rows: their gradients are summed."""
+    d, last = model.hidden_size, model.depth - 1
+    text = Shards.of(text_rows(model, batch), calls.layout).sequence
+    calls.columns(("block.attn.to_q", "block.attn.to_k", "block.attn.to_v", "block.ff.net.0.proj"), n * d)
+    calls.rows(("block.attn.to_out.0", "block.ff.net.2"), n * d)
+    calls.columns(("block.attn.add_q_proj", "block.attn.add_k_proj", "block.attn.add_v_proj"), text * d)
+    sp = calls.layout.sequence_parallel
+    for where, layer, count in (("block.ff_context.net.0.proj", "column", last), ("block.attn.to_add_out", "row", None),
+                                ("block.ff_context.net.2", "row", None)):  # fmt: skip
+        if layer == "column":
+            if sp:
+                calls.add(where, "all_gather", "tp", text * d, "forward")
+                calls.add(where, "all_gather", "tp", text * d, "backward", count)
+                calls.add(where, "reduce_scatter", "tp", text * d, "backward", count)
+            else:
+                calls.add(where, "all_reduce", "tp", text * d, "backward", count)
+        elif sp:
+            calls.add(where, "reduce_scatter", "tp", text * d, "forward")
+            calls.add(where, "all_gather", "tp", text * d, "backward", last)
+        else:
+            calls.add(where, "all_reduce", "tp", text * d, "forward")
+    norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k") if model.qk_norm else ()
+    calls.summed_gradients((f"block.attn.{norm}", model.head_dim) for norm in norms)
+    if sp:
+        calls.summed_gradients(
+            (f"block.{norm}.linear.{p}", 6 * d * (d if p == "weight" else 1))
+            for norm in ("norm1", "norm1_context")
+            for p in ("weight", "bias")
+        )
+        calls.summed_gradients([("block.row_bias", d)] * 2)  # to_out.0, ff.net.2
+        for where in ("block.attn.to_add_out.bias", "block.ff_context.net.2.bias"):
+            calls.add(where, "all_reduce", "tp", d, "backward", last)
+
+
+def sequence_parallel_outside(calls: CallPlan, model: ModelShape, batch: MicroBatch) -> None:
+    """Both streams enter the blocks sharded over TP (their gradients all-gathered), the visual rows
+    leave gathered; the per-sample timestep table every rank indexes by its rows has its gradient summed."""
+    d, layout = model.hidden_size, calls.layout
+    visual, text = (
+        Shards.of(batch.tokens, layout).sequence,
+        Shards.of(text_rows(model, batch), layout).sequence,
+    )
+    calls.add("embeddings", "all_gather", "tp", visual * d, "backward", 1)
+    calls.add("text_stream", "all_gather", "tp", text * d, "backward", 1)
+    calls.add("blocks_output", "all_gather", "tp", visual * d, "forward", 1)
+    calls.add("table", "all_reduce", "tp", batch.samples * d, "backward", 1)
+
+
+def attention_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> int:
+    """The joint attention's rows on one CP rank: its visual shard and its text shard."""
+    return Shards.of(batch.tokens, layout).sequence + Shards.of(text_rows(model, batch), layout).sequence
+
+
 def lora_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> dict[str, int]:
     """The text stream's linears read one rank's shard of the text stream."""
     return dict.fromkeys(TEXT_LINEARS, Shards.of(text_rows(model, batch), layout).sequence)
@@ -94,6 +153,10 @@ _STREAMS = ("img", "txt")
 COST = FamilyCost(
     shape=shape,
     activations=activations,
+    tensor_parallel=tensor_parallel,
+    attention="block.attn",
+    attention_rows=attention_rows,
+    sequence_parallel_outside=sequence_parallel_outside,
     lora=LoraCost(
         block_linears=VISUAL_LINEARS + TEXT_LINEARS,
         # The modulation is frozen and reads the frozen table: its SiLU keeps nothing, and the
