@@ -28,21 +28,24 @@ from collections.abc import Sequence
 
 import torch
 
-from imontage.checkpoint.diffusers import check_component_folder
+from imontage.checkpoint.components import check_component_folder, check_transformers_folder
 from imontage.data.decode import DecodeOptions
 from imontage.data.shards import expand_shards
 from imontage.dataprep.encode import (
     DEFAULT_PATCH_SIZE,
+    IMAGE_ENCODER_CLASS,
     LATENT_DTYPES,
+    TEXT_ENCODER_CLASS,
     TEXT_RECIPES,
     VAE_CLASSES,
     Encoders,
     EncodeSettings,
     ShardReport,
+    TextRecipe,
     encode_shards,
     vae_class_name,
 )
-from imontage.dataprep.image_text import TEXT_IMAGES
+from imontage.dataprep.image_text import IMAGE_TEXT_ENCODER_CLASS, TEXT_IMAGES
 from imontage.dataprep.keyframes import KeyframeSelection
 from imontage.untrusted import InputError
 
@@ -163,6 +166,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_model_folders(args: argparse.Namespace) -> None:
+    """Every model folder is untrusted: each config is checked against its folder's own weights on
+    the meta device before any model is loaded (imontage.checkpoint.components)."""
+    check_component_folder(args.vae, vae_class_name(args.vae))
+    shows_image = TextRecipe.named(args.text_recipe).image is not None
+    for folder, default in (
+        (args.text_encoder, IMAGE_TEXT_ENCODER_CLASS if shows_image else TEXT_ENCODER_CLASS),
+        (args.pooled_text_encoder, TEXT_ENCODER_CLASS),
+        (args.text_encoder_2, TEXT_ENCODER_CLASS),
+        (args.image_encoder, IMAGE_ENCODER_CLASS),
+    ):
+        if folder is not None:
+            check_transformers_folder(folder, default)
+
+
 def encode(args: argparse.Namespace) -> list[ShardReport]:
     """Load the models and encode this rank's shards; their reports."""
     expand_shards(args.shards)  # a spec naming no file fails before the models load
@@ -173,7 +191,7 @@ def encode(args: argparse.Namespace) -> list[ShardReport]:
         options, args.latent_dtype, args.seed, args.negative_prompt, patch_size=args.patch_size,
         keyframes=KeyframeSelection(anchors=args.keyframes == "anchors", stride=args.keyframe_stride),
     )  # fmt: skip
-    check_component_folder(args.vae, vae_class_name(args.vae))  # untrusted: weights as its config says
+    check_model_folders(args)
     encoders = Encoders.load(
         args.vae,
         args.text_encoder,

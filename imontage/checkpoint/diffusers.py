@@ -52,9 +52,9 @@ from imontage.config.model_file import (
     pipeline_components,
     read_model_config,
 )
-from imontage.models import registry, tensor_limit
+from imontage.models import registry
 from imontage.models.lora import base_model_config, lora_enabled
-from imontage.untrusted import ConversionError, InputError, parse_json, read_json, string_map
+from imontage.untrusted import ConversionError, parse_json, string_map
 
 CONFIG, WEIGHTS, INDEX = DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX  # a folder's files
 DIFFUSERS_VERSION = "0.42.1"  # the version the families were measured against (DESIGN.md)
@@ -109,33 +109,6 @@ def read_folder(
     index = folder / INDEX
     check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
     return DiffusersFolder(folder, config["_class_name"], family, config, folder_cfg, sources, shapes, dtypes)
-
-
-def check_component_folder(folder: str | Path, class_name: str) -> None:
-    """A diffusers component folder that imontage loads but does not convert (a VAE for encoding,
-    sampling or Imagic), read as untrusted input before a byte of its weights is: ``config.json``
-    bounded, weights in safetensors only (pickles refused by name, never opened), and the
-    ``class_name`` model its config describes, built on the meta device (stopped past twice the
-    tensors offered), holding exactly the folder's tensors at their shapes. Loading it then
-    allocates what its weight files hold, never what its config claims (a ``base_dim`` of 100000
-    made diffusers try to allocate a terabyte)."""
-    folder = Path(folder)
-    config_file = folder / CONFIG
-    config = read_json(config_file, dict)
-    sources = weight_sources(folder)
-    shapes, _ = tensor_headers(sources)
-    model_class = getattr(importlib.import_module("diffusers"), class_name)
-    try:
-        with tensor_limit(2 * len(sources) + 64, str(config_file)), torch.device("meta"):
-            model = model_class.from_config(config)
-    except InputError:  # more tensors than offered, or a size too large: named by tensor_limit
-        raise
-    except (TypeError, ValueError, KeyError, AttributeError) as error:  # values of the wrong kind
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConversionError(f"{config_file}: not a valid {class_name} config ({reason})") from None
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    index = folder / INDEX
-    check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
 
 
 def check_tensors(

@@ -123,19 +123,22 @@ def index_sources(index: Path) -> dict[str, TensorSource]:
     return sources
 
 
-def weight_sources(folder: Path) -> dict[str, TensorSource]:
-    """Where every tensor of a diffusers-style folder lives: its index's shards, or the one weights file."""
-    index = folder / DIFFUSERS_INDEX
+def weight_sources(folder: Path, weights: str = DIFFUSERS_WEIGHTS) -> dict[str, TensorSource]:
+    """Where every tensor of a diffusers-style folder lives: its index's shards, or the one weights
+    file (``weights``: diffusers' name, or transformers' ``model.safetensors``)."""
+    index = folder / f"{weights}.index.json"
     if index.is_file():
         return index_sources(index)
-    if (folder / DIFFUSERS_WEIGHTS).is_file():
-        return file_sources(folder / DIFFUSERS_WEIGHTS)
+    if (folder / weights).is_file():
+        return file_sources(folder / weights)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: no such folder")
     for file in sorted(folder.iterdir()):
         refuse_pickle(file, " and no safetensors weights beside it")
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     raise ConversionError(
-        f"{folder / DIFFUSERS_WEIGHTS}: no such file, and no {DIFFUSERS_INDEX}"
-        + (f" (found {', '.join(found)}: a variant? rename it to {DIFFUSERS_WEIGHTS})" if found else "")
+        f"{folder / weights}: no such file, and no {index.name}"
+        + (f" (found {', '.join(found)}: a variant? rename it to {weights})" if found else "")
     )
 
 

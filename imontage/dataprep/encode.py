@@ -329,15 +329,38 @@ TEXT_RECIPES = (
 SECOND_TEXT_RECIPES = tuple(n for n, r in FAMILIES.items() if r.text_encoding_2 is not None)
 
 
+# The transformers classes of text and image encoder folders whose config names none.
+TEXT_ENCODER_CLASS, IMAGE_ENCODER_CLASS = "UMT5EncoderModel", "CLIPVisionModel"
+
+
 def pretrained_model(folder: str | os.PathLike[str], default: str, dtype: torch.dtype) -> Any:
     """The transformers model of ``folder`` (the class its config names, else ``default``), from
-    safetensors only."""
+    safetensors only, every parameter filled from the folder's weights: transformers fills what
+    they lack (a config with more layers than its weights) at random, with a warning, which would
+    change every encoding silently; that is refused here, naming the folder. (tools/encode_shards.py
+    first checks the folder on the meta device: imontage.checkpoint.components.)"""
     transformers = importlib.import_module("transformers")
     config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
     architecture = (config.architectures or [default])[0]
-    return getattr(transformers, architecture).from_pretrained(
-        os.fspath(folder), use_safetensors=True, dtype=dtype
-    )
+    named = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    if not (isinstance(named, type) and issubclass(named, transformers.PreTrainedModel)):
+        raise ValueError(f"{folder}: its config names {architecture!r}, not a transformers model class")
+    model_class: Any = named
+    try:
+        model, info = model_class.from_pretrained(
+            os.fspath(folder), use_safetensors=True, dtype=dtype, output_loading_info=True
+        )
+    except RuntimeError as error:  # tensors of other shapes than the config's
+        raise ValueError(
+            f"{folder}: its weights do not fit the {architecture} its config describes"
+        ) from error
+    missing = [*info.get("missing_keys", ()), *(name for name, *_ in info.get("mismatched_keys", ()))]
+    if missing:
+        raise ValueError(
+            f"{folder}: its weights lack {len(missing)} tensors of the {architecture} its config describes "
+            f"({sorted(missing)[0]}, ...), which would be left at random"
+        )
+    return model
 
 
 class TextEncoder:
@@ -364,7 +387,7 @@ class TextEncoder:
     ) -> TextEncoder:
         """``max_length`` None: the recipe's."""
         transformers = importlib.import_module("transformers")
-        model = pretrained_model(folder, "UMT5EncoderModel", dtype)
+        model = pretrained_model(folder, TEXT_ENCODER_CLASS, dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_folder or folder))
         recipe = recipe or TextRecipe("last_hidden_state")
         return cls(
@@ -456,7 +479,7 @@ class ImageEncoder:
         encoding: ImageEncoding = CLIP_PENULTIMATE,
     ) -> ImageEncoder:
         transformers = importlib.import_module("transformers")
-        model = pretrained_model(folder, "CLIPVisionModel", dtype)
+        model = pretrained_model(folder, IMAGE_ENCODER_CLASS, dtype)
         processor_class = getattr(transformers, encoding.processor)
         processor = processor_class.from_pretrained(os.fspath(processor_folder or folder))
         return cls(model.to(device), processor, encoding)

@@ -32,6 +32,7 @@ from imontage.data.shards import RawSample
 from imontage.models.common.family import ImageInText
 
 TEXT_IMAGES = ("first", "black")
+IMAGE_TEXT_ENCODER_CLASS = "LlavaForConditionalGeneration"  # for a folder whose config names none
 
 
 class ImageTextRecipe(Protocol):
@@ -102,7 +103,7 @@ class ImageTextEncoder:
         transformers = importlib.import_module("transformers")
         if recipe.image is None:
             raise ValueError(f"text recipe '{recipe.name}' shows its encoder no image")
-        model = model_loader(folder, "LlavaForConditionalGeneration", dtype)
+        model = model_loader(folder, IMAGE_TEXT_ENCODER_CLASS, dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_folder or folder))
         processor_class = getattr(transformers, recipe.image.processor)
         processor = processor_class.from_pretrained(os.fspath(processor_folder or folder))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imontage.checkpoint.diffusers import check_component_folder
+from imontage.checkpoint.components import check_component_folder
 from imontage.config.imagic import COMMAND_LINE, ImagicConfigError, load_imagic_config
 from imontage.data import load_image
 from imontage.data.media import MediaError, load_array

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from imontage.checkpoint.diffusers import check_component_folder
+from imontage.checkpoint.components import check_component_folder
 from imontage.data.media import MediaError, load_array
 from imontage.dataprep.encode import VideoVAE, vae_class_name
 from imontage.sample.sar import Keyframe, SarSegment
@@ -44,7 +44,7 @@ DEFAULT_FPS = 16  # Wan's pipelines export their videos at 16 frames a second
 
 def check_vae_folder(folder: str | Path) -> None:
     """A VAE folder read as untrusted input before a byte of its weights is: a known VAE class whose
-    config describes exactly the folder's safetensors tensors (checkpoint.diffusers.check_component_folder)."""
+    config describes exactly the folder's safetensors tensors (checkpoint.components.check_component_folder)."""
     check_component_folder(folder, vae_class_name(folder))
 
 
