@@ -237,6 +237,16 @@ def test_validation_mistakes_are_one_line_errors_naming_the_key(
     with pytest.raises(RecipeError, match=r"key 'stages\[1\].validation.batch_size': 3: a flow_dpo stage"):
         load_recipe(DREAMONTAGE, [f"stages.dpo.validation.datasets=[{{task: p, shards: '{data['pairs']}'}}]",
                                   "stages.dpo.validation.every=1", "stages.dpo.validation.batch_size=3"])  # fmt: skip
+    # A stage of one A14B expert: the default timesteps need not fit its range while validation is
+    # off; once it is on, t outside the range the expert is trained on is named.
+    expert = ["model=wan2.2_t2v_a14b", "model.expert=transformer", "model.prediction=velocity"]
+    load_recipe(QUICKSTART, expert)
+    with pytest.raises(RecipeError, match=r"key 'validation.timesteps': \[0.1, 0.3, 0.5, 0.7\] outside"):
+        load_recipe(
+            QUICKSTART, [*expert, "validation.every=5", "validation.datasets=[{task: a, shards: x.tar}]"]
+        )
+    load_recipe(QUICKSTART, [*expert, "validation.every=5", "validation.datasets=[{task: a, shards: x.tar}]",
+                             "validation.timesteps=[0.9, 0.95]"])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- the docs' commands
