@@ -31,30 +31,41 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return save_tiny_encoders(tmp_path_factory.mktemp("models"))
 
 
-def hostile_vaes(vae: Path, root: Path) -> dict[str, tuple[Path, str]]:
-    """{case: (folder, what its one-line error must say)} built from a good tiny AutoencoderKLWan."""
-    config = json.loads((vae / "config.json").read_text())
-    root.mkdir(parents=True, exist_ok=True)
+class Variants:
+    """Copies of a good model folder under ``root``, each with its config changed or its weights
+    replaced by a pickle."""
 
-    def variant(name: str, **changes: object) -> Path:
-        folder = root / name
-        shutil.copytree(vae, folder)
-        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    def __init__(self, good: Path, root: Path) -> None:
+        self.good, self.root = good, root
+        self.config = json.loads((good / "config.json").read_text())
+        root.mkdir(parents=True, exist_ok=True)
+
+    def changed(self, name: str, **changes: object) -> Path:
+        folder = self.root / name
+        shutil.copytree(self.good, folder)
+        (folder / "config.json").write_text(json.dumps({**self.config, **changes}))
         return folder
 
-    pickled = root / "pickled"
-    pickled.mkdir(parents=True)
-    shutil.copy(vae / "config.json", pickled)
-    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not to be opened")
-    not_json = variant("not_json")
+    def pickled(self, weights: str) -> Path:
+        folder = self.root / "pickled"
+        folder.mkdir()
+        shutil.copy(self.good / "config.json", folder)
+        (folder / weights).write_bytes(b"\x80\x04not to be opened")
+        return folder
+
+
+def hostile_vaes(vae: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """{case: (folder, what its one-line error must say)} built from a good tiny AutoencoderKLWan."""
+    made = Variants(vae, root)
+    not_json = made.changed("not_json")
     (not_json / "config.json").write_text("<html>404</html>")
     return {
-        "claims a terabyte": (variant("claims", base_dim=100_000), "has shape"),
-        "claims more layers": (variant("deeper", num_res_blocks=1000), "more than the weights offered"),
-        "wrong value kind": (variant("kind", dim_mult="wide"), "config.json"),
-        "pickle only": (pickled, "pickle"),
+        "claims a terabyte": (made.changed("claims", base_dim=100_000), "has shape"),
+        "claims more layers": (made.changed("deeper", num_res_blocks=1000), "more than the weights offered"),
+        "wrong value kind": (made.changed("kind", dim_mult="wide"), "config.json"),
+        "pickle only": (made.pickled("diffusion_pytorch_model.bin"), "pickle"),
         "not json": (not_json, "config.json"),
-        "another class": (variant("other", _class_name="UNet2DConditionModel"), "VAE class"),
+        "another class": (made.changed("other", _class_name="UNet2DConditionModel"), "VAE class"),
     }
 
 
@@ -74,25 +85,17 @@ def test_hostile_vae_folders_are_refused_at_once_naming_the_file(
 
 def hostile_text_encoders(text: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """{case: (folder, what its one-line error must say)} built from a good tiny UMT5 encoder."""
-    config = json.loads((text / "config.json").read_text())
-
-    def variant(name: str, **changes: object) -> Path:
-        folder = root / name
-        shutil.copytree(text, folder)
-        (folder / "config.json").write_text(json.dumps({**config, **changes}))
-        return folder
-
-    pickled = root / "pickled"
-    pickled.mkdir(parents=True)
-    shutil.copy(text / "config.json", pickled)
-    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not to be opened")
+    made = Variants(text, root)
     return {
-        "wider": (variant("wider", d_ff=10_000_000), "parameters, its weights hold"),
-        "deeper": (variant("deeper", num_layers=3), "parameters, its weights hold"),
-        "far deeper": (variant("far_deeper", num_layers=100_000), "more than the weights offered"),
-        "not a model class": (variant("os", architectures=["logging"]), "not a transformers model class"),
-        "architectures a string": (variant("string", architectures="UMT5EncoderModel"), "architectures"),
-        "pickle only": (pickled, "pickle"),
+        "wider": (made.changed("wider", d_ff=10_000_000), "parameters, its weights hold"),
+        "deeper": (made.changed("deeper", num_layers=3), "parameters, its weights hold"),
+        "far deeper": (made.changed("far_deeper", num_layers=100_000), "more than the weights offered"),
+        "not a model class": (
+            made.changed("os", architectures=["logging"]),
+            "not a transformers model class",
+        ),
+        "architectures a string": (made.changed("string", architectures="UMT5EncoderModel"), "architectures"),
+        "pickle only": (made.pickled("pytorch_model.bin"), "pickle"),
     }
 
 
