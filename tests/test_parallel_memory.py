@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -496,8 +495,11 @@ def test_layouts_the_model_cannot_take_are_refused() -> None:
         Layout(tensor=4, world=6)
 
 
-def test_plan_refuses_families_it_does_not_know(tmp_path: Path) -> None:
+def test_plan_refuses_families_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_parallel_plan import without_communication_plan
+
     shape = model_shape(preset("hunyuan_video_i2v_13b"))
+    without_communication_plan(monkeypatch, "hunyuan_video")  # a family that comes without one
     with pytest.raises(PlanError, match="no communication plan for model family 'hunyuan_video'"):
         communication_plan(shape, MicroBatch(1024, 256), Layout(tensor=2))
     assert communication_plan(shape, MicroBatch(1024, 256), Layout(world=8)) == []  # nothing inside the model

@@ -9,6 +9,7 @@ the estimate's, block by block and outside the blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shlex
 from collections import Counter
@@ -54,7 +55,7 @@ LAYOUTS = {
     "tp2_sp_recompute": Layout(tensor=2, sequence_parallel=True, activation_checkpointing=True),
     "ulysses2": Layout(context=2),
 }
-# family: (layouts, variants); HunyuanVideo has no communication plan yet: activations only
+# family: (layouts, variants): each layout's collectives and activations against the plan's
 FAMILIES = {
     "dit": (["tp2", "tp2_sp", "tp2_sp_recompute", "ulysses2"], ["montage"]),
     "wan": (["tp2", "tp2_sp", "ulysses2"], ["t2v", "i2v"]),
@@ -178,8 +179,20 @@ def test_plan_cli_overrides_and_compares_layouts(capsys: pytest.CaptureFixture[s
     assert [line.split()[0] for line in table.splitlines()[3:]] == ["dp", "tp2-sp-ac", "cp2"], table
 
 
-def test_plan_cli_errors_name_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+def without_communication_plan(monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+    """The registry with ``family``'s record lacking its communication plan (every registered family
+    has one now; a new family may come without)."""
+    record = FAMILIES_REGISTERED[family]
+    assert record.cost is not None
+    cost = dataclasses.replace(record.cost, tensor_parallel=None)
+    monkeypatch.setitem(FAMILIES_REGISTERED, family, dataclasses.replace(record, cost=cost))
+
+
+def test_plan_cli_errors_name_the_family(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     hunyuan = ("--model", "hunyuan_video_tiny", "--tokens", "64")
+    without_communication_plan(monkeypatch, "hunyuan_video")
     with pytest.raises(SystemExit, match="no communication plan for model family 'hunyuan_video'"):
         plan_cli(capsys, *hunyuan, "--parallel", "tp2")
     memory = plan_cli(capsys, *hunyuan, "--parallel", "zero3_dp2", "--gpus", "2", "--memory-only")
@@ -241,14 +254,14 @@ def doc_commands(heading: str) -> list[tuple[list[str], str]]:
 DOC_SECTIONS = {
     "`wan2.2_i2v_a14b`: both experts in one run": (6, 2),  # full fine-tuning and LoRA
     "`hunyuan_video_1.5_i2v`": (7, 2),
+    "`hunyuan_video_i2v_13b`": (4, 1),
 }
 
 
 @pytest.mark.parametrize("heading", list(DOC_SECTIONS))
 def test_doc_layouts_are_the_tools(capsys: pytest.CaptureFixture[str], heading: str) -> None:
-    """docs/parallel.md's figures for Wan 2.2 I2V-A14B with both experts in one run and for
-    HunyuanVideo 1.5 I2V are what tools/plan.py prints for their commands, line for line (each
-    model built once on meta)."""
+    """docs/parallel.md's figures in the sections of DOC_SECTIONS are what tools/plan.py prints
+    for their commands, line for line (each model built once on meta)."""
     commands = doc_commands(heading)
     assert len(commands) == DOC_SECTIONS[heading][0]
     spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")

@@ -37,9 +37,10 @@ I2V's ``add_k_proj``/``add_v_proj``) read the whole context, never sequence-shar
 Outside the blocks (both): under SP the backward all-gathers the gradients of the embeddings and
 the modulation (``[n, d]`` and ``[n, 6, d]``) and the forward all-gathers the blocks' output
 ``[n, d]``; under CP the forward all-gathers the model output ``[N, C·p]``. With activation
-checkpointing every block's forward collectives run twice. HunyuanVideo 1.5's plan (both streams, joint
-attention) is in its family's ``cost.py``; HunyuanVideo has no communication plan yet
-(:class:`PlanError`); its memory is estimated.
+checkpointing every block's forward collectives run twice. HunyuanVideo's and HunyuanVideo 1.5's (both
+streams, joint attention, HunyuanVideo's single-stream blocks) are
+:func:`imontage.models.common.dual_stream_cost.stream_tensor_parallel`'s. A family whose record has
+no plan is refused (:class:`PlanError`); its memory is still estimated.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ def communication_plan(
         heads = model.num_heads // layout.tensor  # heads of one TP rank
         where = cost.attention
         for phase in ("forward", "backward"):
-            calls.add(f"{where}.ulysses_qkv", "all_to_all", "cp", n * 3 * heads * head_dim, phase)
-            calls.add(f"{where}.ulysses_out", "all_to_all", "cp", n * heads * head_dim, phase)
+            blocks = (
+                model.depth + model.single_blocks
+            )  # every block's attention (HunyuanVideo's single ones too)
+            calls.add(f"{where}.ulysses_qkv", "all_to_all", "cp", n * 3 * heads * head_dim, phase, blocks)
+            calls.add(f"{where}.ulysses_out", "all_to_all", "cp", n * heads * head_dim, phase, blocks)
         calls.add("outputs", "all_gather", "cp", rows.total * model.patch_features, "forward", 1)
     return calls.plan
 

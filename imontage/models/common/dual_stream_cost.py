@@ -11,6 +11,7 @@ from imontage.models.common.cost import (
     FP32,
     Activations,
     BlockActivations,
+    CallPlan,
     Kept,
     Layout,
     MicroBatch,
@@ -145,3 +146,89 @@ def stream_activations(
         if whole[stream] > r.residual
     )
     return Activations(tuple(blocks), o.saved(), (), layout.activation_checkpointing, view)
+
+
+# ----------------------------------------------------------------------------- collectives
+def _linear(calls: CallPlan, where: str, parallel: str, numel: int, count: int, backward: int) -> None:
+    """One column- or row-parallel linear on a stream's rows, run ``count`` times and reached by a
+    gradient ``backward`` times (a stream's last use may reach no output)."""
+    sp = calls.layout.sequence_parallel
+    if parallel == "column" and sp:
+        calls.add(where, "all_gather", "tp", numel, "forward", count)
+        if backward:
+            calls.add(where, "all_gather", "tp", numel, "backward", backward)
+            calls.add(where, "reduce_scatter", "tp", numel, "backward", backward)
+    elif parallel == "column":
+        if backward:
+            calls.add(where, "all_reduce", "tp", numel, "backward", backward)
+    elif sp:
+        calls.add(where, "reduce_scatter", "tp", numel, "forward", count)
+        if backward:
+            calls.add(where, "all_gather", "tp", numel, "backward", backward)
+    else:
+        calls.add(where, "all_reduce", "tp", numel, "forward", count)
+
+
+def stream_tensor_parallel(calls: CallPlan, model: ModelShape, n: int, text: int) -> None:
+    """Tensor-parallel collectives of the dual-stream blocks and the single-stream blocks after them
+    (``model.single_blocks``), on ``n`` visual and ``text`` text rows of one rank.
+
+    Per dual-stream block and stream: q, k, v and the first FFN linear column-parallel, the attention
+    output and the second FFN linear row-parallel; per single-stream block and stream: q, k, v and
+    ``proj_mlp`` column-parallel, ``proj_out`` row-parallel. The text stream's last feed-forward (and
+    output projection) reaches no output, so it gets no gradient. Per-head QK norms see the rank's
+    heads; under SP the modulation linears, the row biases and (outside) the timestep table see the
+    rank's rows: their gradients are summed over TP."""
+    d, depth, single = model.hidden_size, model.depth, model.single_blocks
+    last = depth if single else depth - 1  # dual blocks whose text output reaches an output
+    for name in ("to_q", "to_k", "to_v"):
+        _linear(calls, f"block.attn.{name}", "column", n * d, depth, depth)
+    for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
+        _linear(calls, f"block.attn.{name}", "column", text * d, depth, depth)
+    _linear(calls, "block.ff.net.0.proj", "column", n * d, depth, depth)
+    _linear(calls, "block.ff_context.net.0.proj", "column", text * d, depth, last)
+    for visual, text_name in (("attn.to_out.0", "attn.to_add_out"), ("ff.net.2", "ff_context.net.2")):
+        _linear(calls, f"block.{visual}", "row", n * d, depth, depth)
+        _linear(calls, f"block.{text_name}", "row", text * d, depth, last)
+    if single:
+        for stream, rows in (("img", n), ("txt", text)):
+            used = single if stream == "img" else single - 1  # the text's last MLP and output: unused
+            for name in ("attn.to_q", "attn.to_k", "attn.to_v"):
+                _linear(calls, f"block.single.{stream}.{name}", "column", rows * d, single, single)
+            _linear(calls, f"block.single.{stream}.proj_mlp", "column", rows * d, single, used)
+            _linear(calls, f"block.single.{stream}.proj_out", "row", rows * d, single, used)
+    if model.qk_norm:
+        calls.summed_gradients(
+            (f"block.attn.{norm}", model.head_dim)
+            for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+        )
+        for norm in ("norm_q", "norm_k") if single else ():
+            calls.add(f"block.single.attn.{norm}", "all_reduce", "tp", model.head_dim, "backward", single)
+    if calls.layout.sequence_parallel:
+        for norm in ("norm1", "norm1_context"):
+            calls.summed_gradients(
+                [(f"block.{norm}.linear.weight", 6 * d * d), (f"block.{norm}.linear.bias", 6 * d)]
+            )
+        calls.add("block.row_bias", "all_reduce", "tp", d, "backward", 2 * depth)
+        if last:
+            calls.add("block.text_row_bias", "all_reduce", "tp", d, "backward", 2 * last)
+        for where, numel in (("block.single.norm.linear.weight", 3 * d * d), ("block.single.norm.linear.bias", 3 * d),
+                             ("block.single.proj_out.bias", d)) if single else ():  # fmt: skip
+            calls.add(where, "all_reduce", "tp", numel, "backward", single)
+
+
+def stream_parallel_outside(calls: CallPlan, model: ModelShape, batch: MicroBatch, text_rows: int) -> None:
+    """Under SP: both streams enter the blocks sharded over TP (their gradients all-gathered), the
+    visual rows leave gathered; the per-sample timestep table every rank indexes by its rows has its
+    gradient summed."""
+    d, layout = model.hidden_size, calls.layout
+    visual, text = Shards.of(batch.tokens, layout).sequence, Shards.of(text_rows, layout).sequence
+    calls.add("embeddings", "all_gather", "tp", visual * d, "backward", 1)
+    calls.add("text_stream", "all_gather", "tp", text * d, "backward", 1)
+    calls.add("blocks_output", "all_gather", "tp", visual * d, "forward", 1)
+    calls.add("table", "all_reduce", "tp", batch.samples * d, "backward", 1)
+
+
+def joint_attention_rows(batch: MicroBatch, layout: Layout, text_rows: int) -> int:
+    """The joint attention's rows on one CP rank: its visual shard and its text shard."""
+    return Shards.of(batch.tokens, layout).sequence + Shards.of(text_rows, layout).sequence

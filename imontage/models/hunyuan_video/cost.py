@@ -1,7 +1,8 @@
 """HunyuanVideo's part of the cost model (:class:`~imontage.models.common.cost.FamilyCost`): what
 its dual- and single-stream blocks and its token refiner keep for the backward pass (the terms every
-dual-stream family shares are :mod:`imontage.models.common.dual_stream_cost`'s). It has no
-communication plan yet, and adapters on it are not modelled."""
+dual-stream family shares are :mod:`imontage.models.common.dual_stream_cost`'s), and its collectives
+under TP, SP and Ulysses (both streams through the dual- then the single-stream blocks); adapters on
+it are not modelled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from imontage.models.common.cost import (
     Activations,
     BlockActivations,
+    CallPlan,
     FamilyCost,
     Kept,
     Layout,
@@ -23,11 +25,14 @@ from imontage.models.common.cost import (
 from imontage.models.common.dual_stream_cost import (
     FREQUENCIES,
     joint_attention,
+    joint_attention_rows,
     mlp_embedding,
     modulated,
     per_head_norms,
     refiner,
     stream_activations,
+    stream_parallel_outside,
+    stream_tensor_parallel,
 )
 
 
@@ -87,4 +92,24 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, e: int) ->
     return stream_activations(model, batch, layout, e, batch.text_tokens, conditioning, single_blocks)
 
 
-COST = FamilyCost(shape=shape, activations=activations)
+def tensor_parallel(calls: CallPlan, model: ModelShape, n: int, batch: MicroBatch) -> None:
+    """Its dual- then single-stream blocks' collectives (:func:`stream_tensor_parallel`)."""
+    stream_tensor_parallel(calls, model, n, Shards.of(batch.text_tokens, calls.layout).sequence)
+
+
+def sequence_parallel_outside(calls: CallPlan, model: ModelShape, batch: MicroBatch) -> None:
+    stream_parallel_outside(calls, model, batch, batch.text_tokens)
+
+
+def attention_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> int:
+    return joint_attention_rows(batch, layout, batch.text_tokens)
+
+
+COST = FamilyCost(
+    shape=shape,
+    activations=activations,
+    tensor_parallel=tensor_parallel,
+    attention="block.attn",
+    attention_rows=attention_rows,
+    sequence_parallel_outside=sequence_parallel_outside,
+)

@@ -5,8 +5,9 @@ refiner and output layer: :func:`imontage.models.common.dual_stream_cost.stream_
 keeps their terms. What differs is outside them: the modulation table is the timestep embedding alone, and the
 text stream holds three kinds of rows per sample: Qwen2.5-VL text through the refiner, ByT5 glyph
 text (``MicroBatch.text_tokens_2``) and, for I2V, the condition image's SigLIP tokens
-(``MicroBatch.image_tokens``), each through its own projection. Like HunyuanVideo it has no
-communication plan yet; adapters on every attention and FFN linear of its blocks are modelled.
+(``MicroBatch.image_tokens``), each through its own projection. Its collectives are the dual-stream blocks' on that text stream
+(:func:`~imontage.models.common.dual_stream_cost.stream_tensor_parallel`); adapters on every attention
+and FFN linear of its blocks are modelled.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from imontage.models.common.cost import (
     Shards,
     patch_volume,
 )
-from imontage.models.common.dual_stream_cost import FREQUENCIES, mlp_embedding, refiner, stream_activations
+from imontage.models.common.dual_stream_cost import (
+    FREQUENCIES,
+    joint_attention_rows,
+    mlp_embedding,
+    refiner,
+    stream_activations,
+    stream_parallel_outside,
+    stream_tensor_parallel,
+)
 
 # diffusers' HunyuanVideo15ImageToVideoPipeline.vision_num_semantic_tokens: SigLIP tokens of one image
 SIGLIP_IMAGE_TOKENS = 729
@@ -87,61 +96,16 @@ def activations(model: ModelShape, batch: MicroBatch, layout: Layout, e: int) ->
 
 
 def tensor_parallel(calls: CallPlan, model: ModelShape, n: int, batch: MicroBatch) -> None:
-    """Per dual-stream block, each stream (``n`` visual rows, the text stream's own): q, k, v and the
-    first FFN linear column-parallel, the attention output and the second FFN linear row-parallel;
-    the last block's text output reaches no output, so its text output projection and feed-forward
-    get no gradient. Per-head QK norms see the rank's heads; under SP the modulation linears (and
-    the row biases added after the reduce-scatter) see the rank's rows: their gradients are summed."""
-    d, last = model.hidden_size, model.depth - 1
-    text = Shards.of(text_rows(model, batch), calls.layout).sequence
-    calls.columns(("block.attn.to_q", "block.attn.to_k", "block.attn.to_v", "block.ff.net.0.proj"), n * d)
-    calls.rows(("block.attn.to_out.0", "block.ff.net.2"), n * d)
-    calls.columns(("block.attn.add_q_proj", "block.attn.add_k_proj", "block.attn.add_v_proj"), text * d)
-    sp = calls.layout.sequence_parallel
-    for where, layer, count in (("block.ff_context.net.0.proj", "column", last), ("block.attn.to_add_out", "row", None),
-                                ("block.ff_context.net.2", "row", None)):  # fmt: skip
-        if layer == "column":
-            if sp:
-                calls.add(where, "all_gather", "tp", text * d, "forward")
-                calls.add(where, "all_gather", "tp", text * d, "backward", count)
-                calls.add(where, "reduce_scatter", "tp", text * d, "backward", count)
-            else:
-                calls.add(where, "all_reduce", "tp", text * d, "backward", count)
-        elif sp:
-            calls.add(where, "reduce_scatter", "tp", text * d, "forward")
-            calls.add(where, "all_gather", "tp", text * d, "backward", last)
-        else:
-            calls.add(where, "all_reduce", "tp", text * d, "forward")
-    norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k") if model.qk_norm else ()
-    calls.summed_gradients((f"block.attn.{norm}", model.head_dim) for norm in norms)
-    if sp:
-        calls.summed_gradients(
-            (f"block.{norm}.linear.{p}", 6 * d * (d if p == "weight" else 1))
-            for norm in ("norm1", "norm1_context")
-            for p in ("weight", "bias")
-        )
-        calls.summed_gradients([("block.row_bias", d)] * 2)  # to_out.0, ff.net.2
-        for where in ("block.attn.to_add_out.bias", "block.ff_context.net.2.bias"):
-            calls.add(where, "all_reduce", "tp", d, "backward", last)
+    """Its dual-stream blocks' collectives (:func:`stream_tensor_parallel`) on its text stream."""
+    stream_tensor_parallel(calls, model, n, Shards.of(text_rows(model, batch), calls.layout).sequence)
 
 
 def sequence_parallel_outside(calls: CallPlan, model: ModelShape, batch: MicroBatch) -> None:
-    """Both streams enter the blocks sharded over TP (their gradients all-gathered), the visual rows
-    leave gathered; the per-sample timestep table every rank indexes by its rows has its gradient summed."""
-    d, layout = model.hidden_size, calls.layout
-    visual, text = (
-        Shards.of(batch.tokens, layout).sequence,
-        Shards.of(text_rows(model, batch), layout).sequence,
-    )
-    calls.add("embeddings", "all_gather", "tp", visual * d, "backward", 1)
-    calls.add("text_stream", "all_gather", "tp", text * d, "backward", 1)
-    calls.add("blocks_output", "all_gather", "tp", visual * d, "forward", 1)
-    calls.add("table", "all_reduce", "tp", batch.samples * d, "backward", 1)
+    stream_parallel_outside(calls, model, batch, text_rows(model, batch))
 
 
 def attention_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> int:
-    """The joint attention's rows on one CP rank: its visual shard and its text shard."""
-    return Shards.of(batch.tokens, layout).sequence + Shards.of(text_rows(model, batch), layout).sequence
+    return joint_attention_rows(batch, layout, text_rows(model, batch))
 
 
 def lora_rows(model: ModelShape, batch: MicroBatch, layout: Layout) -> dict[str, int]:
