@@ -46,6 +46,11 @@ CUT_JOB_END_S = SLURMD_TIMEOUT_S + 30
 # From USR2 to the job requeued: both ranks finish their step, save, leave, the script requeues.
 PREEMPT_REQUEUE_S = 60
 JOB_PROCESSES_GONE_S = 30  # from the job's end until none of its processes is left on either host
+# slurmctld's kill of the job on the cut-off host fails (no route) and is retried up to 60 s later
+# (its agent's retry interval), after a message timeout (10 s): a requeued run started on that host
+# before then is killed by it (SIGTERM: it stops, exit 75, requeued again; seen in the stress loop).
+# SLURM's own hold of a requeued job (two minutes) outlasts it; the test's release waits for it.
+STALE_KILL_S = 10 + 60 + 5
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +135,9 @@ def namespace_of(host: str, state: Path) -> str:
     return f"net:[{inode}]"
 
 
-def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> None:
-    """Make a requeued job (held ``Reason=BeginTime`` for two minutes) eligible a few seconds on.
+def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0, not_before: float = 0.0) -> None:
+    """Make a requeued job (held ``Reason=BeginTime`` for two minutes) eligible a few seconds on,
+    and not before ``not_before`` (a ``time.time()``).
 
     Unlike test_slurm's helper, it waits for ``BeginTime`` itself: right after the requeue the job
     can be PENDING with ``Reason=None`` for a moment, and releasing nothing then left it held.
@@ -140,7 +146,8 @@ def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if job_field(job, env, "JobState") == "PENDING" and job_field(job, env, "Reason") == "BeginTime":
-            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + REQUEUE_RELEASE_DELAY_S))
+            at = max(time.time() + REQUEUE_RELEASE_DELAY_S, not_before)
+            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at))
             subprocess.run(["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True)
             return
         time.sleep(0.5)
@@ -334,6 +341,7 @@ def test_a_lost_host_or_cut_link_ends_the_job_in_bounded_time_and_the_requeue_re
     namespaces = [f"imontage-{made}-h1", f"imontage-{made}-h2"]
     run_dir = tmp_path / "run"
     name = "imontage-2h-fault"
+    release_at = 0.0
     job = submit_across_hosts(multi_host_cluster, tmp_path, name, 1, [f"run_dir={run_dir}", *dp2_overrides])
     wait_for_step(run_dir, FAULT_AFTER_STEP, job, multi_host_cluster)
     assert rank_pids(namespaces[0], job) and rank_pids(namespaces[1], job)
@@ -353,6 +361,7 @@ def test_a_lost_host_or_cut_link_ends_the_job_in_bounded_time_and_the_requeue_re
             wait_until(lambda: job_field(job, multi_host_cluster, "JobState") != "RUNNING",
                        CUT_JOB_END_S - (time.monotonic() - fault_at), f"job {job} did not end")  # fmt: skip
             end_s = time.monotonic() - fault_at
+            release_at = time.time() + STALE_KILL_S
     finally:
         subprocess.run(["ip", "link", "set", f"imv{made}h2", "up"], check=True)
     if fault == "lost-host":
@@ -373,10 +382,11 @@ def test_a_lost_host_or_cut_link_ends_the_job_in_bounded_time_and_the_requeue_re
     # A save the fault cut short has no manifest and is skipped: the newest complete one is a periodic one.
     periodic = {ckpt.checkpoint_name(s) for s in range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY)}
     assert newest is not None and newest.name in periodic, newest
-    release_requeued(job, multi_host_cluster)
+    release_requeued(job, multi_host_cluster, not_before=release_at)
     job_state = wait_for_job(job, multi_host_cluster)
     log = job_log(tmp_path, name, job)
     assert job_state == "COMPLETED", log
+    assert job_field(job, multi_host_cluster, "Restarts") == "1", log  # resumed once, not killed again
     step = int(newest.name.split("_")[1])
     assert f"resumed from {newest} at step {step}" in log, log
     assert [r["loss"] for r in read_metrics(run_dir)] == dp2_losses
