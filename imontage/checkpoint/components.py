@@ -19,8 +19,13 @@ from typing import Any
 
 import torch
 
-from imontage.checkpoint.diffusers import check_tensors
-from imontage.checkpoint.tensors import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, tensor_headers, weight_sources
+from imontage.checkpoint.tensors import (
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    check_tensors,
+    tensor_headers,
+    weight_sources,
+)
 from imontage.config.model_file import DIFFUSERS_CONFIG
 from imontage.models import tensor_limit
 from imontage.untrusted import ConversionError, InputError, field, read_json

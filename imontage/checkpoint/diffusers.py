@@ -35,6 +35,7 @@ from imontage.checkpoint.tensors import (
     DIFFUSERS_WEIGHTS,
     DTYPE_NAMES,
     TensorSource,
+    check_tensors,
     expected_shapes,
     finite,
     open_safetensors,
@@ -109,28 +110,6 @@ def read_folder(
     index = folder / INDEX
     check_tensors(index if index.is_file() else folder / WEIGHTS, sources, shapes, expected)
     return DiffusersFolder(folder, config["_class_name"], family, config, folder_cfg, sources, shapes, dtypes)
-
-
-def check_tensors(
-    where: Path,
-    sources: Mapping[str, TensorSource],
-    shapes: Mapping[str, tuple[int, ...]],
-    expected: Mapping[str, tuple[int, ...]],
-) -> None:
-    """Every tensor of ``expected`` in ``sources`` (``where``: the file that lists them), none
-    more, each of the expected shape."""
-    missing = [name for name in expected if name not in sources]
-    if missing:
-        raise ConversionError(
-            f"{where}: tensor '{missing[0]}' missing (and {len(missing) - 1} more) for this model"
-        )
-    for name, source in sources.items():
-        if name not in expected:
-            raise ConversionError(f"{source.file}: tensor '{name}' is not in the model (unexpected)")
-        if tuple(shapes[name]) != tuple(expected[name]):
-            raise ConversionError(
-                f"{source.file}: tensor '{name}' has shape {tuple(shapes[name])}, the model's is {tuple(expected[name])}"
-            )
 
 
 def folder_tensors(folder: DiffusersFolder, desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -193,3 +193,25 @@ def checkpoint_shapes(cfg: Any, *, offered: int, where: str) -> dict[str, tuple[
     model = _meta_model(cfg, offered, where)
     frozen = frozen_names(model)
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in frozen}
+
+
+def check_tensors(
+    where: Path,
+    sources: Mapping[str, TensorSource],
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Every tensor of ``expected`` in ``sources`` (``where``: the file that lists them), none
+    more, each of the expected shape."""
+    missing = [name for name in expected if name not in sources]
+    if missing:
+        raise ConversionError(
+            f"{where}: tensor '{missing[0]}' missing (and {len(missing) - 1} more) for this model"
+        )
+    for name, source in sources.items():
+        if name not in expected:
+            raise ConversionError(f"{source.file}: tensor '{name}' is not in the model (unexpected)")
+        if tuple(shapes[name]) != tuple(expected[name]):
+            raise ConversionError(
+                f"{source.file}: tensor '{name}' has shape {tuple(shapes[name])}, the model's is {tuple(expected[name])}"
+            )
