@@ -3,8 +3,9 @@ in the registry, never named outside ``imontage/models/``.
 
 Every registered family's name is searched for in the code (not the comments or docstrings) of
 every other module: as a string (``family == "wan"``), as an attribute (``cfg.hunyuan_video``)
-or as an import of its folder (``imontage.models.wan``). Each hit is a place that would need an
-edit when a family is added; the registry record is where such knowledge goes.
+or as an import of its folder (``imontage.models.wan``); so are the diffusers classes its record
+names, its transformer's and its VAEs' (``class_name == "AutoencoderKLWan"``). Each hit is a place
+that would need an edit when a family is added; the registry record is where such knowledge goes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from conftest import REPO
 from imontage.models.registry import FAMILIES
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+# The diffusers classes the families' records name: their transformers' and their VAEs'.
+FAMILY_CLASSES = {
+    name
+    for record in FAMILIES.values()
+    for name in (*record.diffusers_classes, *(v.class_name for v in record.vaes))
+}
 
 
 def broken_contracts(config: Path, cwd: Path) -> tuple[list[str], str]:
@@ -72,6 +79,8 @@ def family_mentions(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and node.value in FAMILIES and id(node) not in docstrings:
             found.append(f"{node.lineno}: the string {node.value!r}")
+        elif isinstance(node, ast.Constant) and node.value in FAMILY_CLASSES and id(node) not in docstrings:
+            found.append(f"{node.lineno}: the family's diffusers class {node.value!r}")
         elif isinstance(node, ast.Attribute) and node.attr in FAMILIES:
             found.append(f"{node.lineno}: the attribute .{node.attr}")
         elif isinstance(node, ast.ImportFrom | ast.Import):
@@ -111,6 +120,7 @@ def test_the_check_finds_what_it_looks_for(tmp_path: Path) -> None:
         f"def f(cfg):\n"
         f'    """{name}"""\n'
         f'    return cfg.family == "{name}" or cfg.{name}.x or "{name}_like"\n'
+        f'vae_is_theirs = vae.class_name == "{sorted(FAMILY_CLASSES)[0]}"\n'
     )
     found = family_mentions(code)
-    assert [line.split(":")[0] for line in found] == ["2", "5", "5"], found
+    assert sorted(line.split(":")[0] for line in found) == ["2", "5", "5", "6"], found

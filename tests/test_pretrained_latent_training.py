@@ -116,7 +116,10 @@ def test_image_to_video_encoding_leaves_out_samples_it_cannot_condition(root: Pa
     condition = {"role": "condition", "kind": "image", "member": "0.png"}
     with pytest.raises(DataError, match=r"unpackable: segment 1: .*the target is 32x32 pixels"):
         encode([condition, target], {"0.png": (32, 48), "1.png": (32, 32)})
-    with pytest.raises(ValueError, match="--i2v-condition writes Wan 2.1 I2V's condition latents"):
+    with pytest.raises(
+        ValueError,
+        match="--i2v-condition writes the image-to-video condition latents of the families that encode with AutoencoderKLWan, not AutoencoderKLHunyuanVideo",
+    ):
         Encoders.load(str(save_tiny_vae(tmp_path / "hv", family="hunyuan_video")), i2v_condition=True)
 
 

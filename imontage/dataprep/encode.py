@@ -60,7 +60,7 @@ from imontage.data.records import ARRAY_FIELDS, SampleRecord, extension, parse_r
 from imontage.data.shards import RawSample, ShardProblem, ShardWriter, expand_shards, read_shard
 from imontage.dataprep.image_text import TEXT_IMAGES, ImageTextEncoder, text_image
 from imontage.dataprep.keyframes import KeyframeSelection, carry_keyframes, encode_keyframes
-from imontage.models.common.family import ImageEncoding, ImageInText, TextEncoding
+from imontage.models.common.family import ImageEncoding, ImageInText, TextEncoding, VaeSpec
 from imontage.models.common.sequence import patch_grid
 from imontage.models.registry import FAMILIES
 
@@ -79,7 +79,9 @@ CONDITION_TENSOR = "condition_latent"  # the tensor's name in a target's conditi
 MANIFEST = "encode.json"  # OUT/encode.json: what every shard of the folder was encoded with
 # OUT/negative.safetensors: the negative prompt's text_embedding and pooled_text (--negative-prompt)
 NEGATIVE = "negative.safetensors"
-VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15")
+# The VAEs the registered families' pipelines encode with, by diffusers class (ModelFamily.vaes).
+VAES: dict[str, VaeSpec] = {vae.class_name: vae for record in FAMILIES.values() for vae in record.vaes}
+VAE_CLASSES = tuple(VAES)
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DEFAULT_PATCH_SIZE = (1, 2, 2)  # (pt, ph, pw) of every shipped latent preset (configs/model/)
 
@@ -136,15 +138,8 @@ def vae_class_name(folder: str | os.PathLike[str]) -> str:
 
 def latent_norm(class_name: str, config: Any) -> LatentNorm:
     """The normalisation the family's diffusers pipelines apply to the VAE's latents."""
-    if class_name == "AutoencoderKLWan":
-        mean, std = config.latents_mean, config.latents_std
-        if len(mean) != config.z_dim or len(std) != config.z_dim:
-            raise ValueError(
-                f"latents_mean/latents_std have {len(mean)}/{len(std)} values, z_dim is {config.z_dim}"
-            )
-        return LatentNorm(tuple(float(m) for m in mean), tuple(1.0 / float(s) for s in std))
-    channels = int(config.latent_channels)
-    return LatentNorm((0.0,) * channels, (float(config.scaling_factor),) * channels)
+    latents = VAES[class_name].latents(config)
+    return LatentNorm(latents.shift, latents.scale)
 
 
 class VideoVAE:
@@ -153,17 +148,10 @@ class VideoVAE:
     def __init__(self, vae: Any, class_name: str, sample_posterior: bool = False) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.class_name = class_name
-        self.norm = latent_norm(class_name, vae.config)
+        latents = VAES[class_name].latents(vae.config)
+        self.norm = LatentNorm(latents.shift, latents.scale)
         self.sample_posterior = sample_posterior  # default: the posterior's mode, deterministic
-        config = vae.config
-        if class_name == "AutoencoderKLWan":
-            self.temporal = int(config.scale_factor_temporal or 2 ** sum(config.temperal_downsample))
-            self.spatial = int(config.scale_factor_spatial or 2 ** len(config.temperal_downsample))
-            self.channels = int(config.z_dim)
-        else:
-            self.temporal = int(config.temporal_compression_ratio)
-            self.spatial = int(config.spatial_compression_ratio)
-            self.channels = int(config.latent_channels)
+        self.temporal, self.spatial, self.channels = latents.temporal, latents.spatial, latents.channels
 
     @classmethod
     def load(
@@ -519,10 +507,12 @@ class Encoders:
     text_2: TextEncoder | None = None
 
     def __post_init__(self) -> None:
-        if self.i2v_condition and self.vae.class_name != "AutoencoderKLWan":
+        if self.i2v_condition and not VAES[self.vae.class_name].i2v_condition:
+            takes = ", ".join(name for name, vae in VAES.items() if vae.i2v_condition)
             raise ValueError(
-                f"--i2v-condition writes Wan 2.1 I2V's condition latents, not {self.vae.class_name}'s: "
-                "HunyuanVideo-I2V's condition (the condition image's latent) is built by the loader"
+                f"--i2v-condition writes the image-to-video condition latents of the families that encode with "
+                f"{takes}, not {self.vae.class_name}: its family's condition (the condition image's latent) is "
+                "built by the loader"
             )
 
     @classmethod

@@ -33,12 +33,12 @@ import torch
 
 from imontage.checkpoint.components import check_component_folder
 from imontage.data.media import MediaError, load_array
-from imontage.dataprep.encode import VideoVAE, vae_class_name
+from imontage.dataprep.encode import VAES, VideoVAE, vae_class_name
 from imontage.sample.sar import Keyframe, SarSegment
 
 # The VAE classes whose decoder is causal frame by frame with a feature cache (diffusers' ``_decode``
 # loop): only those decode a video in pieces to the pixels of decoding it whole.
-STREAMING_VAES = ("AutoencoderKLWan",)
+STREAMING_VAES = tuple(name for name, vae in VAES.items() if vae.streams)
 DEFAULT_FPS = 16  # Wan's pipelines export their videos at 16 frames a second
 
 

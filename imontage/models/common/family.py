@@ -116,6 +116,44 @@ class ImageEncoding:
 
 
 @dataclass(frozen=True)
+class LatentFormat:
+    """What a diffusers VAE config says of its latents: channels, temporal and spatial compression,
+    and the normalisation the family's pipelines apply (``(z - shift) * scale`` per channel)."""
+
+    channels: int
+    temporal: int
+    spatial: int
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+
+
+def scaled_latents(config: Any) -> LatentFormat:
+    """The usual diffusers video VAE config: ``*_compression_ratio`` keys, latents times
+    ``scaling_factor`` (HunyuanVideo's and HunyuanVideo 1.5's VAEs)."""
+    channels = int(config.latent_channels)
+    return LatentFormat(
+        channels,
+        int(config.temporal_compression_ratio),
+        int(config.spatial_compression_ratio),
+        (0.0,) * channels,
+        (float(config.scaling_factor),) * channels,
+    )
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A diffusers video VAE class the family's pipelines encode with (``encode_shards.py --vae``)."""
+
+    class_name: str
+    latents: Callable[[Any], LatentFormat] = scaled_latents  # from the VAE's config; ValueError if unfit
+    # Causal frame by frame with a feature cache: decoding a video in pieces gives the whole decode's
+    # pixels (long videos stream through it: imontage-sample --sar).
+    streams: bool = False
+    # encode_shards.py --i2v-condition writes the family's image-to-video condition latents with it.
+    i2v_condition: bool = False
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One model family (module docstring). Keys named here are of the recipe's ``model`` section."""
 
@@ -157,6 +195,8 @@ class ModelFamily:
     # The experts of a model config, highest timesteps first (() for a model of one network);
     # ``model.expert`` picks one of them to train alone.
     experts: Callable[[Any], tuple[Expert, ...]] = field(default=lambda cfg: ())
+    # The VAEs its pipelines encode with.
+    vaes: tuple[VaeSpec, ...] = ()
 
     def is_model(self, module: nn.Module) -> bool:
         """Whether ``module`` is (a subclass of) this family's model; imports nothing."""

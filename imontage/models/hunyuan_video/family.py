@@ -12,6 +12,7 @@ from imontage.models.common.family import (
     ModelInputs,
     SamplingDefaults,
     TextEncoding,
+    VaeSpec,
     deferred_build,
     deferred_module,
 )
@@ -155,4 +156,5 @@ FAMILY = ModelFamily(
         (name, partial(i2v_text_encoding, condition)) for name, condition in I2V_TEXT_RECIPES.items()
     ),
     cost=COST,
+    vaes=(VaeSpec("AutoencoderKLHunyuanVideo"),),
 )

@@ -12,6 +12,7 @@ from imontage.models.common.family import (
     ModelInputs,
     SamplingDefaults,
     TextEncoding,
+    VaeSpec,
     deferred_build,
     deferred_module,
 )
@@ -123,4 +124,5 @@ FAMILY = ModelFamily(
     text_encoding_2=text_encoding_2,
     image_encoding=image_encoding,
     cost=COST,
+    vaes=(VaeSpec("AutoencoderKLHunyuanVideo15"),),
 )

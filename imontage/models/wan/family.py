@@ -6,7 +6,15 @@ from typing import Any
 
 from torch import nn
 
-from imontage.models.common.family import Expert, ModelFamily, ModelInputs, deferred_build, deferred_module
+from imontage.models.common.family import (
+    Expert,
+    LatentFormat,
+    ModelFamily,
+    ModelInputs,
+    VaeSpec,
+    deferred_build,
+    deferred_module,
+)
 from imontage.models.common.parallel_plan import COLUMNS, ROWS, BlockPlan, FamilyPlan, TensorSplit, linears
 from imontage.models.common.sequence import WAN_MASK_CHANNELS
 from imontage.models.wan.config import WanConfig
@@ -94,6 +102,23 @@ def _text_width(module: nn.Module) -> int:
     return int(module.condition_embedder.text_embedder.linear_1.in_features)  # type: ignore[union-attr, arg-type]
 
 
+def wan_latents(config: Any) -> LatentFormat:
+    """AutoencoderKLWan's latents: ``z_dim`` channels normalised ``(z - latents_mean) / latents_std``,
+    as the Wan pipelines do (Wan 2.1's 16 channels and Wan 2.2's 48 are two configs of it)."""
+    mean, std = config.latents_mean, config.latents_std
+    if len(mean) != config.z_dim or len(std) != config.z_dim:
+        raise ValueError(
+            f"latents_mean/latents_std have {len(mean)}/{len(std)} values, z_dim is {config.z_dim}"
+        )
+    return LatentFormat(
+        int(config.z_dim),
+        int(config.scale_factor_temporal or 2 ** sum(config.temperal_downsample)),
+        int(config.scale_factor_spatial or 2 ** len(config.temperal_downsample)),
+        tuple(float(m) for m in mean),
+        tuple(1.0 / float(s) for s in std),
+    )
+
+
 FAMILY = ModelFamily(
     name="wan",
     summary="Wan 2.1 and 2.2 text- and image-to-video (diffusers' WanTransformer3DModel)",
@@ -112,4 +137,5 @@ FAMILY = ModelFamily(
     imagic_text_width=_text_width,
     cost=COST,
     experts=experts,
+    vaes=(VaeSpec("AutoencoderKLWan", wan_latents, streams=True, i2v_condition=True),),
 )
