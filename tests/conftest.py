@@ -18,13 +18,15 @@ def repo() -> Path:
     return REPO
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """Run a long in-process training loop on one thread, as each of run_ranks's ranks does.
+    """A module on one intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``, its
+    module fixtures included), as each of run_ranks's ranks runs.
 
-    The tests' models are tiny, so a second intra-op thread gains little on two idle cores; when
-    other processes compete for them (2-rank launches, the stress scripts' busy processes), its
-    spin-waiting made a training step of tests/test_sar.py 30 times slower (4.6 s against 0.15 s).
+    The tests' models are tiny: on two idle cores a second thread gains about a quarter (a step of
+    test_sar's keyframe model: 72 ms against 95 ms), but beside other processes (2-rank launches,
+    the stress scripts' busy ones) its spin-waiting made steps 16 to 30 times slower (4.6 s against
+    0.15 s). Modules of many short models, where that matters more than the idle gain, use it.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -41,7 +41,6 @@ def mixture_override() -> str:
     return f"data.mixture=[{points}]"
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_task_frequencies_follow_the_schedule(tmp_path: Path, per_task_shards: dict[str, Path]) -> None:
     datasets = ", ".join(f"{{name: {t}, shards: '{per_task_shards[t]}/train-*.tar'}}" for t in TASKS)
     cfg = load_recipe(

@@ -15,7 +15,6 @@ import os
 import re
 import runpy
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,17 +56,7 @@ TASKS = {  # task -> (condition images, target images, text): iMontage's six, as
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """The module's tiny models on one intra-op thread (as conftest's ``one_thread``, for the module's
-    shared fixture too): beside other processes on 2 cores, a second thread's spin-waiting costs more
-    than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, busy cores
 
 
 def save_tiny_llava(folder: Path, template: str) -> dict[str, Path]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,17 +72,7 @@ PARAM_GRAD_RTOL = 1e-4
 PARALLEL_RTOL, PARALLEL_ATOL = 1e-4, 2e-5  # as the other 2-rank tests: fp32 sums over ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as each of run_ranks's ranks has: the models are tiny, and a second
-    thread spin-waiting for a busy core made a forward and backward 16 times slower (measured with
-    other processes on both cores: 1.58 s against 0.10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, busy cores
 
 
 def test_variants_cover_every_family_and_preset() -> None:

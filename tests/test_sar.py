@@ -381,7 +381,6 @@ def anchored_clip(index: int) -> Sample:
 KEYFRAME_STEPS = 1500  # ~65 s on 2 idle CPU cores; anchor MSE 0.008-0.012, next nearest frame >= 0.019
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_keyframes_appear_at_their_frames_in_a_video_three_windows_long() -> None:
     """A tiny DiT trained on the task's clips, then a 15-frame SAR video with a keyframe in each of the
     first three segments: the generated frame at each keyframe's index is the frame nearest to it."""

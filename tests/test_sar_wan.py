@@ -14,7 +14,6 @@ import json
 import re
 import shlex
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -48,16 +47,7 @@ PIXEL_FRAMES = 1 + 4 * (FRAMES - 1)  # 37
 KEY_PIXEL_FRAMES = (8, 20, 33)  # latent frames 2, 5, 9: one keyframe in each window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here() -> Iterator[None]:
-    """The module on one intra-op thread: the VAE's convolutions on two threads of two shared, busy
-    cores spin-wait (a 3-window SAR run took 20 s, against 1.2 s on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, busy cores
 
 
 @pytest.fixture(scope="module")
