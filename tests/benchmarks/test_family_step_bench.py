@@ -32,8 +32,6 @@ Nothing here asserts on time: only that both models give the same output and the
 
 from __future__ import annotations
 
-import csv
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,15 @@ from imontage.checkpoint.diffusers import build_diffusers_model
 from imontage.models import build_model, packing_spec
 from imontage.models.common import Sample, Segment, pack_samples, unpatchify_segments
 
-from .test_wan_step_bench import alternate_steps, model_config, print_table, relative_difference, to_bf16
+from .test_wan_step_bench import (
+    alternate_steps,
+    bench_device,
+    model_config,
+    relative_difference,
+    report_rows,
+    run_cases,
+    to_bf16,
+)
 
 pytestmark = pytest.mark.benchmark
 
@@ -219,11 +225,7 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
 
 
 def test_family_steps_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # one intra-op thread, as the Wan benchmark (shared VMs)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        request.addfinalizer(lambda: torch.set_num_threads(threads))
+    device = bench_device(request)
     full = bench_options["size"] == "full"
     cases = [
         c
@@ -231,21 +233,10 @@ def test_family_steps_against_diffusers(bench_options: dict, request: pytest.Fix
         if not bench_options["shapes"] or c.name in bench_options["shapes"]
     ]
     repeats = bench_options["repeats"] or (5 if full and device.type == "cuda" else 3)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for case in cases:
-        rows.append(time_case(case, device, dtype, repeats))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    path = Path(bench_options["csv_dir"]) / "family_step.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print_table(rows)
-    print(f"written: {path}")
-    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
-    for row in rows:
-        assert row["out_rel_diff"] < tolerance and row["loss_rel_diff"] < tolerance, row
-        figures = [row[k] for k in ("imontage_s", "diffusers_s", "ratio")]
-        assert all(math.isfinite(x) and x > 0 for x in figures), row
+    rows = run_cases(cases, device, repeats, time_case)
+    report_rows(
+        rows,
+        Path(bench_options["csv_dir"]) / "family_step.csv",
+        device,
+        ("imontage_s", "diffusers_s", "ratio"),
+    )

@@ -297,13 +297,45 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(row[key]).rjust(width) for key, width in widths.items()))
 
 
-def test_wan_step_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
+def bench_device(request: pytest.FixtureRequest) -> torch.device:
+    """CUDA when there is one; on the CPU one intra-op thread for the test (on a small shared VM,
+    waking a second one costs milliseconds at random)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        # One intra-op thread: on a small shared VM, waking a second one costs milliseconds at random.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         request.addfinalizer(lambda: torch.set_num_threads(threads))
+    return device
+
+
+def run_cases(cases: list, device: torch.device, repeats: int, time_one: Callable[..., dict]) -> list[dict]:
+    """One row per case, timed in turn; on CUDA each case's memory is given back before the next."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for case in cases:
+        rows.append(time_one(case, device, dtype, repeats))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the case's models are gone: give the next its memory
+    return rows
+
+
+def report_rows(rows: list[dict], csv_path: Path, device: torch.device, figures: tuple[str, ...]) -> None:
+    """Write ``rows`` to ``csv_path``, print them, and check that both sides computed the same thing
+    (fp32 to rounding, bf16 loosely) and every figure is a positive number."""
+    with csv_path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print_table(rows)
+    print(f"written: {csv_path}")
+    tolerance = 0.05 if device.type == "cuda" else 1e-4
+    for row in rows:
+        assert row["out_rel_diff"] < tolerance and row["loss_rel_diff"] < tolerance, row
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in figures), row
+
+
+def test_wan_step_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
+    device = bench_device(request)
     full = bench_options["size"] == "full"
     cases = [
         c
@@ -311,22 +343,10 @@ def test_wan_step_against_diffusers(bench_options: dict, request: pytest.Fixture
         if not bench_options["shapes"] or c.name in bench_options["shapes"]
     ]
     repeats = bench_options["repeats"] or (10 if full and device.type == "cuda" else 5)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for case in cases:
-        rows.append(time_case(case, device, dtype, repeats))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the case's models are gone: give the next its memory
-    path = Path(bench_options["csv_dir"]) / "wan_step.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print_table(rows)
-    print(f"written: {path}")
-    # The comparison is fair only if both compute the same thing: fp32 to rounding, bf16 loosely.
-    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
-    for row in rows:
-        assert row["out_rel_diff"] < tolerance and row["loss_rel_diff"] < tolerance, row
-        figures = [row[k] for k in ("imontage_s", "diffusers_s", "ratio", "tflop_step")]
-        assert all(math.isfinite(x) and x > 0 for x in figures), row
+    rows = run_cases(cases, device, repeats, time_case)
+    report_rows(
+        rows,
+        Path(bench_options["csv_dir"]) / "wan_step.csv",
+        device,
+        ("imontage_s", "diffusers_s", "ratio", "tflop_step"),
+    )
