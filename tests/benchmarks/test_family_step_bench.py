@@ -51,6 +51,7 @@ from .test_wan_step_bench import (
     relative_difference,
     report_rows,
     run_cases,
+    select_cases,
     to_bf16,
 )
 
@@ -227,11 +228,7 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
 def test_family_steps_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
     device = bench_device(request)
     full = bench_options["size"] == "full"
-    cases = [
-        c
-        for c in ((FULL if device.type == "cuda" else CPU_FULL) if full else SMALL)
-        if not bench_options["shapes"] or c.name in bench_options["shapes"]
-    ]
+    cases = select_cases(bench_options, device, FULL, CPU_FULL, SMALL)
     repeats = bench_options["repeats"] or (5 if full and device.type == "cuda" else 3)
     rows = run_cases(cases, device, repeats, time_case)
     report_rows(

@@ -308,6 +308,13 @@ def bench_device(request: pytest.FixtureRequest) -> torch.device:
     return device
 
 
+def select_cases(bench_options: dict, device: torch.device, full: list, cpu_full: list, small: list) -> list:
+    """The cases of the asked size (``full`` on CUDA, ``cpu_full`` on the CPU, else ``small``),
+    only those named by ``--bench-shapes`` when it is given."""
+    chosen = (full if device.type == "cuda" else cpu_full) if bench_options["size"] == "full" else small
+    return [c for c in chosen if not bench_options["shapes"] or c.name in bench_options["shapes"]]
+
+
 def run_cases(cases: list, device: torch.device, repeats: int, time_one: Callable[..., dict]) -> list[dict]:
     """One row per case, timed in turn; on CUDA each case's memory is given back before the next."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -337,11 +344,7 @@ def report_rows(rows: list[dict], csv_path: Path, device: torch.device, figures:
 def test_wan_step_against_diffusers(bench_options: dict, request: pytest.FixtureRequest) -> None:
     device = bench_device(request)
     full = bench_options["size"] == "full"
-    cases = [
-        c
-        for c in ((FULL if device.type == "cuda" else CPU_FULL) if full else SMALL)
-        if not bench_options["shapes"] or c.name in bench_options["shapes"]
-    ]
+    cases = select_cases(bench_options, device, FULL, CPU_FULL, SMALL)
     repeats = bench_options["repeats"] or (10 if full and device.type == "cuda" else 5)
     rows = run_cases(cases, device, repeats, time_case)
     report_rows(
