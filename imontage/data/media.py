@@ -20,6 +20,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -419,3 +420,18 @@ def load_array(data: bytes, suffix: str, tensor: str | None = None) -> np.ndarra
             reason="non_finite",
         )
     return array
+
+
+def read_array_file(path: Path, what: str) -> np.ndarray:
+    """A file of one array as float32: a ``.safetensors`` of one tensor or a ``.npy`` (never
+    unpickled), as :func:`load_array` reads a member; ``what`` names it in the errors (ValueError,
+    FileNotFoundError), which name ``path``."""
+    suffix = path.suffix.lstrip(".")
+    if suffix not in ("safetensors", "npy"):
+        raise ValueError(f"{path}: {what} must be a .safetensors or .npy file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_array(path.read_bytes(), suffix)
+    except MediaError as error:
+        raise ValueError(f"{path}: {error}") from error

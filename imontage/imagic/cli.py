@@ -27,7 +27,7 @@ from torch import nn
 from imontage.checkpoint.components import check_component_folder
 from imontage.config.imagic import COMMAND_LINE, ImagicConfigError, load_imagic_config
 from imontage.data import load_image
-from imontage.data.media import MediaError, load_array
+from imontage.data.media import read_array_file
 from imontage.imagic.edit import (
     ImagicResult,
     check_embedding,
@@ -60,15 +60,7 @@ def parse_etas(text: str) -> list[float]:
 
 def read_array(path: Path, what: str) -> torch.Tensor:
     """A ``.safetensors`` file of one tensor or a ``.npy`` array (never unpickled), as float32."""
-    suffix = path.suffix.lstrip(".")
-    if suffix not in ("safetensors", "npy"):
-        raise ValueError(f"{path}: {what} must be a .safetensors or .npy file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return torch.from_numpy(load_array(path.read_bytes(), suffix))
-    except MediaError as error:
-        raise ValueError(f"{path}: {error}") from error
+    return torch.from_numpy(read_array_file(path, what))
 
 
 def read_target(

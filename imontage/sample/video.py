@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from imontage.checkpoint.components import check_component_folder
-from imontage.data.media import MediaError, load_array
+from imontage.data.media import read_array_file
 from imontage.dataprep.encode import VAES, VideoVAE, vae_class_name
 from imontage.sample.sar import Keyframe, SarSegment
 
@@ -87,15 +87,7 @@ def encode_keyframe(vae: VideoVAE, keyframe: Keyframe, cell: tuple[int, int], wh
 def read_text_embedding(path: Path, width: int) -> torch.Tensor:
     """Precomputed text ``[L, width]`` from a ``.safetensors`` file of one tensor (a latent shard's
     ``text.safetensors`` member is one) or a ``.npy`` array (never unpickled)."""
-    suffix = path.suffix.lstrip(".")
-    if suffix not in ("safetensors", "npy"):
-        raise ValueError(f"{path}: a text embedding must be a .safetensors or .npy file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        array = load_array(path.read_bytes(), suffix)
-    except MediaError as error:
-        raise ValueError(f"{path}: {error}") from error
+    array = read_array_file(path, "a text embedding")
     if array.ndim != 2 or array.shape[1] != width:
         raise ValueError(
             f"{path}: a text embedding of shape {list(array.shape)}, the model takes [L, {width}]"
