@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save
+from test_data_loader import stopped_and_resumed
 
 from imontage.config.schema import DataConfig
-from imontage.data import build_loader
 from imontage.data.keyframes import KeyframeOptions
 from imontage.data.loader import StreamLoader
 from imontage.data.shards import ShardWriter
@@ -82,23 +82,8 @@ def take(loader: StreamLoader, count: int) -> list[tuple[int, str, tuple[int, ..
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_the_draws_are_the_same_after_a_resume(shards: str, num_workers: int) -> None:
-    cfg = config(shards, num_workers)
-    reference = build_loader(cfg, SPEC)
-    assert isinstance(reference, StreamLoader)
     consumed = 3
-    following = reference.batches_in_epoch(0) + 2 - consumed  # into the second epoch
-    uninterrupted = take(reference, consumed + following)
-    reference.close()
-    interrupted = build_loader(cfg, SPEC)
-    assert isinstance(interrupted, StreamLoader)
-    take(interrupted, consumed)
-    state = json.loads(json.dumps(interrupted.state_dict()))
-    interrupted.close()
-    resumed = build_loader(cfg, SPEC)
-    assert isinstance(resumed, StreamLoader)
-    resumed.load_state_dict(state)
-    after = take(resumed, following)
-    resumed.close()
+    uninterrupted, after = stopped_and_resumed(config(shards, num_workers), SPEC, consumed, take)
     assert [row[:3] for row in after] == [row[:3] for row in uninterrupted[consumed * 3 :]]
     for (_, _, _, tokens), (_, _, _, straight) in zip(after, uninterrupted[consumed * 3 :], strict=True):
         assert torch.equal(tokens, straight)

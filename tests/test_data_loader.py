@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -153,28 +153,36 @@ def test_order_is_a_function_of_seed_epoch_and_rank(shards: str) -> None:
 # resume
 
 
+def stopped_and_resumed(
+    cfg: DataConfig, spec: PackingSpec, consumed: int, take: Callable[[StreamLoader, int], list]
+) -> tuple[list, list]:
+    """(what ``take`` reads of an uninterrupted loader over the first epoch and two batches into the
+    second, what it reads of a loader stopped after ``consumed`` batches and restored from a JSON
+    round trip of its state, from there on): the second equals the first's tail when resume is exact."""
+    reference = build_loader(cfg, spec)
+    assert isinstance(reference, StreamLoader)
+    following = reference.batches_in_epoch(0) + 2 - consumed  # into the second epoch
+    uninterrupted = take(reference, consumed + following)
+    reference.close()
+    interrupted = build_loader(cfg, spec)
+    assert isinstance(interrupted, StreamLoader)
+    take(interrupted, consumed)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    interrupted.close()
+    resumed = build_loader(cfg, spec)
+    assert isinstance(resumed, StreamLoader)
+    resumed.load_state_dict(state)
+    after = take(resumed, following)
+    resumed.close()
+    return uninterrupted, after
+
+
 @pytest.mark.parametrize("consumed", [1, 4, 11])
 def test_resume_with_two_workers_continues_batch_for_batch(shards: str, consumed: int) -> None:
     """Acceptance: stop after k batches with 2 workers, restore from a JSON round trip, next m batches equal."""
-    cfg = config(shards)
     with time_limit(120):
-        reference = build_loader(cfg, SPEC)
-        assert isinstance(reference, StreamLoader)
-        following = reference.batches_in_epoch(0) + 2 - consumed  # into the second epoch
-        uninterrupted = take(reference, consumed + following)
-        reference.close()
-
-        interrupted = build_loader(cfg, SPEC)
-        assert isinstance(interrupted, StreamLoader)
-        take(interrupted, consumed)
-        state = json.loads(json.dumps(interrupted.state_dict()))
-        interrupted.close()
-
-        resumed = build_loader(cfg, SPEC)
-        resumed.load_state_dict(state)
-        assert isinstance(resumed, StreamLoader)
-        assert_same(take(resumed, following), uninterrupted[consumed:])
-        resumed.close()
+        uninterrupted, after = stopped_and_resumed(config(shards), SPEC, consumed, take)
+        assert_same(after, uninterrupted[consumed:])
 
 
 def test_resume_in_process_restores_buffers_mid_shard(shards: str) -> None:
