@@ -48,11 +48,11 @@ from .test_wan_step_bench import (
     alternate_steps,
     bench_device,
     model_config,
+    model_pair,
     relative_difference,
     report_rows,
     run_cases,
     select_cases,
-    to_bf16,
 )
 
 pytestmark = pytest.mark.benchmark
@@ -194,16 +194,7 @@ PAIRS = {"wan": wan_pair, "hunyuan_video_15": hunyuan_video_15_pair}
 
 def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
     cfg = model_config(case.model, case.overrides)
-    bf16 = dtype == torch.bfloat16
-    torch.manual_seed(0)
-    reference = build_diffusers_model(cfg)
-    model = build_model(cfg)
-    model.load_state_dict(reference.state_dict(), strict=True)
-    reference, model = to_bf16(reference) if bf16 else reference, model.to(dtype)
-    reference, model = reference.to(device).train(), model.to(device).train()
-    if case.checkpointing:
-        model.gradient_checkpointing = True
-        reference.enable_gradient_checkpointing()
+    reference, model = model_pair(cfg, case, device, dtype, build_diffusers_model, build_model)
     pair = PAIRS[str(cfg.family)](cfg, case, model, reference, device, dtype)
     timed = alternate_steps(pair.step, device, repeats, warmup)
     (ours, our_loss), (theirs, their_loss) = timed.results["imontage"], timed.results["diffusers"]
@@ -212,7 +203,7 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
         "case": case.name, "model": case.label, "params": sum(p.numel() for p in model.parameters()),
         "video_tokens": pair.video_tokens, "text_tokens": pair.text_tokens,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16" if bf16 else "fp32", "checkpointing": case.checkpointing,
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "checkpointing": case.checkpointing,
         "imontage_s": round(seconds["imontage"], 4), "diffusers_s": round(seconds["diffusers"], 4),
         "ratio": round(seconds["imontage"] / seconds["diffusers"], 3), "repeats": repeats,
         "threads": torch.get_num_threads() if on_cpu else "",

@@ -242,18 +242,26 @@ def alternate_steps(
     )
 
 
-def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
-    cfg = model_config(case.model, case.overrides)
-    bf16 = dtype == torch.bfloat16
+def model_pair(
+    cfg: Any, case: Any, device: torch.device, dtype: torch.dtype, reference_of: Callable, model_of: Callable
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(diffusers' model, imontage's) of ``cfg`` with the same weights, in ``dtype`` (bf16: diffusers'
+    way, :func:`to_bf16`) on ``device``, in training mode, both checkpointing when the case asks."""
     torch.manual_seed(0)
-    reference = diffusers_model(cfg)
-    model = build_wan(cfg)
+    reference = reference_of(cfg)
+    model = model_of(cfg)
     model.load_state_dict(reference.state_dict(), strict=True)
-    reference, model = to_bf16(reference) if bf16 else reference, model.to(dtype)
+    reference, model = to_bf16(reference) if dtype == torch.bfloat16 else reference, model.to(dtype)
     reference, model = reference.to(device).train(), model.to(device).train()
     if case.checkpointing:
         model.gradient_checkpointing = True
         reference.enable_gradient_checkpointing()
+    return reference, model
+
+
+def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict:
+    cfg = model_config(case.model, case.overrides)
+    reference, model = model_pair(cfg, case, device, dtype, diffusers_model, build_wan)
     inputs = make_inputs(cfg, case, device, dtype)
     timed = alternate_steps(steps(model, reference, inputs), device, repeats, warmup)
     results, seconds, cpu_seconds, peak_memory = (
@@ -270,7 +278,7 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int
         "case": case.name, "model": case.label, "video_tokens": inputs.video_tokens,
         "text_tokens": inputs.text_tokens,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16" if bf16 else "fp32", "checkpointing": case.checkpointing,
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "checkpointing": case.checkpointing,
         "attention": resolve_backend(str(cfg.attention_backend), probe),
         "imontage_s": round(seconds["imontage"], 4), "diffusers_s": round(seconds["diffusers"], 4),
         "ratio": round(seconds["imontage"] / seconds["diffusers"], 3), "repeats": repeats,
