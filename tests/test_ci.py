@@ -12,7 +12,14 @@ def test_ci_run_fails_when_no_test_runs(tmp_path: Path) -> None:
     """`.ci/run` calls `make test`; pytest exits 5 on an empty collection, and CI must fail then."""
     empty = tmp_path / "no_tests"
     empty.mkdir()
-    env = {**os.environ, "TESTS": str(empty), "VENV": sys.prefix}
+    # Not make's own variables: under `make test TESTS=...` they would carry that TESTS (a command
+    # line variable wins over the environment) into the inner make, which would run this test again.
+    outer_make = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in outer_make},
+        "TESTS": str(empty),
+        "VENV": sys.prefix,
+    }
     result = subprocess.run(
         ["bash", ".ci/run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
