@@ -187,9 +187,12 @@ def wait_for_step(run_dir: Path, step: int, job: str, env: dict[str, str], timeo
 REQUEUE_RELEASE_DELAY_S = 3  # > 1 s: the requeued run's credential must be newer than the revocation
 
 
-def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> None:
-    """SLURM holds a requeued job (Reason=BeginTime) for minutes; the test makes it eligible sooner.
+def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0, not_before: float = 0.0) -> None:
+    """SLURM holds a requeued job (Reason=BeginTime) for two minutes; the test makes it eligible a
+    few seconds on, and not before ``not_before`` (a ``time.time()``).
 
+    It waits for ``Reason=BeginTime`` itself: right after the requeue the job can be PENDING with
+    ``Reason=None`` for a moment, and a release that gave up then left it held the two minutes.
     Not at once: slurmd refuses a launch whose credential is not newer, in whole seconds, than the
     revocation of the job's previous run (``cred->ctime <= revoked``: "Job credential revoked",
     "Killing non-startable batch JobId" in slurmctld.log), so a job released at once was at times
@@ -197,14 +200,10 @@ def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0) -> N
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if job_field(job, env, "Restarts") == "1" and job_field(job, env, "JobState") == "PENDING":
-            if job_field(job, env, "Reason") == "BeginTime":
-                start = time.strftime(
-                    "%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + REQUEUE_RELEASE_DELAY_S)
-                )
-                subprocess.run(
-                    ["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True
-                )
+        if job_field(job, env, "JobState") == "PENDING" and job_field(job, env, "Reason") == "BeginTime":
+            at = max(time.time() + REQUEUE_RELEASE_DELAY_S, not_before)
+            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at))
+            subprocess.run(["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True)
             return
         time.sleep(0.5)
     raise TimeoutError(f"job {job} was not requeued within {timeout:.0f} s")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from distributed import free_port, run_ranks
-from test_slurm import REQUEUE_RELEASE_DELAY_S, job_field, uninterrupted, wait_for_job, wait_for_step
+from test_slurm import job_field, release_requeued, uninterrupted, wait_for_job, wait_for_step
 
 from imontage.checkpoint import store as ckpt
 from imontage.train.logger import read_metrics
@@ -133,25 +133,6 @@ def namespace_of(host: str, state: Path) -> str:
     number = host.rsplit("h", 1)[1]
     inode = os.stat(f"/run/netns/imontage-{cluster_id(state)}-h{number}").st_ino
     return f"net:[{inode}]"
-
-
-def release_requeued(job: str, env: dict[str, str], timeout: float = 120.0, not_before: float = 0.0) -> None:
-    """Make a requeued job (held ``Reason=BeginTime`` for two minutes) eligible a few seconds on,
-    and not before ``not_before`` (a ``time.time()``).
-
-    Unlike test_slurm's helper, it waits for ``BeginTime`` itself: right after the requeue the job
-    can be PENDING with ``Reason=None`` for a moment, and releasing nothing then left it held.
-    (A few seconds, not at once: test_slurm.REQUEUE_RELEASE_DELAY_S, the credential race.)
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if job_field(job, env, "JobState") == "PENDING" and job_field(job, env, "Reason") == "BeginTime":
-            at = max(time.time() + REQUEUE_RELEASE_DELAY_S, not_before)
-            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at))
-            subprocess.run(["scontrol", "update", f"JobId={job}", f"StartTime={start}"], env=env, check=True)
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} was not requeued within {timeout:.0f} s")
 
 
 def submit_across_hosts(env: dict[str, str], tmp_path: Path, name: str, tasks_per_node: int,
