@@ -152,6 +152,8 @@ def _keep_initial_weights(weight: torch.Tensor) -> None:
 def _column_parallel(linear: nn.Linear, split: TensorSplit, config: Any) -> nn.Module:
     from megatron.core import parallel_state
 
+    from imontage.parallel.megatron_linear import ColumnParallelProjection
+
     layer = ColumnParallelProjection(
         linear.in_features, linear.out_features, config=config, init_method=_keep_initial_weights, bias=True
     )
@@ -164,6 +166,8 @@ def _column_parallel(linear: nn.Linear, split: TensorSplit, config: Any) -> nn.M
 
 def _row_parallel(linear: nn.Linear, split: TensorSplit, config: Any) -> nn.Module:
     from megatron.core import parallel_state
+
+    from imontage.parallel.megatron_linear import RowParallelProjection
 
     layer = RowParallelProjection(
         linear.in_features,
@@ -179,39 +183,6 @@ def _row_parallel(linear: nn.Linear, split: TensorSplit, config: Any) -> nn.Modu
         layer.weight.copy_(split.shard(linear.weight, rank, size))
         layer.bias.copy_(linear.bias)  # added once, after the reduction
     return layer
-
-
-def _megatron_layers() -> tuple[type, type]:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    return ColumnParallelLinear, RowParallelLinear
-
-
-_Column, _Row = _megatron_layers()
-
-
-class ColumnParallelProjection(_Column):  # type: ignore[misc, valid-type]
-    """megatron-core's ``ColumnParallelLinear`` on packed ``[n, in]`` rows: weight rows split over TP.
-
-    Megatron works on ``[s, b, h]``; a packed batch is one sequence of ``n`` tokens, ``b = 1``.
-    Under SP the input is this rank's ``n/TP`` rows and the layer all-gathers them first.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = super().forward(x.unsqueeze(1))
-        return out.squeeze(1)
-
-
-class RowParallelProjection(_Row):  # type: ignore[misc, valid-type]
-    """megatron-core's ``RowParallelLinear`` on packed rows: weight columns split over TP.
-
-    The partial products are all-reduced (reduce-scattered to ``n/TP`` rows under SP), then the
-    whole bias is added.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = super().forward(x.unsqueeze(1))
-        return out.squeeze(1)
 
 
 class UlyssesAttention(nn.Module):
