@@ -8,6 +8,11 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 TESTS ?= tests
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers (0: one process). The suite is half waiting (SLURM's requeues and
+# timeouts, rank start-up, 2-rank launches): two workers on 2 cores keep both busy. Every torch runs
+# one intra-op thread (OMP_NUM_THREADS=1), as run_ranks's ranks do: beside another busy process a
+# second spin-waiting thread made small models' steps many times slower (conftest's one_thread).
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 RUN_DIR ?= runs/quickstart
 SYNTHETIC_DIR ?= data/synthetic
@@ -41,7 +46,8 @@ quickstart: $(SYNTHETIC_DIR)/.complete
 		run_dir=$(RUN_DIR) data.shards='$(SYNTHETIC_DIR)/train-*.tar' $(TRAIN_ARGS)
 
 test: $(VENV)/.installed $(TRITON36_ENV)/.installed
-	IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 IMONTAGE_TRITON36_ENV=$(abspath $(TRITON36_ENV)) $(PY) -m pytest $(TESTS) -m "not benchmark" \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The two-host SLURM cluster's cases alone (root; docs/slurm.md); make test runs them too.
 test-multihost: $(VENV)/.installed

@@ -45,7 +45,7 @@ setup(
         "peft>=0.14",  # diffusers' LoRA loader (load_lora_adapter), which exported adapters are for
     ],
     extras_require={
-        "dev": ["ruff>=0.6", "mypy>=1.10", "import-linter>=2.17"],
+        "dev": ["ruff>=0.6", "mypy>=1.10", "import-linter>=2.17", "pytest-xdist>=3.5"],
         "gpu": ["flash-attn>=2.6", "transformer-engine>=1.10"],
     },
     entry_points={

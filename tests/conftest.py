@@ -13,6 +13,18 @@ from imontage.config.schema import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a ``slow`` test run first, each module's tests in their order.
+
+    `make test`'s workers (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``) take whole
+    modules in collection order, the next when one is almost done; a long module taken last (the
+    two-host SLURM cases take about five minutes) would leave the other worker idle at the end.
+    Taken first, the short modules fill in behind them. (xdist's default order, most tests first,
+    put the two-host module and the quickstart near the end.)"""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order is otherwise kept
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO
@@ -27,6 +39,8 @@ def one_thread() -> Iterator[None]:
     test_sar's keyframe model: 72 ms against 95 ms), but beside other processes (2-rank launches,
     the stress scripts' busy ones) its spin-waiting made steps 16 to 30 times slower (4.6 s against
     0.15 s). Modules of many short models, where that matters more than the idle gain, use it.
+    `make test` runs every module on one thread (``OMP_NUM_THREADS=1``: its two workers are each
+    other's busy process); this keeps those modules on one when pytest is run by hand.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -378,9 +378,12 @@ def anchored_clip(index: int) -> Sample:
     return Sample(segments)
 
 
-KEYFRAME_STEPS = 1500  # ~65 s on 2 idle CPU cores; anchor MSE 0.008-0.012, next nearest frame >= 0.019
+# On one thread (make test), seeds 1 and 2: anchor MSE 0.009-0.013, the next nearest frame at least
+# 0.006 further. Over seeds 1-6 one keyframe of 18 is missed (seed 3's last: frame 7 is nearer).
+KEYFRAME_STEPS = 1500
 
 
+@pytest.mark.slow
 def test_keyframes_appear_at_their_frames_in_a_video_three_windows_long() -> None:
     """A tiny DiT trained on the task's clips, then a 15-frame SAR video with a keyframe in each of the
     first three segments: the generated frame at each keyframe's index is the frame nearest to it."""
