@@ -10,7 +10,7 @@ TESTS ?= tests
 PYTEST_ARGS ?=
 # make test's pytest-xdist workers (0: one process). In one process the suite left the 2 cores idle
 # 40% of the time (SLURM's requeues and timeouts, rank start-up, 2-rank launches); two workers keep
-# both busy (22 min 44 s in one process, 15 min on two, on the 2-core VM). Every torch runs
+# both busy (22 min 44 s in one process, 15 to 17 min on two, on the 2-core VM). Every torch runs
 # one intra-op thread (OMP_NUM_THREADS=1), as run_ranks's ranks do: beside another busy process a
 # second spin-waiting thread made small models' steps many times slower (conftest's one_thread).
 TEST_WORKERS ?= 2
